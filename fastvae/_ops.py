@@ -1,0 +1,303 @@
+"""The custom ops: ``torch.library`` registration, fake (meta) kernels, autograd, and dispatch.
+
+Every op takes canonical ``(B, N)`` views (dimension 0 the batch, the event flattened; any
+strides, stride 0 for broadcast operands) plus the name of the concrete backend that serves it,
+which the public functions resolve beforehand. Forward ops return per-sample sums ``(B,)``
+(``reduce_dim=1``) or per-feature sums ``(N,)`` (``reduce_dim=0``, for free bits), in float32
+(float64 for float64 inputs); reductions over the batch happen in the public functions, so a
+``grad`` here is always one value per sample (or per feature), read from device memory.
+Backward ops are custom ops too (one pass each) and return only the gradients asked for.
+
+The backend interface (``fastvae.reference``, ``fastvae.kernels``, ``fastvae._native``):
+
+    reparameterize_fwd(mu, logvar, eps | None, seed | None, n_samples) -> z (K, B, N)
+    reparameterize_bwd(grad_z, mu, logvar, eps | None, seed | None, needs[3]) -> grads
+    gaussian_kl_fwd(mu, logvar, prior_mu | None, prior_logvar | None, reduce_dim) -> kl
+    gaussian_kl_bwd(grad, mu, logvar, prior_mu, prior_logvar, reduce_dim, needs[4]) -> grads
+    bernoulli_nll_fwd(logits, target) -> (B,)
+    bernoulli_nll_bwd(grad, logits, target, needs[2]) -> grads
+    gaussian_nll_fwd(mean, target, logvar | None, logvar_value) -> (B,)
+    gaussian_nll_bwd(grad, mean, target, logvar | None, logvar_value, needs[3]) -> grads
+    sample_and_kl_fwd(mu, logvar, seed, reduce_dim) -> (z (B, N), kl)
+    sample_and_kl_bwd(grad_z, grad_kl, mu, logvar, seed, reduce_dim, needs[2]) -> grads
+
+Backends see B >= 1 and N >= 1 (empty inputs are answered here), a prior given as both
+tensors or neither, ``seed`` as an int64 tensor of one element on the tensors' device, and
+return gradients as new contiguous tensors in each input's dtype, only those with ``needs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._backend import implementation
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses come back in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduced_shape(mu: Tensor, reduce_dim: int) -> tuple[int]:
+    return (mu.shape[0],) if reduce_dim == 1 else (mu.shape[1],)
+
+
+def _empty_grads(needs: Sequence[bool], like: Sequence[Tensor | None]) -> list[Tensor]:
+    return [torch.zeros_like(t, memory_format=torch.contiguous_format)
+            for t, need in zip(like, needs, strict=True) if need]
+
+
+def _fake_grads(needs: Sequence[bool], like: Sequence[Tensor | None]) -> list[Tensor]:
+    return [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t, need in zip(like, needs, strict=True) if need]
+
+
+def _place(grads: Sequence[Tensor], needs: Sequence[bool]) -> list[Tensor | None]:
+    """Spread the gradients a backward op returned over the inputs that asked for them."""
+    it = iter(grads)
+    return [next(it) if need else None for need in needs]
+
+
+# ---------------------------------------------------------------------------------------------
+# reparameterize
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvae::reparameterize", mutates_args=())
+def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor | None, seed: Tensor | None,
+                   n_samples: int, backend: str) -> Tensor:
+    if mu.numel() == 0:
+        return mu.new_empty((n_samples, *mu.shape))
+    return implementation(backend).reparameterize_fwd(mu, logvar, eps, seed, n_samples)
+
+
+@reparameterize.register_fake
+def _(mu, logvar, eps, seed, n_samples, backend):
+    return mu.new_empty((n_samples, *mu.shape))
+
+
+@torch.library.custom_op("fastvae::reparameterize_backward", mutates_args=())
+def reparameterize_backward(grad_z: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor | None,
+                            seed: Tensor | None, backend: str,
+                            needs: list[bool]) -> list[Tensor]:
+    if mu.numel() == 0:
+        return _empty_grads(needs, (mu, logvar, eps))
+    return implementation(backend).reparameterize_bwd(grad_z, mu, logvar, eps, seed, needs)
+
+
+@reparameterize_backward.register_fake
+def _(grad_z, mu, logvar, eps, seed, backend, needs):
+    return _fake_grads(needs, (mu, logvar, eps))
+
+
+def _reparameterize_setup(ctx, inputs, output):
+    mu, logvar, eps, seed, _, backend = inputs
+    ctx.save_for_backward(mu, logvar, eps, seed)
+    ctx.backend = backend
+
+
+def _reparameterize_grad(ctx, grad_z):
+    needs = list(ctx.needs_input_grad[:3])
+    grads = reparameterize_backward(grad_z, *ctx.saved_tensors, ctx.backend, needs)
+    return *_place(grads, needs), None, None, None
+
+
+reparameterize.register_autograd(_reparameterize_grad, setup_context=_reparameterize_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# gaussian_kl
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvae::gaussian_kl", mutates_args=())
+def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
+                reduce_dim: int, backend: str) -> Tensor:
+    if mu.numel() == 0:
+        return mu.new_zeros(_reduced_shape(mu, reduce_dim), dtype=out_dtype(mu.dtype))
+    return implementation(backend).gaussian_kl_fwd(mu, logvar, prior_mu, prior_logvar,
+                                                   reduce_dim)
+
+
+@gaussian_kl.register_fake
+def _(mu, logvar, prior_mu, prior_logvar, reduce_dim, backend):
+    return mu.new_empty(_reduced_shape(mu, reduce_dim), dtype=out_dtype(mu.dtype))
+
+
+@torch.library.custom_op("fastvae::gaussian_kl_backward", mutates_args=())
+def gaussian_kl_backward(grad: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
+                         prior_logvar: Tensor | None, reduce_dim: int, backend: str,
+                         needs: list[bool]) -> list[Tensor]:
+    if mu.numel() == 0:
+        return _empty_grads(needs, (mu, logvar, prior_mu, prior_logvar))
+    return implementation(backend).gaussian_kl_bwd(grad, mu, logvar, prior_mu, prior_logvar,
+                                                   reduce_dim, needs)
+
+
+@gaussian_kl_backward.register_fake
+def _(grad, mu, logvar, prior_mu, prior_logvar, reduce_dim, backend, needs):
+    return _fake_grads(needs, (mu, logvar, prior_mu, prior_logvar))
+
+
+def _gaussian_kl_setup(ctx, inputs, output):
+    mu, logvar, prior_mu, prior_logvar, reduce_dim, backend = inputs
+    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
+    ctx.reduce_dim, ctx.backend = reduce_dim, backend
+
+
+def _gaussian_kl_grad(ctx, grad):
+    needs = list(ctx.needs_input_grad[:4])
+    grads = gaussian_kl_backward(grad, *ctx.saved_tensors, ctx.reduce_dim, ctx.backend, needs)
+    return *_place(grads, needs), None, None
+
+
+gaussian_kl.register_autograd(_gaussian_kl_grad, setup_context=_gaussian_kl_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# bernoulli_nll
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvae::bernoulli_nll", mutates_args=())
+def bernoulli_nll(logits: Tensor, target: Tensor, backend: str) -> Tensor:
+    if logits.numel() == 0:
+        return logits.new_zeros(logits.shape[:1], dtype=out_dtype(logits.dtype))
+    return implementation(backend).bernoulli_nll_fwd(logits, target)
+
+
+@bernoulli_nll.register_fake
+def _(logits, target, backend):
+    return logits.new_empty(logits.shape[:1], dtype=out_dtype(logits.dtype))
+
+
+@torch.library.custom_op("fastvae::bernoulli_nll_backward", mutates_args=())
+def bernoulli_nll_backward(grad: Tensor, logits: Tensor, target: Tensor, backend: str,
+                           needs: list[bool]) -> list[Tensor]:
+    if logits.numel() == 0:
+        return _empty_grads(needs, (logits, target))
+    return implementation(backend).bernoulli_nll_bwd(grad, logits, target, needs)
+
+
+@bernoulli_nll_backward.register_fake
+def _(grad, logits, target, backend, needs):
+    return _fake_grads(needs, (logits, target))
+
+
+def _bernoulli_nll_setup(ctx, inputs, output):
+    logits, target, backend = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.backend = backend
+
+
+def _bernoulli_nll_grad(ctx, grad):
+    needs = list(ctx.needs_input_grad[:2])
+    grads = bernoulli_nll_backward(grad, *ctx.saved_tensors, ctx.backend, needs)
+    return *_place(grads, needs), None
+
+
+bernoulli_nll.register_autograd(_bernoulli_nll_grad, setup_context=_bernoulli_nll_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# gaussian_nll
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvae::gaussian_nll", mutates_args=())
+def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | None, logvar_value: float,
+                 backend: str) -> Tensor:
+    if mean.numel() == 0:
+        return mean.new_zeros(mean.shape[:1], dtype=out_dtype(mean.dtype))
+    return implementation(backend).gaussian_nll_fwd(mean, target, logvar, logvar_value)
+
+
+@gaussian_nll.register_fake
+def _(mean, target, logvar, logvar_value, backend):
+    return mean.new_empty(mean.shape[:1], dtype=out_dtype(mean.dtype))
+
+
+@torch.library.custom_op("fastvae::gaussian_nll_backward", mutates_args=())
+def gaussian_nll_backward(grad: Tensor, mean: Tensor, target: Tensor, logvar: Tensor | None,
+                          logvar_value: float, backend: str,
+                          needs: list[bool]) -> list[Tensor]:
+    if mean.numel() == 0:
+        return _empty_grads(needs, (mean, target, logvar))
+    return implementation(backend).gaussian_nll_bwd(grad, mean, target, logvar, logvar_value,
+                                                    needs)
+
+
+@gaussian_nll_backward.register_fake
+def _(grad, mean, target, logvar, logvar_value, backend, needs):
+    return _fake_grads(needs, (mean, target, logvar))
+
+
+def _gaussian_nll_setup(ctx, inputs, output):
+    mean, target, logvar, logvar_value, backend = inputs
+    ctx.save_for_backward(mean, target, logvar)
+    ctx.logvar_value, ctx.backend = logvar_value, backend
+
+
+def _gaussian_nll_grad(ctx, grad):
+    needs = list(ctx.needs_input_grad[:3])
+    grads = gaussian_nll_backward(grad, *ctx.saved_tensors, ctx.logvar_value, ctx.backend,
+                                  needs)
+    return *_place(grads, needs), None, None
+
+
+gaussian_nll.register_autograd(_gaussian_nll_grad, setup_context=_gaussian_nll_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample_and_kl
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvae::sample_and_kl", mutates_args=())
+def sample_and_kl(mu: Tensor, logvar: Tensor, seed: Tensor, reduce_dim: int,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    if mu.numel() == 0:
+        kl = mu.new_zeros(_reduced_shape(mu, reduce_dim), dtype=out_dtype(mu.dtype))
+        return mu.new_empty(mu.shape), kl
+    return implementation(backend).sample_and_kl_fwd(mu, logvar, seed, reduce_dim)
+
+
+@sample_and_kl.register_fake
+def _(mu, logvar, seed, reduce_dim, backend):
+    kl = mu.new_empty(_reduced_shape(mu, reduce_dim), dtype=out_dtype(mu.dtype))
+    return mu.new_empty(mu.shape), kl
+
+
+@torch.library.custom_op("fastvae::sample_and_kl_backward", mutates_args=())
+def sample_and_kl_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor,
+                           seed: Tensor, reduce_dim: int, backend: str,
+                           needs: list[bool]) -> list[Tensor]:
+    if mu.numel() == 0:
+        return _empty_grads(needs, (mu, logvar))
+    return implementation(backend).sample_and_kl_bwd(grad_z, grad_kl, mu, logvar, seed,
+                                                     reduce_dim, needs)
+
+
+@sample_and_kl_backward.register_fake
+def _(grad_z, grad_kl, mu, logvar, seed, reduce_dim, backend, needs):
+    return _fake_grads(needs, (mu, logvar))
+
+
+def _sample_and_kl_setup(ctx, inputs, output):
+    mu, logvar, seed, reduce_dim, backend = inputs
+    ctx.save_for_backward(mu, logvar, seed)
+    ctx.reduce_dim, ctx.backend = reduce_dim, backend
+
+
+def _sample_and_kl_grad(ctx, grad_z, grad_kl):
+    needs = list(ctx.needs_input_grad[:2])
+    mu, logvar, seed = ctx.saved_tensors
+    grads = sample_and_kl_backward(grad_z, grad_kl, mu, logvar, seed, ctx.reduce_dim,
+                                   ctx.backend, needs)
+    return *_place(grads, needs), None, None, None
+
+
+sample_and_kl.register_autograd(_sample_and_kl_grad, setup_context=_sample_and_kl_setup)

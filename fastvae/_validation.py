@@ -1,0 +1,116 @@
+"""Argument checks of the public functions.
+
+Shape, dtype and device checks are always on and cost nothing on the device. Checks that read
+the data (finite values, Bernoulli targets in [0, 1]) synchronize with the device, so they are
+opt-in: ``fastvae.set_validation(True)`` or ``FASTVAE_VALIDATE=1``, as ``validate_args`` in
+``torch.distributions``. They are skipped while torch.compile traces.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+_validate = os.environ.get("FASTVAE_VALIDATE", "0") not in ("", "0", "false", "False")
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the data-dependent checks (finite inputs, targets in [0, 1]) on or off."""
+    global _validate
+    _validate = bool(enabled)
+
+
+def validation_enabled() -> bool:
+    return _validate
+
+
+def _data_checks_on() -> bool:
+    return _validate and not torch.compiler.is_compiling()
+
+
+def tensor(name: str, t: object) -> Tensor:
+    """A floating-point tensor of a supported dtype, else TypeError naming ``name``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, "
+                        f"got {t.dtype}")
+    return t
+
+
+def batched(name: str, t: Tensor) -> None:
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-d tensor")
+
+
+def same_dtype_and_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; "
+                        "they must match")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         "all tensors of a call must be on one device")
+
+
+def pair(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` pairs with ``ref``: same dtype, device and shape."""
+    same_dtype_and_device(name, t, ref_name, ref)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape "
+                         f"{tuple(ref.shape)}; they must be equal")
+
+
+def broadcastable(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` broadcasts to ``ref``'s shape (and shares its dtype and device)."""
+    same_dtype_and_device(name, t, ref_name, ref)
+    try:
+        shape = torch.broadcast_shapes(t.shape, ref.shape)
+    except RuntimeError:
+        shape = None
+    if shape != ref.shape:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to "
+                         f"{ref_name}'s shape {tuple(ref.shape)}")
+
+
+def reduction(value: object) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, "
+                         f"got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def free_bits(value: object, reduction_: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"free_bits must be a float, got {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"free_bits must be >= 0, got {value}")
+    if value > 0 and reduction_ == "none":
+        raise ValueError("free_bits > 0 needs reduction 'mean' or 'sum' (it floors each "
+                         "latent dimension's batch-mean KL), got reduction='none'")
+    return float(value)
+
+
+def number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def finite(**tensors: Tensor | None) -> None:
+    """Opt-in: every tensor is finite."""
+    if not _data_checks_on():
+        return
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} has non-finite values (validation is on)")
+
+
+def unit_interval(name: str, t: Tensor) -> None:
+    """Opt-in: every value of ``t`` lies in [0, 1]."""
+    if _data_checks_on() and not bool(((t >= 0) & (t <= 1)).all()):
+        raise ValueError(f"{name} must lie in [0, 1] (validation is on)")

@@ -1,0 +1,347 @@
+"""Plain-PyTorch fastvae: the per-element formulas, the Philox noise, the reference ops.
+
+Three uses, one set of formulas:
+
+* the test oracle (run in float64): ``gaussian_kl``, ``bernoulli_nll``, ... below are ordinary
+  differentiable torch code with the public signatures of SPEC §3;
+* the ``"torch"`` backend of the custom ops: the ``*_fwd`` / ``*_bwd`` functions at the end take
+  the canonical ``(B, N)`` views that every backend takes (see ``fastvae/_ops.py``);
+* the baseline of the benchmarks.
+
+``philox_randn`` reproduces Triton's ``tl.randn(seed, offset)``: the integer Philox4x32-10 part
+bit for bit, the Box-Muller part to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+# ---------------------------------------------------------------------------------------------
+# Philox4x32-10 + Box-Muller, as triton.language.random computes it
+# ---------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values ``b``
+    held in int64, computed in 16-bit limbs so that no product overflows int64."""
+    p_hi = b * (a >> 16)  # < 2**48
+    p_lo = b * (a & 0xFFFF)  # < 2**48
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    hi = ((p_hi + (p_lo >> 16)) >> 16) & _MASK32
+    return hi, lo
+
+
+def philox4x32(seed: Tensor, offset: Tensor, n_rounds: int = 10) -> tuple[Tensor, ...]:
+    """Philox4x32 with key ``(seed_lo, seed_hi)`` and counter ``(offset_lo, offset_hi, 0, 0)``.
+
+    ``seed``: int64 tensor (one element, any device); ``offset``: int64 tensor. Returns the four
+    uint32 outputs as int64 tensors of ``offset``'s shape.
+    """
+    seed = seed.reshape(()).to(torch.int64)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = offset & _MASK32
+    c1 = (offset >> 32) & _MASK32
+    c2 = torch.zeros_like(offset)
+    c3 = torch.zeros_like(offset)
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform(x: Tensor) -> Tensor:
+    """uint32 (in int64) -> float32 uniform in [0, 1), as ``tl.rand``: the bits read as int32,
+    negatives folded by bitwise not, times 4.6566127342e-10."""
+    x = torch.where(x >= 2**31, x - 2**32, x)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def philox_randn(seed: Tensor | int, offset: Tensor) -> Tensor:
+    """Standard normals, float32: element ``i`` is ``tl.randn(seed, offset[i])``."""
+    if not isinstance(seed, Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64, device=offset.device)
+    i1, i2, _, _ = philox4x32(seed.to(offset.device), offset.to(torch.int64))
+    u1 = torch.clamp_min(uint32_to_uniform(i1), 1.0e-7)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * uint32_to_uniform(i2)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+def noise(seed: Tensor | int, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+    """The noise of one call: element at flat (row-major) index ``i`` of ``shape`` is
+    ``tl.randn(seed, i)``. float32."""
+    numel = math.prod(shape)
+    return philox_randn(seed, torch.arange(numel, dtype=torch.int64, device=device)).view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-element formulas
+# ---------------------------------------------------------------------------------------------
+
+# 1/k! for k = 2..13: expm1(x) - x = x**2 * (1/2! + x/3! + x**2/4! + ...)
+_EXPM1_SERIES = [1.0 / math.factorial(k) for k in range(2, 14)]
+
+
+def _expm1_tail(x: Tensor) -> Tensor:
+    """(expm1(x) - x) / x**2 by its Taylor series; accurate for |x| < 0.5."""
+    acc = torch.full_like(x, _EXPM1_SERIES[-1])
+    for c in reversed(_EXPM1_SERIES[:-1]):
+        acc = acc * x + c
+    return acc
+
+
+def expm1mx(x: Tensor) -> Tensor:
+    """``expm1(x) - x`` without the cancellation of the direct form near 0
+    (and +inf at x = +inf, not inf - inf)."""
+    direct = torch.where(x == math.inf, x, torch.expm1(x) - x)
+    return torch.where(x.abs() < 0.5, x * x * _expm1_tail(x), direct)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs compute in float64, everything else in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kl_elementwise(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
+                   prior_logvar: Tensor | None = None) -> Tensor:
+    """KL(N(mu, e^lv) || N(pm, e^plv)) per element
+    = 0.5 * (((mu - pm) * e^(-plv/2))^2 + expm1(lv - plv) - (lv - plv))."""
+    if prior_mu is None and prior_logvar is None:
+        return 0.5 * (mu * mu + expm1mx(logvar))
+    diff = mu if prior_mu is None else mu - prior_mu
+    if prior_logvar is None:
+        return 0.5 * (diff * diff + expm1mx(logvar))
+    scaled = diff * torch.exp(-0.5 * prior_logvar)
+    return 0.5 * (scaled * scaled + expm1mx(logvar - prior_logvar))
+
+
+def kl_grads(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
+             prior_logvar: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """d kl / d (mu, logvar, prior_mu, prior_logvar)."""
+    diff = mu if prior_mu is None else mu - prior_mu
+    if prior_logvar is None:
+        d_mu = diff
+        d_lv = 0.5 * torch.expm1(logvar)
+        d_plv = -d_lv - 0.5 * diff * diff
+    else:
+        inv_pvar = torch.exp(-prior_logvar)
+        d_mu = diff * inv_pvar
+        d_lv = 0.5 * torch.expm1(logvar - prior_logvar)
+        scaled = diff * torch.exp(-0.5 * prior_logvar)
+        d_plv = -d_lv - 0.5 * scaled * scaled
+    return d_mu, d_lv, -d_mu, d_plv
+
+
+def bernoulli_nll_elementwise(logits: Tensor, target: Tensor) -> Tensor:
+    """-log Bernoulli(x | sigmoid(l)) = max(l, 0) - l * x + log1p(exp(-|l|))."""
+    return torch.clamp_min(logits, 0) - logits * target + torch.log1p(torch.exp(-logits.abs()))
+
+
+def bernoulli_nll_grads(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """d nll / d (logits, target) = (sigmoid(l) - x, -l)."""
+    return torch.sigmoid(logits) - target, -logits
+
+
+def gaussian_nll_elementwise(mean: Tensor, target: Tensor, logvar: Tensor | float) -> Tensor:
+    """-log N(x | m, e^lv) = 0.5 * (lv + ((x - m) * e^(-lv/2))^2 + log(2 pi))."""
+    logvar = torch.as_tensor(logvar, dtype=mean.dtype, device=mean.device)
+    scaled = (target - mean) * torch.exp(-0.5 * logvar)
+    return 0.5 * (logvar + scaled * scaled + LOG_2PI)
+
+
+def gaussian_nll_grads(mean: Tensor, target: Tensor,
+                       logvar: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """d nll / d (mean, target, logvar)
+    = (-(x - m) e^-lv, (x - m) e^-lv, 0.5 (1 - (x - m)^2 e^-lv))."""
+    logvar = torch.as_tensor(logvar, dtype=mean.dtype, device=mean.device)
+    inv_std = torch.exp(-0.5 * logvar)
+    scaled = (target - mean) * inv_std
+    d_target = scaled * inv_std
+    return -d_target, d_target, 0.5 * (1.0 - scaled * scaled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference ops (the oracle): plain differentiable torch, public signatures of SPEC §3
+# ---------------------------------------------------------------------------------------------
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean()
+
+
+def _per_sample(elementwise: Tensor) -> Tensor:
+    return elementwise.reshape(elementwise.shape[0], -1).sum(1)
+
+
+def _up(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(compute_dtype(t.dtype))
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
+                   n_samples: int | None = None, seed: int | Tensor | None = None) -> Tensor:
+    """z = mu + exp(0.5 * logvar) * eps; eps from ``noise(seed, ...)`` when not given."""
+    shape = tuple(mu.shape) if n_samples is None else (n_samples, *mu.shape)
+    if eps is None:
+        eps = noise(seed, shape, mu.device)
+    std = torch.exp(0.5 * _up(logvar))
+    return (_up(mu) + std * _up(eps)).to(mu.dtype)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
+                prior_logvar: Tensor | None = None, *, reduction: str = "mean",
+                free_bits: float = 0.0) -> Tensor:
+    kl = kl_elementwise(_up(mu), _up(logvar), _up(prior_mu), _up(prior_logvar))
+    kl = kl.expand(mu.shape)
+    if free_bits > 0:
+        per_dim = kl.reshape(kl.shape[0], -1).mean(0)
+        total = torch.clamp_min(per_dim, free_bits).sum()
+        return total if reduction == "mean" else total * mu.shape[0]
+    return _reduce(_per_sample(kl), reduction)
+
+
+def bernoulli_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    return _reduce(_per_sample(bernoulli_nll_elementwise(_up(logits), _up(target))), reduction)
+
+
+def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
+                 reduction: str = "mean") -> Tensor:
+    lv = _up(logvar) if isinstance(logvar, Tensor) else logvar
+    nll = gaussian_nll_elementwise(_up(mean), _up(target), lv).expand(mean.shape)
+    return _reduce(_per_sample(nll), reduction)
+
+
+def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_bits: float = 0.0,
+                  seed: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
+    z = reparameterize(mu, logvar, seed=seed)
+    return z, gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
+
+
+def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
+             likelihood: str = "bernoulli", obs_logvar: Tensor | float = 0.0, beta: float = 1.0,
+             free_bits: float = 0.0, reduction: str = "mean") -> Tensor:
+    if likelihood == "bernoulli":
+        nll = bernoulli_nll(recon, x, reduction=reduction)
+    else:
+        nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
+    return nll + beta * gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# The "torch" backend: the interface every backend implements (see fastvae/_ops.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _grad_rows(grad: Tensor, reduce_dim: int) -> Tensor:
+    """A (B,) or (N,) gradient of a reduction, broadcastable against (B, N)."""
+    return grad.unsqueeze(1) if reduce_dim == 1 else grad.unsqueeze(0)
+
+
+def _cast_needed(grads: tuple[Tensor, ...], needs: list[bool], like: Tensor) -> list[Tensor]:
+    return [g.expand(like.shape).to(like.dtype).contiguous()
+            for g, need in zip(grads, needs, strict=True) if need]
+
+
+def _noise_for(seed: Tensor, n_samples: int, rows: int, cols: int, device) -> Tensor:
+    return noise(seed, (n_samples, rows, cols), device)
+
+
+def reparameterize_fwd(mu: Tensor, logvar: Tensor, eps: Tensor | None, seed: Tensor | None,
+                       n_samples: int) -> Tensor:
+    B, N = mu.shape
+    if eps is None:
+        eps = _noise_for(seed, n_samples, B, N, mu.device)
+    std = torch.exp(0.5 * _up(logvar))
+    return (_up(mu) + std * _up(eps)).to(mu.dtype)
+
+
+def reparameterize_bwd(grad_z: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor | None,
+                       seed: Tensor | None, needs: list[bool]) -> list[Tensor]:
+    K = grad_z.shape[0]
+    B, N = mu.shape
+    if eps is None:
+        eps = _noise_for(seed, K, B, N, mu.device)
+    g = _up(grad_z)
+    std = torch.exp(0.5 * _up(logvar))
+    out = []
+    if needs[0]:
+        out.append(g.sum(0).to(mu.dtype))
+    if needs[1]:
+        out.append((0.5 * std * (g * _up(eps)).sum(0)).to(logvar.dtype))
+    if needs[2]:
+        out.append((g * std).to(eps.dtype))
+    return out
+
+
+def gaussian_kl_fwd(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
+                    prior_logvar: Tensor | None, reduce_dim: int) -> Tensor:
+    return kl_elementwise(_up(mu), _up(logvar), _up(prior_mu), _up(prior_logvar)).sum(reduce_dim)
+
+
+def gaussian_kl_bwd(grad: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
+                    prior_logvar: Tensor | None, reduce_dim: int,
+                    needs: list[bool]) -> list[Tensor]:
+    g = _grad_rows(grad, reduce_dim)
+    grads = kl_grads(_up(mu), _up(logvar), _up(prior_mu), _up(prior_logvar))
+    return _cast_needed(tuple(g * d for d in grads), needs, mu)
+
+
+def bernoulli_nll_fwd(logits: Tensor, target: Tensor) -> Tensor:
+    return bernoulli_nll_elementwise(_up(logits), _up(target)).sum(1)
+
+
+def bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
+                      needs: list[bool]) -> list[Tensor]:
+    g = grad.unsqueeze(1)
+    grads = bernoulli_nll_grads(_up(logits), _up(target))
+    return _cast_needed(tuple(g * d for d in grads), needs, logits)
+
+
+def gaussian_nll_fwd(mean: Tensor, target: Tensor, logvar: Tensor | None,
+                     logvar_value: float) -> Tensor:
+    lv = logvar_value if logvar is None else _up(logvar)
+    return gaussian_nll_elementwise(_up(mean), _up(target), lv).sum(1)
+
+
+def gaussian_nll_bwd(grad: Tensor, mean: Tensor, target: Tensor, logvar: Tensor | None,
+                     logvar_value: float, needs: list[bool]) -> list[Tensor]:
+    g = grad.unsqueeze(1)
+    lv = logvar_value if logvar is None else _up(logvar)
+    grads = gaussian_nll_grads(_up(mean), _up(target), lv)
+    return _cast_needed(tuple(g * d for d in grads), needs, mean)
+
+
+def sample_and_kl_fwd(mu: Tensor, logvar: Tensor, seed: Tensor,
+                      reduce_dim: int) -> tuple[Tensor, Tensor]:
+    z = reparameterize_fwd(mu, logvar, None, seed, 1)[0]
+    return z, gaussian_kl_fwd(mu, logvar, None, None, reduce_dim)
+
+
+def sample_and_kl_bwd(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor,
+                      reduce_dim: int, needs: list[bool]) -> list[Tensor]:
+    B, N = mu.shape
+    eps = _noise_for(seed, 1, B, N, mu.device)[0]
+    gz, gkl = _up(grad_z), _grad_rows(grad_kl, reduce_dim)
+    mu_c, lv_c = _up(mu), _up(logvar)
+    std = torch.exp(0.5 * lv_c)
+    d_kl_mu, d_kl_lv, _, _ = kl_grads(mu_c, lv_c)
+    grads = (gz + gkl * d_kl_mu, 0.5 * std * eps * gz + gkl * d_kl_lv)
+    return _cast_needed(grads, needs, mu)

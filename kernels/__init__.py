@@ -1,0 +1,25 @@
+"""fastvae's Triton kernels: one module per op family (kernels and launchers).
+
+This package is the ``"triton"`` backend: it exports the backend interface documented in
+``fastvae/_ops.py``. Importing it imports triton; set ``TRITON_INTERPRET=1`` before that to run
+the kernels on CPU tensors.
+"""
+
+from .bernoulli_nll import bernoulli_nll_bwd, bernoulli_nll_fwd
+from .gaussian_kl import gaussian_kl_bwd, gaussian_kl_fwd
+from .gaussian_nll import gaussian_nll_bwd, gaussian_nll_fwd
+from .reparameterize import reparameterize_bwd, reparameterize_fwd
+from .sample_and_kl import sample_and_kl_bwd, sample_and_kl_fwd
+
+__all__ = [
+    "bernoulli_nll_bwd",
+    "bernoulli_nll_fwd",
+    "gaussian_kl_bwd",
+    "gaussian_kl_fwd",
+    "gaussian_nll_bwd",
+    "gaussian_nll_fwd",
+    "reparameterize_bwd",
+    "reparameterize_fwd",
+    "sample_and_kl_bwd",
+    "sample_and_kl_fwd",
+]
