@@ -20,6 +20,8 @@ The backend interface (``fastvae.reference``, ``fastvae.kernels``, ``fastvae._na
     gaussian_nll_bwd(grad, mean, target, logvar | None, logvar_value, needs[3]) -> grads
     sample_and_kl_fwd(mu, logvar, seed, reduce_dim) -> (z (B, N), kl)
     sample_and_kl_bwd(grad_z, grad_kl, mu, logvar, seed, reduce_dim, needs[2]) -> grads
+    iwae_fwd(log_px (K, B), z (K, B, N), mu, logvar) -> (ll (B,), log_weights (K, B))
+    iwae_bwd(grad, ll, log_weights, log_px, z, mu, logvar, needs[4]) -> grads
 
 Backends see B >= 1 and N >= 1 (empty inputs are answered here), a prior given as both
 tensors or neither, ``seed`` as an int64 tensor of one element on the tensors' device, and
@@ -28,6 +30,7 @@ return gradients as new contiguous tensors in each input's dtype, only those wit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -301,3 +304,66 @@ def _sample_and_kl_grad(ctx, grad_z, grad_kl):
 
 
 sample_and_kl.register_autograd(_sample_and_kl_grad, setup_context=_sample_and_kl_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# iwae_log_likelihood
+# ---------------------------------------------------------------------------------------------
+
+
+def _iwae_log_weights_without_event(log_px: Tensor, z: Tensor) -> Tensor:
+    """An empty event leaves only log p(x|z): the log-weights are log_px itself."""
+    return log_px.to(out_dtype(z.dtype)).clone()
+
+
+@torch.library.custom_op("fastvae::iwae_log_likelihood", mutates_args=())
+def iwae_log_likelihood(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
+                        backend: str) -> tuple[Tensor, Tensor]:
+    K, B, N = z.shape
+    if B == 0 or N == 0:
+        log_w = _iwae_log_weights_without_event(log_px, z)
+        return torch.logsumexp(log_w, 0) - math.log(K), log_w
+    return implementation(backend).iwae_fwd(log_px, z, mu, logvar)
+
+
+@iwae_log_likelihood.register_fake
+def _(log_px, z, mu, logvar, backend):
+    K, B, _ = z.shape
+    dtype = out_dtype(z.dtype)
+    return z.new_empty((B,), dtype=dtype), z.new_empty((K, B), dtype=dtype)
+
+
+@torch.library.custom_op("fastvae::iwae_log_likelihood_backward", mutates_args=())
+def iwae_log_likelihood_backward(grad: Tensor, out: Tensor, log_w: Tensor, log_px: Tensor,
+                                 z: Tensor, mu: Tensor, logvar: Tensor, backend: str,
+                                 needs: list[bool]) -> list[Tensor]:
+    _, B, N = z.shape
+    if B == 0 or N == 0:
+        weights = grad * torch.exp(log_w - torch.logsumexp(log_w, 0))
+        grads = _empty_grads(needs, (log_px, z, mu, logvar))
+        if needs[0]:
+            grads[0] = weights.to(log_px.dtype)
+        return grads
+    return implementation(backend).iwae_bwd(grad, out, log_w, log_px, z, mu, logvar, needs)
+
+
+@iwae_log_likelihood_backward.register_fake
+def _(grad, out, log_w, log_px, z, mu, logvar, backend, needs):
+    return _fake_grads(needs, (log_px, z, mu, logvar))
+
+
+def _iwae_setup(ctx, inputs, output):
+    log_px, z, mu, logvar, backend = inputs
+    out, log_w = output
+    ctx.save_for_backward(out, log_w, log_px, z, mu, logvar)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(log_w)
+
+
+def _iwae_grad(ctx, grad, _grad_log_w):
+    needs = list(ctx.needs_input_grad[:4])
+    grads = iwae_log_likelihood_backward(grad, *ctx.saved_tensors, ctx.backend, needs)
+    return *_place(grads, needs), None
+
+
+iwae_log_likelihood.register_autograd(_iwae_grad, setup_context=_iwae_setup)

@@ -21,6 +21,7 @@ __all__ = [
     "bernoulli_nll",
     "gaussian_kl",
     "gaussian_nll",
+    "iwae_log_likelihood",
     "reparameterize",
     "sample_and_kl",
     "vae_loss",
@@ -275,3 +276,39 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     else:
         nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
     return nll + beta * gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
+
+
+def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """Importance-weighted estimate of ``log p(x)`` from K samples ``z_k ~ q(z|x)``, shape (B,):
+
+        logsumexp_k [log p(x|z_k) + log N(z_k; 0, I) - log N(z_k; mu, exp(logvar))] - log K
+
+    ``log_px_given_z``: ``(K, B)`` (any float dtype); ``z``: ``(K, B, *event)``; ``mu``,
+    ``logvar``: ``(B, *event)``, the dtype of ``z``. One fused pass, accumulated in float32
+    (float64 for float64 inputs); the sampled log-weights, never the analytic KL.
+    """
+    check.tensor("log_px_given_z", log_px_given_z)
+    check.tensor("z", z)
+    check.tensor("mu", mu)
+    check.tensor("logvar", logvar)
+    check.batched("mu", mu)
+    check.pair("logvar", logvar, "mu", mu)
+    check.same_dtype_and_device("z", z, "mu", mu)
+    if log_px_given_z.device != mu.device:
+        raise ValueError(f"log_px_given_z is on {log_px_given_z.device} but mu is on "
+                         f"{mu.device}; all tensors of a call must be on one device")
+    if z.dim() != mu.dim() + 1 or z.shape[1:] != mu.shape or z.shape[0] < 1:
+        raise ValueError(f"z must have shape (K, *mu.shape) with K >= 1; got z "
+                         f"{tuple(z.shape)} and mu {tuple(mu.shape)}")
+    if log_px_given_z.shape != z.shape[:2]:
+        raise ValueError(f"log_px_given_z must have shape (K, B) = {tuple(z.shape[:2])}, got "
+                         f"{tuple(log_px_given_z.shape)}")
+    check.finite(log_px_given_z=log_px_given_z, z=z, mu=mu, logvar=logvar)
+    backend = resolve(mu.device)
+    B, N = _batch_and_event(mu)
+    K = z.shape[0]
+    z_rows = z[0].reshape(1, B, N).expand(K, B, N) if K > 1 and z.stride(0) == 0 \
+        else z.reshape(K, B, N)
+    ll, _ = _ops.iwae_log_likelihood(log_px_given_z, z_rows, _rows(mu, B, N),
+                                     _rows(logvar, B, N), backend)
+    return ll

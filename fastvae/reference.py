@@ -175,6 +175,14 @@ def gaussian_nll_grads(mean: Tensor, target: Tensor,
     return -d_target, d_target, 0.5 * (1.0 - scaled * scaled)
 
 
+def iwae_log_weights(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x), summed over the event: shape (K, B).
+    Per element 0.5 * (s^2 + lv - z^2) with s = (z - mu) * e^(-lv/2) (the 2 pi terms cancel)."""
+    s = (z - mu) * torch.exp(-0.5 * logvar)
+    per_element = 0.5 * (s * s + logvar - z * z)
+    return log_px + per_element.reshape(*z.shape[:2], -1).sum(-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference ops (the oracle): plain differentiable torch, public signatures of SPEC §3
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +251,13 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     else:
         nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
     return nll + beta * gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
+
+
+def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """logsumexp_k [log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x)] - log K, shape (B,)."""
+    log_w = iwae_log_weights(_up(log_px_given_z), _up(z), _up(mu).unsqueeze(0),
+                             _up(logvar).unsqueeze(0))
+    return torch.logsumexp(log_w, 0) - math.log(z.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,3 +360,23 @@ def sample_and_kl_bwd(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tenso
     d_kl_mu, d_kl_lv, _, _ = kl_grads(mu_c, lv_c)
     grads = (gz + gkl * d_kl_mu, 0.5 * std * eps * gz + gkl * d_kl_lv)
     return _cast_needed(grads, needs, mu)
+
+
+def iwae_fwd(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+    K = z.shape[0]
+    log_w = iwae_log_weights(log_px.to(compute_dtype(z.dtype)), _up(z), _up(mu), _up(logvar))
+    return torch.logsumexp(log_w, 0) - math.log(K), log_w
+
+
+def iwae_bwd(grad: Tensor, out: Tensor, log_w: Tensor, log_px: Tensor, z: Tensor, mu: Tensor,
+             logvar: Tensor, needs: list[bool]) -> list[Tensor]:
+    K = z.shape[0]
+    a = grad * torch.exp(log_w - (out + math.log(K)))  # (K, B): g times the normalized weights
+    inv_std = torch.exp(-0.5 * _up(logvar))
+    z_c = _up(z)
+    s = (z_c - _up(mu)) * inv_std
+    a3 = a.unsqueeze(-1)
+    grads = [a, a3 * (s * inv_std - z_c), -(a3 * s * inv_std).sum(0),
+             (a3 * 0.5 * (1.0 - s * s)).sum(0)]
+    like = (log_px, z, mu, logvar)
+    return [g.to(t.dtype) for g, t, need in zip(grads, like, needs, strict=True) if need]

@@ -8,6 +8,7 @@ the kernels on CPU tensors.
 from .bernoulli_nll import bernoulli_nll_bwd, bernoulli_nll_fwd
 from .gaussian_kl import gaussian_kl_bwd, gaussian_kl_fwd
 from .gaussian_nll import gaussian_nll_bwd, gaussian_nll_fwd
+from .iwae import iwae_bwd, iwae_fwd
 from .reparameterize import reparameterize_bwd, reparameterize_fwd
 from .sample_and_kl import sample_and_kl_bwd, sample_and_kl_fwd
 
@@ -18,6 +19,8 @@ __all__ = [
     "gaussian_kl_fwd",
     "gaussian_nll_bwd",
     "gaussian_nll_fwd",
+    "iwae_bwd",
+    "iwae_fwd",
     "reparameterize_bwd",
     "reparameterize_fwd",
     "sample_and_kl_bwd",

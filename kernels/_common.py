@@ -75,8 +75,8 @@ def expm1mx(x):
 @triton.jit
 def tile(tile_b, tile_n, B, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row and column indices (int64) of one tile and its in-bounds mask."""
-    rows = tile_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.cast(tile_b, tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.cast(tile_n, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < B)[:, None] & (cols < N)[None, :]
     return rows, cols, mask
 
