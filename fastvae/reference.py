@@ -196,8 +196,13 @@ def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     return per_sample.mean()
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``(B, *event)`` -> ``(B, N)``; explicit sizes, so that an empty batch works too."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 def _per_sample(elementwise: Tensor) -> Tensor:
-    return elementwise.reshape(elementwise.shape[0], -1).sum(1)
+    return _rows(elementwise).sum(1)
 
 
 def _up(t: Tensor | None) -> Tensor | None:
@@ -214,13 +219,17 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
     return (_up(mu) + std * _up(eps)).to(mu.dtype)
 
 
-def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
-                prior_logvar: Tensor | None = None, *, reduction: str = "mean",
+def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = None,
+                prior_logvar: Tensor | float | None = None, *, reduction: str = "mean",
                 free_bits: float = 0.0) -> Tensor:
+    if isinstance(prior_mu, (int, float)):
+        prior_mu = torch.tensor(float(prior_mu), dtype=mu.dtype, device=mu.device)
+    if isinstance(prior_logvar, (int, float)):
+        prior_logvar = torch.tensor(float(prior_logvar), dtype=mu.dtype, device=mu.device)
     kl = kl_elementwise(_up(mu), _up(logvar), _up(prior_mu), _up(prior_logvar))
     kl = kl.expand(mu.shape)
     if free_bits > 0:
-        per_dim = kl.reshape(kl.shape[0], -1).mean(0)
+        per_dim = _rows(kl).mean(0)
         total = torch.clamp_min(per_dim, free_bits).sum()
         return total if reduction == "mean" else total * mu.shape[0]
     return _reduce(_per_sample(kl), reduction)
