@@ -229,9 +229,11 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
     kl = kl_elementwise(_up(mu), _up(logvar), _up(prior_mu), _up(prior_logvar))
     kl = kl.expand(mu.shape)
     if free_bits > 0:
-        per_dim = _rows(kl).mean(0)
-        total = torch.clamp_min(per_dim, free_bits).sum()
-        return total if reduction == "mean" else total * mu.shape[0]
+        # "mean": sum_j max(mean_b kl[b, j], λ); "sum": B times that, written as
+        # sum_j max(sum_b kl[b, j], B λ) so that an empty batch sums to 0, not nan * 0.
+        if reduction == "mean":
+            return torch.clamp_min(_rows(kl).mean(0), free_bits).sum()
+        return torch.clamp_min(_rows(kl).sum(0), free_bits * mu.shape[0]).sum()
     return _reduce(_per_sample(kl), reduction)
 
 
