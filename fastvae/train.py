@@ -1,0 +1,268 @@
+"""Training: the loop, KL schedules, evaluation, diagnostics, checkpoints and resume.
+
+``train(...)`` fits a VAE with Adam, evaluates after every epoch, and, given ``out_dir``, writes
+``checkpoint.safetensors`` (every epoch, atomically), ``metrics.csv`` and ``metrics.json``.
+Under ``torch.distributed`` (launched by ``torchrun``) every rank trains on its shard of each
+epoch's permutation through DistributedDataParallel and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from .vae import VAE, active_units, build_vae
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because a loss term became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``train``.
+
+    ``warmup_epochs``: linear KL warm-up of beta from 0 over that many epochs. ``cycles``:
+    cyclical annealing (Fu et al. 2019) with that many cycles over the run, beta rising linearly
+    over the first half of each cycle (overrides warm-up when > 0). ``on_nonfinite``: ``"skip"``
+    the step or ``"stop"`` with an error naming the step and the term.
+    """
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    beta: float = 1.0
+    warmup_epochs: float = 0.0
+    cycles: int = 0
+    free_bits: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+    amp: bool = False
+    on_nonfinite: str = "stop"
+    iwae_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if self.lr <= 0 or self.beta < 0 or self.warmup_epochs < 0 or self.cycles < 0:
+            raise ValueError("lr must be > 0; beta, warmup_epochs and cycles >= 0")
+        if self.free_bits < 0:
+            raise ValueError("free_bits must be >= 0")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
+        if self.iwae_samples < 0:
+            raise ValueError("iwae_samples must be >= 0")
+
+
+def beta_at(config: TrainConfig, progress: float) -> float:
+    """The KL weight at ``progress`` (epochs done, fractional) into the run."""
+    if config.cycles > 0:
+        period = config.epochs / config.cycles
+        phase = (progress % period) / period
+        return config.beta * min(1.0, 2.0 * phase)
+    if config.warmup_epochs > 0:
+        return config.beta * min(1.0, progress / config.warmup_epochs)
+    return config.beta
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    step: int
+    beta: float
+    train_loss: float
+    train_nll: float
+    train_kl: float
+    val_elbo: float
+    val_nll: float
+    val_kl: float
+    active_units: int
+    skipped_steps: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: VAE
+    history: list[EpochMetrics] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate(model: VAE, data: Tensor, batch_size: int = 512, *,
+             iwae_samples: int = 0) -> dict[str, Any]:
+    """Mean negative ELBO (beta = 1), reconstruction NLL and KL per example; active units and
+    per-dimension KL; the IWAE log-likelihood with ``iwae_samples`` > 0."""
+    model.eval()
+    device = next(model.parameters()).device
+    totals = {"nll": 0.0, "kl": 0.0}
+    mus, kl_dims, ll = [], [], []
+    for start in range(0, data.shape[0], batch_size):
+        x = data[start:start + batch_size].to(device)
+        out = model(x, beta=1.0, free_bits=0.0, reduction="sum")
+        totals["nll"] += float(out.nll)
+        totals["kl"] += float(out.kl)
+        mus.append(out.mu.float().cpu())
+        kl_dims.append(model.kl_per_dimension(x).double().cpu() * x.shape[0])
+        if iwae_samples > 0:
+            ll.append(model.log_likelihood(x, iwae_samples).double().cpu())
+    n = data.shape[0]
+    n_active, _ = active_units(torch.cat(mus))
+    result: dict[str, Any] = {
+        "elbo": -(totals["nll"] + totals["kl"]) / n,
+        "nll": totals["nll"] / n,
+        "kl": totals["kl"] / n,
+        "active_units": n_active,
+        "kl_per_dim": (torch.stack(kl_dims).sum(0) / n).flatten().tolist(),
+    }
+    if ll:
+        result["iwae_log_likelihood"] = float(torch.cat(ll).mean())
+        result["iwae_samples"] = iwae_samples
+    return result
+
+
+def _epoch_seed(config: TrainConfig, epoch: int) -> int:
+    """Every epoch reseeds from (seed, epoch): a resumed run draws what an uninterrupted one
+    would, with no RNG state in the checkpoint."""
+    return config.seed * 1_000_003 + epoch
+
+
+def _write_metrics(out_dir: Path, history: list[EpochMetrics], extra: dict[str, Any]) -> None:
+    rows = [asdict(m) for m in history]
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out_dir / "metrics.json", "w") as f:
+        json.dump({**extra, "history": rows}, f, indent=2)
+
+
+def train(model_config: dict[str, Any], train_data: Tensor, val_data: Tensor,
+          config: TrainConfig, *, device: str | torch.device = "cpu",
+          out_dir: str | Path | None = None, resume: str | Path | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train ``build_vae(**model_config)`` on ``train_data`` (images in [0, 1]).
+
+    ``resume``: a checkpoint written by an earlier run with the same configs; training goes on
+    from its epoch to the same result as an uninterrupted run.
+    """
+    rank, world = _distributed()
+    device = torch.device(device)
+    torch.manual_seed(config.seed)  # the initial weights, equal on every rank
+    model = build_vae(**model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    history: list[EpochMetrics] = []
+    start_epoch = 0
+    if resume is not None:
+        saved = ckpt_io.load(resume)
+        if saved.model_config != model_config:
+            raise ValueError(f"{resume} holds a model with another configuration: "
+                             f"{saved.model_config}")
+        model.load_state_dict(saved.model_state)
+        if saved.optimizer_state is not None:
+            optimizer.load_state_dict(saved.optimizer_state)
+        start_epoch = int(saved.trainer_state.get("epoch", 0))
+        history = [EpochMetrics(**m) for m in saved.trainer_state.get("history", [])]
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None and rank == 0:
+        out_path.mkdir(parents=True, exist_ok=True)
+
+    n = train_data.shape[0]
+    steps_per_epoch = math.ceil(n / world / config.batch_size)
+    step = start_epoch * steps_per_epoch
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.epochs, initial=start_epoch, unit="epoch", desc="train")
+    t_start = time.perf_counter()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if config.amp and device.type == "cuda" else contextlib.nullcontext())
+    for epoch in range(start_epoch, config.epochs):
+        t_epoch = time.perf_counter()
+        model.train()
+        seed = _epoch_seed(config, epoch)
+        shuffle = torch.Generator().manual_seed(seed)  # the same permutation on every rank
+        torch.manual_seed(seed + 7919 * rank)  # each rank its own noise
+        order = torch.randperm(n, generator=shuffle)[rank::world]
+        sums = torch.zeros(3, dtype=torch.float64)
+        seen = skipped = 0
+        beta = config.beta
+        for i in range(0, order.numel(), config.batch_size):
+            x = train_data[order[i:i + config.batch_size]].to(device, non_blocking=True)
+            beta = beta_at(config, epoch + i / max(1, order.numel()))
+            with autocast:
+                out = net(x, beta=beta, free_bits=config.free_bits)
+            step += 1
+            values = torch.stack([out.loss, out.nll, out.kl]).detach().double().cpu()
+            if not bool(torch.isfinite(values).all()):
+                if config.on_nonfinite == "stop":
+                    term = "reconstruction NLL" if not math.isfinite(values[1]) else "KL"
+                    raise NonFiniteLossError(f"step {step} (epoch {epoch + 1}): the {term} "
+                                             "became non-finite; lower the learning rate, "
+                                             "clip gradients, or skip such steps "
+                                             "(on_nonfinite='skip')")
+                skipped += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            sums += values * x.shape[0]
+            seen += x.shape[0]
+        val = evaluate(model, val_data) if rank == 0 else {}
+        train_means = (sums / max(seen, 1)).tolist()
+        metrics = EpochMetrics(
+            epoch=epoch + 1, step=step, beta=beta, train_loss=train_means[0],
+            train_nll=train_means[1], train_kl=train_means[2],
+            val_elbo=val.get("elbo", math.nan), val_nll=val.get("nll", math.nan),
+            val_kl=val.get("kl", math.nan), active_units=val.get("active_units", 0),
+            skipped_steps=skipped, seconds=time.perf_counter() - t_epoch)
+        history.append(metrics)
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_elbo=f"{metrics.val_elbo:.3f}",
+                            kl=f"{metrics.val_kl:.2f}", au=metrics.active_units)
+            bar.update(1)
+        if out_path is not None and rank == 0:
+            state = {"epoch": epoch + 1, "history": [asdict(m) for m in history],
+                     "train_config": asdict(config)}
+            ckpt_io.save(out_path / CHECKPOINT_NAME,
+                         ckpt_io.Checkpoint(model_config, model.state_dict(),
+                                            optimizer.state_dict(), state))
+            _write_metrics(out_path, history, {"model_config": model_config,
+                                               "train_config": asdict(config)})
+    if bar is not None:
+        bar.close()
+    result = TrainResult(model, history)
+    if rank == 0:
+        final = evaluate(model, val_data, iwae_samples=config.iwae_samples)
+        final["train_seconds"] = time.perf_counter() - t_start
+        result.final = final
+        if out_path is not None:
+            _write_metrics(out_path, history, {"model_config": model_config,
+                                               "train_config": asdict(config), "final": final})
+    return result
