@@ -54,11 +54,9 @@ class VAE(nn.Module):
         self.likelihood = likelihood
         self.beta = float(beta)
         self.free_bits = float(free_bits)
+        self.obs_logvar: float | nn.Parameter = float(obs_logvar)
         if likelihood == "gaussian_learned":
             self.obs_logvar = nn.Parameter(torch.tensor(float(obs_logvar)))
-        else:
-            self.register_buffer("obs_logvar", torch.tensor(float(obs_logvar)),
-                                 persistent=True)
 
     # -- model pieces ---------------------------------------------------------------------
 
@@ -86,7 +84,9 @@ class VAE(nn.Module):
         x = x.to(recon.dtype)
         if self.likelihood == "bernoulli":
             return F.bernoulli_nll(recon, x, reduction=reduction)
-        logvar = self.obs_logvar.to(recon.dtype)
+        logvar = self.obs_logvar
+        if isinstance(logvar, nn.Parameter):
+            logvar = logvar.to(recon.dtype)
         return F.gaussian_nll(recon, x, logvar, reduction=reduction)
 
     # -- training objective ----------------------------------------------------------------
