@@ -211,12 +211,21 @@ def _present(outs: Sequence[Tensor | None]) -> list[Tensor]:
 
 
 class NativeBackend:
-    """The ``"cpu"`` or ``"cuda"`` backend: one method per op of the backend interface."""
+    """The ``"cpu"`` or ``"cuda"`` backend: one method per op of the backend interface. An op
+    of the interface without a native kernel yet (``iwae_fwd``/``iwae_bwd``) runs on the torch
+    reference (``fastvae.reference``), on the same tensors."""
 
     def __init__(self, lib: ctypes.CDLL, kind: str):
         self._lib = lib
         self.kind = kind
         self._run = lib.fv_cpu_run if kind == "cpu" else lib.fv_cuda_run
+
+    def __getattr__(self, name: str):
+        from . import reference
+
+        if name.endswith(("_fwd", "_bwd")) and hasattr(reference, name):
+            return getattr(reference, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _call(self, op: str, like: Tensor, inputs: Sequence[Tensor | None],
               outputs: Sequence[Tensor | None], *, K: int = 1, seed: Tensor | None = None,

@@ -1,0 +1,845 @@
+// cuda.cu -- the CUDA kernels of every op and the exported fv_cuda_* functions.
+//
+// Same structure as the CPU kernels (cpu_kernels.inc), same per-element math (fastvae_math.h):
+//   * each thread handles E consecutive columns of a row, E = 16 bytes of the storage dtype
+//     (4 float32, 2 float64, 8 float16/bfloat16), loaded and stored as one 16-byte vector when
+//     the operand is contiguous along N and its rows are 16-byte aligned, else element by
+//     element through its strides (stride 0 for broadcast operands);
+//   * blocks of 256 threads are (tx, ty): tx threads along a row (a power of two covering N / E
+//     up to 256), ty = 256 / tx rows; grid-stride loops over rows and columns;
+//   * per-sample sums: each block owns a fixed set of column tiles of its rows (n_split blocks
+//     per row), reduces across the row's threads with warp shuffles (and shared memory when a
+//     row spans several warps), and writes one partial per (row, split); a second kernel adds
+//     the partials in split order. Per-feature sums likewise with rows and columns swapped.
+//     No atomics: results are bitwise reproducible run to run on one device;
+//   * launches go to the caller's stream (torch's current stream) on call->device; the seed is
+//     read from device memory by the kernels: no host sync, safe under CUDA-graph capture.
+#define FV_MATH_NAMESPACE cuda_math
+#include "fastvae_math.h"
+#include "internal.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <exception>
+
+namespace fv::gpu {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = 2147483647;
+
+struct alignas(2) Half { uint16_t bits; };
+struct alignas(2) BFloat16 { uint16_t bits; };
+
+// ---------------------------------------------------------------------------------------------
+// Storage <-> compute conversions
+// ---------------------------------------------------------------------------------------------
+
+template <class T> __device__ __forceinline__ T from_storage(float v) { return T(v); }
+template <class T> __device__ __forceinline__ T from_storage(double v) { return T(v); }
+template <class T> __device__ __forceinline__ T from_storage(Half v) {
+    return T(__half2float(__ushort_as_half(v.bits)));
+}
+template <class T> __device__ __forceinline__ T from_storage(BFloat16 v) {
+    return T(__bfloat162float(__ushort_as_bfloat16(v.bits)));
+}
+
+template <class S> struct ToStorage;
+template <> struct ToStorage<float> {
+    template <class T> __device__ static float cvt(T v) { return float(v); }
+};
+template <> struct ToStorage<double> {
+    template <class T> __device__ static double cvt(T v) { return double(v); }
+};
+template <> struct ToStorage<Half> {
+    template <class T> __device__ static Half cvt(T v) {
+        return {__half_as_ushort(__float2half_rn(float(v)))};
+    }
+};
+template <> struct ToStorage<BFloat16> {
+    template <class T> __device__ static BFloat16 cvt(T v) {
+        return {__bfloat16_as_ushort(__float2bfloat16_rn(float(v)))};
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Operands
+// ---------------------------------------------------------------------------------------------
+
+// A strided (K, B, N) operand; `vec`: 16-byte vector access is allowed (contiguous along N,
+// base and row/sample strides 16-byte aligned).
+template <class S>
+struct In {
+    const S* p = nullptr;
+    int64_t sk = 0, sb = 0, sn = 0;
+    bool vec = false;
+};
+
+template <class S>
+struct Out {
+    S* p = nullptr;
+    int64_t sk = 0, sb = 0, sn = 0;
+    bool vec = false;
+};
+
+inline bool vector_ok(const fv_tensor& t, size_t elem) {
+    return t.data != nullptr && t.stride[2] == 1 && reinterpret_cast<uintptr_t>(t.data) % 16 == 0 &&
+           (t.stride[1] * int64_t(elem)) % 16 == 0 && (t.stride[0] * int64_t(elem)) % 16 == 0;
+}
+
+template <class S>
+In<S> make_in(const fv_tensor& t) {
+    return {static_cast<const S*>(t.data), t.stride[0], t.stride[1], t.stride[2],
+            vector_ok(t, sizeof(S))};
+}
+
+template <class S>
+Out<S> make_out(const fv_tensor& t) {
+    return {static_cast<S*>(t.data), t.stride[0], t.stride[1], t.stride[2],
+            vector_ok(t, sizeof(S))};
+}
+
+// Columns j .. j+E-1 of row b (sample k), zeros past N.
+template <class T, int E, class S>
+__device__ __forceinline__ void load(const In<S>& t, int64_t k, int64_t b, int64_t j, int64_t N,
+                                     T (&v)[E]) {
+    const S* row = t.p + k * t.sk + b * t.sb;
+    if constexpr (E * sizeof(S) == 16) {
+        if (t.vec && j + E <= N) {
+            alignas(16) S s[E];
+            *reinterpret_cast<uint4*>(s) = *reinterpret_cast<const uint4*>(row + j);
+#pragma unroll
+            for (int e = 0; e < E; ++e) v[e] = from_storage<T>(s[e]);
+            return;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = j + e < N ? from_storage<T>(row[(j + e) * t.sn]) : T(0);
+}
+
+template <class T, int E, class S>
+__device__ __forceinline__ void store(const Out<S>& t, int64_t k, int64_t b, int64_t j, int64_t N,
+                                      const T (&v)[E]) {
+    S* row = t.p + k * t.sk + b * t.sb;
+    if constexpr (E * sizeof(S) == 16) {
+        if (t.vec && j + E <= N) {
+            alignas(16) S s[E];
+#pragma unroll
+            for (int e = 0; e < E; ++e) s[e] = ToStorage<S>::cvt(v[e]);
+            *reinterpret_cast<uint4*>(row + j) = *reinterpret_cast<const uint4*>(s);
+            return;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+        if (j + e < N) row[(j + e) * t.sn] = ToStorage<S>::cvt(v[e]);
+}
+
+// E standard normals tl.randn(seed, offset + e), in the compute dtype.
+template <class T, int E>
+__device__ __forceinline__ void noise(const int64_t* seed, int64_t offset, T (&v)[E]) {
+    const uint64_t s = uint64_t(*seed);
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = T(randn(s, uint64_t(offset + e)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel skeletons
+// ---------------------------------------------------------------------------------------------
+
+// op(b, j): columns j .. j+E-1 of row b.
+template <int E, class Op>
+__global__ void __launch_bounds__(kThreads) elementwise_kernel(Op op, int64_t B, int64_t N) {
+    const int64_t row_step = int64_t(gridDim.y) * blockDim.y;
+    const int64_t col_step = int64_t(gridDim.x) * blockDim.x * E;
+    for (int64_t b = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; b < B; b += row_step)
+        for (int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * E; j < N; j += col_step)
+            op(b, j);
+}
+
+// Sum of v over the tx threads of this thread's row (tx a power of two; a row's threads are
+// consecutive). Every thread of the block must call it. The result is valid in thread x == 0.
+template <class T>
+__device__ __forceinline__ T row_sum(T v, int tx) {
+    const int width = tx < 32 ? tx : 32;
+    for (int off = width / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (tx <= 32) return v;
+    __shared__ double smem_raw[kThreads / 32];
+    T* smem = reinterpret_cast<T*>(smem_raw);
+    const int warps_per_row = tx / 32;
+    __syncthreads();  // the previous call's reads are done
+    if (threadIdx.x % 32 == 0) smem[threadIdx.y * warps_per_row + threadIdx.x / 32] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        v = T(0);
+        for (int w = 0; w < warps_per_row; ++w) v += smem[threadIdx.y * warps_per_row + w];
+    }
+    return v;
+}
+
+// Per-sample sums. Block (s, r): rows r*ty.. (grid-stride), column tiles s, s + n_split, ...
+// dst[(b * n_split + s) * dst_stride] = that block's sum for row b.
+template <int E, class T, class Op>
+__global__ void __launch_bounds__(kThreads) sum_rows_kernel(Op op, int64_t B, int64_t N,
+                                                             T* dst, int64_t dst_stride) {
+    const int tx = blockDim.x, ty = blockDim.y;
+    const int64_t n_split = gridDim.x;
+    for (int64_t b0 = int64_t(blockIdx.y) * ty; b0 < B; b0 += int64_t(gridDim.y) * ty) {
+        const int64_t b = b0 + threadIdx.y;
+        T acc = T(0);
+        if (b < B) {
+            for (int64_t j = (int64_t(blockIdx.x) * tx + threadIdx.x) * E; j < N;
+                 j += n_split * tx * E) {
+                T v[E];
+                op(b, j, v);
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc += v[e];
+            }
+        }
+        acc = row_sum(acc, tx);
+        if (threadIdx.x == 0 && b < B) dst[(b * n_split + blockIdx.x) * dst_stride] = acc;
+    }
+}
+
+// Per-feature sums. Block (c, s): column tiles c.. (grid-stride), rows of row tiles s,
+// s + n_split, ...; dst[(s * N + j) * dst_stride] = that block's sum for column j.
+template <int E, class T, class Op>
+__global__ void __launch_bounds__(kThreads) sum_cols_kernel(Op op, int64_t B, int64_t N,
+                                                             T* dst, int64_t dst_stride) {
+    __shared__ double smem_raw[kThreads * 4];  // kThreads * E values of T: at most 8 KiB
+    T* smem = reinterpret_cast<T*>(smem_raw);
+    const int tx = blockDim.x, ty = blockDim.y;
+    for (int64_t j0 = int64_t(blockIdx.x) * tx * E; j0 < N; j0 += int64_t(gridDim.x) * tx * E) {
+        const int64_t j = j0 + int64_t(threadIdx.x) * E;
+        T acc[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] = T(0);
+        if (j < N) {
+            for (int64_t b = int64_t(blockIdx.y) * ty + threadIdx.y; b < B;
+                 b += int64_t(gridDim.y) * ty) {
+                T v[E];
+                op(b, j, v);
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[e] += v[e];
+            }
+        }
+        __syncthreads();  // the previous iteration's reads are done
+#pragma unroll
+        for (int e = 0; e < E; ++e) smem[(threadIdx.y * tx + threadIdx.x) * E + e] = acc[e];
+        __syncthreads();
+        if (threadIdx.y == 0 && j < N) {
+            for (int e = 0; e < E && j + e < N; ++e) {
+                T s = T(0);
+                for (int y = 0; y < ty; ++y) s += smem[(y * tx + threadIdx.x) * E + e];
+                dst[(int64_t(blockIdx.y) * N + j + e) * dst_stride] = s;
+            }
+        }
+    }
+}
+
+// out[i] = sum over s of the partials, in split order.
+template <class T>
+__global__ void combine_kernel(const T* partial, T* out, int64_t out_stride, int64_t n_out,
+                               int64_t n_split, int reduce_dim) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n_out;
+         i += int64_t(gridDim.x) * blockDim.x) {
+        T s = T(0);
+        for (int64_t k = 0; k < n_split; ++k)
+            s += reduce_dim == 1 ? partial[i * n_split + k] : partial[k * n_out + i];
+        out[i * out_stride] = s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops (operand slots as in fastvae.h). Sum ops: op(b, j, v) gives the E per-element values
+// (0 past N); elementwise ops: op(b, j).
+// ---------------------------------------------------------------------------------------------
+
+template <class T, class S, int E>
+struct ReparameterizeFwd {
+    In<S> mu, lv, eps;
+    Out<S> z;
+    const int64_t* seed;
+    int64_t B, N, K;
+    __device__ void operator()(int64_t b, int64_t j) const {
+        T m[E], l[E], sd[E];
+        load(mu, 0, b, j, N, m);
+        load(lv, 0, b, j, N, l);
+#pragma unroll
+        for (int e = 0; e < E; ++e) sd[e] = exp_(T(0.5) * l[e]);
+        for (int64_t k = 0; k < K; ++k) {
+            T ep[E], zv[E];
+            if (eps.p) load(eps, k, b, j, N, ep);
+            else noise(seed, (k * B + b) * N + j, ep);
+#pragma unroll
+            for (int e = 0; e < E; ++e) zv[e] = m[e] + sd[e] * ep[e];
+            store(z, k, b, j, N, zv);
+        }
+    }
+};
+
+template <class T, class S, int E>
+struct ReparameterizeBwd {
+    In<S> g, lv, eps;
+    Out<S> dmu, dlv, deps;
+    const int64_t* seed;
+    int64_t B, N, K;
+    __device__ void operator()(int64_t b, int64_t j) const {
+        T l[E], sd[E], gs[E], ges[E];
+        load(lv, 0, b, j, N, l);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            sd[e] = exp_(T(0.5) * l[e]);
+            gs[e] = T(0);
+            ges[e] = T(0);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+            T gv[E];
+            load(g, k, b, j, N, gv);
+#pragma unroll
+            for (int e = 0; e < E; ++e) gs[e] += gv[e];
+            if (dlv.p) {
+                T ep[E];
+                if (eps.p) load(eps, k, b, j, N, ep);
+                else noise(seed, (k * B + b) * N + j, ep);
+#pragma unroll
+                for (int e = 0; e < E; ++e) ges[e] += gv[e] * ep[e];
+            }
+            if (deps.p) {
+                T d[E];
+#pragma unroll
+                for (int e = 0; e < E; ++e) d[e] = gv[e] * sd[e];
+                store(deps, k, b, j, N, d);
+            }
+        }
+        if (dmu.p) store(dmu, 0, b, j, N, gs);
+        if (dlv.p) {
+            T d[E];
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = T(0.5) * sd[e] * ges[e];
+            store(dlv, 0, b, j, N, d);
+        }
+    }
+};
+
+template <class T, class S, int E>
+struct GaussianKlFwd {
+    In<S> mu, lv, pm, plv;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j, T (&v)[E]) const {
+        T m[E], l[E];
+        load(mu, 0, b, j, N, m);
+        load(lv, 0, b, j, N, l);
+        if (pm.p) {
+            T a[E], c[E];
+            load(pm, 0, b, j, N, a);
+            load(plv, 0, b, j, N, c);
+#pragma unroll
+            for (int e = 0; e < E; ++e) v[e] = j + e < N ? kl_prior(m[e], l[e], a[e], c[e]) : T(0);
+        } else {
+#pragma unroll
+            for (int e = 0; e < E; ++e) v[e] = j + e < N ? kl_standard(m[e], l[e]) : T(0);
+        }
+    }
+};
+
+template <class T, class S, int E>
+struct GaussianKlBwd {
+    In<T> g;
+    In<S> mu, lv, pm, plv;
+    Out<S> dmu, dlv, dpm, dplv;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j) const {
+        T gv[E], m[E], l[E], a[E], c[E];
+        load(g, 0, b, j, N, gv);
+        load(mu, 0, b, j, N, m);
+        load(lv, 0, b, j, N, l);
+        const bool prior = pm.p != nullptr;
+        if (prior) {
+            load(pm, 0, b, j, N, a);
+            load(plv, 0, b, j, N, c);
+        } else {
+#pragma unroll
+            for (int e = 0; e < E; ++e) a[e] = c[e] = T(0);
+        }
+        T d0[E], d1[E], d2[E], d3[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const KlGrads<T> r = kl_grads(gv[e], m[e], l[e], a[e], c[e], prior);
+            d0[e] = r.mu;
+            d1[e] = r.lv;
+            d2[e] = r.pm;
+            d3[e] = r.plv;
+        }
+        if (dmu.p) store(dmu, 0, b, j, N, d0);
+        if (dlv.p) store(dlv, 0, b, j, N, d1);
+        if (dpm.p) store(dpm, 0, b, j, N, d2);
+        if (dplv.p) store(dplv, 0, b, j, N, d3);
+    }
+};
+
+template <class T, class S, int E>
+struct BernoulliNllFwd {
+    In<S> l, x;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j, T (&v)[E]) const {
+        T lv[E], xv[E];
+        load(l, 0, b, j, N, lv);
+        load(x, 0, b, j, N, xv);
+#pragma unroll
+        for (int e = 0; e < E; ++e) v[e] = j + e < N ? bernoulli_nll(lv[e], xv[e]) : T(0);
+    }
+};
+
+template <class T, class S, int E>
+struct BernoulliNllBwd {
+    In<T> g;
+    In<S> l, x;
+    Out<S> dl, dx;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j) const {
+        T gv[E], lv[E];
+        load(g, 0, b, j, N, gv);
+        load(l, 0, b, j, N, lv);
+        if (dl.p) {
+            T xv[E], d[E];
+            load(x, 0, b, j, N, xv);
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = bernoulli_grad_logits(gv[e], lv[e], xv[e]);
+            store(dl, 0, b, j, N, d);
+        }
+        if (dx.p) {
+            T d[E];
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = -gv[e] * lv[e];
+            store(dx, 0, b, j, N, d);
+        }
+    }
+};
+
+template <class T, class S, int E>
+struct GaussianNllFwd {
+    In<S> m, x, lv;
+    T lv_value;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j, T (&v)[E]) const {
+        T mv[E], xv[E], l[E];
+        load(m, 0, b, j, N, mv);
+        load(x, 0, b, j, N, xv);
+        if (lv.p) {
+            load(lv, 0, b, j, N, l);
+        } else {
+#pragma unroll
+            for (int e = 0; e < E; ++e) l[e] = lv_value;
+        }
+#pragma unroll
+        for (int e = 0; e < E; ++e) v[e] = j + e < N ? gaussian_nll(mv[e], xv[e], l[e]) : T(0);
+    }
+};
+
+template <class T, class S, int E>
+struct GaussianNllBwd {
+    In<T> g;
+    In<S> m, x, lv;
+    Out<S> dm, dx, dlv;
+    T lv_value;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j) const {
+        T gv[E], mv[E], xv[E], l[E];
+        load(g, 0, b, j, N, gv);
+        load(m, 0, b, j, N, mv);
+        load(x, 0, b, j, N, xv);
+        if (lv.p) {
+            load(lv, 0, b, j, N, l);
+        } else {
+#pragma unroll
+            for (int e = 0; e < E; ++e) l[e] = lv_value;
+        }
+        T d0[E], d1[E], d2[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const GaussNllGrads<T> r = gaussian_nll_grads(gv[e], mv[e], xv[e], l[e]);
+            d0[e] = r.m;
+            d1[e] = r.x;
+            d2[e] = r.lv;
+        }
+        if (dm.p) store(dm, 0, b, j, N, d0);
+        if (dx.p) store(dx, 0, b, j, N, d1);
+        if (dlv.p) store(dlv, 0, b, j, N, d2);
+    }
+};
+
+template <class T, class S, int E>
+struct SampleAndKlFwd {
+    In<S> mu, lv;
+    Out<S> z;
+    const int64_t* seed;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j, T (&v)[E]) const {
+        T m[E], l[E], ep[E], zv[E];
+        load(mu, 0, b, j, N, m);
+        load(lv, 0, b, j, N, l);
+        noise(seed, b * N + j, ep);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            zv[e] = m[e] + exp_(T(0.5) * l[e]) * ep[e];
+            v[e] = j + e < N ? kl_standard(m[e], l[e]) : T(0);
+        }
+        store(z, 0, b, j, N, zv);
+    }
+};
+
+template <class T, class S, int E>
+struct SampleAndKlBwd {
+    In<S> gz;
+    In<T> gkl;
+    In<S> mu, lv;
+    Out<S> dmu, dlv;
+    const int64_t* seed;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j) const {
+        T g[E], gk[E];
+        load(gz, 0, b, j, N, g);
+        load(gkl, 0, b, j, N, gk);
+        if (dmu.p) {
+            T m[E], d[E];
+            load(mu, 0, b, j, N, m);
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = g[e] + gk[e] * m[e];
+            store(dmu, 0, b, j, N, d);
+        }
+        if (dlv.p) {
+            T l[E], ep[E], d[E];
+            load(lv, 0, b, j, N, l);
+            noise(seed, b * N + j, ep);
+#pragma unroll
+            for (int e = 0; e < E; ++e)
+                d[e] = T(0.5) * (exp_(T(0.5) * l[e]) * ep[e] * g[e] + gk[e] * expm1_(l[e]));
+            store(dlv, 0, b, j, N, d);
+        }
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Host side: geometry, launches, dispatch
+// ---------------------------------------------------------------------------------------------
+
+int cuda_error(cudaError_t err, const char* what) {
+    return set_error(FV_ERR_CUDA, "CUDA error in %s: %s (%s)", what, cudaGetErrorString(err),
+                     cudaGetErrorName(err));
+}
+
+std::atomic<int> g_sm_count[64];
+
+int sm_count(int device) {
+    if (device >= 0 && device < 64) {
+        const int cached = g_sm_count[device].load();
+        if (cached > 0) return cached;
+    }
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        n <= 0) {
+        (void)cudaGetLastError();
+        n = 108;
+    }
+    if (device >= 0 && device < 64) g_sm_count[device].store(n);
+    return n;
+}
+
+struct Geometry {
+    int tx, ty;
+};
+
+// tx: threads along N (a power of two, up to 256, covering N / E); ty = 256 / tx rows.
+Geometry geometry(int64_t N, int E) {
+    const int64_t cols = cdiv(N, E);
+    int tx = 1;
+    while (tx < cols && tx < kThreads) tx *= 2;
+    return {tx, kThreads / tx};
+}
+
+// How a sum is spread over blocks: n_split blocks per output row (reduce_dim 1) or per output
+// column tile (reduce_dim 0), enough blocks to fill the GPU.
+struct SumPlan {
+    Geometry g;
+    dim3 grid;
+    int64_t n_split, n_out;
+    int64_t workspace_bytes;
+};
+
+SumPlan plan_sum(const fv_call& c, int E, size_t compute_size, int reduce_dim) {
+    SumPlan p;
+    p.g = geometry(c.N, E);
+    const int64_t target_blocks = 8 * int64_t(sm_count(c.device));
+    const int64_t col_tiles = cdiv(c.N, int64_t(p.g.tx) * E);
+    const int64_t row_tiles = cdiv(c.B, p.g.ty);
+    if (reduce_dim == 1) {
+        const int64_t rows = row_tiles < kMaxGridY ? row_tiles : kMaxGridY;
+        int64_t split = cdiv(target_blocks, rows);
+        split = split < col_tiles ? split : col_tiles;
+        split = split < kMaxGridY ? split : kMaxGridY;
+        p.n_split = split;
+        p.n_out = c.B;
+        p.grid = dim3(unsigned(split), unsigned(rows));
+    } else {
+        const int64_t cols = col_tiles < kMaxGridX ? col_tiles : kMaxGridX;
+        int64_t split = cdiv(target_blocks, cols);
+        split = split < row_tiles ? split : row_tiles;
+        split = split < kMaxGridY ? split : kMaxGridY;
+        p.n_split = split;
+        p.n_out = c.N;
+        p.grid = dim3(unsigned(cols), unsigned(split));
+    }
+    p.workspace_bytes = p.n_split > 1 ? p.n_split * p.n_out * int64_t(compute_size) : 0;
+    return p;
+}
+
+int check_launch(const char* what) {
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? FV_OK : cuda_error(err, what);
+}
+
+template <int E, class Op>
+int launch_elementwise(const Op& op, const fv_call& c, cudaStream_t stream) {
+    const Geometry g = geometry(c.N, E);
+    const int64_t cols = cdiv(c.N, int64_t(g.tx) * E);
+    const int64_t rows = cdiv(c.B, g.ty);
+    const dim3 grid(unsigned(cols < kMaxGridX ? cols : kMaxGridX),
+                    unsigned(rows < kMaxGridY ? rows : kMaxGridY));
+    elementwise_kernel<E><<<grid, dim3(g.tx, g.ty), 0, stream>>>(op, c.B, c.N);
+    return check_launch("an elementwise kernel");
+}
+
+template <class T, int E, class Op>
+int launch_sum(const Op& op, const fv_call& c, const fv_tensor& out, int reduce_dim,
+               cudaStream_t stream) {
+    const SumPlan p = plan_sum(c, E, sizeof(T), reduce_dim);
+    T* result = static_cast<T*>(out.data);
+    T* dst = result;
+    int64_t dst_stride = out.stride[2];
+    if (p.n_split > 1) {
+        if (c.workspace == nullptr || c.workspace_bytes < p.workspace_bytes)
+            return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
+                             "fv_cuda_workspace_bytes() asked for",
+                             static_cast<long long>(p.workspace_bytes));
+        dst = static_cast<T*>(c.workspace);
+        dst_stride = 1;
+    }
+    const dim3 block(p.g.tx, p.g.ty);
+    if (reduce_dim == 1)
+        sum_rows_kernel<E, T><<<p.grid, block, 0, stream>>>(op, c.B, c.N, dst, dst_stride);
+    else
+        sum_cols_kernel<E, T><<<p.grid, block, 0, stream>>>(op, c.B, c.N, dst, dst_stride);
+    int status = check_launch("a sum kernel");
+    if (status != FV_OK || p.n_split == 1) return status;
+    const int64_t blocks = cdiv(p.n_out, kThreads);
+    combine_kernel<T><<<unsigned(blocks < kMaxGridX ? blocks : kMaxGridX), kThreads, 0, stream>>>(
+        dst, result, out.stride[2], p.n_out, p.n_split, reduce_dim);
+    return check_launch("the partial-sum kernel");
+}
+
+// Operands that are gradients of a sum (dtype: compute), by op; every other operand and every
+// gradient output has the storage dtype of the op's main input.
+bool is_sum_grad(int32_t op, int slot) {
+    switch (op) {
+        case FV_OP_GAUSSIAN_KL_BWD:
+        case FV_OP_BERNOULLI_NLL_BWD:
+        case FV_OP_GAUSSIAN_NLL_BWD: return slot == 0;
+        case FV_OP_SAMPLE_AND_KL_BWD: return slot == 1;
+        default: return false;
+    }
+}
+
+int main_input(int32_t op) {
+    switch (op) {
+        case FV_OP_REPARAMETERIZE_BWD:
+        case FV_OP_GAUSSIAN_KL_BWD:
+        case FV_OP_BERNOULLI_NLL_BWD:
+        case FV_OP_GAUSSIAN_NLL_BWD: return 1;
+        case FV_OP_SAMPLE_AND_KL_BWD: return 2;
+        default: return 0;
+    }
+}
+
+bool is_sum_output(int32_t op, int slot) {
+    switch (op) {
+        case FV_OP_GAUSSIAN_KL_FWD:
+        case FV_OP_BERNOULLI_NLL_FWD:
+        case FV_OP_GAUSSIAN_NLL_FWD: return slot == 0;
+        case FV_OP_SAMPLE_AND_KL_FWD: return slot == 1;
+        default: return false;
+    }
+}
+
+int check_dtypes(int32_t op, const fv_call& c) {
+    const int32_t storage = c.in[main_input(op)].dtype;
+    const bool f64 = c.compute == FV_FLOAT64;
+    if (f64 != (storage == FV_FLOAT64))
+        return set_error(FV_ERR_INVALID, "compute dtype %d does not go with storage dtype %d",
+                         c.compute, storage);
+    for (int i = 0; i < FV_MAX_IN; ++i) {
+        if (c.in[i].data == nullptr) continue;
+        const int32_t want = is_sum_grad(op, i) ? c.compute : storage;
+        if (c.in[i].dtype != want)
+            return set_error(FV_ERR_INVALID, "input %d has dtype code %d, the CUDA kernels "
+                             "expect %d", i, c.in[i].dtype, want);
+    }
+    for (int i = 0; i < FV_MAX_OUT; ++i) {
+        if (c.out[i].data == nullptr) continue;
+        const int32_t want = is_sum_output(op, i) ? c.compute : storage;
+        if (c.out[i].dtype != want)
+            return set_error(FV_ERR_INVALID, "output %d has dtype code %d, the CUDA kernels "
+                             "expect %d", i, c.out[i].dtype, want);
+    }
+    return FV_OK;
+}
+
+template <class T, class S>
+int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
+    constexpr int E = int(16 / sizeof(S));
+    const fv_tensor* in = c.in;
+    const fv_tensor* out = c.out;
+    switch (op) {
+        case FV_OP_REPARAMETERIZE_FWD:
+            return launch_elementwise<E>(
+                ReparameterizeFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
+                                           make_out<S>(out[0]), c.seed, c.B, c.N, c.K},
+                c, st);
+        case FV_OP_REPARAMETERIZE_BWD:
+            return launch_elementwise<E>(
+                ReparameterizeBwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
+                                           make_out<S>(out[0]), make_out<S>(out[1]),
+                                           make_out<S>(out[2]), c.seed, c.B, c.N, c.K},
+                c, st);
+        case FV_OP_GAUSSIAN_KL_FWD:
+            return launch_sum<T, E>(
+                GaussianKlFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
+                                       make_in<S>(in[3]), c.N},
+                c, out[0], c.reduce_dim, st);
+        case FV_OP_GAUSSIAN_KL_BWD:
+            return launch_elementwise<E>(
+                GaussianKlBwd<T, S, E>{make_in<T>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
+                                       make_in<S>(in[3]), make_in<S>(in[4]), make_out<S>(out[0]),
+                                       make_out<S>(out[1]), make_out<S>(out[2]),
+                                       make_out<S>(out[3]), c.N},
+                c, st);
+        case FV_OP_BERNOULLI_NLL_FWD:
+            return launch_sum<T, E>(
+                BernoulliNllFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), c.N}, c, out[0], 1,
+                st);
+        case FV_OP_BERNOULLI_NLL_BWD:
+            return launch_elementwise<E>(
+                BernoulliNllBwd<T, S, E>{make_in<T>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
+                                         make_out<S>(out[0]), make_out<S>(out[1]), c.N},
+                c, st);
+        case FV_OP_GAUSSIAN_NLL_FWD:
+            return launch_sum<T, E>(
+                GaussianNllFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
+                                        T(c.scalar), c.N},
+                c, out[0], 1, st);
+        case FV_OP_GAUSSIAN_NLL_BWD:
+            return launch_elementwise<E>(
+                GaussianNllBwd<T, S, E>{make_in<T>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
+                                        make_in<S>(in[3]), make_out<S>(out[0]),
+                                        make_out<S>(out[1]), make_out<S>(out[2]), T(c.scalar),
+                                        c.N},
+                c, st);
+        case FV_OP_SAMPLE_AND_KL_FWD:
+            return launch_sum<T, E>(
+                SampleAndKlFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), make_out<S>(out[0]),
+                                        c.seed, c.N},
+                c, out[1], c.reduce_dim, st);
+        case FV_OP_SAMPLE_AND_KL_BWD:
+            return launch_elementwise<E>(
+                SampleAndKlBwd<T, S, E>{make_in<S>(in[0]), make_in<T>(in[1]), make_in<S>(in[2]),
+                                        make_in<S>(in[3]), make_out<S>(out[0]),
+                                        make_out<S>(out[1]), c.seed, c.N},
+                c, st);
+        default:
+            return set_error(FV_ERR_INVALID, "unknown op code %d", op);
+    }
+}
+
+// Makes `device` current for the call and restores the caller's device afterwards.
+class DeviceGuard {
+  public:
+    explicit DeviceGuard(int device) : device_(device) {
+        status_ = cudaGetDevice(&previous_);
+        if (status_ == cudaSuccess && previous_ != device_) status_ = cudaSetDevice(device_);
+    }
+    ~DeviceGuard() {
+        if (status_ == cudaSuccess && previous_ != device_) cudaSetDevice(previous_);
+    }
+    cudaError_t status() const { return status_; }
+
+  private:
+    int device_;
+    int previous_ = -1;
+    cudaError_t status_;
+};
+
+int run(int32_t op, const fv_call* call) {
+    int status = validate_call(op, call);
+    if (status != FV_OK) return status;
+    const fv_call& c = *call;
+    status = check_dtypes(op, c);
+    if (status != FV_OK) return status;
+    DeviceGuard guard(c.device);
+    if (guard.status() != cudaSuccess) return cuda_error(guard.status(), "selecting the device");
+    cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
+    switch (c.in[main_input(op)].dtype) {
+        case FV_FLOAT32: return run_typed<float, float>(op, c, stream);
+        case FV_FLOAT64: return run_typed<double, double>(op, c, stream);
+        case FV_FLOAT16: return run_typed<float, Half>(op, c, stream);
+        default: return run_typed<float, BFloat16>(op, c, stream);
+    }
+}
+
+int64_t workspace_bytes(int32_t op, const fv_call* call) {
+    if (call == nullptr || validate_call(op, call) != FV_OK) return 0;
+    const fv_call& c = *call;
+    const int E = int(16 / dtype_size(c.in[main_input(op)].dtype));
+    const size_t compute_size = c.compute == FV_FLOAT64 ? 8 : 4;
+    switch (op) {
+        case FV_OP_GAUSSIAN_KL_FWD:
+        case FV_OP_SAMPLE_AND_KL_FWD: {
+            DeviceGuard guard(c.device);
+            return plan_sum(c, E, compute_size, c.reduce_dim).workspace_bytes;
+        }
+        case FV_OP_BERNOULLI_NLL_FWD:
+        case FV_OP_GAUSSIAN_NLL_FWD: {
+            DeviceGuard guard(c.device);
+            return plan_sum(c, E, compute_size, 1).workspace_bytes;
+        }
+        default: return 0;
+    }
+}
+
+}  // namespace
+}  // namespace fv::gpu
+
+extern "C" {
+
+FV_API int64_t fv_cuda_workspace_bytes(int32_t op, const fv_call* call) {
+    try {
+        return fv::gpu::workspace_bytes(op, call);
+    } catch (...) {
+        return 0;
+    }
+}
+
+FV_API int32_t fv_cuda_run(int32_t op, const fv_call* call) {
+    try {
+        return fv::gpu::run(op, call);
+    } catch (const std::exception& e) {
+        return fv::set_error(FV_ERR_INTERNAL, "internal error: %s", e.what());
+    } catch (...) {
+        return fv::set_error(FV_ERR_INTERNAL, "internal error");
+    }
+}
+
+}  // extern "C"
