@@ -77,6 +77,8 @@ def _add_train(sub) -> None:
     p.add_argument("--free-bits", type=_non_negative_float, default=0.0,
                    help="floor of each latent dimension's KL (nats)")
     p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
+    p.add_argument("--logvar-limit", type=float, default=None,
+                   help="soft clamp of the posterior log-variance to (-L, L)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", default=None,
@@ -143,7 +145,8 @@ def _run_train(args: argparse.Namespace) -> int:
     train_x, val_x = data_mod.split(images, args.val_fraction, args.seed)
     model_config = {"input_shape": list(images.shape[1:]), "latent_dim": args.latent_dim,
                     "arch": args.arch, "hidden": list(args.hidden) if args.hidden else None,
-                    "likelihood": args.likelihood, "obs_logvar": args.obs_logvar}
+                    "likelihood": args.likelihood, "obs_logvar": args.obs_logvar,
+                    "logvar_limit": args.logvar_limit}
     out_dir = Path(args.out) if args.out else Path("runs") / name
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -38,11 +38,13 @@ class VAE(nn.Module):
     """Variational autoencoder with a diagonal-Gaussian posterior and a N(0, I) prior.
 
     ``latent_shape``: the shape of one latent sample (an int for a flat latent).
+    ``logvar_limit``: optional soft clamp of the posterior log-variance to (-limit, limit),
+    ``limit * tanh(logvar / limit)``, for models whose variances run away.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_shape: int | Sequence[int],
                  *, likelihood: str = "bernoulli", obs_logvar: float = 0.0, beta: float = 1.0,
-                 free_bits: float = 0.0) -> None:
+                 free_bits: float = 0.0, logvar_limit: float | None = None) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, "
@@ -54,6 +56,9 @@ class VAE(nn.Module):
         self.likelihood = likelihood
         self.beta = float(beta)
         self.free_bits = float(free_bits)
+        if logvar_limit is not None and not logvar_limit > 0:
+            raise ValueError(f"logvar_limit must be > 0, got {logvar_limit}")
+        self.logvar_limit = logvar_limit
         self.obs_logvar: float | nn.Parameter = float(obs_logvar)
         if likelihood == "gaussian_learned":
             self.obs_logvar = nn.Parameter(torch.tensor(float(obs_logvar)))
@@ -68,6 +73,8 @@ class VAE(nn.Module):
         else:
             mu, logvar = out.chunk(2, dim=-1)
         shape = (x.shape[0], *self.latent_shape)
+        if self.logvar_limit is not None:
+            logvar = self.logvar_limit * torch.tanh(logvar / self.logvar_limit)
         return mu.reshape(shape), logvar.reshape(shape)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -264,7 +271,8 @@ def conv_decoder(latent_dim: int, output_shape: Sequence[int],
 
 def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
               hidden: Sequence[int] | None = None, likelihood: str = "bernoulli",
-              obs_logvar: float = 0.0, beta: float = 1.0, free_bits: float = 0.0) -> VAE:
+              obs_logvar: float = 0.0, beta: float = 1.0, free_bits: float = 0.0,
+              logvar_limit: float | None = None) -> VAE:
     """A VAE with the ready-made MLP (``arch="mlp"``) or convolutional (``"conv"``) networks."""
     if arch == "mlp":
         hidden = tuple(hidden or (256, 256))
@@ -279,4 +287,4 @@ def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
     else:
         raise ValueError(f"arch must be 'mlp' or 'conv', got {arch!r}")
     return VAE(encoder, decoder, latent_dim, likelihood=likelihood, obs_logvar=obs_logvar,
-               beta=beta, free_bits=free_bits)
+               beta=beta, free_bits=free_bits, logvar_limit=logvar_limit)

@@ -249,3 +249,14 @@ def test_vae_loss_matches_functional(trained, digits):
     torch.testing.assert_close(out.z, z)
     expected = fv.vae_loss(model.decode(z), x, mu, logvar)
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_logvar_soft_clamp():
+    model = build_vae([4], 2, hidden=[8], logvar_limit=3.0)
+    with torch.no_grad():
+        model.encoder[-1].bias.fill_(50.0)  # a runaway log-variance
+    _, logvar = model.encode(torch.rand(5, 4))
+    assert logvar.max() <= 3.0
+    assert logvar.min() > 2.9
+    with pytest.raises(ValueError, match="logvar_limit"):
+        build_vae([4], 2, logvar_limit=0.0)
