@@ -123,9 +123,9 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
             raise ValueError(f"eps has shape {tuple(eps.shape)}; expected {out_shape} "
                              f"(mu's shape{'' if n_samples is None else ' after n_samples'})")
         eps = eps.reshape(K, B, N)
-    else:
-        seed_t = _seed_tensor(seed, generator, mu.device)
     check.finite(mu=mu, logvar=logvar, eps=eps)
+    if eps is None:  # last: a call that raises leaves torch's generator alone
+        seed_t = _seed_tensor(seed, generator, mu.device)
     z = _ops.reparameterize(_rows(mu, B, N), _rows(logvar, B, N), eps, seed_t, K, backend)
     return z.view(out_shape)
 
@@ -265,12 +265,30 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
     beta = check.number("beta", beta)
+    # Every check before any kernel runs, in this function's own argument names.
     check.tensor("recon", recon)
+    check.tensor("x", x)
     check.tensor("mu", mu)
+    check.tensor("logvar", logvar)
     check.batched("recon", recon)
     check.batched("mu", mu)
+    check.pair("x", x, "recon", recon)
+    check.pair("logvar", logvar, "mu", mu)
+    if mu.device != recon.device:
+        raise ValueError(f"mu is on {mu.device} but recon is on {recon.device}; all tensors of "
+                         "a call must be on one device")
     if recon.shape[0] != mu.shape[0]:
         raise ValueError(f"recon has batch size {recon.shape[0]} but mu has {mu.shape[0]}")
+    obs_logvar_tensor = None
+    if isinstance(obs_logvar, Tensor):
+        obs_logvar_tensor = check.tensor("obs_logvar", obs_logvar)
+        check.broadcastable("obs_logvar", obs_logvar, "recon", recon)
+    else:
+        check.number("obs_logvar", obs_logvar)
+    check.free_bits(free_bits, check.reduction(reduction))
+    check.finite(recon=recon, x=x, mu=mu, logvar=logvar, obs_logvar=obs_logvar_tensor)
+    if likelihood == "bernoulli":
+        check.unit_interval("x", x)
     if likelihood == "bernoulli":
         nll = bernoulli_nll(recon, x, reduction=reduction)
     else:
