@@ -13,6 +13,10 @@ from torch._dynamo.utils import counters
 import fastvae as fv
 from fastvae import _ops
 
+# torch.compile and opcheck go through torch.jit internals that warn about their own deprecation.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 # ---------------------------------------------------------------------------------------------
 # gradcheck
 # ---------------------------------------------------------------------------------------------

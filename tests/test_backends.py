@@ -14,6 +14,10 @@ from conftest import BACKENDS, CUDA, device_for
 import fastvae as fv
 from fastvae import _backend, _ops
 
+# torch.compile and opcheck go through torch.jit internals that warn about their own deprecation.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 
 @pytest.fixture
 def spy(monkeypatch):
