@@ -243,6 +243,7 @@ namespace {
 struct Isa {
     const char* name;
     const KernelTable* table;
+    RandnFn randn;
 };
 
 bool cpu_has_avx2() {
@@ -257,9 +258,9 @@ bool cpu_has_avx2() {
 
 // Returns nullptr for a name this CPU (or this build) cannot run.
 const Isa* find_isa(const char* name) {
-    static const Isa baseline{"baseline", &kernels_baseline};
+    static const Isa baseline{"baseline", &kernels_baseline, randn_baseline};
 #if defined(FV_HAVE_AVX2)
-    static const Isa avx2{"avx2", &kernels_avx2};
+    static const Isa avx2{"avx2", &kernels_avx2, randn_avx2};
 #endif
     const bool auto_ = name == nullptr || *name == '\0' || strcmp(name, "auto") == 0;
     if (auto_ || strcmp(name, "avx2") == 0) {
@@ -362,7 +363,7 @@ FV_API int32_t fv_cuda_run(int32_t, const fv_call*) {
 #endif
 
 FV_API void fv_randn_host(uint64_t seed, uint64_t offset, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = fv::randn(seed, offset + uint64_t(i));
+    fv::cpu::isa().randn(seed, offset, n, out);
 }
 
 FV_API void fv_philox_host(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out) {

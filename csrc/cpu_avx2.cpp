@@ -2,4 +2,5 @@
 // cpu.cpp uses them only when the CPU reports those features.
 #define FV_ISA isa_avx2
 #define FV_TABLE kernels_avx2
+#define FV_RANDN randn_avx2
 #include "cpu_kernels.inc"

@@ -114,9 +114,10 @@ FV_API int32_t fv_cpu_run(int32_t op, const fv_call* call);
 FV_API int64_t fv_cuda_workspace_bytes(int32_t op, const fv_call* call);
 FV_API int32_t fv_cuda_run(int32_t op, const fv_call* call);
 
-/* Debug: n standard normals tl.randn(seed, offset + i), float32, computed on the host. */
+/* Tests: n standard normals tl.randn(seed, offset + i), float32, by the CPU kernels' noise code
+ * (of the kernel set in use). */
 FV_API void fv_randn_host(uint64_t seed, uint64_t offset, int64_t n, float* out);
-/* Debug: the first two Philox4x32-10 outputs for (seed, offset + i), interleaved (2n values). */
+/* Tests: the first two Philox4x32-10 outputs for (seed, offset + i), interleaved (2n values). */
 FV_API void fv_philox_host(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out);
 
 #ifdef __cplusplus

@@ -39,9 +39,14 @@ void parallel_for(int64_t n_units, int n_threads, RangeFn fn, void* ctx);
 using KernelFn = int (*)(const fv_call& call);
 using KernelTable = KernelFn[FV_OP_COUNT][2];
 
+// The noise of the kernels: out[i] = tl.randn(seed, offset + i), i < n (for tests).
+using RandnFn = void (*)(uint64_t seed, uint64_t offset, int64_t n, float* out);
+
 extern const KernelTable kernels_baseline;
+void randn_baseline(uint64_t seed, uint64_t offset, int64_t n, float* out);
 #if defined(FV_HAVE_AVX2)
 extern const KernelTable kernels_avx2;
+void randn_avx2(uint64_t seed, uint64_t offset, int64_t n, float* out);
 #endif
 
 }  // namespace fv::cpu

@@ -1,0 +1,440 @@
+"""The native library (csrc/, fastvae/_native.py): what is specific to the "cpu" and "cuda"
+backends. The op matrix of tests/test_ops.py runs on them too (they are in fv.backends()).
+
+Covered here: the library loads and registers; Philox integers bit for bit and normals to float
+rounding against fastvae.reference (and Triton's interpreter); every op of the backend interface
+on the cpu backend against the float64 reference, through strided, broadcast and multi-unit
+geometries, both CPU kernel sets (baseline and AVX2); bitwise determinism across runs and thread
+counts; concurrent callers and fork(); a missing or broken library; errors reported by the
+library; and the same checks on a GPU for the cuda backend (marked gpu).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import multiprocessing
+import threading
+import zlib
+
+import pytest
+import torch
+
+import fastvae as fv
+from fastvae import _native, reference
+
+pytestmark = pytest.mark.skipif(_native.unusable_reason("cpu") is not None,
+                                reason=f"native library: {_native.unusable_reason('cpu')}")
+
+CPU = _native.implementation("cpu") if _native.unusable_reason("cpu") is None else None
+CUDA = torch.cuda.is_available() and _native.unusable_reason("cuda") is None
+ISAS = ["baseline", "avx2"] if "avx2" in (_native.build_info() or "") else ["baseline"]
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Tolerances by the dtype of the value checked: sums come back in float32/float64, gradients and
+# samples in the input dtype (one rounding to it).
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+NOISE_ATOL = 5e-6  # normals are float32 on every backend, each with its own log/cos
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each CPU kernel set this machine can run, restored to "auto" afterwards."""
+    _native.set_cpu_isa(request.param)
+    yield request.param
+    _native.set_cpu_isa("auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def test_library_loads_and_registers_cpu():
+    lib, reason = _native.load()
+    assert reason is None
+    assert lib is not None
+    assert lib.fv_abi_version() == _native.ABI_VERSION
+    assert "cpu" in fv.backends()
+    assert _native.cpu_isa() in ("baseline", "avx2")
+    assert "cpu kernels" in _native.build_info()
+    # auto serves CPU tensors with the cpu backend
+    assert fv._backend.resolve(torch.device("cpu")) == "cpu"
+
+
+@pytest.fixture
+def relocated(monkeypatch):
+    """Point the loader elsewhere (FASTVAE_NATIVE_LIB); the real library is found again after."""
+    def point_to(path):
+        monkeypatch.setenv("FASTVAE_NATIVE_LIB", str(path))
+        _native.load.cache_clear()
+
+    yield point_to
+    monkeypatch.delenv("FASTVAE_NATIVE_LIB", raising=False)
+    _native.load.cache_clear()
+
+
+def test_missing_library_leaves_torch_working(relocated, tmp_path):
+    relocated(tmp_path / "libfastvae_native.so")
+    reason = _native.unusable_reason("cpu")
+    assert "not built" in reason
+    assert str(tmp_path) in reason
+    assert "cpu" not in fv.backends()
+    assert "torch" in fv.backends()
+    with pytest.raises(RuntimeError, match="not built"):
+        fv.set_backend("cpu")
+    with pytest.raises(RuntimeError, match="not built"):
+        fv.set_backend("cuda")
+    with fv.use_backend("torch"):
+        assert torch.isfinite(fv.gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3)))
+
+
+def test_broken_library_says_why(relocated, tmp_path):
+    broken = tmp_path / "libfastvae_native.so"
+    broken.write_bytes(b"\x7fELF this is not a shared library")
+    relocated(broken)
+    reason = _native.unusable_reason("cpu")
+    assert "loading the native library" in reason
+    assert "failed" in reason
+    with pytest.raises(RuntimeError, match="loading the native library"):
+        fv.set_backend("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a GPU-less machine")
+def test_cuda_backend_unusable_without_gpu_says_why():
+    reason = _native.unusable_reason("cuda")
+    assert reason is not None
+    assert "CUDA" in reason
+    with pytest.raises(RuntimeError, match="CUDA"):
+        fv.set_backend("cuda")
+
+
+def test_library_errors_become_runtime_errors():
+    mu = torch.zeros(3, 4)
+    with pytest.raises(RuntimeError, match="seed is required"):
+        CPU.sample_and_kl_fwd(mu, mu, None, 1)
+    with pytest.raises(RuntimeError, match="reduce_dim"):
+        CPU.gaussian_kl_fwd(mu, mu, None, None, 2)
+    lib, _ = _native.load()
+    call = _native._Call()  # all zero: B = 0
+    assert lib.fv_cpu_run(4, ctypes.byref(call)) == 1
+    assert b"sizes must be >= 1" in lib.fv_last_error()
+    assert lib.fv_cpu_run(99, ctypes.byref(call)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Random numbers
+# ---------------------------------------------------------------------------------------------
+
+SEEDS_AND_OFFSETS = [(0, 0), (123456789, 5), (2**62 - 1, 2**32 - 700), (0xDEADBEEFCAFE, 2**40)]
+
+
+@pytest.mark.parametrize(("seed", "offset"), SEEDS_AND_OFFSETS)
+def test_philox_integers_bit_exact(seed, offset):
+    lib, _ = _native.load()
+    n = 4096
+    out = (ctypes.c_uint32 * (2 * n))()
+    lib.fv_philox_host(seed, offset, n, out)
+    got = torch.tensor(list(out), dtype=torch.int64).view(n, 2)
+    c0, c1, _, _ = reference.philox4x32(torch.tensor(seed), torch.arange(offset, offset + n))
+    assert torch.equal(got[:, 0], c0)
+    assert torch.equal(got[:, 1], c1)
+
+
+def _native_randn(seed: int, offset: int, n: int) -> torch.Tensor:
+    lib, _ = _native.load()
+    out = torch.empty(n, dtype=torch.float32)
+    lib.fv_randn_host(seed, offset, n, ctypes.cast(out.data_ptr(), ctypes.POINTER(ctypes.c_float)))
+    return out
+
+
+@pytest.mark.parametrize(("seed", "offset"), SEEDS_AND_OFFSETS)
+def test_normals_match_reference(seed, offset, isa):
+    n = 3000  # crosses 2**32 in the third case: the carry into the counter's high word
+    got = _native_randn(seed, offset, n)
+    want = reference.philox_randn(seed, torch.arange(offset, offset + n))
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "triton") if b in fv.backends()])
+def test_same_seed_same_noise_across_backends(backend):
+    zeros = torch.zeros(7, 150)
+    kwargs = dict(n_samples=2, seed=987654321)
+    with fv.use_backend("cpu"):
+        native = fv.reparameterize(zeros, zeros, **kwargs)
+    with fv.use_backend(backend):
+        other = fv.reparameterize(zeros, zeros, **kwargs)
+    torch.testing.assert_close(native, other, rtol=0, atol=2e-6)
+    with fv.use_backend("cpu"):
+        z, _ = fv.sample_and_kl(zeros, zeros, seed=987654321)
+    torch.testing.assert_close(z, native[0], rtol=0, atol=0)  # the noise of sample 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Every op of the backend interface against the float64 reference
+# ---------------------------------------------------------------------------------------------
+
+# (B, N) and a layout: contiguous, transposed storage, every other column, or a broadcast
+# parameter operand. The larger ones span several work units (16384 columns; 64 rows for
+# per-feature sums) and a chunk tail.
+GEOMETRIES = {
+    "one": ((1, 1), "contiguous"),
+    "small": ((5, 37), "contiguous"),
+    "transposed": ((33, 21), "transposed"),
+    "strided": ((9, 300), "strided"),
+    "broadcast": ((70, 40), "broadcast"),
+    "wide": ((3, 40000), "contiguous"),
+    "tall": ((200, 19), "contiguous"),
+}
+
+
+def _make(shape, layout, dtype, g, scale=1.0, shift=0.0, broadcast=False):
+    B, N = shape
+    if layout == "transposed":
+        t = torch.randn(N, B, generator=g, dtype=torch.float64).t()
+    elif layout == "strided":
+        t = torch.randn(B, 2 * N, generator=g, dtype=torch.float64)[:, ::2]
+    elif layout == "broadcast" and broadcast:
+        t = torch.randn(1, N, generator=g, dtype=torch.float64).expand(B, N)
+    else:
+        t = torch.randn(B, N, generator=g, dtype=torch.float64)
+    return (t * scale + shift).to(dtype)
+
+
+def _ref(t):
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        return t.double()
+    return t
+
+
+def _compare(got, want, dtype, noisy=False):
+    got = got if isinstance(got, (list, tuple)) else [got]
+    want = want if isinstance(want, (list, tuple)) else [want]
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        assert a.is_contiguous()
+        rtol = RTOL[a.dtype]
+        atol = rtol * max(1.0, b.abs().max().item()) + (NOISE_ATOL if noisy else 0.0)
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol)
+
+
+def _cases(geometry, dtype, g):
+    """(op name, args) pairs for one geometry: every op, its variants and gradient subsets."""
+    shape, layout = GEOMETRIES[geometry]
+    B, N = shape
+    mu = _make(shape, layout, dtype, g)
+    lv = _make(shape, layout, dtype, g, 0.7, -0.5)
+    pm = _make(shape, layout, dtype, g, 0.5, broadcast=True)
+    plv = _make(shape, layout, dtype, g, 0.5, 0.2, broadcast=True)
+    x = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+    logits = _make(shape, layout, dtype, g, 4.0)
+    seed = torch.tensor([20240607], dtype=torch.int64)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    g_rows = torch.randn(B, generator=g, dtype=torch.float64).to(out_dtype)
+    g_cols = torch.randn(N, generator=g, dtype=torch.float64).to(out_dtype)
+    K = 3
+    eps = _make((K * B, N), "contiguous", dtype, g).view(K, B, N)
+    gz3 = _make((K * B, N), "contiguous", dtype, g).view(K, B, N)
+    gz = _make(shape, layout, dtype, g)
+    yield "reparameterize_fwd", (mu, lv, eps, None, K), False
+    yield "reparameterize_fwd", (mu, lv, None, seed, 2), True
+    yield "reparameterize_bwd", (gz3, mu, lv, eps, None, [True, True, True]), False
+    yield "reparameterize_bwd", (gz3[:2], mu, lv, None, seed, [False, True, False]), True
+    for rd in (1, 0):
+        yield "gaussian_kl_fwd", (mu, lv, None, None, rd), False
+        yield "gaussian_kl_fwd", (mu, lv, pm, plv, rd), False
+        grad = g_rows if rd == 1 else g_cols
+        yield "gaussian_kl_bwd", (grad, mu, lv, pm, plv, rd, [True, True, True, True]), False
+        yield "gaussian_kl_bwd", (grad, mu, lv, None, None, rd, [False, True, False, False]), False
+        yield "sample_and_kl_fwd", (mu, lv, seed, rd), True
+        yield "sample_and_kl_bwd", (gz, grad, mu, lv, seed, rd, [True, True]), True
+    yield "bernoulli_nll_fwd", (logits, x), False
+    yield "bernoulli_nll_bwd", (g_rows, logits, x, [True, True]), False
+    yield "bernoulli_nll_bwd", (g_rows, logits, x, [True, False]), False
+    yield "gaussian_nll_fwd", (mu, x, plv, 0.0), False
+    yield "gaussian_nll_fwd", (mu, x, None, -1.25), False
+    yield "gaussian_nll_bwd", (g_rows, mu, x, plv, 0.0, [True, True, True]), False
+    yield "gaussian_nll_bwd", (g_rows, mu, x, None, 0.75, [True, False, False]), False
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_every_op_against_reference(geometry, dtype, isa):
+    g = torch.Generator().manual_seed(zlib.crc32(geometry.encode()))
+    for op, args, noisy in _cases(geometry, dtype, g):
+        got = getattr(CPU, op)(*args)
+        want = getattr(reference, op)(*(_ref(a) for a in args))
+        if isinstance(got, list) or op.endswith("_bwd"):
+            for a, arg in zip(got, _grad_inputs(op, args), strict=True):
+                assert a.dtype == arg.dtype, f"{op}: gradient dtype {a.dtype} for {arg.dtype}"
+        try:
+            _compare(got, want, dtype, noisy)
+        except AssertionError as e:
+            raise AssertionError(f"{op} on {geometry}, {dtype}: {e}") from None
+
+
+def _grad_inputs(op, args):
+    """The inputs whose gradients a backward call returns, in order."""
+    if op == "reparameterize_bwd":
+        _gz, mu, lv, eps, _, needs = args
+        like = [mu, lv, eps if eps is not None else mu]
+    elif op == "gaussian_kl_bwd":
+        like, needs = [args[1]] * 4, args[6]
+    elif op == "bernoulli_nll_bwd":
+        like, needs = [args[1]] * 2, args[3]
+    elif op == "gaussian_nll_bwd":
+        like, needs = [args[1]] * 3, args[5]
+    else:  # sample_and_kl_bwd
+        like, needs = [args[2], args[3]], args[6]
+    return [t for t, need in zip(like, needs, strict=True) if need]
+
+
+def test_extreme_values_stay_finite_and_propagate_nan():
+    logits = torch.tensor([[1e4, -1e4, 0.0, 30.0, -30.0, float("nan")]])
+    x = torch.tensor([[1.0, 0.0, 0.5, 0.0, 1.0, 1.0]])
+    nll = CPU.bernoulli_nll_fwd(logits[:, :5], x[:, :5])
+    want = reference.bernoulli_nll_fwd(logits[:, :5].double(), x[:, :5].double())
+    torch.testing.assert_close(nll.double(), want, rtol=1e-6, atol=0)
+    assert torch.isnan(CPU.bernoulli_nll_fwd(logits, x)).all()
+    lv = torch.tensor([[-100.0, -20.0, -1e-4, 1e-6, 0.3, 80.0]])
+    kl = CPU.gaussian_kl_fwd(torch.zeros_like(lv), lv, None, None, 0)
+    torch.testing.assert_close(kl.double(), reference.gaussian_kl_fwd(
+        torch.zeros_like(lv).double(), lv.double(), None, None, 0), rtol=1e-6, atol=0)
+    assert kl[2] > 0
+    assert kl[3] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, threads, fork
+# ---------------------------------------------------------------------------------------------
+
+
+def _workload(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(300, 20000, generator=g)
+    lv = torch.randn(300, 20000, generator=g) * 0.5
+    s = torch.tensor([7], dtype=torch.int64)
+    return mu, lv, s
+
+
+def _results(mu, lv, s):
+    z, kl_rows = CPU.sample_and_kl_fwd(mu, lv, s, 1)
+    _, kl_cols = CPU.sample_and_kl_fwd(mu, lv, s, 0)
+    nll = CPU.bernoulli_nll_fwd(mu, torch.sigmoid(lv))
+    grads = CPU.sample_and_kl_bwd(lv, kl_rows, mu, lv, s, 1, [True, True])
+    return [z, kl_rows, kl_cols, nll, *grads]
+
+
+def test_bitwise_deterministic_across_runs_and_thread_counts():
+    inputs = _workload()
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3, 1):
+            torch.set_num_threads(threads)
+            runs.append(_results(*inputs))
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_concurrent_callers_get_correct_results():
+    inputs = _workload(1)
+    expected = _results(*inputs)
+    results, errors = [None] * 4, []
+
+    def worker(i):
+        try:
+            results[i] = _results(*inputs)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for r in results:
+        for a, b in zip(expected, r, strict=True):
+            assert torch.equal(a, b)
+
+
+_FORK_INPUTS: tuple = ()
+
+
+def _child(queue):
+    # torch's own OpenMP pool does not survive fork(): the child runs no torch math, only ours.
+    mu, lv = _FORK_INPUTS
+    queue.put(math.fsum(CPU.gaussian_kl_fwd(mu, lv, None, None, 1).tolist()))
+
+
+def test_thread_pool_survives_fork():
+    global _FORK_INPUTS
+    mu, lv, _ = _workload(2)
+    _FORK_INPUTS = (mu, lv)
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    try:
+        # the pool's threads exist now
+        expected = math.fsum(CPU.gaussian_kl_fwd(mu, lv, None, None, 1).tolist())
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        p = ctx.Process(target=_child, args=(queue,))
+        p.start()
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+        assert p.exitcode == 0, "the forked child hung or failed"
+        assert queue.get(timeout=5) == expected
+    finally:
+        torch.set_num_threads(before)
+        _FORK_INPUTS = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (needs a GPU)
+# ---------------------------------------------------------------------------------------------
+
+CUDA_GEOMETRIES = ["small", "transposed", "strided", "broadcast", "wide", "tall"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU or library built without CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", CUDA_GEOMETRIES)
+def test_cuda_every_op_against_reference(geometry, dtype):
+    gpu = _native.implementation("cuda")
+    g = torch.Generator().manual_seed(zlib.crc32(geometry.encode()))
+    for op, args, noisy in _cases(geometry, dtype, g):
+        dev_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        got = getattr(gpu, op)(*dev_args)
+        got = [t.cpu() for t in got] if isinstance(got, (list, tuple)) else got.cpu()
+        want = getattr(reference, op)(*(_ref(a) for a in args))
+        try:
+            _compare(got, want, dtype, noisy)
+        except AssertionError as e:
+            raise AssertionError(f"cuda {op} on {geometry}, {dtype}: {e}") from None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU or library built without CUDA")
+def test_cuda_noise_matches_cpu_and_is_deterministic_on_a_side_stream():
+    mu, lv, s = (t[:64, :5000] for t in _workload(3))
+    cpu = _results(mu, lv, s)
+    gpu = _native.implementation("cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        args = [t.cuda() for t in (mu, lv, s)]
+        runs = []
+        for _ in range(2):
+            z, kl_rows = gpu.sample_and_kl_fwd(*args, 1)
+            _, kl_cols = gpu.sample_and_kl_fwd(*args, 0)
+            runs.append([z, kl_rows, kl_cols])
+    stream.synchronize()
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(runs[0][0].cpu(), cpu[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][1].cpu(), cpu[1], rtol=1e-5, atol=1e-3)
