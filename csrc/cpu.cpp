@@ -1,5 +1,5 @@
 // cpu.cpp -- the library's exported C functions (CPU side), argument checks, error messages,
-// the thread pool, and the run-time choice of the CPU kernel set (baseline or AVX2).
+// the thread pool, and the run-time choice of the CPU kernel set (baseline, AVX2 or AVX-512).
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -235,7 +235,7 @@ void parallel_for(int64_t n_units, int n_threads, RangeFn fn, void* ctx) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel set: AVX2 when the CPU has it (FASTVAE_CPU_ISA=baseline|avx2|auto overrides)
+// Kernel set: the best this CPU runs (FASTVAE_CPU_ISA=baseline|avx2|avx512|auto overrides)
 // ---------------------------------------------------------------------------------------------
 
 namespace {
@@ -244,32 +244,36 @@ struct Isa {
     const char* name;
     const KernelTable* table;
     RandnFn randn;
+    int level;  // x86-64 micro-architecture level the kernels need (1 = any)
 };
 
-bool cpu_has_avx2() {
-#if defined(FV_HAVE_AVX2)
+// The x86-64 level of this CPU, OS support for the vector registers included.
+int cpu_level() {
+#if defined(FV_HAVE_AVX2) || defined(FV_HAVE_AVX512)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-#else
-    return false;
+    if (__builtin_cpu_supports("x86-64-v4")) return 4;
+    if (__builtin_cpu_supports("x86-64-v3")) return 3;
 #endif
+    return 1;
 }
 
-// Returns nullptr for a name this CPU (or this build) cannot run.
+const Isa kIsas[] = {
+#if defined(FV_HAVE_AVX512)
+    {"avx512", &kernels_avx512, randn_avx512, 4},
+#endif
+#if defined(FV_HAVE_AVX2)
+    {"avx2", &kernels_avx2, randn_avx2, 3},
+#endif
+    {"baseline", &kernels_baseline, randn_baseline, 1},
+};
+
+// The named kernel set, or the best one for "auto" (or nullptr, empty): nullptr for a name this
+// build or this CPU cannot run.
 const Isa* find_isa(const char* name) {
-    static const Isa baseline{"baseline", &kernels_baseline, randn_baseline};
-#if defined(FV_HAVE_AVX2)
-    static const Isa avx2{"avx2", &kernels_avx2, randn_avx2};
-#endif
-    const bool auto_ = name == nullptr || *name == '\0' || strcmp(name, "auto") == 0;
-    if (auto_ || strcmp(name, "avx2") == 0) {
-#if defined(FV_HAVE_AVX2)
-        if (cpu_has_avx2()) return &avx2;
-#endif
-        return auto_ ? &baseline : nullptr;
-    }
-    if (strcmp(name, "baseline") == 0) return &baseline;
+    const bool best = name == nullptr || *name == '\0' || strcmp(name, "auto") == 0;
+    const int level = cpu_level();
+    for (const Isa& isa : kIsas)
+        if ((best || strcmp(name, isa.name) == 0) && isa.level <= level) return &isa;
     return nullptr;
 }
 
@@ -320,6 +324,9 @@ FV_API const char* fv_build_info(void) {
 #if defined(FV_HAVE_AVX2)
         s += ", avx2";
 #endif
+#if defined(FV_HAVE_AVX512)
+        s += ", avx512";
+#endif
 #if defined(FV_WITH_CUDA)
         s += "; cuda architectures: " FV_CUDA_ARCHS;
 #else
@@ -333,6 +340,20 @@ FV_API const char* fv_build_info(void) {
 FV_API const char* fv_last_error(void) { return fv::g_error; }
 
 FV_API const char* fv_cpu_isa(void) { return fv::cpu::isa().name; }
+
+FV_API const char* fv_cpu_isas(void) {
+    static const std::string names = [] {
+        std::string s;
+        const int level = fv::cpu::cpu_level();
+        for (const fv::cpu::Isa& isa : fv::cpu::kIsas) {
+            if (isa.level > level) continue;
+            if (!s.empty()) s += ",";
+            s += isa.name;
+        }
+        return s;
+    }();
+    return names.c_str();
+}
 
 FV_API int32_t fv_cpu_set_isa(const char* name) {
     const fv::cpu::Isa* p = fv::cpu::find_isa(name);

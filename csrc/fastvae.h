@@ -103,9 +103,11 @@ FV_API int32_t fv_has_cuda(void);            /* 1 when the CUDA part was compile
 FV_API const char* fv_build_info(void);      /* compiler, CUDA architectures, CPU kernels */
 FV_API const char* fv_last_error(void);      /* message of this thread's last failed call */
 
-/* CPU. fv_cpu_isa(): the kernel set in use ("avx2" or "baseline"); fv_cpu_set_isa() picks one
- * ("auto" = best this CPU supports) and returns 0, or -1 for a name this CPU cannot run. */
+/* CPU. fv_cpu_isa(): the kernel set in use ("avx512", "avx2" or "baseline"); fv_cpu_set_isa()
+ * picks one ("auto" = the best this CPU runs) and returns 0, or -1 for a name this build or this
+ * CPU cannot run. */
 FV_API const char* fv_cpu_isa(void);
+FV_API const char* fv_cpu_isas(void);        /* the kernel sets this CPU runs, best first, ","-separated */
 FV_API int32_t fv_cpu_set_isa(const char* name);
 FV_API int32_t fv_cpu_run(int32_t op, const fv_call* call);
 

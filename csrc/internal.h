@@ -48,5 +48,9 @@ void randn_baseline(uint64_t seed, uint64_t offset, int64_t n, float* out);
 extern const KernelTable kernels_avx2;
 void randn_avx2(uint64_t seed, uint64_t offset, int64_t n, float* out);
 #endif
+#if defined(FV_HAVE_AVX512)
+extern const KernelTable kernels_avx512;
+void randn_avx512(uint64_t seed, uint64_t offset, int64_t n, float* out);
+#endif
 
 }  // namespace fv::cpu

@@ -80,6 +80,7 @@ _SIGNATURES = {
     "fv_build_info": (ctypes.c_char_p, ()),
     "fv_last_error": (ctypes.c_char_p, ()),
     "fv_cpu_isa": (ctypes.c_char_p, ()),
+    "fv_cpu_isas": (ctypes.c_char_p, ()),
     "fv_cpu_set_isa": (ctypes.c_int32, (ctypes.c_char_p,)),
     "fv_cpu_run": (ctypes.c_int32, (ctypes.c_int32, _CALL_P)),
     "fv_cuda_workspace_bytes": (ctypes.c_int64, (ctypes.c_int32, _CALL_P)),
@@ -166,14 +167,21 @@ def build_info() -> str | None:
 
 
 def cpu_isa() -> str | None:
-    """The CPU kernel set in use (``"avx2"`` or ``"baseline"``); None if not loaded."""
+    """The CPU kernel set in use (``"avx512"``, ``"avx2"`` or ``"baseline"``); None if not
+    loaded."""
     lib, _ = load()
     return None if lib is None else lib.fv_cpu_isa().decode()
 
 
+def cpu_isas() -> list[str]:
+    """The CPU kernel sets this build has and this CPU runs, best first."""
+    lib, _ = load()
+    return [] if lib is None else lib.fv_cpu_isas().decode().split(",")
+
+
 def set_cpu_isa(name: str) -> None:
-    """Use CPU kernel set ``name``: ``"auto"``, ``"avx2"`` or ``"baseline"`` (for tests and
-    benchmarks; also ``FASTVAE_CPU_ISA`` at load time)."""
+    """Use CPU kernel set ``name``: ``"auto"`` (the best), or one of ``cpu_isas()`` (for tests
+    and benchmarks; ``FASTVAE_CPU_ISA`` sets it when the library loads)."""
     lib = implementation("cpu")._lib
     if lib.fv_cpu_set_isa(name.encode()) != 0:
         raise ValueError(f"CPU kernel set {name!r} is not available on this machine")
