@@ -48,13 +48,17 @@ def batched(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-d tensor")
 
 
+def same_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         "all tensors of a call must be on one device")
+
+
 def same_dtype_and_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; "
                         "they must match")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
-                         "all tensors of a call must be on one device")
+    same_device(name, t, ref_name, ref)
 
 
 def pair(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:

@@ -274,9 +274,7 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     check.batched("mu", mu)
     check.pair("x", x, "recon", recon)
     check.pair("logvar", logvar, "mu", mu)
-    if mu.device != recon.device:
-        raise ValueError(f"mu is on {mu.device} but recon is on {recon.device}; all tensors of "
-                         "a call must be on one device")
+    check.same_device("mu", mu, "recon", recon)
     if recon.shape[0] != mu.shape[0]:
         raise ValueError(f"recon has batch size {recon.shape[0]} but mu has {mu.shape[0]}")
     obs_logvar_tensor = None
@@ -289,7 +287,6 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     check.finite(recon=recon, x=x, mu=mu, logvar=logvar, obs_logvar=obs_logvar_tensor)
     if likelihood == "bernoulli":
         check.unit_interval("x", x)
-    if likelihood == "bernoulli":
         nll = bernoulli_nll(recon, x, reduction=reduction)
     else:
         nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
@@ -312,9 +309,7 @@ def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: T
     check.batched("mu", mu)
     check.pair("logvar", logvar, "mu", mu)
     check.same_dtype_and_device("z", z, "mu", mu)
-    if log_px_given_z.device != mu.device:
-        raise ValueError(f"log_px_given_z is on {log_px_given_z.device} but mu is on "
-                         f"{mu.device}; all tensors of a call must be on one device")
+    check.same_device("log_px_given_z", log_px_given_z, "mu", mu)
     if z.dim() != mu.dim() + 1 or z.shape[1:] != mu.shape or z.shape[0] < 1:
         raise ValueError(f"z must have shape (K, *mu.shape) with K >= 1; got z "
                          f"{tuple(z.shape)} and mu {tuple(mu.shape)}")

@@ -33,12 +33,20 @@ from ._common import (
 
 
 @triton.jit
-def kl_terms(mu, lv, pm, plv, HAS_PRIOR: tl.constexpr):
-    """(s, d): the scaled mean difference and the log-variance difference."""
+def kl_tile(mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, mask,
+            s_mu_b, s_mu_n, s_lv_b, s_lv_n, s_pm_b, s_pm_n, s_plv_b, s_plv_n,
+            HAS_PRIOR: tl.constexpr, DTYPE: tl.constexpr):
+    """Load a tile and return (s, d, exp(-plv / 2)): the scaled mean difference, the
+    log-variance difference and the prior's inverse standard deviation."""
+    mu = load(mu_ptr, rows, cols, s_mu_b, s_mu_n, mask, DTYPE)
+    lv = load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE)
     if HAS_PRIOR:
-        return (mu - pm) * tl.exp(-0.5 * plv), lv - plv
+        pm = load(pm_ptr, rows, cols, s_pm_b, s_pm_n, mask, DTYPE)
+        plv = load(plv_ptr, rows, cols, s_plv_b, s_plv_n, mask, DTYPE)
+        inv_prior_std = tl.exp(-0.5 * plv)
+        return (mu - pm) * inv_prior_std, lv - plv, inv_prior_std
     else:
-        return mu, lv
+        return mu, lv, 1.0
 
 
 @triton.jit
@@ -54,14 +62,9 @@ def _gaussian_kl_fwd_kernel(
     for t in range(tiles_per_prog):
         rows, cols, mask = reduction_tile(pid, t, tiles_per_prog, n_split, B, N, REDUCE_DIM,
                                           BLOCK_B, BLOCK_N)
-        mu = load(mu_ptr, rows, cols, s_mu_b, s_mu_n, mask, DTYPE)
-        lv = load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE)
-        pm = 0.0
-        plv = 0.0
-        if HAS_PRIOR:
-            pm = load(pm_ptr, rows, cols, s_pm_b, s_pm_n, mask, DTYPE)
-            plv = load(plv_ptr, rows, cols, s_plv_b, s_plv_n, mask, DTYPE)
-        s, d = kl_terms(mu, lv, pm, plv, HAS_PRIOR)
+        s, d, _ = kl_tile(mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, mask,
+                          s_mu_b, s_mu_n, s_lv_b, s_lv_n, s_pm_b, s_pm_n, s_plv_b, s_plv_n,
+                          HAS_PRIOR, DTYPE)
         acc += tl.where(mask, 0.5 * (s * s + expm1mx(d)), 0.0)
     store_partial(partial_ptr, acc, pid, n_split, B, N, REDUCE_DIM, BLOCK_B, BLOCK_N)
 
@@ -79,19 +82,12 @@ def _gaussian_kl_bwd_kernel(
 ):
     rows, cols, mask = elementwise_tile(tl.program_id(0), n_col_tiles, B, N, BLOCK_B, BLOCK_N)
     g = load(g_ptr, rows, cols, s_g_b, s_g_n, mask, DTYPE)
-    mu = load(mu_ptr, rows, cols, s_mu_b, s_mu_n, mask, DTYPE)
-    lv = load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE)
-    pm = 0.0
-    plv = 0.0
-    if HAS_PRIOR:
-        pm = load(pm_ptr, rows, cols, s_pm_b, s_pm_n, mask, DTYPE)
-        plv = load(plv_ptr, rows, cols, s_plv_b, s_plv_n, mask, DTYPE)
-    s, d = kl_terms(mu, lv, pm, plv, HAS_PRIOR)
+    s, d, inv_prior_std = kl_tile(mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, mask,
+                                  s_mu_b, s_mu_n, s_lv_b, s_lv_n, s_pm_b, s_pm_n, s_plv_b,
+                                  s_plv_n, HAS_PRIOR, DTYPE)
     half_expm1 = 0.5 * expm1(d)
     if NEED_MU or NEED_PM:
-        d_mu = g * s
-        if HAS_PRIOR:
-            d_mu = d_mu * tl.exp(-0.5 * plv)
+        d_mu = g * s * inv_prior_std
         if NEED_MU:
             store(dmu_ptr, rows, cols, N, d_mu, mask)
         if NEED_PM:
