@@ -134,61 +134,87 @@ int validate_call(int32_t op, const fv_call* call) {
 namespace fv::cpu {
 namespace {
 
+// Work is handed out in grains (a few per thread) from an atomic ticket, so that when the OS
+// leaves a thread unscheduled -- the machine is shared -- the others take its grains instead of
+// waiting for it. The ticket holds the job's generation in its high half: a worker that wakes
+// late never takes a grain of a later job.
 class Pool {
   public:
     void run(int n_threads, int64_t n_units, RangeFn fn, void* ctx) {
         std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-        if (n_threads > 1 && busy.owns_lock()) n_threads = 1 + grow(n_threads - 1);
         // One job at a time: a concurrent caller (another Python thread) runs on its own thread.
-        if (n_threads <= 1 || !busy.owns_lock()) {
+        const int helpers = busy.owns_lock() ? grow(n_threads - 1) : 0;
+        if (helpers == 0) {
             fn(ctx, 0, n_units);
             return;
         }
+        const int64_t grains = std::min<int64_t>(n_units, int64_t(helpers + 1) * kGrainsPerThread);
+        uint32_t generation;
         {
             std::lock_guard<std::mutex> lock(mu_);
-            fn_ = fn;
-            ctx_ = ctx;
-            n_units_ = n_units;
-            n_parts_ = n_threads;
-            remaining_ = n_threads - 1;
-            ++generation_;
+            generation = ++generation_;
+            job_ = {fn, ctx, n_units, grains};
+            helpers_ = helpers;
+            finished_.store(0);
+            ticket_.store(uint64_t(generation) << 32);
         }
         wake_.notify_all();
-        fn(ctx, 0, part_end(0));
+        drain(generation, job_);
+        for (int spin = 0; spin < 64 && finished_.load() < grains; ++spin) std::this_thread::yield();
         std::unique_lock<std::mutex> lock(mu_);
-        done_.wait(lock, [&] { return remaining_ == 0; });
+        done_.wait(lock, [&] { return finished_.load() == grains; });
     }
 
   private:
-    int64_t part_end(int part) const { return n_units_ * (part + 1) / n_parts_; }
+    static constexpr int64_t kGrainsPerThread = 4;
+
+    struct Job {
+        RangeFn fn;
+        void* ctx;
+        int64_t n_units, grains;
+    };
+
+    // Runs grains of job `generation` until none is left.
+    void drain(uint32_t generation, const Job& job) {
+        for (;;) {
+            uint64_t ticket = ticket_.load();
+            if (uint32_t(ticket >> 32) != generation) return;
+            const int64_t grain = int64_t(ticket & 0xFFFFFFFFu);
+            if (grain >= job.grains) return;
+            if (!ticket_.compare_exchange_weak(ticket, ticket + 1)) continue;
+            job.fn(job.ctx, job.n_units * grain / job.grains,
+                   job.n_units * (grain + 1) / job.grains);
+            if (finished_.fetch_add(1) + 1 == job.grains) {
+                { std::lock_guard<std::mutex> lock(mu_); }
+                done_.notify_one();
+            }
+        }
+    }
 
     // Makes sure `n` workers exist; returns how many do (thread creation may fail).
     int grow(int n) {
         while (int(workers_.size()) < n) {
             try {
                 const int index = int(workers_.size());
-                workers_.emplace_back([this, index] { work(index + 1); });
+                workers_.emplace_back([this, index] { work(index); });
             } catch (...) {
                 break;
             }
         }
-        return std::min(n, int(workers_.size()));
+        return std::max(0, std::min(n, int(workers_.size())));
     }
 
-    void work(int part) {
-        uint64_t seen = 0;
+    void work(int index) {
+        uint32_t seen = 0;
         std::unique_lock<std::mutex> lock(mu_);
         for (;;) {
             wake_.wait(lock, [&] { return generation_ != seen; });
             seen = generation_;
-            if (part >= n_parts_) continue;
-            const RangeFn fn = fn_;
-            void* ctx = ctx_;
-            const int64_t begin = n_units_ * part / n_parts_, end = part_end(part);
+            if (index >= helpers_) continue;
+            const Job job = job_;
             lock.unlock();
-            fn(ctx, begin, end);
+            drain(seen, job);
             lock.lock();
-            if (--remaining_ == 0) done_.notify_one();
         }
     }
 
@@ -196,12 +222,11 @@ class Pool {
     std::mutex mu_;
     std::condition_variable wake_, done_;
     std::vector<std::thread> workers_;
-    RangeFn fn_ = nullptr;
-    void* ctx_ = nullptr;
-    int64_t n_units_ = 0;
-    int n_parts_ = 0;
-    int remaining_ = 0;
-    uint64_t generation_ = 0;
+    Job job_{};
+    int helpers_ = 0;
+    uint32_t generation_ = 0;
+    std::atomic<uint64_t> ticket_{0};
+    std::atomic<int64_t> finished_{0};
 };
 
 // Never destroyed (workers may still wait at exit). After fork() the child has none of the

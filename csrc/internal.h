@@ -29,8 +29,8 @@ inline size_t dtype_size(int32_t dtype) {
 
 namespace fv::cpu {
 
-// Runs fn(ctx, begin, end) over [0, n_units), split into at most n_threads contiguous, equal
-// ranges, on a persistent pool of threads (the caller runs the first range). Which thread runs
+// Runs fn(ctx, begin, end) over [0, n_units) on up to n_threads threads of a persistent pool
+// (the caller among them), in contiguous ranges handed out a few per thread. Which thread runs
 // which unit never changes a result: the kernels give every output a fixed summation order.
 using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 void parallel_for(int64_t n_units, int n_threads, RangeFn fn, void* ctx);
