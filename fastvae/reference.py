@@ -139,10 +139,12 @@ def kl_grads(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
         d_lv = 0.5 * torch.expm1(logvar)
         d_plv = -d_lv - 0.5 * diff * diff
     else:
-        inv_pvar = torch.exp(-prior_logvar)
-        d_mu = diff * inv_pvar
+        # (mu - pm) e^(-plv) as ((mu - pm) e^(-plv/2)) e^(-plv/2): e^(-plv) alone overflows
+        # float32 for plv < -88.7 (inf, or nan where mu = pm) when the product does not.
+        inv_std = torch.exp(-0.5 * prior_logvar)
+        scaled = diff * inv_std
+        d_mu = scaled * inv_std
         d_lv = 0.5 * torch.expm1(logvar - prior_logvar)
-        scaled = diff * torch.exp(-0.5 * prior_logvar)
         d_plv = -d_lv - 0.5 * scaled * scaled
     return d_mu, d_lv, -d_mu, d_plv
 
