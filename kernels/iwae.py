@@ -45,9 +45,12 @@ def _iwae_fwd_kernel(
         lpx = tl.load(lpx_ptr + k64 * s_lpx_k + rows * s_lpx_b, mask=row_mask, other=0.0)
         w = lpx.to(DTYPE) + tl.sum(acc, 1)
         tl.store(logw_ptr + k64 * B + rows, w, mask=row_mask)
-        new_max = tl.maximum(running_max, w)
-        rescale = tl.where(new_max == float("-inf"), 0.0, tl.exp(running_max - new_max))
-        term = tl.where(new_max == float("-inf"), 0.0, tl.exp(w - new_max))
+        # Online log-sum-exp. A NaN log-weight must propagate (tl.maximum drops NaN by
+        # default); an infinite one must not become exp(inf - inf) = NaN: a term equal to the
+        # maximum is exactly 1, whatever the maximum (-inf for all-zero weights, +inf).
+        new_max = tl.maximum(running_max, w, propagate_nan=tl.PropagateNan.ALL)
+        rescale = tl.where(running_max == new_max, 1.0, tl.exp(running_max - new_max))
+        term = tl.where(w == new_max, 1.0, tl.exp(w - new_max))
         running_sum = running_sum * rescale + term
         running_max = new_max
     tl.store(out_ptr + rows, running_max + tl.log(running_sum) - log_k, mask=row_mask)
