@@ -2,16 +2,11 @@
 
 Each row of ``TABLE`` is a column of samples (shape ``(n, 1)``: one element per sample, so every
 value is checked alone, through reduction ``"none"``). The float64 oracle runs on the very values
-the test dtype holds, and every output and gradient is held to this rule:
-
-* where the true value is finite in the dtype the result comes back in (float32 for the losses of
-  half-precision inputs, the input's dtype for samples and gradients), the result is finite and
-  within ``rtol * (|true| + mag)`` of it, ``mag`` being the size of the terms the formula
-  cancels (0 where nothing cancels: the KL of tiny log-variances must be accurate relative to
-  itself), plus the dtype's smallest normal number (below it no relative accuracy exists);
-* where the true value overflows that dtype, the result is infinite with the true sign (a
-  gradient of a float16 input may overflow; its loss, float32, may not);
-* values within ``rtol`` of the overflow threshold may go either way.
+the test dtype holds, and every output and gradient is held to the rule of ``accuracy.check``:
+finite and within ``rtol * (|true| + slack)`` wherever the true value is finite in the dtype the
+result comes back in (float32 for the losses of half-precision inputs, the input's dtype for
+samples and gradients: a float16 gradient may overflow, its float32 loss may not), infinite with
+the true sign where it overflows that dtype.
 
 ``test_nonfinite_inputs_propagate``: a NaN in any input makes that sample's outputs NaN, an
 infinity makes them non-finite (``-inf`` log-likelihoods of IWAE excepted: a zero-likelihood
@@ -25,6 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import accuracy
 import pytest
 import torch
 from cases import SEED
@@ -60,60 +56,34 @@ def _product(**columns: list[float]) -> dict[str, list[float]]:
 class Op:
     inputs: tuple[str, ...]
     call: Callable  # (api, leaves) -> tuple of outputs; api is fv or Oracle
-    mags: Callable  # (float64 inputs, eps) -> {output index or input name: magnitude}
+    slack: Callable  # (float64 inputs, eps) -> {output index or input name: slack}
     samples: tuple[int, ...] = ()  # outputs in the input's dtype
     noisy: bool = False
 
 
-def _kl_mags(x, eps):
-    zero = torch.zeros_like(x["mu"])
-    plv = x.get("prior_logvar", zero)
-    d = x["logvar"] - plv
-    s2 = (x["mu"] - x.get("prior_mu", zero)) ** 2 * torch.exp(-plv)
-    # Subtractions of exact inputs round once: only d/dplv = -(expm1(d) + s^2) / 2 cancels.
-    return {0: zero, "mu": zero, "logvar": zero, "prior_mu": zero,
-            "prior_logvar": 0.5 * (torch.expm1(d).abs() + s2)}
+def _loss_slack(fn):
+    def slack(x, eps):
+        out = fn(**x)
+        return {0: out.pop("value"), **out}
+    return slack
 
 
-def _bernoulli_mags(x, eps):
-    logits, t = x["logits"], x["target"]
-    # max(l, 0) - l x cancels up to |l|; sigmoid(l) - x up to sigmoid(l) + x.
-    return {0: logits.abs(), "logits": torch.sigmoid(logits) + t.abs(),
-            "target": torch.zeros_like(logits)}
+def _sample_slack(x, eps):
+    out = accuracy.sample_slack(x["mu"], x["logvar"], eps, noisy=True)
+    return {0: out["value"], "mu": torch.zeros_like(out["mu"]), "logvar": out["logvar"]}
 
 
-def _gaussian_nll_mags(x, eps):
-    lv = x["logvar"]
-    s2 = (x["target"] - x["mean"]) ** 2 * torch.exp(-lv)
-    return {0: 0.5 * (lv.abs() + s2 + reference.LOG_2PI), "mean": torch.zeros_like(lv),
-            "target": torch.zeros_like(lv), "logvar": 0.5 * (1 + s2)}
-
-
-def _sample_mags(x, eps):
-    # Noise agrees across backends to float32 rounding, absolutely (Box-Muller): |eps| + 1.
-    noise = torch.exp(0.5 * x["logvar"]) * (eps.abs() + 1)
-    return {0: x["mu"].abs() + noise, "mu": torch.zeros_like(noise), "logvar": 0.5 * noise}
-
-
-def _sample_and_kl_mags(x, eps):
-    mags = _sample_mags(x, eps)
+def _sample_and_kl_slack(x, eps):
+    z = accuracy.sample_slack(x["mu"], x["logvar"], eps, noisy=True)
     half_expm1 = 0.5 * torch.expm1(x["logvar"]).abs()
-    return {**mags, 1: torch.zeros_like(half_expm1), "mu": 1 + x["mu"].abs(),
-            "logvar": mags["logvar"] + half_expm1}
+    # d/dmu = g_z + g_kl mu, d/dlv = 0.5 e^(lv/2) eps g_z + 0.5 expm1(lv) g_kl: two parts.
+    return {0: z["value"], 1: torch.zeros_like(half_expm1), "mu": 1 + x["mu"].abs(),
+            "logvar": z["logvar"] + half_expm1}
 
 
-def _iwae_mags(x, eps):
-    """The log-weights w = log_px + sum 0.5 * (s^2 + lv - z^2) are known to rtol times the size
-    of their terms, absolutely; the normalized weights a = softmax(w) to that, relatively."""
-    diff2 = (x["z"] - x["mu"]) ** 2 * torch.exp(-x["logvar"])  # s^2, (K, B, 1)
-    size = x["log_px"].abs() + 0.5 * (diff2 + x["logvar"].abs() + x["z"] ** 2)[..., 0]
-    w_err = size.amax(0)
-    weights = torch.softmax(reference.iwae_log_weights(x["log_px"], x["z"], x["mu"],
-                                                       x["logvar"]), 0)
-    a = (weights * (1 + w_err))[..., None]
-    scaled = (x["z"] - x["mu"]).abs() * torch.exp(-x["logvar"])  # |s| e^(-lv/2)
-    return {0: w_err, "log_px": a[..., 0], "z": a * (scaled + x["z"].abs()),
-            "mu": (a * scaled).sum(0), "logvar": (a * 0.5 * (1 + diff2)).sum(0)}
+def _iwae_slack(x, eps):
+    out = accuracy.iwae_slack(**x, grad=torch.ones(x["mu"].shape[0], dtype=torch.float64))
+    return {0: out.pop("value"), **out}
 
 
 def _iwae_call(api, x):
@@ -124,27 +94,27 @@ def _iwae_call(api, x):
 OPS = {
     "kl": Op(("mu", "logvar"),
              lambda api, x: (api.gaussian_kl(x["mu"], x["logvar"], reduction="none"),),
-             _kl_mags),
+             _loss_slack(accuracy.kl_slack)),
     "kl_prior": Op(("mu", "logvar", "prior_mu", "prior_logvar"),
                    lambda api, x: (api.gaussian_kl(x["mu"], x["logvar"], x["prior_mu"],
                                                    x["prior_logvar"], reduction="none"),),
-                   _kl_mags),
+                   _loss_slack(accuracy.kl_slack)),
     "bernoulli": Op(("logits", "target"),
                     lambda api, x: (api.bernoulli_nll(x["logits"], x["target"],
                                                       reduction="none"),),
-                    _bernoulli_mags),
+                    _loss_slack(accuracy.bernoulli_slack)),
     "gaussian_nll": Op(("mean", "target", "logvar"),
                        lambda api, x: (api.gaussian_nll(x["mean"], x["target"], x["logvar"],
                                                         reduction="none"),),
-                       _gaussian_nll_mags),
+                       _loss_slack(accuracy.gaussian_nll_slack)),
     "reparameterize": Op(("mu", "logvar"),
                          lambda api, x: (api.reparameterize(x["mu"], x["logvar"], seed=SEED),),
-                         _sample_mags, samples=(0,), noisy=True),
+                         _sample_slack, samples=(0,), noisy=True),
     "sample_and_kl": Op(("mu", "logvar"),
                         lambda api, x: api.sample_and_kl(x["mu"], x["logvar"], seed=SEED,
                                                          reduction="none"),
-                        _sample_and_kl_mags, samples=(0,), noisy=True),
-    "iwae": Op(("log_px", "z", "mu", "logvar"), _iwae_call, _iwae_mags),
+                        _sample_and_kl_slack, samples=(0,), noisy=True),
+    "iwae": Op(("log_px", "z", "mu", "logvar"), _iwae_call, _iwae_slack),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -229,35 +199,6 @@ def _describe(x64: dict[str, torch.Tensor], b: int) -> str:
                      for k, v in x64.items())
 
 
-# ---------------------------------------------------------------------------------------------
-# The rule
-# ---------------------------------------------------------------------------------------------
-
-
-def check(name: str, actual: torch.Tensor, expected: torch.Tensor, mag: torch.Tensor,
-          dtype: torch.dtype, rtol: float, x64: dict[str, torch.Tensor],
-          sample_dim: int = 0) -> None:
-    """``actual`` (in ``dtype``) against the float64 truth, by the rule of the module docstring."""
-    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
-    mag = mag.reshape(e.shape)
-    assert not e.isnan().any(), f"{name}: the oracle is NaN on finite inputs"
-    info = torch.finfo(dtype)
-    overflow = e.abs() > info.max * (1 + rtol)
-    border = ~overflow & (e.abs() > info.max * (1 - rtol))
-    bound = rtol * (e.abs() + mag) + info.tiny
-    close = torch.isfinite(a) & ((a - e).abs() <= bound)
-    right_inf = torch.isinf(a) & (a.sign() == e.sign())
-    ok = torch.where(overflow, right_inf, torch.where(border, close | right_inf, close))
-    if not ok.all():
-        lines = [f"  got {a[tuple(i)].item():.9g}, true {e[tuple(i)].item():.9g} (bound "
-                 f"{bound[tuple(i)].item():.3g}) at {_describe(x64, i[sample_dim])}"
-                 for i in (~ok).nonzero()[:8].tolist()]
-        raise AssertionError(f"{name}: {int((~ok).sum())} of {ok.numel()} wrong\n"
-                             + "\n".join(lines))
-
-
 def _rtol(dtype: torch.dtype, noisy: bool) -> float:
     rtol = TOL[dtype]["rtol"]
     return max(rtol, NOISE_TOL["rtol"]) if noisy else rtol
@@ -282,14 +223,16 @@ def test_extreme_values(row, dtype, backend, device):
     expected, o_grads = _run(op, Oracle, x64, torch.float64, "cpu")
     eps = (reference.noise(SEED, tuple(x64["mu"].shape), "cpu").double() if op.noisy
            else None)
-    mags = op.mags(x64, eps)
+    slack = op.slack(x64, eps)
     for i, (out, want) in enumerate(zip(outs, expected, strict=True)):
         out_dtype = dtype if i in op.samples else loss_dtype(dtype)
-        check(f"{row} output {i}", out, want, mags[i], out_dtype,
-              _rtol(out_dtype, op.noisy and i in op.samples), x64)
+        accuracy.check(f"{row} output {i}", out, want, slack[i], out_dtype,
+                       _rtol(out_dtype, op.noisy and i in op.samples),
+                       lambda i: _describe(x64, i[0]))
     for name, g in grads.items():
-        check(f"{row} d/d{name}", g, o_grads[name], mags[name], dtype, _rtol(dtype, op.noisy),
-              x64, _sample_dim(name))
+        dim = _sample_dim(name)
+        accuracy.check(f"{row} d/d{name}", g, o_grads[name], slack[name], dtype,
+                       _rtol(dtype, op.noisy), lambda i, dim=dim: _describe(x64, i[dim]))
 
 
 # ---------------------------------------------------------------------------------------------
