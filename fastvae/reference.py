@@ -182,7 +182,7 @@ def iwae_log_weights(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> T
     Per element 0.5 * (s^2 + lv - z^2) with s = (z - mu) * e^(-lv/2) (the 2 pi terms cancel)."""
     s = (z - mu) * torch.exp(-0.5 * logvar)
     per_element = 0.5 * (s * s + logvar - z * z)
-    return log_px + per_element.reshape(*z.shape[:2], -1).sum(-1)
+    return log_px + per_element.reshape(*z.shape[:2], math.prod(z.shape[2:])).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
