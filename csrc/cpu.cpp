@@ -160,7 +160,8 @@ class Pool {
         }
         wake_.notify_all();
         drain(generation, job_);
-        for (int spin = 0; spin < 64 && finished_.load() < grains; ++spin) std::this_thread::yield();
+        for (int spin = 0; spin < 64 && finished_.load() < grains; ++spin)
+            std::this_thread::yield();
         std::unique_lock<std::mutex> lock(mu_);
         done_.wait(lock, [&] { return finished_.load() == grains; });
     }

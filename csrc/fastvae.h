@@ -107,7 +107,8 @@ FV_API const char* fv_last_error(void);      /* message of this thread's last fa
  * picks one ("auto" = the best this CPU runs) and returns 0, or -1 for a name this build or this
  * CPU cannot run. */
 FV_API const char* fv_cpu_isa(void);
-FV_API const char* fv_cpu_isas(void);        /* the kernel sets this CPU runs, best first, ","-separated */
+/* The kernel sets this build has and this CPU runs, best first, comma-separated. */
+FV_API const char* fv_cpu_isas(void);
 FV_API int32_t fv_cpu_set_isa(const char* name);
 FV_API int32_t fv_cpu_run(int32_t op, const fv_call* call);
 

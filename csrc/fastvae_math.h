@@ -247,7 +247,8 @@ FV_HD T kl_prior(T mu, T lv, T pm, T plv) {
 }
 
 // Derivatives of the KL times an incoming gradient g:
-//   d/dmu = g (mu - pm) e^-plv = -d/dpm,  d/dlv = g expm1(d) / 2,  d/dplv = -g (expm1(d) + s^2) / 2.
+//   d/dmu = g (mu - pm) e^-plv = -d/dpm,  d/dlv = g expm1(d) / 2,
+//   d/dplv = -g (expm1(d) + s^2) / 2.
 template <class T>
 struct KlGrads { T mu, lv, pm, plv; };
 
