@@ -19,11 +19,23 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest
 import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
 
 import fastvae as fv
 from fastvae import _backend, _validation, reference
 
 CUDA = torch.cuda.is_available()
+
+# Property tests (test_properties.py): derandomized, so that a run draws the same examples on
+# every machine and a failure reproduces run after run (no example database to carry around);
+# no deadline (a first kernel call compiles; Triton's interpreter is slow). The examples per test
+# are set by each test. HYPOTHESIS_PROFILE=fastvae-explore draws new examples on every run.
+_PROFILE = dict(deadline=None, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+settings.register_profile("fastvae", derandomize=True, **_PROFILE)
+settings.register_profile("fastvae-explore", derandomize=False, **_PROFILE)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastvae"))
 
 # Every concrete backend usable here, found at collection time: a newly built one (the native
 # "cpu" library, "cuda" on a GPU machine) is picked up without changing any test.
