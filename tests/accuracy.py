@@ -91,18 +91,25 @@ def sample_slack(mu: Tensor, logvar: Tensor, eps: Tensor, noisy: bool) -> dict[s
             "eps": torch.zeros_like(noise)}
 
 
-def iwae_slack(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
-               grad: Tensor) -> dict[str, Tensor]:
-    """The log-weights w = log_px + sum_event 0.5 * (s^2 + lv - z^2) are known to rtol times the
-    size of their terms, absolutely, hence ll = logsumexp_k w - log K too, and the normalized
-    weights a = softmax_k(w) relatively. ``grad``: the upstream gradient of ll, (B,)."""
+def iwae_slack(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, grad: Tensor,
+               rtol: float) -> dict[str, Tensor]:
+    """The log-weights w = log_px + sum_event 0.5 * (s^2 + lv - z^2) are known to
+    delta = rtol * (the size of their terms), absolutely, hence ll = logsumexp_k w - log K too,
+    and the normalized weights a = softmax_k(w) to a factor e^(+-2 delta): to rtol relatively
+    while delta is small, not at all (anything in [0, K]) once delta passes 1 -- log-weights of
+    1e12 in float32. ``grad``: the upstream gradient of ll, (B,); ``rtol``: the relative accuracy
+    of the float32 (float64) sums."""
     event = tuple(range(2, z.dim()))
     diff2 = (z - mu) ** 2 * torch.exp(-logvar)  # s^2, (K, B, *event)
     size = log_px.abs() + 0.5 * (diff2 + logvar.abs() + z ** 2).sum(event)
     w_err = size.amax(0)
     weights = torch.softmax(reference.iwae_log_weights(log_px, z, mu.unsqueeze(0),
                                                        logvar.unsqueeze(0)), 0)
-    a = grad.abs() * weights * (1 + w_err)
+    delta = rtol * w_err
+    K = float(z.shape[0])
+    weight_err = torch.where(delta > 10, K, torch.clamp(
+        weights * torch.expm1(2 * delta.clamp(max=10)), max=K))
+    a = grad.abs() * (weight_err / rtol + weights)  # slack of g * a, per (k, b)
     a = a.reshape(*a.shape, *([1] * len(event)))
     scaled = (z - mu).abs() * torch.exp(-logvar)  # |s| e^(-lv/2)
     return {"value": w_err, "log_px": a.reshape(log_px.shape), "z": a * (scaled + z.abs()),

@@ -82,7 +82,8 @@ def _sample_and_kl_slack(x, eps):
 
 
 def _iwae_slack(x, eps):
-    out = accuracy.iwae_slack(**x, grad=torch.ones(x["mu"].shape[0], dtype=torch.float64))
+    out = accuracy.iwae_slack(**x, grad=torch.ones(x["mu"].shape[0], dtype=torch.float64),
+                              rtol=TOL[torch.float32]["rtol"])
     return {0: out.pop("value"), **out}
 
 

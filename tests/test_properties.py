@@ -703,12 +703,13 @@ def iwae_body(ex: Example, device):
                                              full["logvar"])
     ups, ups64 = upstreams([out], torch.Generator().manual_seed(ex.seed + 1))
     d = {k: v.detach() for k, v in full.items()}
-    slack = accuracy.iwae_slack(d["log_px"], d["z"], d["mu"], d["logvar"], ups64[0])
+    n_summed = math.prod(shape[1:]) + K
+    rtol = _rtol(_loss_dtype_for(ex)) + n_summed * _roundoff(ex.dtype)
+    slack = accuracy.iwae_slack(d["log_px"], d["z"], d["mu"], d["logvar"], ups64[0], rtol)
     checker = Checker(ex, inputs)
     for name in ("log_px", "z", "mu", "logvar"):
         checker.grad_slack[name] = slack[name]
-    checker.check_output(0, out, expected, slack["value"], _loss_dtype_for(ex),
-                         math.prod(shape[1:]) + K)
+    checker.check_output(0, out, expected, slack["value"], _loss_dtype_for(ex), n_summed)
     checker.check_grads(_grads([out], inputs, ups), _oracle_grads([expected], inputs, ups64))
 
 
