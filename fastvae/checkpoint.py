@@ -71,6 +71,15 @@ def save(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
         meta["optimizer"] = optim_meta
     payload = st_save(tensors, metadata={"format": FORMAT, "version": str(VERSION),
                                          "meta": json.dumps(meta)})
+    return atomic_write(path, payload)
+
+
+def atomic_write(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` so that ``path`` holds either its old content or all of
+    the new, whenever the process dies: a temporary file in the same directory (hidden: a dot
+    name), flushed to disk, renamed over ``path``, and the rename flushed too. A process killed
+    mid-write leaves that temporary file behind, never a partial ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -85,7 +94,23 @@ def save(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
     return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a power cut after it keeps it); a no-op where
+    directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load(path: str | os.PathLike) -> Checkpoint:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import time
@@ -37,8 +38,9 @@ class TrainConfig:
 
     ``warmup_epochs``: linear KL warm-up of beta from 0 over that many epochs. ``cycles``:
     cyclical annealing (Fu et al. 2019) with that many cycles over the run, beta rising linearly
-    over the first half of each cycle (overrides warm-up when > 0). ``on_nonfinite``: ``"skip"``
-    the step or ``"stop"`` with an error naming the step and the term.
+    over the first half of each cycle (overrides warm-up when > 0). ``on_nonfinite``: when a
+    loss term or a gradient becomes NaN or infinite, ``"skip"`` the step (every rank skips it)
+    or ``"stop"`` with a ``NonFiniteLossError`` naming the step and the term.
     """
 
     epochs: int = 30
@@ -57,10 +59,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
-        if self.lr <= 0 or self.beta < 0 or self.warmup_epochs < 0 or self.cycles < 0:
-            raise ValueError("lr must be > 0; beta, warmup_epochs and cycles >= 0")
-        if self.free_bits < 0:
-            raise ValueError("free_bits must be >= 0")
+        # "not x > 0" rather than "x <= 0": NaN fails it too.
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
+        for name in ("beta", "warmup_epochs", "free_bits"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if self.cycles < 0:
+            raise ValueError(f"cycles must be >= 0, got {self.cycles}")
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
+            raise ValueError(f"grad_clip must be finite and > 0, got {self.grad_clip}")
         if self.on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
         if self.iwae_samples < 0:
@@ -140,6 +149,48 @@ def evaluate(model: VAE, data: Tensor, batch_size: int = 512, *,
     return result
 
 
+_TERMS = ("loss", "reconstruction NLL", "KL")
+
+
+def _nonfinite_terms(values: Tensor, world: int, device: torch.device) -> str | None:
+    """None when the step's loss terms (loss, NLL, KL) are finite on every rank, else what went
+    non-finite. Ranks agree (one all-reduce) so that they skip or stop together: a rank that
+    skipped its backward while the others ran theirs would hang DistributedDataParallel."""
+    finite = torch.isfinite(values)
+    if world > 1:
+        flags = finite.to(device=device, dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        everywhere = flags.cpu().bool().tolist()
+        if all(everywhere):
+            return None
+        if bool(finite.all()):
+            names = [n for n, ok in zip(_TERMS[1:], everywhere[1:], strict=True) if not ok]
+            return f"the {' and the '.join(names or ['loss'])} became non-finite on another rank"
+    elif bool(finite.all()):
+        return None
+    # The loss is nll + beta * kl: name the parts that broke, with their values.
+    parts = [f"the {name} ({value:g})" for name, value, ok in
+             zip(_TERMS[1:], values[1:].tolist(), finite[1:].tolist(), strict=True) if not ok]
+    return (" and ".join(parts) or f"the loss ({values[0].item():g})") + " became non-finite"
+
+
+def _nonfinite_gradient(model: nn.Module, clip: float | None) -> str | None:
+    """Clip the gradients to norm ``clip`` when given; None when every gradient is finite, else
+    which parameter's is not."""
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    if clip is not None:
+        nn.utils.clip_grad_norm_([p for _, p in named], clip)
+    finite = torch.stack([torch.isfinite(p.grad).all() for _, p in named]).cpu()
+    if bool(finite.all()):
+        return None
+    first = named[int((~finite).nonzero()[0])][0]
+    more = int((~finite).sum()) - 1
+    return (f"the gradient of {first}" + (f" (and of {more} more parameters)" if more else "")
+            + " became non-finite, the loss terms did not")
+
+
 def _epoch_seed(config: TrainConfig, epoch: int) -> int:
     """Every epoch reseeds from (seed, epoch): a resumed run draws what an uninterrupted one
     would, with no RNG state in the checkpoint."""
@@ -147,13 +198,15 @@ def _epoch_seed(config: TrainConfig, epoch: int) -> int:
 
 
 def _write_metrics(out_dir: Path, history: list[EpochMetrics], extra: dict[str, Any]) -> None:
+    """metrics.csv and metrics.json, each written atomically (as the checkpoint)."""
     rows = [asdict(m) for m in history]
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out_dir / "metrics.json", "w") as f:
-        json.dump({**extra, "history": rows}, f, indent=2)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    ckpt_io.atomic_write(out_dir / "metrics.csv", table.getvalue().encode())
+    ckpt_io.atomic_write(out_dir / "metrics.json",
+                         json.dumps({**extra, "history": rows}, indent=2).encode())
 
 
 def train(model_config: dict[str, Any], train_data: Tensor, val_data: Tensor,
@@ -175,8 +228,8 @@ def train(model_config: dict[str, Any], train_data: Tensor, val_data: Tensor,
     if resume is not None:
         saved = ckpt_io.load(resume)
         if saved.model_config != model_config:
-            raise ValueError(f"{resume} holds a model with another configuration: "
-                             f"{saved.model_config}")
+            raise ckpt_io.CheckpointError(f"{resume} holds a model with another configuration: "
+                                          f"{saved.model_config}")
         model.load_state_dict(saved.model_state)
         if saved.optimizer_state is not None:
             optimizer.load_state_dict(saved.optimizer_state)
@@ -218,19 +271,22 @@ def train(model_config: dict[str, Any], train_data: Tensor, val_data: Tensor,
                 out = net(x, beta=beta, free_bits=config.free_bits)
             step += 1
             values = torch.stack([out.loss, out.nll, out.kl]).detach().double().cpu()
-            if not bool(torch.isfinite(values).all()):
+            bad = _nonfinite_terms(values, world, device)
+            if bad is None:
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                # Gradients (all-reduced across ranks by now) can overflow where the loss
+                # does not; a step with them would make every weight NaN.
+                bad = _nonfinite_gradient(model, config.grad_clip)
+            if bad is not None:
                 if config.on_nonfinite == "stop":
-                    term = "reconstruction NLL" if not math.isfinite(values[1]) else "KL"
-                    raise NonFiniteLossError(f"step {step} (epoch {epoch + 1}): the {term} "
-                                             "became non-finite; lower the learning rate, "
-                                             "clip gradients, or skip such steps "
+                    raise NonFiniteLossError(f"step {step} (epoch {epoch + 1}): {bad}; lower the "
+                                             "learning rate, clip gradients, soft-clamp the "
+                                             "log-variance (logvar_limit), or skip such steps "
                                              "(on_nonfinite='skip')")
+                optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             sums += values * x.shape[0]
             seen += x.shape[0]
