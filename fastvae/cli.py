@@ -220,6 +220,12 @@ def _run_info(args: argparse.Namespace) -> int:
     for name in _backend.CONCRETE:
         reason = _backend.unusable_reason(name)
         print(f"  {name:7s} {'usable' if reason is None else 'unusable: ' + reason}")
+    from fastvae import _native
+
+    info = _native.build_info()
+    if info is not None:
+        print(f"native library: {info}; CPU kernels in use: {_native.cpu_isa()} "
+              f"(this CPU runs: {', '.join(_native.cpu_isas())})")
     print(f"selected: {fv.get_backend()} (cpu tensors -> {_backend.resolve(torch.device('cpu'))}"
           + (f", cuda tensors -> {_backend.resolve(torch.device('cuda'))}"
              if torch.cuda.is_available() else "") + ")")
