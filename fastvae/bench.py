@@ -92,11 +92,11 @@ def _eager_gaussian_nll(mean, x):  # fixed unit variance (logvar = 0)
     return 0.5 * torch.sum((x - mean) ** 2 + LOG_2PI) / mean.shape[0]
 
 
-def _eager_loss_head(mu, logvar, logits, x):
+def eager_loss_head(mu, logvar, logits, x):
     return _eager_bce(logits, x) + _eager_kl(mu, logvar), _eager_sample(mu, logvar)
 
 
-def _fv_loss_head(mu, logvar, logits, x):
+def fastvae_loss_head(mu, logvar, logits, x):
     z, kl = fv.sample_and_kl(mu, logvar)
     return fv.bernoulli_nll(logits, x) + kl, z
 
@@ -168,7 +168,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "fastvae": lambda m, lv: fv.sample_and_kl(m, lv)[::-1]},
        traffic=(3, 5)),  # fwd: mu, lv -> z; bwd: gz, mu, lv -> dmu, dlv
     Op("loss_head", _make_loss_head,
-       {"eager": _eager_loss_head, "fastvae": _fv_loss_head},
+       {"eager": eager_loss_head, "fastvae": fastvae_loss_head},
        # per pixel: fwd logits, x; bwd logits, x -> dlogits. The latent part (B x 64: 3 fwd,
        # 5 bwd) is added in op_bytes.
        traffic=(2, 3)),
@@ -489,7 +489,7 @@ def make_train_step(impl: str, batch: int, pixels: int, device: torch.device,
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-3)
     x = (torch.rand(batch, pixels, device=device) < 0.3).float()
-    head = _fv_loss_head if impl.startswith("fastvae:") else _eager_loss_head
+    head = fastvae_loss_head if impl.startswith("fastvae:") else eager_loss_head
 
     def loss_of(x):
         mu, logvar = encoder(x).chunk(2, dim=-1)
