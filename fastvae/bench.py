@@ -577,28 +577,40 @@ def add_parser(sub) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from .cli import UsageError
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                              if args.device == "auto" else args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: unknown device {args.device!r}; use auto, cpu, cuda or "
+                         "cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available")
-    ops = [o for o in args.ops.split(",") if o]
-    unknown = [o for o in ops if o not in OPS]
-    if unknown:
-        raise UsageError(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(OPS)}")
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    bad = [d for d in dtypes if d not in ("float32", "float16", "bfloat16", "float64")]
-    if bad:
-        raise UsageError(f"--dtypes: unknown {', '.join(bad)}")
-    directions = [d for d in args.directions.split(",") if d]
-    if not set(directions) <= {"fwd", "fwd+bwd"}:
-        raise UsageError("--directions: use fwd, fwd+bwd")
+
+    def names(option: str, text: str, known: Sequence[str]) -> list[str]:
+        """A comma-separated list: at least one name, each one known."""
+        given = [v for v in (s.strip() for s in text.split(",")) if v]
+        if not given:
+            raise UsageError(f"{option}: no name given; choose from {', '.join(known)}")
+        unknown = [v for v in given if v not in known]
+        if unknown:
+            raise UsageError(f"{option}: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(known)}")
+        return given
+
+    ops = names("--ops", args.ops, OPS)
+    dtypes = names("--dtypes", args.dtypes, ("float32", "float16", "bfloat16", "float64"))
+    directions = names("--directions", args.directions, ("fwd", "fwd+bwd"))
     backends = None
-    if args.backends:
-        backends = [b for b in args.backends.split(",") if b]
+    if args.backends is not None:
+        backends = names("--backends", args.backends, _backend.CONCRETE)
         for b in backends:
-            reason = _backend.unusable_reason(b, device) if b in _backend.CONCRETE else "unknown"
+            reason = _backend.unusable_reason(b, device)
             if reason is not None:
                 raise UsageError(f"--backends: {b!r} cannot run here: {reason}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} exists and is not a directory")
     sizes = args.sizes or DEFAULT_SIZES[device.type]
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     print(f"fastvae bench on {device_name(device)}; torch {torch.__version__}, "

@@ -6,6 +6,7 @@ Bad arguments and unreadable inputs end with one line on stderr and exit status 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -26,17 +27,54 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _number(text: str, kind: type = float):
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+# "not lo <= x < inf" rather than "x < lo": NaN and infinities fail it too.
+def _finite_float(text: str) -> float:
+    value = _number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    value = _number(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
     return value
 
 
@@ -61,31 +99,32 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default=None, help="output directory (default: runs/<data name>)")
     p.add_argument("--epochs", type=_positive_int, default=40)
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=_positive_float, default=2e-3)
     p.add_argument("--latent-dim", type=_positive_int, default=8)
     p.add_argument("--hidden", type=_int_list, default=None,
                    help="hidden sizes (mlp) or channels (conv), e.g. 256,256")
     p.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "gaussian_learned"),
                    default="bernoulli")
-    p.add_argument("--obs-logvar", type=float, default=0.0,
+    p.add_argument("--obs-logvar", type=_finite_float, default=0.0,
                    help="log-variance of the Gaussian likelihood (initial value if learned)")
     p.add_argument("--beta", type=_non_negative_float, default=1.0, help="KL weight")
     p.add_argument("--warmup", type=_non_negative_float, default=0.0,
                    help="linear KL warm-up over this many epochs")
-    p.add_argument("--cycles", type=int, default=0, help="cyclical KL annealing cycles")
+    p.add_argument("--cycles", type=_non_negative_int, default=0,
+                   help="cyclical KL annealing cycles")
     p.add_argument("--free-bits", type=_non_negative_float, default=0.0,
                    help="floor of each latent dimension's KL (nats)")
-    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
-    p.add_argument("--logvar-limit", type=float, default=None,
+    p.add_argument("--grad-clip", type=_positive_float, default=None, help="max gradient norm")
+    p.add_argument("--logvar-limit", type=_positive_float, default=None,
                    help="soft clamp of the posterior log-variance to (-L, L)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", default=None,
                    help="fastvae backend: auto, triton, cuda, cpu or torch")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--iwae-samples", type=int, default=1000,
+    p.add_argument("--val-fraction", type=_number, default=0.1)
+    p.add_argument("--iwae-samples", type=_non_negative_int, default=1000,
                    help="K of the final IWAE log-likelihood (0: skip)")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
@@ -147,7 +186,20 @@ def _run_train(args: argparse.Namespace) -> int:
                     "arch": args.arch, "hidden": list(args.hidden) if args.hidden else None,
                     "likelihood": args.likelihood, "obs_logvar": args.obs_logvar,
                     "logvar_limit": args.logvar_limit}
+    try:  # a model that cannot take these images (too small for --arch conv) fails here
+        from .vae import build_vae
+
+        build_vae(**model_config)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--arch {args.arch}: cannot build a model for images of shape "
+                         f"{tuple(images.shape[1:])}: {e}") from e
     out_dir = Path(args.out) if args.out else Path("runs") / name
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out: {out_dir} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot create {out_dir}: {e.strerror or e}") from e
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0

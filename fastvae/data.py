@@ -8,7 +8,9 @@ with a one-line message.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt gzip stream
         raise DataError(f"cannot read {path}: {e}") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
@@ -50,7 +52,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path} is truncated (header)")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # exact: np.prod wraps around in int64 for a forged header
     if len(raw) - header < count * dtype.itemsize:
         raise DataError(f"{path} is truncated: expected {count} values of shape {shape}")
     return np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(shape)
