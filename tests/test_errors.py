@@ -164,6 +164,27 @@ BAD_INPUTS = [
     ("set_backend_none", lambda: fv.set_backend(None), ValueError, ["backend"]),
     ("use_backend_unknown", lambda: fv.use_backend("jax").__enter__(), ValueError,
      ["backend", "jax"]),
+    # --- iwae_log_likelihood(log_px (K, B), z (K, B, *event), mu, logvar)
+    ("iwae_z_no_samples", lambda: fv.iwae_log_likelihood(t(2, 3), t(0, 3, 4), a, b), ValueError,
+     ["z", "K"]),
+    ("iwae_z_event", lambda: fv.iwae_log_likelihood(t(2, 3), t(2, 3, 5), a, b), ValueError,
+     ["z", "mu"]),
+    ("iwae_log_px_shape", lambda: fv.iwae_log_likelihood(t(3, 2), t(2, 3, 4), a, b), ValueError,
+     ["log_px_given_z"]),
+    ("iwae_logvar_shape", lambda: fv.iwae_log_likelihood(t(2, 3), t(2, 3, 4), a, t(2, 4)),
+     ValueError, ["logvar", "mu"]),
+    ("iwae_0d", lambda: fv.iwae_log_likelihood(t(2, 1), t(2, 1), scalar, scalar), ValueError,
+     ["mu"]),
+    ("iwae_log_px_device", lambda: fv.iwae_log_likelihood(t(2, 3, device="meta"), t(2, 3, 4),
+                                                          a, b), ValueError, ["log_px_given_z"]),
+    ("iwae_logvar_device", lambda: fv.iwae_log_likelihood(t(2, 3), t(2, 3, 4), a, meta),
+     ValueError, ["logvar"]),
+    ("iwae_z_dtype", lambda: fv.iwae_log_likelihood(t(2, 3), t(2, 3, 4, dtype=torch.float64),
+                                                    a, b), TypeError, ["z", "mu"]),
+    ("iwae_int_log_px", lambda: fv.iwae_log_likelihood(torch.ones(2, 3, dtype=torch.int64),
+                                                       t(2, 3, 4), a, b), TypeError,
+     ["log_px_given_z"]),
+    ("iwae_list_z", lambda: fv.iwae_log_likelihood(t(2, 3), [[0.0]], a, b), TypeError, ["z"]),
     # --- the loss modules check at construction
     ("module_reduction", lambda: fv.BernoulliNLLLoss(reduction="avg"), ValueError,
      ["reduction"]),
@@ -171,6 +192,11 @@ BAD_INPUTS = [
      ValueError, ["free_bits"]),
     ("module_nll_logvar", lambda: fv.GaussianNLLLoss(logvar="x"), TypeError, ["logvar"]),
     ("module_forward_shape", lambda: fv.GaussianNLLLoss()(a, t(3, 5)), ValueError, ["target"]),
+    ("module_kl_forward_dtype", lambda: fv.GaussianKLLoss()(a, i34), TypeError, ["logvar"]),
+    ("module_bernoulli_forward_device", lambda: fv.BernoulliNLLLoss()(a, meta), ValueError,
+     ["target"]),
+    ("module_kl_free_bits_type", lambda: fv.GaussianKLLoss(free_bits="1"), TypeError,
+     ["free_bits"]),
 ]
 
 
@@ -209,7 +235,8 @@ def test_bad_input_table_is_complete():
     """Every public function appears in the table with each kind of error it can raise."""
     ids = [i for i, *_ in BAD_INPUTS]
     assert len(ids) == len(set(ids))
-    for op in ("kl", "bernoulli", "gaussian_nll", "reparameterize", "sample_and_kl", "vae"):
+    for op in ("kl", "bernoulli", "gaussian_nll", "reparameterize", "sample_and_kl", "vae",
+               "iwae"):
         kinds = {e for i, _, e, _ in BAD_INPUTS if i.startswith(op)}
         assert kinds == {ValueError, TypeError}, f"{op}: {kinds}"
 
