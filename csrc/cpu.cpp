@@ -61,7 +61,10 @@ constexpr OpSpec kSpecs[FV_OP_COUNT] = {
     {"gaussian_nll_bwd", 0b00111, 0b01000, 0b0000, 0b0111, -1, false},
     {"sample_and_kl_fwd", 0b00011, 0b00000, 0b0011, 0b0000, 1, true},
     {"sample_and_kl_bwd", 0b01111, 0b00000, 0b0000, 0b0011, -1, true},
+    {"iwae_fwd", 0b001111, 0b000000, 0b0011, 0b0000, 0, false},
+    {"iwae_bwd", 0b111111, 0b000000, 0b0000, 0b1111, -1, false},
 };
+static_assert(FV_MAX_IN <= 8 && FV_MAX_OUT <= 8, "operand masks are 8 bits");
 
 bool valid_dtype(int32_t d) { return d >= FV_FLOAT32 && d <= FV_BFLOAT16; }
 
@@ -115,6 +118,15 @@ int validate_call(int32_t op, const fv_call* call) {
     if (s.sum_out >= 0 && c.out[s.sum_out].dtype != c.compute)
         return set_error(FV_ERR_INVALID, "%s: the sums output must have the compute dtype",
                          s.name);
+    if (op == FV_OP_IWAE_FWD && c.out[1].dtype != c.compute)
+        return set_error(FV_ERR_INVALID, "%s: the log-weights output must have the compute "
+                         "dtype", s.name);
+    if (op == FV_OP_IWAE_BWD) {
+        for (int i = 0; i < 3; ++i)
+            if (c.in[i].dtype != c.compute)
+                return set_error(FV_ERR_INVALID, "%s: input %d (grad, ll, log_w) must have the "
+                                 "compute dtype", s.name, i);
+    }
     if (op == FV_OP_GAUSSIAN_KL_FWD || op == FV_OP_GAUSSIAN_KL_BWD) {
         const int pm = op == FV_OP_GAUSSIAN_KL_FWD ? 2 : 3;
         if ((c.in[pm].data == nullptr) != (c.in[pm + 1].data == nullptr))

@@ -12,6 +12,10 @@
 //     row spans several warps), and writes one partial per (row, split); a second kernel adds
 //     the partials in split order. Per-feature sums likewise with rows and columns swapped.
 //     No atomics: results are bitwise reproducible run to run on one device;
+//   * IWAE: the forward's event sums are per-sample sums over the K * B rows (k, b), their
+//     partials always in the workspace; a second kernel, one thread per row b, adds them in
+//     split order to log_px and runs the log-sum-exp over the samples in order. The backward is
+//     elementwise over (b, j) with the samples in order inside (the sums over k);
 //   * launches go to the caller's stream (torch's current stream) on call->device; the seed is
 //     read from device memory by the kernels: no host sync, safe under CUDA-graph capture.
 #define FV_MATH_NAMESPACE cuda_math
@@ -137,6 +141,39 @@ __device__ __forceinline__ void store(const Out<S>& t, int64_t k, int64_t b, int
 #pragma unroll
     for (int e = 0; e < E; ++e)
         if (j + e < N) row[(j + e) * t.sn] = ToStorage<S>::cvt(v[e]);
+}
+
+// A (K, B) operand of any float dtype (IWAE's log_px and its gradient), one element at a time.
+struct AnyKB {
+    void* p = nullptr;
+    int64_t sk = 0, sb = 0;
+    int32_t dtype = FV_FLOAT32;
+};
+
+inline AnyKB make_any_kb(const fv_tensor& t) {
+    return {t.data, t.stride[0], t.stride[1], t.dtype};
+}
+
+template <class T>
+__device__ __forceinline__ T load_kb(const AnyKB& t, int64_t k, int64_t b) {
+    const int64_t off = k * t.sk + b * t.sb;
+    switch (t.dtype) {
+        case FV_FLOAT32: return from_storage<T>(static_cast<const float*>(t.p)[off]);
+        case FV_FLOAT64: return from_storage<T>(static_cast<const double*>(t.p)[off]);
+        case FV_FLOAT16: return from_storage<T>(static_cast<const Half*>(t.p)[off]);
+        default: return from_storage<T>(static_cast<const BFloat16*>(t.p)[off]);
+    }
+}
+
+template <class T>
+__device__ __forceinline__ void store_kb(const AnyKB& t, int64_t k, int64_t b, T v) {
+    const int64_t off = k * t.sk + b * t.sb;
+    switch (t.dtype) {
+        case FV_FLOAT32: static_cast<float*>(t.p)[off] = ToStorage<float>::cvt(v); break;
+        case FV_FLOAT64: static_cast<double*>(t.p)[off] = ToStorage<double>::cvt(v); break;
+        case FV_FLOAT16: static_cast<Half*>(t.p)[off] = ToStorage<Half>::cvt(v); break;
+        default: static_cast<BFloat16*>(t.p)[off] = ToStorage<BFloat16>::cvt(v); break;
+    }
 }
 
 // E standard normals tl.randn(seed, offset + e), in the compute dtype.
@@ -524,6 +561,95 @@ struct SampleAndKlBwd {
     }
 };
 
+// IWAE forward, pass 1: the event sums of the log-weights as per-sample sums over the K * B
+// rows r = k * B + b (sum_rows_kernel, partials always in the workspace).
+template <class T, class S, int E>
+struct IwaeTerms {
+    In<S> z, mu, lv;
+    int64_t B, N;
+    __device__ void operator()(int64_t r, int64_t j, T (&v)[E]) const {
+        const int64_t k = r / B, b = r - k * B;
+        T zv[E], m[E], l[E];
+        load(z, k, b, j, N, zv);
+        load(mu, 0, b, j, N, m);
+        load(lv, 0, b, j, N, l);
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+            v[e] = j + e < N ? iwae_term(zv[e], m[e], l[e], exp_(T(-0.5) * l[e])) : T(0);
+    }
+};
+
+// IWAE forward, pass 2: one thread per row b, samples in order: log_w[k, b] = log_px[k, b] +
+// the partials of row k * B + b in split order, then the online log-sum-exp; ll[b].
+template <class T>
+__global__ void iwae_lse_kernel(const T* partial, int64_t n_split, AnyKB lpx, T* lw,
+                                int64_t lw_sk, int64_t lw_sb, T* ll, int64_t ll_stride,
+                                int64_t B, int64_t K, T log_k) {
+    for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
+         b += int64_t(gridDim.x) * blockDim.x) {
+        T m = -T(__builtin_huge_val()), r = T(0);
+        for (int64_t k = 0; k < K; ++k) {
+            const T* p = partial + (k * B + b) * n_split;
+            T sum = T(0);
+            for (int64_t s = 0; s < n_split; ++s) sum += p[s];
+            const T w = load_kb<T>(lpx, k, b) + sum;
+            lw[k * lw_sk + b * lw_sb] = w;
+            iwae_lse_step(m, r, w);
+        }
+        ll[b * ll_stride] = iwae_ll(m, r, log_k);
+    }
+}
+
+// IWAE backward: elementwise over (b, j), the samples in order inside; the thread of column 0
+// of a row writes d log_px for all its samples.
+template <class T, class S, int E>
+struct IwaeBwd {
+    In<T> g, ll, lw;  // g, ll: (B,) read at stride sb; lw: (K, B)
+    In<S> z, mu, lv;
+    AnyKB dlpx;
+    Out<S> dz, dmu, dlv;
+    int64_t N, K;
+    T log_k;
+    __device__ void operator()(int64_t b, int64_t j) const {
+        const bool write_lpx = dlpx.p != nullptr && j == 0;
+        const bool need_z = dz.p != nullptr || dmu.p != nullptr || dlv.p != nullptr;
+        if (!write_lpx && !need_z) return;
+        const T gv = g.p[b * g.sb];
+        const T lse = ll.p[b * ll.sb] + log_k;
+        T m[E], l[E], isd[E], sm[E], sl[E];
+        if (need_z) {
+            load(mu, 0, b, j, N, m);
+            load(lv, 0, b, j, N, l);
+        } else {
+#pragma unroll
+            for (int e = 0; e < E; ++e) m[e] = l[e] = T(0);
+        }
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            isd[e] = exp_(T(-0.5) * l[e]);
+            sm[e] = T(0);
+            sl[e] = T(0);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+            const T a = iwae_weight(gv, lw.p[k * lw.sk + b * lw.sb], lse);
+            if (write_lpx) store_kb(dlpx, k, b, a);
+            if (!need_z) continue;
+            T zv[E], d[E];
+            load(z, k, b, j, N, zv);
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+                const IwaeGrads<T> r = iwae_grads(a, zv[e], m[e], isd[e]);
+                d[e] = r.z;
+                sm[e] += r.mu;
+                sl[e] += r.lv;
+            }
+            if (dz.p) store(dz, k, b, j, N, d);
+        }
+        if (dmu.p) store(dmu, 0, b, j, N, sm);
+        if (dlv.p) store(dlv, 0, b, j, N, sl);
+    }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Host side: geometry, launches, dispatch
 // ---------------------------------------------------------------------------------------------
@@ -642,14 +768,16 @@ int launch_sum(const Op& op, const fv_call& c, const fv_tensor& out, int reduce_
     return check_launch("the partial-sum kernel");
 }
 
-// Operands that are gradients of a sum (dtype: compute), by op; every other operand and every
-// gradient output has the storage dtype of the op's main input.
+// Inputs in the compute dtype, by op: gradients of a sum, IWAE's ll and log-weights. Every
+// other operand and every gradient output has the storage dtype of the op's main input, but
+// for IWAE's log_px and its gradient (any dtype: any_dtype).
 bool is_sum_grad(int32_t op, int slot) {
     switch (op) {
         case FV_OP_GAUSSIAN_KL_BWD:
         case FV_OP_BERNOULLI_NLL_BWD:
         case FV_OP_GAUSSIAN_NLL_BWD: return slot == 0;
         case FV_OP_SAMPLE_AND_KL_BWD: return slot == 1;
+        case FV_OP_IWAE_BWD: return slot <= 2;
         default: return false;
     }
 }
@@ -659,20 +787,28 @@ int main_input(int32_t op) {
         case FV_OP_REPARAMETERIZE_BWD:
         case FV_OP_GAUSSIAN_KL_BWD:
         case FV_OP_BERNOULLI_NLL_BWD:
-        case FV_OP_GAUSSIAN_NLL_BWD: return 1;
+        case FV_OP_GAUSSIAN_NLL_BWD:
+        case FV_OP_IWAE_FWD: return 1;
         case FV_OP_SAMPLE_AND_KL_BWD: return 2;
+        case FV_OP_IWAE_BWD: return 3;
         default: return 0;
     }
 }
 
+// Outputs in the compute dtype: sums, IWAE's ll and log-weights.
 bool is_sum_output(int32_t op, int slot) {
     switch (op) {
         case FV_OP_GAUSSIAN_KL_FWD:
         case FV_OP_BERNOULLI_NLL_FWD:
         case FV_OP_GAUSSIAN_NLL_FWD: return slot == 0;
         case FV_OP_SAMPLE_AND_KL_FWD: return slot == 1;
+        case FV_OP_IWAE_FWD: return slot <= 1;
         default: return false;
     }
+}
+
+bool any_dtype(int32_t op, bool output, int slot) {
+    return slot == 0 && ((op == FV_OP_IWAE_FWD && !output) || (op == FV_OP_IWAE_BWD && output));
 }
 
 int check_dtypes(int32_t op, const fv_call& c) {
@@ -682,20 +818,53 @@ int check_dtypes(int32_t op, const fv_call& c) {
         return set_error(FV_ERR_INVALID, "compute dtype %d does not go with storage dtype %d",
                          c.compute, storage);
     for (int i = 0; i < FV_MAX_IN; ++i) {
-        if (c.in[i].data == nullptr) continue;
+        if (c.in[i].data == nullptr || any_dtype(op, false, i)) continue;
         const int32_t want = is_sum_grad(op, i) ? c.compute : storage;
         if (c.in[i].dtype != want)
             return set_error(FV_ERR_INVALID, "input %d has dtype code %d, the CUDA kernels "
                              "expect %d", i, c.in[i].dtype, want);
     }
     for (int i = 0; i < FV_MAX_OUT; ++i) {
-        if (c.out[i].data == nullptr) continue;
+        if (c.out[i].data == nullptr || any_dtype(op, true, i)) continue;
         const int32_t want = is_sum_output(op, i) ? c.compute : storage;
         if (c.out[i].dtype != want)
             return set_error(FV_ERR_INVALID, "output %d has dtype code %d, the CUDA kernels "
                              "expect %d", i, c.out[i].dtype, want);
     }
     return FV_OK;
+}
+
+// The K * B rows of IWAE's event sums as a per-sample sum plan; workspace: all partials.
+SumPlan plan_iwae(const fv_call& c, int E, size_t compute_size) {
+    fv_call rows = c;
+    rows.B = c.K * c.B;
+    SumPlan p = plan_sum(rows, E, compute_size, 1);
+    p.workspace_bytes = p.n_split * rows.B * int64_t(compute_size);
+    return p;
+}
+
+template <class T, class S, int E>
+int launch_iwae_fwd(const fv_call& c, cudaStream_t stream) {
+    const SumPlan p = plan_iwae(c, E, sizeof(T));
+    if (c.workspace == nullptr || c.workspace_bytes < p.workspace_bytes)
+        return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
+                         "fv_cuda_workspace_bytes() asked for",
+                         static_cast<long long>(p.workspace_bytes));
+    T* partial = static_cast<T*>(c.workspace);
+    const IwaeTerms<T, S, E> op{make_in<S>(c.in[1]), make_in<S>(c.in[2]), make_in<S>(c.in[3]),
+                                c.B, c.N};
+    sum_rows_kernel<E, T><<<p.grid, dim3(p.g.tx, p.g.ty), 0, stream>>>(op, c.K * c.B, c.N,
+                                                                        partial, 1);
+    const int status = check_launch("the IWAE event-sum kernel");
+    if (status != FV_OK) return status;
+    const fv_tensor &LL = c.out[0], &LW = c.out[1];
+    const int64_t blocks = cdiv(c.B, kThreads);
+    iwae_lse_kernel<T><<<unsigned(blocks < kMaxGridX ? blocks : kMaxGridX), kThreads, 0,
+                         stream>>>(partial, p.n_split, make_any_kb(c.in[0]),
+                                   static_cast<T*>(LW.data), LW.stride[0], LW.stride[1],
+                                   static_cast<T*>(LL.data), LL.stride[2], c.B, c.K,
+                                   log_(T(c.K)));
+    return check_launch("the IWAE log-sum-exp kernel");
 }
 
 template <class T, class S>
@@ -759,6 +928,15 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
                                         make_in<S>(in[3]), make_out<S>(out[0]),
                                         make_out<S>(out[1]), c.seed, c.N},
                 c, st);
+        case FV_OP_IWAE_FWD:
+            return launch_iwae_fwd<T, S, E>(c, st);
+        case FV_OP_IWAE_BWD:
+            return launch_elementwise<E>(
+                IwaeBwd<T, S, E>{make_in<T>(in[0]), make_in<T>(in[1]), make_in<T>(in[2]),
+                                 make_in<S>(in[3]), make_in<S>(in[4]), make_in<S>(in[5]),
+                                 make_any_kb(out[0]), make_out<S>(out[1]), make_out<S>(out[2]),
+                                 make_out<S>(out[3]), c.N, c.K, log_(T(c.K))},
+                c, st);
         default:
             return set_error(FV_ERR_INVALID, "unknown op code %d", op);
     }
@@ -814,6 +992,10 @@ int64_t workspace_bytes(int32_t op, const fv_call* call) {
         case FV_OP_GAUSSIAN_NLL_FWD: {
             DeviceGuard guard(c.device);
             return plan_sum(c, E, compute_size, 1).workspace_bytes;
+        }
+        case FV_OP_IWAE_FWD: {
+            DeviceGuard guard(c.device);
+            return plan_iwae(c, E, compute_size).workspace_bytes;
         }
         default: return 0;
     }

@@ -7,11 +7,11 @@
  * exception crosses this boundary.
  *
  * Operand layout of one call: tensors are (B, N) views -- or (K, B, N) for the samples of
- * reparameterize -- read through element strides (stride[0] along K, [1] along B, [2] along N;
- * any value, 0 for broadcast operands). A loss gradient of shape (B,) or (N,) is passed as a
- * (B, N) view with stride 0 along the other dimension. Outputs: per-sample sums (B,), or
- * per-feature sums (N,), or gradients (B, N) / (K, B, N); an output with data == NULL is not
- * wanted and not computed. Inputs and outputs per op (in[] / out[]):
+ * reparameterize and iwae -- read through element strides (stride[0] along K, [1] along B,
+ * [2] along N; any value, 0 for broadcast operands). A loss gradient of shape (B,) or (N,) is
+ * passed as a (B, N) view with stride 0 along the other dimension. Outputs: per-sample sums
+ * (B,), or per-feature sums (N,), or gradients (B, N) / (K, B, N); an output with data == NULL
+ * is not wanted and not computed. Inputs and outputs per op (in[] / out[]):
  *
  *   reparameterize_fwd   in: mu, logvar, eps|NULL             out: z (K,B,N)        K, seed
  *   reparameterize_bwd   in: grad_z (K,B,N), logvar, eps|NULL out: d_mu, d_logvar, d_eps
@@ -24,6 +24,21 @@
  *   gaussian_nll_bwd     in: grad, mean, target, logvar|NULL  out: d_mean, d_target, d_logvar
  *   sample_and_kl_fwd    in: mu, logvar                       out: z (B,N), kl   seed, reduce_dim
  *   sample_and_kl_bwd    in: grad_z, grad_kl, mu, logvar      out: d_mu, d_logvar   seed
+ *   iwae_fwd             in: log_px (K,B), z (K,B,N), mu, logvar
+ *                        out: ll (B,), log_w (K,B)                                  K
+ *   iwae_bwd             in: grad (B,), ll (B,), log_w (K,B), z (K,B,N), mu, logvar
+ *                        out: d_log_px (K,B), d_z (K,B,N), d_mu, d_logvar             K
+ *
+ * IWAE: a (K, B) tensor (log_px, log_w, d_log_px) is passed as a (K, B, N) view with stride 0
+ * along N, and a (B,) input of iwae_bwd (grad, ll) as a (K, B, N) view with stride 0 along K
+ * and N -- the convention of the (B,) loss gradients above, with K added; the output ll is a
+ * sum output like the others ((B,), element stride stride[2]). log_px and d_log_px have any
+ * float dtype (the same one); grad, ll and log_w (outputs and inputs) have the compute dtype;
+ * z, mu, logvar and their gradients share one dtype. With s = (z - mu) e^(-lv/2):
+ *   log_w[k,b] = log_px[k,b] + sum_j 0.5 (s^2 + lv - z^2),  ll[b] = logsumexp_k log_w - log K
+ * (a NaN log-weight gives NaN, a +inf one +inf, all -inf gives -inf); with
+ * a[k,b] = grad[b] exp(log_w[k,b] - ll[b] - log K): d_log_px = a, d_z = a (s e^(-lv/2) - z),
+ * d_mu = -sum_k a s e^(-lv/2), d_logvar = sum_k a (1 - s^2) / 2, summed over k in order.
  *
  * The prior is both tensors or neither. Noise element (k, b, j) is tl.randn(seed, (k*B + b)*N
  * + j), seed read from memory on the call's device (so CUDA launches never sync the host).
@@ -46,7 +61,7 @@
 extern "C" {
 #endif
 
-#define FV_ABI_VERSION 1
+#define FV_ABI_VERSION 2  /* 2: FV_MAX_IN 6, the IWAE ops */
 
 enum fv_dtype { FV_FLOAT32 = 0, FV_FLOAT64 = 1, FV_FLOAT16 = 2, FV_BFLOAT16 = 3 };
 
@@ -65,11 +80,11 @@ typedef struct fv_tensor {
     int32_t reserved;
 } fv_tensor;
 
-#define FV_MAX_IN 5
+#define FV_MAX_IN 6
 #define FV_MAX_OUT 4
 
 typedef struct fv_call {
-    int64_t B, N, K;          /* B >= 1, N >= 1, K >= 1 (K: samples of reparameterize) */
+    int64_t B, N, K;          /* B >= 1, N >= 1, K >= 1 (K: samples of reparameterize, iwae) */
     fv_tensor in[FV_MAX_IN];
     fv_tensor out[FV_MAX_OUT];
     const int64_t* seed;      /* one int64 on the call's device, or NULL when not needed */
@@ -94,6 +109,8 @@ typedef enum fv_op {
     FV_OP_GAUSSIAN_NLL_BWD,
     FV_OP_SAMPLE_AND_KL_FWD,
     FV_OP_SAMPLE_AND_KL_BWD,
+    FV_OP_IWAE_FWD,
+    FV_OP_IWAE_BWD,
     FV_OP_COUNT
 } fv_op;
 

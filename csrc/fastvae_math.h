@@ -10,7 +10,8 @@
 //     1 ulp; IEEE special values: inf, nan, zero, subnormals); float64 uses the C library;
 //   * expm1mx(x) = expm1(x) - x by its Taylor series for |x| < 0.5 (the series of
 //     fastvae.reference / kernels/_common.py), so the KL of a tiny log-variance stays accurate;
-//   * the formulas of each op and of its derivatives (kl_*, bernoulli_*, gaussian_nll_*);
+//   * the formulas of each op and of its derivatives (kl_*, bernoulli_*, gaussian_nll_*,
+//     iwae_*: the log-weight terms, the guarded online log-sum-exp, the gradients);
 //   * Philox4x32-10 and Box-Muller exactly as Triton's tl.randn(seed, offset): the integers
 //     bit for bit, the normal to float rounding;
 //   * float16 / bfloat16 <-> float32 conversions (round to nearest even), bit manipulation only.
@@ -186,6 +187,7 @@ FV_HD float cos_f32(float x) {
 // ---------------------------------------------------------------------------------------------
 
 FV_HD float exp_(float x) { return exp_f32(x); }
+FV_HD float log_(float x) { return log_f32(x); }
 FV_HD float log1p_unit(float x) { return log1p_unit_f32(x); }
 FV_HD float sqrt_(float x) {
 #if defined(__CUDA_ARCH__)
@@ -197,10 +199,12 @@ FV_HD float sqrt_(float x) {
 
 #if defined(__CUDA_ARCH__)
 FV_HD double exp_(double x) { return ::exp(x); }
+FV_HD double log_(double x) { return ::log(x); }
 FV_HD double log1p_unit(double x) { return ::log1p(x); }
 FV_HD double expm1_lib(double x) { return ::expm1(x); }
 #else
 FV_HD double exp_(double x) { return std::exp(x); }
+FV_HD double log_(double x) { return std::log(x); }
 FV_HD double log1p_unit(double x) { return std::log1p(x); }
 FV_HD double expm1_lib(double x) { return std::expm1(x); }
 #endif
@@ -294,6 +298,49 @@ FV_HD GaussNllGrads<T> gaussian_nll_grads(T g, T m, T x, T lv) {
     const T s = (x - m) * inv_std;
     const T d_x = g * s * inv_std;
     return {-d_x, d_x, g * T(0.5) * (T(1) - s * s)};
+}
+
+// Importance-weighted log-likelihood (IWAE), per element j of sample k of row b, with
+// inv_std = e^(-lv/2) (computed once per element of a row) and s = (z - mu) inv_std:
+// the log-weight's term log N(z; 0, I) - log N(z; mu, e^lv) = 0.5 (s^2 + lv - z^2) (the 2 pi
+// terms cancel); log_w[k, b] = log_px[k, b] + the sum of the terms over j.
+template <class T>
+FV_HD T iwae_term(T z, T mu, T lv, T inv_std) {
+    const T s = (z - mu) * inv_std;
+    return T(0.5) * (s * s + lv - z * z);
+}
+
+// One step of the online log-sum-exp over the samples k, in order: `m` the running maximum
+// (start: -inf), `r` the running sum of exp(w - m) (start: 0). The maximum propagates NaN; a
+// term equal to the maximum is exactly 1 whatever the maximum, so that all log-weights -inf
+// give -inf and a +inf one gives +inf, never exp(inf - inf) = NaN (kernels/iwae.py's guards).
+template <class T>
+FV_HD void iwae_lse_step(T& m, T& r, T w) {
+    const T new_max = (w > m || w != w) ? w : m;
+    const T rescale = m == new_max ? T(1) : exp_(m - new_max);
+    const T term = w == new_max ? T(1) : exp_(w - new_max);
+    r = r * rescale + term;
+    m = new_max;
+}
+
+// ll = logsumexp_k w - log K from the final state of iwae_lse_step.
+template <class T>
+FV_HD T iwae_ll(T m, T r, T log_k) { return m + log_(r) - log_k; }
+
+// The normalized weight of a sample times the upstream gradient g of ll:
+// a = g exp(w - lse), lse = ll + log K.
+template <class T>
+FV_HD T iwae_weight(T g, T w, T lse) { return g * exp_(w - lse); }
+
+// Per-element gradients for one sample with weight a: d/dz = a (s inv_std - z) and the terms
+// summed over k for d/dmu = -sum_k a s inv_std and d/dlv = sum_k a (1 - s^2) / 2.
+template <class T>
+struct IwaeGrads { T z, mu, lv; };
+
+template <class T>
+FV_HD IwaeGrads<T> iwae_grads(T a, T z, T mu, T inv_std) {
+    const T s = (z - mu) * inv_std;
+    return {a * (s * inv_std - z), -(a * s * inv_std), a * T(0.5) * (T(1) - s * s)};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 if sys.platform == "win32":
     LIB_NAME = "fastvae_native.dll"
@@ -38,7 +38,7 @@ else:
 OPS = (
     "reparameterize_fwd", "reparameterize_bwd", "gaussian_kl_fwd", "gaussian_kl_bwd",
     "bernoulli_nll_fwd", "bernoulli_nll_bwd", "gaussian_nll_fwd", "gaussian_nll_bwd",
-    "sample_and_kl_fwd", "sample_and_kl_bwd",
+    "sample_and_kl_fwd", "sample_and_kl_bwd", "iwae_fwd", "iwae_bwd",
 )
 _OP = {name: code for code, name in enumerate(OPS)}
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -58,7 +58,7 @@ class _Call(ctypes.Structure):
         ("B", ctypes.c_int64),
         ("N", ctypes.c_int64),
         ("K", ctypes.c_int64),
-        ("inputs", _Tensor * 5),
+        ("inputs", _Tensor * 6),
         ("outputs", _Tensor * 4),
         ("seed", ctypes.c_void_p),
         ("scalar", ctypes.c_double),
@@ -210,6 +210,16 @@ def _rows_view(grad: Tensor, reduce_dim: int, B: int, N: int, dtype: torch.dtype
     return (grad.unsqueeze(1) if reduce_dim == 1 else grad.unsqueeze(0)).expand(B, N)
 
 
+def _samples_view(t: Tensor | None, N: int) -> Tensor | None:
+    """A (K, B) tensor as a (K, B, N) view with stride 0 along N (IWAE's log_px, log_w)."""
+    return None if t is None else t.unsqueeze(-1).expand(*t.shape, N)
+
+
+def _per_row_view(t: Tensor, K: int, N: int, dtype: torch.dtype) -> Tensor:
+    """A (B,) tensor as a (K, B, N) view with stride 0 along K and N, in ``dtype``."""
+    return t.to(dtype)[None, :, None].expand(K, t.shape[0], N)
+
+
 def _maybe_empty(need: bool, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
     return torch.empty(shape, dtype=like.dtype, device=like.device) if need else None
 
@@ -219,21 +229,13 @@ def _present(outs: Sequence[Tensor | None]) -> list[Tensor]:
 
 
 class NativeBackend:
-    """The ``"cpu"`` or ``"cuda"`` backend: one method per op of the backend interface. An op
-    of the interface without a native kernel yet (``iwae_fwd``/``iwae_bwd``) runs on the torch
-    reference (``fastvae.reference``), on the same tensors."""
+    """The ``"cpu"`` or ``"cuda"`` backend: one method per op of the backend interface, each a
+    call of the native library (no fallback: every op of the interface is native)."""
 
     def __init__(self, lib: ctypes.CDLL, kind: str):
         self._lib = lib
         self.kind = kind
         self._run = lib.fv_cpu_run if kind == "cpu" else lib.fv_cuda_run
-
-    def __getattr__(self, name: str):
-        from . import reference
-
-        if name.endswith(("_fwd", "_bwd")) and hasattr(reference, name):
-            return getattr(reference, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _call(self, op: str, like: Tensor, inputs: Sequence[Tensor | None],
               outputs: Sequence[Tensor | None], *, K: int = 1, seed: Tensor | None = None,
@@ -354,4 +356,25 @@ class NativeBackend:
         outs = (_maybe_empty(needs[0], (B, N), mu), _maybe_empty(needs[1], (B, N), logvar))
         self._call("sample_and_kl_bwd", mu, (grad_z, gkl, mu, logvar), outs,
                    seed=seed if needs[1] else None, reduce_dim=reduce_dim)
+        return _present(outs)
+
+    # -- iwae_log_likelihood -----------------------------------------------------------------
+
+    def iwae_fwd(self, log_px, z, mu, logvar):
+        K, B, N = z.shape
+        dtype = _compute_dtype(z.dtype)
+        ll = torch.empty(B, dtype=dtype, device=z.device)
+        log_w = torch.empty((K, B), dtype=dtype, device=z.device)
+        self._call("iwae_fwd", mu, (_samples_view(log_px, N), z, mu, logvar),
+                   (ll, _samples_view(log_w, N)), K=K)
+        return ll, log_w
+
+    def iwae_bwd(self, grad, ll, log_w, log_px, z, mu, logvar, needs):
+        K, B, N = z.shape
+        dtype = _compute_dtype(z.dtype)
+        outs = (_maybe_empty(needs[0], (K, B), log_px), _maybe_empty(needs[1], (K, B, N), z),
+                _maybe_empty(needs[2], (B, N), mu), _maybe_empty(needs[3], (B, N), logvar))
+        inputs = (_per_row_view(grad, K, N, dtype), _per_row_view(ll, K, N, dtype),
+                  _samples_view(log_w.to(dtype), N), z, mu, logvar)
+        self._call("iwae_bwd", mu, inputs, (_samples_view(outs[0], N), *outs[1:]), K=K)
         return _present(outs)

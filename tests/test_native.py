@@ -19,11 +19,12 @@ import multiprocessing
 import threading
 import zlib
 
+import accuracy
 import pytest
 import torch
 
 import fastvae as fv
-from fastvae import _native, reference
+from fastvae import _backend, _native, reference
 
 pytestmark = pytest.mark.skipif(_native.unusable_reason("cpu") is not None,
                                 reason=f"native library: {_native.unusable_reason('cpu')}")
@@ -324,6 +325,225 @@ def test_extreme_values_stay_finite_and_propagate_nan():
 
 
 # ---------------------------------------------------------------------------------------------
+# IWAE: iwae_fwd / iwae_bwd
+# ---------------------------------------------------------------------------------------------
+
+IWAE_KS = (1, 3, 17)
+# log_px has a dtype of its own: the z dtype, or (K = 3) another one.
+OTHER_DTYPE = {torch.float32: torch.float16, torch.float64: torch.float32,
+               torch.float16: torch.bfloat16, torch.bfloat16: torch.float64}
+ALL_GRADS = [True, True, True, True]
+GRAD_SUBSETS = (ALL_GRADS, [True, False, False, False], [False, True, False, False],
+                [False, False, True, True])
+
+
+def _compute(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _iwae_inputs(geometry, dtype, K, g, device="cpu"):
+    """log_px (K, B), z (K, B, N), mu, logvar (B, N) and grad (B,) for one geometry: z and the
+    parameters transposed, strided (every other column) or broadcast (z along K, mu and logvar
+    along B); log_px non-contiguous (every other element of a transposed storage) except for the
+    contiguous "small" case; grad strided, or stride 0 for "broadcast". Built on ``device`` as
+    views of stored tensors, so that the layout survives the move."""
+    (B, N), layout = GEOMETRIES[geometry]
+
+    def rand(*shape, scale=1.0, shift=0.0, dt=dtype):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
+        return t.to(dt).to(device)
+
+    if layout == "transposed":
+        mu, lv = rand(N, B, scale=0.5).t(), rand(N, B, scale=0.5, shift=-0.3).t()
+        z = rand(N, B, K).permute(2, 1, 0)
+    elif layout == "strided":
+        mu = rand(B, 2 * N, scale=0.5)[:, ::2]
+        lv = rand(B, 2 * N, scale=0.5, shift=-0.3)[:, ::2]
+        z = rand(K, B, 2 * N)[..., ::2]
+    elif layout == "broadcast":
+        mu = rand(1, N, scale=0.5).expand(B, N)
+        lv = rand(1, N, scale=0.5, shift=-0.3).expand(B, N)
+        z = rand(1, B, N).expand(K, B, N)
+    else:
+        mu, lv, z = rand(B, N, scale=0.5), rand(B, N, scale=0.5, shift=-0.3), rand(K, B, N)
+    lpx_dtype = OTHER_DTYPE[dtype] if K == 3 else dtype
+    if geometry == "small":
+        log_px = rand(K, B, scale=3.0, shift=-20.0, dt=lpx_dtype)
+    else:
+        log_px = rand(B, 2 * K, scale=3.0, shift=-20.0, dt=lpx_dtype)[:, ::2].t()
+    if layout == "broadcast":
+        grad = rand(1, dt=_compute(dtype)).expand(B)
+    else:
+        grad = rand(2 * B, dt=_compute(dtype))[::2]
+    return log_px, z, mu, lv, grad
+
+
+def _check_iwae(got, want, slack, rtol_c, what):
+    """|got - want| <= RTOL[got's dtype] * max(1, max |want|) (the tolerance of every op here)
+    + rtol_c * slack: the log-weights are sums, known to rtol_c (the compute dtype's RTOL) times
+    the size of their terms, and the normalized weights inherit that (accuracy.iwae_slack)."""
+    got_d = got.double().cpu()
+    assert got_d.shape == want.shape, what
+    tol = RTOL[got.dtype] * max(1.0, want.abs().max().item()) + rtol_c * slack
+    err = (got_d - want).abs()
+    bad = ~(err <= tol)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} off; worst error "
+                           f"{(err - tol).max().item():.3g} past the tolerance")
+
+
+def _check_iwae_case(backend, log_px, z, mu, lv, grad, what):
+    """Forward and backward (every gradient subset) of ``backend`` against the float64
+    reference, on the inputs as their dtype holds them."""
+    d64 = [t.double().cpu() for t in (log_px, z, mu, lv, grad)]
+    want_ll, want_lw = reference.iwae_fwd(*d64[:4])
+    rtol_c = RTOL[_compute(z.dtype)]
+    slack = accuracy.iwae_slack(*d64[:4], d64[4], rtol_c)
+    ll, log_w = backend.iwae_fwd(log_px, z, mu, lv)
+    for t in (ll, log_w):
+        assert t.dtype == _compute(z.dtype)
+        assert t.is_contiguous()
+    _check_iwae(ll, want_ll, slack["value"], rtol_c, f"{what}: ll")
+    _check_iwae(log_w, want_lw, slack["value"], rtol_c, f"{what}: log_w")
+    for needs in GRAD_SUBSETS:
+        got = backend.iwae_bwd(grad, ll, log_w, log_px, z, mu, lv, needs)
+        want = reference.iwae_bwd(d64[4], want_ll, want_lw, *d64[:4], needs)
+        names = [n for n, need in zip(("log_px", "z", "mu", "logvar"), needs, strict=True)
+                 if need]
+        like = {"log_px": log_px, "z": z, "mu": mu, "logvar": lv}
+        assert len(got) == len(names)
+        for a, b, name in zip(got, want, names, strict=True):
+            assert a.dtype == like[name].dtype, f"{what}: d {name} dtype"
+            assert a.is_contiguous(), f"{what}: d {name} not contiguous"
+            _check_iwae(a, b, slack[name], rtol_c, f"{what}: d {name} (needs {needs})")
+
+
+@pytest.mark.parametrize("K", IWAE_KS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_iwae_against_reference(geometry, dtype, K, isa):
+    g = torch.Generator().manual_seed(zlib.crc32(f"iwae {geometry} {K}".encode()))
+    with _one_thread():
+        _check_iwae_case(CPU, *_iwae_inputs(geometry, dtype, K, g), f"{geometry}, {dtype}, K={K}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_iwae_many_samples(dtype, isa):
+    """K past the forward's tiles of 64 samples (and a chunk tail of columns)."""
+    g = torch.Generator().manual_seed(11)
+    B, N, K = 7, 300, 150
+    z = torch.randn(K, B, N, generator=g, dtype=torch.float64).to(dtype)
+    mu = (0.5 * torch.randn(B, N, generator=g, dtype=torch.float64)).to(dtype)
+    lv = (0.5 * torch.randn(B, N, generator=g, dtype=torch.float64) - 0.3).to(dtype)
+    log_px = (3 * torch.randn(K, B, generator=g, dtype=torch.float64) - 20).to(dtype)
+    grad = torch.randn(B, generator=g, dtype=torch.float64).to(_compute(dtype))
+    with _one_thread():
+        _check_iwae_case(CPU, log_px, z, mu, lv, grad, f"K={K}, {dtype}")
+
+
+def _iwae_special_inputs():
+    """Rows of log_px: finite; one NaN; one +inf; all -inf; two -inf; two +inf."""
+    g = torch.Generator().manual_seed(5)
+    K, B, N = 4, 6, 7
+    nan, inf = float("nan"), float("inf")
+    log_px = torch.randn(K, B, generator=g) - 3
+    log_px[1, 1] = nan
+    log_px[2, 2] = inf
+    log_px[:, 3] = -inf
+    log_px[[0, 2], 4] = -inf
+    log_px[[1, 3], 5] = inf
+    z = torch.randn(K, B, N, generator=g)
+    mu = 0.5 * torch.randn(B, N, generator=g)
+    lv = 0.5 * torch.randn(B, N, generator=g) - 0.3
+    grad = torch.randn(B, generator=g)
+    return log_px, z, mu, lv, grad
+
+
+def _assert_same_specials(got, want, what):
+    """Equal NaN pattern and infinities; finite values to float32 accuracy."""
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN pattern"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=what)
+
+
+def _check_iwae_specials(backend, inputs, others):
+    log_px, z, mu, lv, grad = inputs
+    ll, log_w = backend.iwae_fwd(log_px, z, mu, lv)
+    # NaN propagates, +inf gives +inf, all -inf gives -inf (the Triton kernel's guards), rows
+    # with some -inf weights are finite.
+    assert torch.isfinite(ll[[0, 4]]).all()
+    assert torch.isnan(ll[1])
+    assert ll[2] == float("inf")
+    assert ll[3] == float("-inf")
+    assert ll[5] == float("inf")
+    grads = backend.iwae_bwd(grad, ll, log_w, log_px, z, mu, lv, ALL_GRADS)
+    d_lpx, d_z, d_mu, d_lv = grads
+    for t in (d_lpx[:, [0, 4]], d_z[:, [0, 4]], d_mu[[0, 4]], d_lv[[0, 4]]):
+        assert torch.isfinite(t).all()  # rows of finite ll: finite gradients
+    for name, other in others.items():
+        want_ll, want_lw = other.iwae_fwd(*(t.cpu() for t in inputs[:4]))
+        _assert_same_specials(ll, want_ll, f"ll vs {name}")
+        _assert_same_specials(log_w, want_lw, f"log_w vs {name}")
+        want = other.iwae_bwd(grad.cpu(), want_ll, want_lw, *(t.cpu() for t in inputs[:4]),
+                              ALL_GRADS)
+        for a, b, n in zip(grads, want, ("log_px", "z", "mu", "logvar"), strict=True):
+            _assert_same_specials(a, b, f"d {n} vs {name}")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf in numpy (Triton interpreter)
+def test_iwae_nan_and_inf_log_weights(isa):
+    others = {"torch": reference}
+    if "triton" in fv.backends():
+        others["triton"] = _backend.implementation("triton")
+    _check_iwae_specials(CPU, _iwae_special_inputs(), others)
+
+
+def test_iwae_bitwise_deterministic_across_thread_counts():
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for K, B, N in ((100, 300, 40), (5, 3, 20000)):
+        z = torch.randn(K, B, N, generator=g)
+        mu, lv = 0.5 * torch.randn(B, N, generator=g), 0.5 * torch.randn(B, N, generator=g)
+        cases.append((torch.randn(K, B, generator=g) - 10, z, mu, lv, torch.randn(B, generator=g)))
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3, 1):
+            torch.set_num_threads(threads)
+            run = []
+            for log_px, z, mu, lv, grad in cases:
+                ll, log_w = CPU.iwae_fwd(log_px, z, mu, lv)
+                run += [ll, log_w, *CPU.iwae_bwd(grad, ll, log_w, log_px, z, mu, lv, ALL_GRADS)]
+            runs.append(run)
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_every_interface_op_is_native():
+    """No fallback: each op of the backend interface is a method of the native backend, and a
+    name that is not one fails loudly."""
+    interface = [n for n in dir(reference) if n.endswith(("_fwd", "_bwd"))]
+    assert sorted(interface) == sorted(_native.OPS)
+    for name in interface:
+        assert callable(getattr(_native.NativeBackend, name, None)), name
+    with pytest.raises(AttributeError):
+        CPU.no_such_op_fwd  # noqa: B018
+
+
+def test_iwae_operand_dtypes_checked():
+    log_px, z, mu, lv, grad = _iwae_special_inputs()
+    ll, log_w = CPU.iwae_fwd(log_px, z, mu, lv)
+    K, _, N = z.shape
+    with pytest.raises(RuntimeError, match="compute dtype"):  # ll in float64, by hand
+        CPU._call("iwae_bwd", mu, (_native._per_row_view(grad, K, N, torch.float32),
+                                   _native._per_row_view(ll, K, N, torch.float64),
+                                   _native._samples_view(log_w, N), z, mu, lv),
+                  (None, torch.empty_like(z), None, None), K=K)
+
+
+# ---------------------------------------------------------------------------------------------
 # Determinism, threads, fork
 # ---------------------------------------------------------------------------------------------
 
@@ -436,6 +656,43 @@ def test_cuda_every_op_against_reference(geometry, dtype):
             _compare(got, want, dtype, noisy)
         except AssertionError as e:
             raise AssertionError(f"cuda {op} on {geometry}, {dtype}: {e}") from None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU or library built without CUDA")
+@pytest.mark.parametrize("K", IWAE_KS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", CUDA_GEOMETRIES)
+def test_cuda_iwae_against_reference(geometry, dtype, K):
+    gpu = _native.implementation("cuda")
+    g = torch.Generator().manual_seed(zlib.crc32(f"iwae {geometry} {K}".encode()))
+    inputs = _iwae_inputs(geometry, dtype, K, g, device="cuda")
+    with _one_thread():
+        _check_iwae_case(gpu, *inputs, f"cuda {geometry}, {dtype}, K={K}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU or library built without CUDA")
+def test_cuda_iwae_specials_and_determinism():
+    gpu = _native.implementation("cuda")
+    inputs = [t.cuda() for t in _iwae_special_inputs()]
+    _check_iwae_specials(gpu, inputs, {"cpu": CPU, "torch": reference})
+    # many samples, many rows, a long event (several blocks per row): bitwise run to run
+    g = torch.Generator().manual_seed(9)
+    for K, B, N in ((150, 700, 40), (3, 2, 300000)):
+        log_px = (torch.randn(K, B, generator=g) - 10).cuda()
+        z = torch.randn(K, B, N, generator=g).cuda()
+        mu = (0.5 * torch.randn(B, N, generator=g)).cuda()
+        lv = (0.5 * torch.randn(B, N, generator=g)).cuda()
+        grad = torch.randn(B, generator=g).cuda()
+        runs = []
+        for _ in range(2):
+            ll, log_w = gpu.iwae_fwd(log_px, z, mu, lv)
+            runs.append([ll, log_w, *gpu.iwae_bwd(grad, ll, log_w, log_px, z, mu, lv, ALL_GRADS)])
+        for a, b in zip(*runs, strict=True):
+            assert torch.equal(a, b)
+        cpu_ll, _ = CPU.iwae_fwd(log_px.cpu(), z.cpu(), mu.cpu(), lv.cpu())
+        torch.testing.assert_close(runs[0][0].cpu(), cpu_ll, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.gpu
