@@ -98,7 +98,8 @@ def iwae_slack(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, grad: Tens
     and the normalized weights a = softmax_k(w) to a factor e^(+-2 delta): to rtol relatively
     while delta is small, not at all (anything in [0, K]) once delta passes 1 -- log-weights of
     1e12 in float32. ``grad``: the upstream gradient of ll, (B,); ``rtol``: the relative accuracy
-    of the float32 (float64) sums."""
+    of the float32 (float64) sums, and the unit of the gradients' slack: check them with an rtol
+    of at least this."""
     event = tuple(range(2, z.dim()))
     diff2 = (z - mu) ** 2 * torch.exp(-logvar)  # s^2, (K, B, *event)
     size = log_px.abs() + 0.5 * (diff2 + logvar.abs() + z ** 2).sum(event)

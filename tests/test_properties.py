@@ -278,9 +278,10 @@ class Checker:
         accuracy.check(f"output {i}", actual, expected, slack, dtype, rtol)
 
     def check_grads(self, grads: dict[str, torch.Tensor], terms: dict[str, torch.Tensor],
-                    noisy: tuple[str, ...] = ()):
+                    noisy: tuple[str, ...] = (), rtol_floor: float = 0.0):
         """Gradients of the leaves against the oracle's per-element terms mapped back onto
-        them (summed over broadcast elements), slack included."""
+        them (summed over broadcast elements), slack included (in units of an rtol of at least
+        ``rtol_floor``)."""
         inputs = self.inputs
         for name, grad in grads.items():
             seen = inputs.views[name](inputs.x64[name]).expand(inputs.full[name].shape)
@@ -288,7 +289,8 @@ class Checker:
             want, abs_sum = (torch.autograd.grad(seen, inputs.x64[name], v, retain_graph=True)[0]
                              for v in (t, t.abs() + slack))
             fan_in = max(1, seen.numel() // max(1, inputs.x64[name].numel()))
-            rtol = _rtol(self.ex.dtype, name in noisy) + fan_in * _roundoff(self.ex.dtype)
+            rtol = max(rtol_floor,
+                       _rtol(self.ex.dtype, name in noisy) + fan_in * _roundoff(self.ex.dtype))
             assert grad.shape == inputs.leaves[name].shape
             accuracy.check(f"d/d{name}", grad, want, abs_sum - want.abs(), self.ex.dtype, rtol)
 
@@ -710,7 +712,8 @@ def iwae_body(ex: Example, device):
     for name in ("log_px", "z", "mu", "logvar"):
         checker.grad_slack[name] = slack[name]
     checker.check_output(0, out, expected, slack["value"], _loss_dtype_for(ex), n_summed)
-    checker.check_grads(_grads([out], inputs, ups), _oracle_grads([expected], inputs, ups64))
+    checker.check_grads(_grads([out], inputs, ups), _oracle_grads([expected], inputs, ups64),
+                        rtol_floor=rtol)
 
 
 def test_iwae_log_likelihood(backend, device):
