@@ -4,9 +4,10 @@ Two kinds of inputs past 2**31 elements that cost little memory:
 
 * Far offsets: views into a storage of more than 2**31 float16 elements that torch reserves but
   never touches (``torch.empty``: the pages are only mapped when written), whose rows -- or
-  columns, transposed -- lie 2**31 elements apart. Every op, forward and backward, on every
-  backend (the interpreter too: the grids are tiny), against the same op on contiguous copies.
-  32-bit offsets would wrap to another address and read other values, or crash.
+  columns, transposed -- lie 2**31 elements apart (on a GPU, 4 GiB of its memory). Every op,
+  forward and backward, on every backend (the interpreter too: the grids are tiny), against the
+  same op on contiguous copies. 32-bit offsets would wrap to another address and read other
+  values, or crash.
 * Many elements: one element expanded (stride 0) to more than 2**31, reduced to a few sums
   (their gradients would be as large as the inputs: forward only). On the cpu backend here
   (Triton's interpreter would take hours), on GPU for triton and cuda.
@@ -18,7 +19,7 @@ import math
 
 import pytest
 import torch
-from conftest import BACKENDS, device_for
+from conftest import BACKENDS
 
 import fastvae as fv
 
@@ -27,12 +28,22 @@ SLOT, SLOTS = 32, 5
 
 
 @pytest.fixture(scope="module")
-def far_storage():
-    """An untouched float16 storage of more than 2**31 elements (4 GiB of address space)."""
-    try:
-        return torch.empty(FAR + SLOT * SLOTS, dtype=torch.float16)
-    except RuntimeError as e:  # an address-space limit
-        pytest.skip(f"cannot reserve 4 GiB of address space: {e}")
+def far_storages():
+    """device type -> a float16 storage of more than 2**31 elements: on the CPU untouched
+    (4 GiB of address space, no memory), on a GPU 4 GiB of its memory."""
+    storages = {}
+
+    def get(device: torch.device) -> torch.Tensor:
+        if device.type not in storages:
+            try:
+                storages[device.type] = torch.empty(FAR + SLOT * SLOTS, dtype=torch.float16,
+                                                    device=device)
+            except (RuntimeError, MemoryError) as e:  # an address-space or memory limit
+                pytest.skip(f"cannot reserve 4 GiB on {device}: {e}")
+        return storages[device.type]
+
+    yield get
+    storages.clear()
 
 
 class Far:
@@ -65,19 +76,18 @@ def _check_far(name, fn, far_inputs):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}: gradients")
 
 
-@pytest.mark.parametrize("backend_name", [b for b in BACKENDS
-                                          if device_for(b).type == "cpu"])
-def test_far_offsets(backend_name, far_storage):
+def test_far_offsets(backend, device, far_storages):
     """Every op reads inputs 2**31 elements apart as it reads contiguous copies, bit for bit."""
+    far_storage = far_storages(device)
     g = torch.Generator().manual_seed(0)
 
     def r(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(torch.float16)
+        return (scale * torch.randn(*shape, generator=g)).to(torch.float16).to(device)
 
-    seed = 1234
+    seed = 1234  # the backend fixture has the backend in effect
 
     def unit(*shape):
-        return torch.rand(*shape, generator=g).half()
+        return torch.rand(*shape, generator=g).half().to(device)
 
     # name -> (op, its inputs from a Far of their own: the views of one case never overlap)
     cases = {
@@ -113,17 +123,16 @@ def test_far_offsets(backend_name, far_storage):
             lambda far: [far(r(2, 10, scale=2)), far(unit(2, 10)), far(r(2, 3)),
                          far(r(2, 3, scale=0.5))]),
     }
-    with fv.use_backend(backend_name):
-        for name, (fn, make) in cases.items():
-            _check_far(name, fn, make(Far(far_storage)))
-        # IWAE: z (K, B, N) with its samples 2**30 + 2 elements apart (the last past 2**31).
-        far = Far(far_storage)
-        mu, lv = far(r(2, 4)), far(r(2, 4, scale=0.5))
-        z = far_storage.as_strided((3, 2, 4), (FAR // 2, 4, 1), far.next)
-        z.copy_(r(3, 2, 4))
-        z = z.detach().requires_grad_()
-        log_px = r(3, 2, scale=5).requires_grad_()
-        _check_far("iwae", fv.iwae_log_likelihood, [log_px, z, mu, lv])
+    for name, (fn, make) in cases.items():
+        _check_far(name, fn, make(Far(far_storage)))
+    # IWAE: z (K, B, N) with its samples 2**30 + 2 elements apart (the last past 2**31).
+    far = Far(far_storage)
+    mu, lv = far(r(2, 4)), far(r(2, 4, scale=0.5))
+    z = far_storage.as_strided((3, 2, 4), (FAR // 2, 4, 1), far.next)
+    z.copy_(r(3, 2, 4))
+    z = z.detach().requires_grad_()
+    log_px = r(3, 2, scale=5).requires_grad_()
+    _check_far("iwae", fv.iwae_log_likelihood, [log_px, z, mu, lv])
 
 
 # ---------------------------------------------------------------------------------------------
