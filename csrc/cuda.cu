@@ -403,19 +403,25 @@ struct GaussianKlBwd {
 #pragma unroll
             for (int e = 0; e < E; ++e) a[e] = c[e] = T(0);
         }
-        T d0[E], d1[E], d2[E], d3[E];
+        T d[E];
+        if (dmu.p || dpm.p) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-            const KlGrads<T> r = kl_grads(gv[e], m[e], l[e], a[e], c[e], prior);
-            d0[e] = r.mu;
-            d1[e] = r.lv;
-            d2[e] = r.pm;
-            d3[e] = r.plv;
+            for (int e = 0; e < E; ++e) d[e] = kl_grad_mu(gv[e], m[e], a[e], c[e]);
+            if (dmu.p) store(dmu, 0, b, j, N, d);
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = -d[e];
+            if (dpm.p) store(dpm, 0, b, j, N, d);
         }
-        if (dmu.p) store(dmu, 0, b, j, N, d0);
-        if (dlv.p) store(dlv, 0, b, j, N, d1);
-        if (dpm.p) store(dpm, 0, b, j, N, d2);
-        if (dplv.p) store(dplv, 0, b, j, N, d3);
+        if (dlv.p) {
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = kl_grad_logvar(gv[e], l[e], c[e]);
+            store(dlv, 0, b, j, N, d);
+        }
+        if (dplv.p) {
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = kl_grad_prior_logvar(gv[e], m[e], l[e], a[e], c[e]);
+            store(dplv, 0, b, j, N, d);
+        }
     }
 };
 
@@ -496,17 +502,20 @@ struct GaussianNllBwd {
 #pragma unroll
             for (int e = 0; e < E; ++e) l[e] = lv_value;
         }
-        T d0[E], d1[E], d2[E];
+        T d[E];
+        if (dm.p || dx.p) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-            const GaussNllGrads<T> r = gaussian_nll_grads(gv[e], mv[e], xv[e], l[e]);
-            d0[e] = r.m;
-            d1[e] = r.x;
-            d2[e] = r.lv;
+            for (int e = 0; e < E; ++e) d[e] = gaussian_nll_grad_target(gv[e], mv[e], xv[e], l[e]);
+            if (dx.p) store(dx, 0, b, j, N, d);
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = -d[e];
+            if (dm.p) store(dm, 0, b, j, N, d);
         }
-        if (dm.p) store(dm, 0, b, j, N, d0);
-        if (dx.p) store(dx, 0, b, j, N, d1);
-        if (dlv.p) store(dlv, 0, b, j, N, d2);
+        if (dlv.p) {
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = gaussian_nll_grad_logvar(gv[e], mv[e], xv[e], l[e]);
+            store(dlv, 0, b, j, N, d);
+        }
     }
 };
 

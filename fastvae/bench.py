@@ -115,7 +115,8 @@ def _make_reparameterize(B, N, dtype, device):
 
 
 def _make_kl(B, N, dtype, device):
-    return _latent_inputs(B, N, dtype, device, with_z_grad=False)
+    inputs = _latent_inputs(B, N, dtype, device, with_z_grad=False)
+    return Inputs(inputs.leaves, (), (None,))
 
 
 def _make_sample_and_kl(B, N, dtype, device):
