@@ -126,7 +126,8 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
     check.finite(mu=mu, logvar=logvar, eps=eps)
     if eps is None:  # last: a call that raises leaves torch's generator alone
         seed_t = _seed_tensor(seed, generator, mu.device)
-    z = _ops.reparameterize(_rows(mu, B, N), _rows(logvar, B, N), eps, seed_t, K, backend)
+    z = _ops.call(_ops.reparameterize, _rows(mu, B, N), _rows(logvar, B, N), eps, seed_t, K,
+                  backend)
     return z.view(out_shape)
 
 
@@ -160,9 +161,10 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
                              B, N)
     mu, logvar = _rows(mu, B, N), _rows(logvar, B, N)
     if free_bits > 0:
-        per_dim = _ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, 0, backend)
+        per_dim = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 0, backend)
         return _free_bits_total(per_dim, B, free_bits, reduction)
-    return _reduce(_ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, 1, backend), reduction)
+    per_sample = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 1, backend)
+    return _reduce(per_sample, reduction)
 
 
 def _free_bits_total(per_dim_sum: Tensor, B: int, free_bits: float, reduction: str) -> Tensor:
@@ -189,7 +191,7 @@ def bernoulli_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") ->
     check.unit_interval("target", target)
     backend = resolve(logits.device)
     B, N = _batch_and_event(logits)
-    per_sample = _ops.bernoulli_nll(_rows(logits, B, N), _rows(target, B, N), backend)
+    per_sample = _ops.call(_ops.bernoulli_nll, _rows(logits, B, N), _rows(target, B, N), backend)
     return _reduce(per_sample, reduction)
 
 
@@ -218,7 +220,7 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
         logvar_rows = None
     check.finite(mean=mean, target=target, logvar=logvar_rows)
     backend = resolve(mean.device)
-    per_sample = _ops.gaussian_nll(_rows(mean, B, N), _rows(target, B, N), logvar_rows,
+    per_sample = _ops.call(_ops.gaussian_nll, _rows(mean, B, N), _rows(target, B, N), logvar_rows,
                                    logvar_value, backend)
     return _reduce(per_sample, reduction)
 
@@ -241,7 +243,7 @@ def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_b
     seed_t = _seed_tensor(seed, generator, mu.device)
     B, N = _batch_and_event(mu)
     reduce_dim = 0 if free_bits > 0 else 1
-    z, kl = _ops.sample_and_kl(_rows(mu, B, N), _rows(logvar, B, N), seed_t, reduce_dim,
+    z, kl = _ops.call(_ops.sample_and_kl, _rows(mu, B, N), _rows(logvar, B, N), seed_t, reduce_dim,
                                backend)
     z = z.view(mu.shape)
     if free_bits > 0:
@@ -322,6 +324,6 @@ def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: T
     K = z.shape[0]
     z_rows = z[0].reshape(1, B, N).expand(K, B, N) if K > 1 and z.stride(0) == 0 \
         else z.reshape(K, B, N)
-    ll, _ = _ops.iwae_log_likelihood(log_px_given_z, z_rows, _rows(mu, B, N),
+    ll, _ = _ops.call(_ops.iwae_log_likelihood, log_px_given_z, z_rows, _rows(mu, B, N),
                                      _rows(logvar, B, N), backend)
     return ll
