@@ -480,7 +480,8 @@ struct GaussianNllFwd {
             for (int e = 0; e < E; ++e) l[e] = lv_value;
         }
 #pragma unroll
-        for (int e = 0; e < E; ++e) v[e] = j + e < N ? gaussian_nll(mv[e], xv[e], l[e]) : T(0);
+        for (int e = 0; e < E; ++e)
+            v[e] = j + e < N ? gaussian_nll(xv[e] - mv[e], inv_std_of(l[e]), l[e]) : T(0);
     }
 };
 
@@ -505,7 +506,8 @@ struct GaussianNllBwd {
         T d[E];
         if (dm.p || dx.p) {
 #pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = gaussian_nll_grad_target(gv[e], mv[e], xv[e], l[e]);
+            for (int e = 0; e < E; ++e)
+                d[e] = gaussian_nll_grad_target(gv[e], xv[e] - mv[e], inv_std_of(l[e]));
             if (dx.p) store(dx, 0, b, j, N, d);
 #pragma unroll
             for (int e = 0; e < E; ++e) d[e] = -d[e];
@@ -513,7 +515,8 @@ struct GaussianNllBwd {
         }
         if (dlv.p) {
 #pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = gaussian_nll_grad_logvar(gv[e], mv[e], xv[e], l[e]);
+            for (int e = 0; e < E; ++e)
+                d[e] = gaussian_nll_grad_logvar(gv[e], xv[e] - mv[e], inv_std_of(l[e]));
             store(dlv, 0, b, j, N, d);
         }
     }

@@ -286,23 +286,24 @@ FV_HD T sigmoid_(T l) {
 template <class T>
 FV_HD T bernoulli_grad_logits(T g, T l, T x) { return g * (sigmoid_(l) - x); }
 
-// Gaussian NLL: with s = (x - m) e^(-lv/2), 0.5 (lv + s^2 + log 2 pi).
+// Gaussian NLL, in terms of r = x - m and inv_std = e^(-lv/2) (one exp per log-variance, so a
+// scalar log-variance costs one exp per call): with s = r inv_std, 0.5 (lv + s^2 + log 2 pi).
 template <class T>
-FV_HD T gaussian_nll(T m, T x, T lv) {
-    const T s = (x - m) * exp_(T(-0.5) * lv);
+FV_HD T inv_std_of(T lv) { return exp_(T(-0.5) * lv); }
+
+template <class T>
+FV_HD T gaussian_nll(T r, T inv_std, T lv) {
+    const T s = r * inv_std;
     return T(0.5) * (lv + s * s + T(kLog2Pi));
 }
 
-// d/dx = g s e^(-lv/2) = -d/dm,  d/dlv = g (1 - s^2) / 2.
+// d/dx = g s inv_std = -d/dm,  d/dlv = g (1 - s^2) / 2.
 template <class T>
-FV_HD T gaussian_nll_grad_target(T g, T m, T x, T lv) {
-    const T inv_std = exp_(T(-0.5) * lv);
-    return g * ((x - m) * inv_std) * inv_std;
-}
+FV_HD T gaussian_nll_grad_target(T g, T r, T inv_std) { return g * (r * inv_std) * inv_std; }
 
 template <class T>
-FV_HD T gaussian_nll_grad_logvar(T g, T m, T x, T lv) {
-    const T s = (x - m) * exp_(T(-0.5) * lv);
+FV_HD T gaussian_nll_grad_logvar(T g, T r, T inv_std) {
+    const T s = r * inv_std;
     return g * T(0.5) * (T(1) - s * s);
 }
 
