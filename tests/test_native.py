@@ -179,7 +179,8 @@ def test_same_seed_same_noise_across_backends(backend):
 
 # (B, N) and a layout: contiguous, transposed storage, every other column, or a broadcast
 # parameter operand. The larger ones span several work units (16384 columns; 64 rows for
-# per-feature sums) and a chunk tail.
+# per-feature sums) and a chunk tail. Rows of N <= 128 go 256 // N to a chunk (the loops run
+# across rows): "column", "narrow" and "two_rows" end in a partial chunk of rows.
 GEOMETRIES = {
     "one": ((1, 1), "contiguous"),
     "small": ((5, 37), "contiguous"),
@@ -188,6 +189,9 @@ GEOMETRIES = {
     "broadcast": ((70, 40), "broadcast"),
     "wide": ((2, 16500), "contiguous"),
     "tall": ((200, 19), "contiguous"),
+    "column": ((300, 1), "contiguous"),
+    "narrow": ((260, 3), "transposed"),
+    "two_rows": ((5, 128), "strided"),
 }
 
 
@@ -577,6 +581,36 @@ def test_bitwise_deterministic_across_runs_and_thread_counts():
     for run in runs[1:]:
         for a, b in zip(runs[0], run, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("N", [1, 3, 16, 17, 128])
+def test_narrow_rows_same_bits_in_every_layout(N):
+    """Chunks of whole narrow rows read an operand in place, as one strided run, or row by row
+    (transposed storage, a per-row gradient): the same values give the same bits."""
+    g = torch.Generator().manual_seed(N)
+    B = 700
+    mu, lv, logits = (torch.randn(B, N, generator=g) for _ in range(3))
+    x = torch.rand(B, N, generator=g)
+    grad = torch.randn(B, generator=g)
+    s = torch.tensor([11], dtype=torch.int64)
+
+    def run(layout):
+        a, b, c, t = (layout(v) for v in (mu, lv, logits, x))
+        z, kl = CPU.sample_and_kl_fwd(a, b, s, 1)
+        return [z, kl, *CPU.sample_and_kl_bwd(a, grad, a, b, s, 1, [True, True]),
+                CPU.bernoulli_nll_fwd(c, t), *CPU.bernoulli_nll_bwd(grad, c, t, [True, True]),
+                CPU.gaussian_kl_fwd(a, b, None, None, 1)]
+
+    def transposed(v):
+        return v.t().contiguous().t()
+
+    def strided(v):
+        return torch.stack([v, v], dim=-1)[..., 0]
+
+    want = run(lambda v: v)
+    for layout in (transposed, strided):
+        for a, b in zip(run(layout), want, strict=True):
+            assert torch.equal(a, b), layout.__name__
 
 
 def test_concurrent_callers_get_correct_results():
