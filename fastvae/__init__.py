@@ -3,6 +3,9 @@
     import fastvae as fv
     z, kl = fv.sample_and_kl(mu, logvar)
     loss = fv.bernoulli_nll(decoder(z), x) + kl
+
+On top of the ops: ``fv.VAE`` / ``fv.build_vae`` (the model API) and ``fv.train`` with
+``fv.TrainConfig`` (the trainer behind ``fastvae train``).
 """
 
 from __future__ import annotations
@@ -20,16 +23,24 @@ from .functional import (
     vae_loss,
 )
 from .losses import BernoulliNLLLoss, GaussianKLLoss, GaussianNLLLoss
+from .trainer import NonFiniteLossError, TrainConfig, TrainResult, train
+from .vae import VAE, VAEOutput, build_vae
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VAE",
     "BernoulliNLLLoss",
     "GaussianKLLoss",
     "GaussianNLLLoss",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "VAEOutput",
     "__version__",
     "backends",
     "bernoulli_nll",
+    "build_vae",
     "gaussian_kl",
     "gaussian_nll",
     "get_backend",
@@ -39,6 +50,7 @@ __all__ = [
     "sample_and_kl",
     "set_backend",
     "set_validation",
+    "train",
     "use_backend",
     "vae_loss",
     "validation_enabled",

@@ -160,7 +160,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from . import data as data_mod
     from . import report
     from .checkpoint import CheckpointError
-    from .train import NonFiniteLossError, TrainConfig, train
+    from .trainer import NonFiniteLossError, TrainConfig, train
 
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")

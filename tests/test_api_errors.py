@@ -13,7 +13,7 @@ import torch
 from fastvae import checkpoint, data
 from fastvae.checkpoint import CheckpointError
 from fastvae.data import DataError
-from fastvae.train import TrainConfig, train
+from fastvae.trainer import TrainConfig, train
 from fastvae.vae import VAE, build_vae, mlp_decoder, mlp_encoder
 
 CONFIG = {"input_shape": [4], "latent_dim": 2, "hidden": [8]}

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from fastvae import checkpoint, data
-from fastvae import train as train_mod
-from fastvae.train import NonFiniteLossError, TrainConfig, train
+from fastvae import trainer as train_mod
+from fastvae.trainer import NonFiniteLossError, TrainConfig, train
 from fastvae.vae import build_vae
 
 CONFIG = {"input_shape": [1, 8, 8], "latent_dim": 3, "arch": "mlp", "hidden": [16],
@@ -132,8 +132,8 @@ import sys
 import torch
 import torch.distributed as dist
 from fastvae import data
-from fastvae import train as train_mod
-from fastvae.train import NonFiniteLossError, TrainConfig, train
+from fastvae import trainer as train_mod
+from fastvae.trainer import NonFiniteLossError, TrainConfig, train
 from fastvae.vae import build_vae
 
 CONFIG = {config!r}

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastvae as fv
 from fastvae import checkpoint, data
-from fastvae.train import NonFiniteLossError, TrainConfig, beta_at, evaluate, train
+from fastvae.trainer import NonFiniteLossError, TrainConfig, beta_at, evaluate, train
 from fastvae.vae import VAE, active_units, build_vae
 
 DIGITS_CONFIG = {"input_shape": [1, 8, 8], "latent_dim": 4, "arch": "mlp", "hidden": [64],
@@ -147,6 +147,24 @@ def test_gaussian_likelihoods_train(digits, likelihood):
     if likelihood == "gaussian_learned":
         assert float(learned.detach()) != -2.0  # the shared variance received gradients
     assert math.isfinite(result.history[-1].val_elbo)
+
+
+def test_top_level_api(digits, tmp_path):
+    """``fv.VAE`` around a user's encoder (one tensor of mu and logvar) and ``fv.train`` with
+    ``fv.TrainConfig``, as the README shows them."""
+    train_x, val_x = digits
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2 * 4))
+    decoder = nn.Sequential(nn.Linear(4, 64), nn.Unflatten(1, (1, 8, 8)))
+    model = fv.VAE(encoder, decoder, latent_shape=4)
+    mu, logvar = model.encode(val_x[:5])
+    assert mu.shape == logvar.shape == (5, 4)
+    result = fv.train(dict(input_shape=(1, 8, 8), latent_dim=4, hidden=[32]), train_x[:256],
+                      val_x, fv.TrainConfig(epochs=2, iwae_samples=0), out_dir=tmp_path,
+                      progress=False)
+    assert isinstance(result.model, fv.VAE)
+    assert len(result.history) == 2
+    assert math.isfinite(result.final["elbo"])
+    assert (tmp_path / "checkpoint.safetensors").is_file()
 
 
 def test_conv_vae_shapes():
