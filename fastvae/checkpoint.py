@@ -150,6 +150,10 @@ def load_vae(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     from .vae import build_vae
 
     ckpt = load(path)
+    if not ckpt.model_config:
+        raise CheckpointError(f"{path} holds a VAE built by the caller, not by build_vae: build "
+                              "the same model and load_state_dict(checkpoint.load(path)"
+                              ".model_state)")
     model = build_vae(**ckpt.model_config)
     model.load_state_dict(ckpt.model_state)
     return model.to(map_location).eval()

@@ -209,19 +209,29 @@ def _write_metrics(out_dir: Path, history: list[EpochMetrics], extra: dict[str, 
                          json.dumps({**extra, "history": rows}, indent=2).encode())
 
 
-def train(model_config: dict[str, Any], train_data: Tensor, val_data: Tensor,
+def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
           config: TrainConfig, *, device: str | torch.device = "cpu",
           out_dir: str | Path | None = None, resume: str | Path | None = None,
           progress: bool = True) -> TrainResult:
-    """Train ``build_vae(**model_config)`` on ``train_data`` (images in [0, 1]).
+    """Train a VAE on ``train_data`` (``(n, *input_shape)`` images in [0, 1]).
 
-    ``resume``: a checkpoint written by an earlier run with the same configs; training goes on
-    from its epoch to the same result as an uninterrupted run.
+    ``model``: keyword arguments of ``build_vae`` (built here, initial weights from
+    ``config.seed``; its checkpoint rebuilds it with ``checkpoint.load_vae``), or a ``VAE``
+    built by the caller, trained in place (its checkpoint holds the weights under an empty
+    config). ``resume``: a checkpoint written by an earlier run with the same model and configs;
+    training goes on from its epoch to the same result as an uninterrupted run.
     """
     rank, world = _distributed()
     device = torch.device(device)
     torch.manual_seed(config.seed)  # the initial weights, equal on every rank
-    model = build_vae(**model_config).to(device)
+    if isinstance(model, VAE):
+        model_config: dict[str, Any] = {}
+    elif isinstance(model, dict):
+        model_config, model = model, build_vae(**model)
+    else:
+        raise TypeError(f"model must be a fastvae.VAE or a dict of build_vae arguments, got "
+                        f"{type(model).__name__}")
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[EpochMetrics] = []
     start_epoch = 0
@@ -229,8 +239,12 @@ def train(model_config: dict[str, Any], train_data: Tensor, val_data: Tensor,
         saved = ckpt_io.load(resume)
         if saved.model_config != model_config:
             raise ckpt_io.CheckpointError(f"{resume} holds a model with another configuration: "
-                                          f"{saved.model_config}")
-        model.load_state_dict(saved.model_state)
+                                          f"{saved.model_config or 'a model built by the caller'}")
+        try:
+            model.load_state_dict(saved.model_state)
+        except RuntimeError as e:
+            raise ckpt_io.CheckpointError(f"{resume} holds weights of another model: "
+                                          f"{str(e).splitlines()[0]}") from e
         if saved.optimizer_state is not None:
             optimizer.load_state_dict(saved.optimizer_state)
         start_epoch = int(saved.trainer_state.get("epoch", 0))

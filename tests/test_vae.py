@@ -149,22 +149,43 @@ def test_gaussian_likelihoods_train(digits, likelihood):
     assert math.isfinite(result.history[-1].val_elbo)
 
 
-def test_top_level_api(digits, tmp_path):
-    """``fv.VAE`` around a user's encoder (one tensor of mu and logvar) and ``fv.train`` with
-    ``fv.TrainConfig``, as the README shows them."""
+def _custom_vae(latent: int = 4) -> VAE:
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2 * latent))
+    decoder = nn.Sequential(nn.Linear(latent, 64), nn.Unflatten(1, (1, 8, 8)))
+    return fv.VAE(encoder, decoder, latent_shape=latent)
+
+
+def test_train_a_vae_built_by_the_caller(digits, tmp_path):
+    """``fv.train`` on a ``fv.VAE`` around a user's networks (the encoder returns one tensor of
+    mu and logvar), as the README shows: trained in place, checkpointed, resumable."""
     train_x, val_x = digits
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2 * 4))
-    decoder = nn.Sequential(nn.Linear(4, 64), nn.Unflatten(1, (1, 8, 8)))
-    model = fv.VAE(encoder, decoder, latent_shape=4)
-    mu, logvar = model.encode(val_x[:5])
-    assert mu.shape == logvar.shape == (5, 4)
-    result = fv.train(dict(input_shape=(1, 8, 8), latent_dim=4, hidden=[32]), train_x[:256],
-                      val_x, fv.TrainConfig(epochs=2, iwae_samples=0), out_dir=tmp_path,
-                      progress=False)
-    assert isinstance(result.model, fv.VAE)
+    config = fv.TrainConfig(epochs=2, batch_size=64, iwae_samples=0)
+    torch.manual_seed(1)
+    model = _custom_vae()
+    before = fv.gaussian_kl(*model.encode(val_x)).item()
+    result = fv.train(model, train_x[:512], val_x, config, out_dir=tmp_path, progress=False)
+    assert result.model is model
     assert len(result.history) == 2
-    assert math.isfinite(result.final["elbo"])
-    assert (tmp_path / "checkpoint.safetensors").is_file()
+    assert result.history[-1].val_elbo > result.history[0].val_elbo - 1.0
+    assert fv.gaussian_kl(*model.encode(val_x)).item() != before
+    saved = checkpoint.load(tmp_path / "checkpoint.safetensors")
+    assert saved.model_config == {}
+    assert all(torch.equal(saved.model_state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(checkpoint.CheckpointError, match="built by the caller"):
+        checkpoint.load_vae(tmp_path / "checkpoint.safetensors")
+    # Resume: the same architecture continues; another one is refused by name.
+    longer = fv.TrainConfig(epochs=3, batch_size=64, iwae_samples=0)
+    resumed = fv.train(_custom_vae(), train_x[:512], val_x, longer, progress=False,
+                       resume=tmp_path / "checkpoint.safetensors")
+    assert len(resumed.history) == 3
+    with pytest.raises(checkpoint.CheckpointError, match="weights of another model"):
+        fv.train(_custom_vae(latent=3), train_x[:512], val_x, longer, progress=False,
+                 resume=tmp_path / "checkpoint.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="built by the caller"):
+        fv.train(DIGITS_CONFIG, train_x[:512], val_x, longer, progress=False,
+                 resume=tmp_path / "checkpoint.safetensors")
+    with pytest.raises(TypeError, match="model must be"):
+        fv.train(nn.Linear(2, 2), train_x, val_x, config, progress=False)
 
 
 def test_conv_vae_shapes():
