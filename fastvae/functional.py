@@ -30,10 +30,25 @@ __all__ = [
 
 def _rows(t: Tensor, B: int, N: int) -> Tensor:
     """``(B, *event)`` -> ``(B, N)``: a view when the strides allow, else a copy. A batch
-    dimension of stride 0 (a broadcast operand) stays broadcast: only one row is copied."""
+    dimension of stride 0 (a broadcast operand) stays broadcast: only one row is copied when
+    the event dimensions do not merge."""
     if B > 1 and t.stride(0) == 0:
-        return t[0].reshape(1, N).expand(B, N)
+        try:
+            return t.view(B, N)  # a view of a view: its gradient is never materialized twice
+        except RuntimeError:
+            return t[0].reshape(1, N).expand(B, N)
     return t.reshape(B, N)
+
+
+def _broadcast_rows(t: Tensor, like: Tensor, B: int, N: int) -> Tensor:
+    """``t`` broadcast to ``like``'s shape ``(B, *event)``, as ``(B, N)``. A ``t`` without a batch
+    dimension of its own (a scalar, per-feature or per-pixel parameter) becomes one event row,
+    formed from ``t`` itself (at most N elements copied), expanded over the batch: autograd then
+    sums the op's gradient over the batch once, with no B x N intermediate of its own."""
+    if t.dim() < like.dim() or t.shape[0] == 1:
+        t = t.reshape(t.shape[1:] if t.dim() == like.dim() else t.shape)
+        return t.expand(like.shape[1:]).reshape(1, N).expand(B, N)
+    return _rows(t.expand(like.shape), B, N)
 
 
 def _batch_and_event(t: Tensor) -> tuple[int, int]:
@@ -156,9 +171,8 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
     B, N = _batch_and_event(mu)
     if prior_mu is not None or prior_logvar is not None:
         zero = mu.new_zeros(())
-        prior_mu = _rows((zero if prior_mu is None else prior_mu).expand(mu.shape), B, N)
-        prior_logvar = _rows((zero if prior_logvar is None else prior_logvar).expand(mu.shape),
-                             B, N)
+        prior_mu = _broadcast_rows(zero if prior_mu is None else prior_mu, mu, B, N)
+        prior_logvar = _broadcast_rows(zero if prior_logvar is None else prior_logvar, mu, B, N)
     mu, logvar = _rows(mu, B, N), _rows(logvar, B, N)
     if free_bits > 0:
         per_dim = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 0, backend)
@@ -214,7 +228,7 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
         check.tensor("logvar", logvar)
         check.broadcastable("logvar", logvar, "mean", mean)
         logvar_value = 0.0
-        logvar_rows = _rows(logvar.expand(mean.shape), B, N)
+        logvar_rows = _broadcast_rows(logvar, mean, B, N)
     else:
         logvar_value = check.number("logvar", logvar)
         logvar_rows = None

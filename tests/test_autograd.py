@@ -9,6 +9,7 @@ import torch
 from cases import CASES, SEED, make_inputs
 from conftest import BACKENDS, device_for
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae as fv
 from fastvae import _ops
@@ -289,3 +290,48 @@ def test_cuda_graph_training_step(name):
                         + 0.5 * torch.expm1(logvar.detach()) / mu.shape[0])
             torch.testing.assert_close(logvar.grad, expected, rtol=1e-4, atol=1e-5)
         assert not torch.equal(samples[0], samples[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Broadcast parameters: their gradients are summed once, never scattered into B x N zeros
+# ---------------------------------------------------------------------------------------------
+
+
+class _LargeAllocations(TorchDispatchMode):
+    """Records the aten ops that produce a tensor of at least ``numel`` elements."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.numel() >= self.numel:
+            self.ops.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize("param_shape", [(), (1, 1, 1), (1, 6, 7), (6, 1)])
+def test_broadcast_parameter_gradients_are_not_scattered(param_shape):
+    """A scalar, per-channel or per-pixel log-variance (and a per-feature prior) reaches the op
+    as an expanded row: backward runs the op's gradient and one sum over the batch, with no
+    select/slice backward filling a B x N tensor of zeros first (the earlier row view did)."""
+    B = 64
+    mean = torch.randn(B, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(B, 3, 6, 7, dtype=torch.float64)
+    logvar = torch.zeros(param_shape, dtype=torch.float64, requires_grad=True)
+    mu = torch.randn(B, 8, dtype=torch.float64, requires_grad=True)
+    lv = torch.randn(B, 8, dtype=torch.float64, requires_grad=True)
+    prior_logvar = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+    for loss_fn, params, numel in [
+            (lambda: fv.gaussian_nll(mean, target, logvar), (mean, logvar), mean.numel()),
+            (lambda: fv.gaussian_kl(mu, lv, 0.5, prior_logvar), (mu, lv, prior_logvar),
+             mu.numel())]:
+        loss = loss_fn()
+        with _LargeAllocations(numel) as mode:
+            grads = torch.autograd.grad(loss, params)
+        assert not [op for op in mode.ops if "backward" in op or "zeros" in op or "fill" in op]
+        with fv.use_backend("torch"):
+            want = torch.autograd.grad(loss_fn(), params)
+        for got, ref in zip(grads, want, strict=True):
+            torch.testing.assert_close(got, ref)
