@@ -28,16 +28,16 @@ __all__ = [
 ]
 
 
-def _rows(t: Tensor, B: int, N: int) -> Tensor:
-    """``(B, *event)`` -> ``(B, N)``: a view when the strides allow, else a copy. A batch
-    dimension of stride 0 (a broadcast operand) stays broadcast: only one row is copied when
-    the event dimensions do not merge."""
-    if B > 1 and t.stride(0) == 0:
+def _rows(t: Tensor, *shape: int) -> Tensor:
+    """``(B, *event)`` -> ``(B, N)`` (or ``(K, B, *event)`` -> ``(K, B, N)``): a view when the
+    strides allow, else a copy. A leading dimension of stride 0 (a broadcast operand) stays
+    broadcast: only one slice is copied when the other dimensions do not merge."""
+    if shape[0] > 1 and t.stride(0) == 0:
         try:
-            return t.view(B, N)  # a view of a view: its gradient is never materialized twice
+            return t.view(shape)  # a view of a view: its gradient is never materialized twice
         except RuntimeError:
-            return t[0].reshape(1, N).expand(B, N)
-    return t.reshape(B, N)
+            return t[0].reshape(1, *shape[1:]).expand(shape)
+    return t.reshape(shape)
 
 
 def _broadcast_rows(t: Tensor, like: Tensor, B: int, N: int) -> Tensor:
@@ -46,8 +46,8 @@ def _broadcast_rows(t: Tensor, like: Tensor, B: int, N: int) -> Tensor:
     formed from ``t`` itself (at most N elements copied), expanded over the batch: autograd then
     sums the op's gradient over the batch once, with no B x N intermediate of its own."""
     if t.dim() < like.dim() or t.shape[0] == 1:
-        t = t.reshape(t.shape[1:] if t.dim() == like.dim() else t.shape)
-        return t.expand(like.shape[1:]).reshape(1, N).expand(B, N)
+        event = t[0] if t.dim() == like.dim() else t
+        return event.expand(like.shape[1:]).reshape(1, N).expand(B, N)
     return _rows(t.expand(like.shape), B, N)
 
 
@@ -336,8 +336,6 @@ def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: T
     backend = resolve(mu.device)
     B, N = _batch_and_event(mu)
     K = z.shape[0]
-    z_rows = z[0].reshape(1, B, N).expand(K, B, N) if K > 1 and z.stride(0) == 0 \
-        else z.reshape(K, B, N)
-    ll, _ = _ops.call(_ops.iwae_log_likelihood, log_px_given_z, z_rows, _rows(mu, B, N),
-                                     _rows(logvar, B, N), backend)
+    ll, _ = _ops.call(_ops.iwae_log_likelihood, log_px_given_z, _rows(z, K, B, N),
+                      _rows(mu, B, N), _rows(logvar, B, N), backend)
     return ll

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
 
 import fastvae as fv
-from fastvae import _backend, _validation, reference
+from fastvae import _backend, _ops, _validation, reference
 
 CUDA = torch.cuda.is_available()
 
@@ -173,6 +173,16 @@ def device(backend) -> torch.device:
 @pytest.fixture(params=DTYPES, ids=dtype_id)
 def dtype(request) -> torch.dtype:
     return request.param
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records every backend implementation a call reaches (a kernel about to run)."""
+    used = []
+    implementation = _ops.implementation
+    monkeypatch.setattr(_ops, "implementation", lambda name: used.append(name) or
+                        implementation(name))
+    return used
 
 
 @pytest.fixture(autouse=True)

@@ -12,20 +12,11 @@ import torch
 from conftest import BACKENDS, CUDA, device_for
 
 import fastvae as fv
-from fastvae import _backend, _ops
+from fastvae import _backend
 
 # torch.compile and opcheck go through torch.jit internals that warn about their own deprecation.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    used = []
-    implementation = _ops.implementation
-    monkeypatch.setattr(_ops, "implementation", lambda name: used.append(name) or
-                        implementation(name))
-    return used
 
 
 def _call(device="cpu"):

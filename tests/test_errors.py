@@ -10,7 +10,7 @@ import torch
 from conftest import BACKENDS, CUDA
 
 import fastvae as fv
-from fastvae import _backend, _ops
+from fastvae import _backend
 
 # ---------------------------------------------------------------------------------------------
 # The table: (id, call, exception type, words the message must contain)
@@ -202,16 +202,6 @@ BAD_INPUTS = [
 
 def _names_in(message: str, words: list[str]) -> list[str]:
     return [w for w in words if not re.search(rf"\b{re.escape(w)}\b", message)]
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Records every backend implementation a call reaches (a kernel about to run)."""
-    used = []
-    implementation = _ops.implementation
-    monkeypatch.setattr(_ops, "implementation", lambda name: used.append(name) or
-                        implementation(name))
-    return used
 
 
 @pytest.mark.parametrize(("call", "error", "words"),
