@@ -87,11 +87,13 @@ typedef struct fv_call {
  * operands. The enum fv_op, the checks of every call (both backends), the CPU kernel table, the
  * CUDA dtype rules and the table that fv_op_name() & co. export (which the Python loader checks
  * against its own) are all made from it. A new op is one more line at the end (codes are
- * positions: never reorder), plus its kernels.
+ * positions: never reorder), plus what runs it: its CPU kernels (cpu_kernels.inc), its case in
+ * run_typed (cuda.cu) and its NativeBackend method (Python); a missing one fails to build or,
+ * for the method, to load.
  *
  *   X(CODE, name, "inputs", "outputs", uses)
  *
- * CODE gives FV_OP_CODE; `name` is the op's name, also the name of its kernels. The inputs and
+ * CODE gives FV_OP_CODE; `name` is the op's name, also that of its CPU kernels. The inputs and
  * the outputs are operand names in slot order (in[0], in[1], ... / out[0], ...), separated by
  * spaces, each followed by its marks:
  *   ?   may be absent (data == NULL): an optional input; an output not wanted, so not computed
@@ -102,34 +104,34 @@ typedef struct fv_call {
  *   !   an input: the noise, drawn from the seed where absent; an output: made from the noise.
  *       A call needs the seed when it wants a ! output and does not give the ! input.
  *   (a b)?  a and b are given together or not at all
- * `uses`: the fv_call fields besides B, N, the operands and compute that the op reads, as
- * FV_USES_* bits (0: none); an op without FV_USES_K takes K = 1.
- * Shapes are (B, N) but for the samples -- (K, B, N): eps, z, grad_z, d_eps of reparameterize,
- * z and d_z of iwae; (K, B): log_px, log_w, d_log_px -- and the sums: (B,) -- kl (N,) with
- * reduce_dim 0 -- with their gradients (grad, grad_kl) as the sums. */
+ * `uses`: which of K, reduce_dim and scalar the op reads, as FV_USES_* bits (0: none); an op
+ * without FV_USES_K is called with K = 1.
+ * Shapes (their layout in a call: above): (B, N) but for (K, B, N): eps, z, grad_z, d_eps of
+ * reparameterize, z and d_z of iwae; (K, B): log_px, log_w, d_log_px; the sums and their
+ * gradients (grad, grad_kl): (B,), or (N,) with reduce_dim 0. */
 #define FV_USES_K 1           /* call->K samples */
 #define FV_USES_REDUCE_DIM 2  /* call->reduce_dim */
 #define FV_USES_SCALAR 4      /* call->scalar: gaussian_nll's log-variance when logvar is absent */
 #define FV_DRAWS_NOISE 8      /* not in FV_OPS: fv_op_flags() adds it for an op with ! marks */
 
-#define FV_OPS(X)                                                                                \
-    X(REPARAMETERIZE_FWD, reparameterize_fwd, "mu* logvar eps?!", "z!", FV_USES_K)               \
-    X(REPARAMETERIZE_BWD, reparameterize_bwd, "grad_z logvar* eps?!", "d_mu? d_logvar?! d_eps?",  \
-      FV_USES_K)                                                                                 \
-    X(GAUSSIAN_KL_FWD, gaussian_kl_fwd, "mu* logvar (prior_mu prior_logvar)?", "kl#",            \
-      FV_USES_REDUCE_DIM)                                                                        \
-    X(GAUSSIAN_KL_BWD, gaussian_kl_bwd, "grad# mu* logvar (prior_mu prior_logvar)?",             \
-      "d_mu? d_logvar? d_prior_mu? d_prior_logvar?", FV_USES_REDUCE_DIM)                         \
-    X(BERNOULLI_NLL_FWD, bernoulli_nll_fwd, "logits* target", "nll#", 0)                         \
-    X(BERNOULLI_NLL_BWD, bernoulli_nll_bwd, "grad# logits* target", "d_logits? d_target?", 0)    \
-    X(GAUSSIAN_NLL_FWD, gaussian_nll_fwd, "mean* target logvar?", "nll#", FV_USES_SCALAR)        \
-    X(GAUSSIAN_NLL_BWD, gaussian_nll_bwd, "grad# mean* target logvar?",                          \
-      "d_mean? d_target? d_logvar?", FV_USES_SCALAR)                                             \
-    X(SAMPLE_AND_KL_FWD, sample_and_kl_fwd, "mu* logvar", "z! kl#", FV_USES_REDUCE_DIM)          \
-    X(SAMPLE_AND_KL_BWD, sample_and_kl_bwd, "grad_z grad_kl# mu* logvar", "d_mu? d_logvar?!",    \
-      FV_USES_REDUCE_DIM)                                                                        \
-    X(IWAE_FWD, iwae_fwd, "log_px~ z* mu logvar", "ll# log_w#", FV_USES_K)                       \
-    X(IWAE_BWD, iwae_bwd, "grad# ll# log_w# z* mu logvar", "d_log_px?~ d_z? d_mu? d_logvar?",    \
+#define FV_OPS(X)                                                                                  \
+    X(REPARAMETERIZE_FWD, reparameterize_fwd, "mu* logvar eps?!", "z!", FV_USES_K)                 \
+    X(REPARAMETERIZE_BWD, reparameterize_bwd, "grad_z logvar* eps?!", "d_mu? d_logvar?! d_eps?",   \
+      FV_USES_K)                                                                                   \
+    X(GAUSSIAN_KL_FWD, gaussian_kl_fwd, "mu* logvar (prior_mu prior_logvar)?", "kl#",              \
+      FV_USES_REDUCE_DIM)                                                                          \
+    X(GAUSSIAN_KL_BWD, gaussian_kl_bwd, "grad# mu* logvar (prior_mu prior_logvar)?",               \
+      "d_mu? d_logvar? d_prior_mu? d_prior_logvar?", FV_USES_REDUCE_DIM)                           \
+    X(BERNOULLI_NLL_FWD, bernoulli_nll_fwd, "logits* target", "nll#", 0)                           \
+    X(BERNOULLI_NLL_BWD, bernoulli_nll_bwd, "grad# logits* target", "d_logits? d_target?", 0)      \
+    X(GAUSSIAN_NLL_FWD, gaussian_nll_fwd, "mean* target logvar?", "nll#", FV_USES_SCALAR)          \
+    X(GAUSSIAN_NLL_BWD, gaussian_nll_bwd, "grad# mean* target logvar?",                            \
+      "d_mean? d_target? d_logvar?", FV_USES_SCALAR)                                               \
+    X(SAMPLE_AND_KL_FWD, sample_and_kl_fwd, "mu* logvar", "z! kl#", FV_USES_REDUCE_DIM)            \
+    X(SAMPLE_AND_KL_BWD, sample_and_kl_bwd, "grad_z grad_kl# mu* logvar", "d_mu? d_logvar?!",      \
+      FV_USES_REDUCE_DIM)                                                                          \
+    X(IWAE_FWD, iwae_fwd, "log_px~ z* mu logvar", "ll# log_w#", FV_USES_K)                         \
+    X(IWAE_BWD, iwae_bwd, "grad# ll# log_w# z* mu logvar", "d_log_px?~ d_z? d_mu? d_logvar?",      \
       FV_USES_K)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,

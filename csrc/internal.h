@@ -13,8 +13,9 @@ int set_error(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3
 
 // ---------------------------------------------------------------------------------------------
 // The op table: FV_OPS (fastvae.h) parsed at compile time into kOps[op]. A malformed line is a
-// compile error whose "throw" names the fault. (Only cpu.cpp and cuda.cu read kOps; the kernels
-// of cpu_kernels.inc, compiled once per instruction set, take nothing from here but FV_OPS.)
+// compile error whose "throw" names the fault. Only cpu.cpp and cuda.cu use kOps: the kernels of
+// cpu_kernels.inc, compiled once per instruction set, take FV_OPS alone (an inline function
+// used there could reach the others as its AVX-512 copy).
 // ---------------------------------------------------------------------------------------------
 
 // The operands of one side (inputs or outputs) of an op, as its marks say. Bit i: slot i.
@@ -47,6 +48,7 @@ constexpr bool name_char(char ch) {
     return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_';
 }
 
+// The slots of one operand list of FV_OPS (its grammar: fastvae.h).
 constexpr Slots parse(const char* list, int max_slots) {
     Slots r;
     int group = -1;  // the first slot of an open "("

@@ -167,7 +167,7 @@ def _layout_mismatch(lib: ctypes.CDLL) -> str | None:
     for key, want in expected.items():
         got = lib.fv_layout(key.encode())
         if got != want:
-            diffs.append(f"{key}: {'unknown' if got < 0 else got} there, {want} here")
+            diffs.append(f"{key}: {'unknown' if got < 0 else got} in the library, {want} here")
     return "; ".join(diffs) or None
 
 

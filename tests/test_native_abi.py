@@ -159,11 +159,11 @@ def test_the_real_library_passes(load_doctored):
 
 @pytest.mark.parametrize(("change", "says"), [
     ({"fv_call": 8 + ctypes.sizeof(_native._Call)}, "fv_call: "),
-    ({"fv_tensor": 48}, "fv_tensor: 48 there, 40 here"),
-    ({"FV_MAX_IN": 7}, "FV_MAX_IN: 7 there, 6 here"),
-    ({"FV_MAX_OUT": 5}, "FV_MAX_OUT: 5 there"),
-    ({"fv_call.seed": 0}, "fv_call.seed: 0 there"),  # fields in another order
-    ({"fv_call.workspace_bytes": -1}, "fv_call.workspace_bytes: unknown there"),
+    ({"fv_tensor": 48}, "fv_tensor: 48 in the library, 40 here"),
+    ({"FV_MAX_IN": 7}, "FV_MAX_IN: 7 in the library, 6 here"),
+    ({"FV_MAX_OUT": 5}, "FV_MAX_OUT: 5 in the library"),
+    ({"fv_call.seed": 0}, "fv_call.seed: 0 in the library"),  # fields in another order
+    ({"fv_call.workspace_bytes": -1}, "fv_call.workspace_bytes: unknown in the library"),
 ])
 def test_a_different_layout_is_refused(load_doctored, change, says):
     lib, reason = load_doctored(fv_layout=_layout_but(**change))
