@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(_backend.unusable_reason("triton", torch.device(
                                 and not torch.cuda.is_available(),
                                 reason="triton cannot run here")
 
-iwae = pytest.importorskip("kernels.iwae")
+iwae = pytest.importorskip("fastvae.kernels.iwae")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ALL = [True, True, True, True]
@@ -138,7 +138,7 @@ def test_guards_across_chunk_boundaries(k_chunk):
 def test_default_chunking_fills_the_gpu(monkeypatch):
     """On a 132-SM GPU, B = 1000, N = 32 (8 row tiles) with K = 5000 is spread over K chunks
     too: at least 4 programs per SM, every chunk non-empty; one chunk under the interpreter."""
-    from kernels import _common
+    from fastvae.kernels import _common
 
     monkeypatch.setattr(_common, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
