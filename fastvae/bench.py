@@ -363,7 +363,11 @@ def device_name(device: torch.device) -> str:
 def run_report(device: torch.device, *, ops: Sequence[str], sizes: Sequence[tuple[int, int]],
                dtypes: Sequence[str], backends: Sequence[str] | None,
                directions: Sequence[str], with_compile: bool = True,
-               log: Callable[[str], None] = print) -> tuple[list[Row], float]:
+               log: Callable[[str], None] = print,
+               on_rows: Callable[[list[Row], float], None] | None = None,
+               ) -> tuple[list[Row], float]:
+    """Every case; ``on_rows(rows so far, bandwidth)`` after each (to save results as they
+    come, so that a run cut short keeps what it measured)."""
     bandwidth = copy_bandwidth(device)
     log(f"device-to-device copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
     rows: list[Row] = []
@@ -397,6 +401,8 @@ def run_report(device: torch.device, *, ops: Sequence[str], sizes: Sequence[tupl
                                         else None)
                         log(format_row(r))
                     rows.extend(group)
+                    if on_rows is not None:
+                        on_rows(rows, bandwidth)
     return rows, bandwidth
 
 
@@ -415,7 +421,7 @@ def format_row(r: Row) -> str:
 
 
 def write_results(rows: list[Row], bandwidth: float, device: torch.device, out_dir: Path,
-                  extra: dict | None = None) -> list[Path]:
+                  extra: dict | None = None, with_plot: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_name(device), "torch": torch.__version__,
             "fastvae": fv.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -434,7 +440,8 @@ def write_results(rows: list[Row], bandwidth: float, device: torch.device, out_d
             writer = csv.DictWriter(f, fieldnames=list(records[0]))
             writer.writeheader()
             writer.writerows(records)
-        paths.append(plot(rows, meta, out_dir / "roofline.png"))
+        if with_plot:
+            paths.append(plot(rows, meta, out_dir / "roofline.png"))
     return paths
 
 
@@ -617,13 +624,15 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"fastvae bench on {device_name(device)}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; backends {', '.join(backends or fv.backends())}")
     print(HEADER)
-    rows, bandwidth = run_report(device, ops=ops, sizes=sizes, dtypes=dtypes, backends=backends,
-                                 directions=directions, with_compile=not args.no_compile)
+    out = Path(args.out) if args.out else Path("benchmarks") / "results" / device_name(device)
+    rows, bandwidth = run_report(
+        device, ops=ops, sizes=sizes, dtypes=dtypes, backends=backends, directions=directions,
+        with_compile=not args.no_compile,
+        on_rows=lambda rows, bw: write_results(rows, bw, device, out, with_plot=False))
     train_steps = []
     if not args.no_train_step:
         for B, P in args.train_step or DEFAULT_TRAIN_STEP[device.type]:
             train_steps += run_train_step(device, B, P, backends, not args.no_compile)
-    out = Path(args.out) if args.out else Path("benchmarks") / "results" / device_name(device)
     paths = write_results(rows, bandwidth, device, out, {"train_step": train_steps})
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
