@@ -567,8 +567,7 @@ struct SampleAndKlBwd {
             noise(seed, b * N + j, ep);
 #pragma unroll
             for (int e = 0; e < E; ++e)
-                d[e] = std_times(T(0.5) * g[e] * ep[e], exp_(T(0.25) * l[e]))
-                       + gk[e] * half_expm1(l[e], T(0.5) * l[e]);
+                d[e] = sample_and_kl_grad_logvar(g[e], gk[e], ep[e], l[e], exp_(T(0.25) * l[e]));
             store(dlv, 0, b, j, N, d);
         }
     }

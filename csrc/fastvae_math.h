@@ -391,6 +391,16 @@ FV_HD T gaussian_nll_grad_logvar(T g, T r, T q) {
     return g * (T(0.5) - u * u);
 }
 
+// sample_and_kl's d/dlv = g_z e^(lv/2) eps / 2 + g_kl expm1(lv) / 2, from h = e^(lv/4). Where
+// the KL's part overflows (lv > 89.4 in float32) it dominates: a sample's part that overflows
+// too (lv > 177) is e^(lv/2) times smaller, and the sum is the KL's part (never inf - inf).
+template <class T>
+FV_HD T sample_and_kl_grad_logvar(T gz, T gkl, T eps, T lv, T h) {
+    const T kl_part = gkl * half_expm1(lv, T(0.5) * lv);
+    const T sum = std_times(T(0.5) * gz * eps, h) + kl_part;
+    return abs_(kl_part) == T(__builtin_huge_val()) ? kl_part : sum;
+}
+
 // Importance-weighted log-likelihood (IWAE), per element j of sample k of row b, with
 // q = quarter_scale(lv) (computed once per element of a row) and u = (z - mu) e^(-lv/2)
 // sqrt(1/2): the log-weight's term log N(z; 0, I) - log N(z; mu, e^lv)
@@ -438,7 +448,8 @@ FV_HD IwaeGrads<T> iwae_grads(T a, T z, T mu, T lv, T q, T em) {
     const T re = scaled_full(r, q);
     const T u = scaled_half(r, q);
     const T dz = (lv < T(1) && lv > T(-1)) ? r * em - mu : re - z;
-    return {a * dz, -(a * re), a * (T(0.5) - u * u)};
+    // a weight of exactly 0 contributes 0, also where a partial overflows (never 0 * inf)
+    return {a == T(0) ? T(0) : a * dz, a == T(0) ? T(0) : -(a * re), a * (T(0.5) - u * u)};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -264,6 +264,15 @@ def gaussian_nll_grads(mean: Tensor, target: Tensor,
     return -d_target, d_target, 0.5 - u * u
 
 
+def sample_and_kl_grad_logvar(gz: Tensor, gkl: Tensor, eps: Tensor, logvar: Tensor,
+                              d_kl_lv: Tensor) -> Tensor:
+    """g_z e^(lv/2) eps / 2 + g_kl expm1(lv) / 2. Where the KL's part overflows (lv > 89.4 in
+    float32), it dominates: a sample's part that overflows too (lv > 177) is e^(lv/2) times
+    smaller, and their sum is the KL's part (never inf - inf)."""
+    kl_part = gkl * d_kl_lv
+    return torch.where(kl_part.isinf(), kl_part, std_times(0.5 * gz * eps, logvar) + kl_part)
+
+
 def iwae_terms(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     """log N(z; 0, I) - log N(z; mu, e^lv) per element = u^2 + lv / 2 - (z sqrt(1/2))^2,
     u = (z - mu) e^(-lv/2) sqrt(1/2) (the 2 pi terms cancel)."""
@@ -476,7 +485,7 @@ def sample_and_kl_bwd(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tenso
     gz, gkl = _up(grad_z), _grad_rows(grad_kl, reduce_dim)
     mu_c, lv_c = _up(mu), _up(logvar)
     d_kl_mu, d_kl_lv, _, _ = kl_grads(mu_c, lv_c)
-    grads = (gz + gkl * d_kl_mu, std_times(0.5 * gz * eps, lv_c) + gkl * d_kl_lv)
+    grads = (gz + gkl * d_kl_mu, sample_and_kl_grad_logvar(gz, gkl, eps, lv_c, d_kl_lv))
     return _cast_needed(grads, needs, mu)
 
 
@@ -491,7 +500,9 @@ def iwae_bwd(grad: Tensor, out: Tensor, log_w: Tensor, log_px: Tensor, z: Tensor
     K = z.shape[0]
     a = grad * torch.exp(log_w - (out + math.log(K)))  # (K, B): g times the normalized weights
     d_z, d_mu, d_lv = iwae_grad_parts(_up(z), _up(mu), _up(logvar))
+    # a weight of exactly 0 contributes 0, also where a partial overflows (never 0 * inf)
     a3 = a.unsqueeze(-1)
-    grads = [a, a3 * d_z, (a3 * d_mu).sum(0), (a3 * d_lv).sum(0)]
+    d_z, d_mu = (torch.where(a3 == 0, 0.0, a3 * d) for d in (d_z, d_mu))
+    grads = [a, d_z, d_mu.sum(0), (a3 * d_lv).sum(0)]
     like = (log_px, z, mu, logvar)
     return [g.to(t.dtype) for g, t, need in zip(grads, like, needs, strict=True) if need]

@@ -168,6 +168,12 @@ def iwae_term(z, mu, lv, q):
 
 
 @triton.jit
+def times_weight(a, p):
+    """a * p for an IWAE weight a: exactly 0 for a = 0, also where the partial p overflows."""
+    return tl.where(a == 0.0, 0.0, a * p)
+
+
+@triton.jit
 def iwae_grad_parts(z, mu, lv, q, em):
     """The partials of one log-weight in (z, mu, lv), from q = quarter_scale(lv) and
     em = expm1_neg_small(lv): ((z - mu) e^-lv - z, -(z - mu) e^-lv, 1/2 - u^2); the first

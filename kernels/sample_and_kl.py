@@ -73,7 +73,10 @@ def _sample_and_kl_bwd_kernel(
     if NEED_LV:
         lv = load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE)
         eps = tl.randn(tl.load(seed_ptr), rows[:, None] * N + cols[None, :]).to(DTYPE)
-        d_lv = std_times(0.5 * gz * eps, tl.exp(0.25 * lv)) + gkl * half_expm1(lv, 0.5 * lv, DTYPE)
+        kl_part = gkl * half_expm1(lv, 0.5 * lv, DTYPE)
+        d_lv = std_times(0.5 * gz * eps, tl.exp(0.25 * lv)) + kl_part
+        # where the KL's part overflows it dominates (never inf - inf)
+        d_lv = tl.where(tl.abs(kl_part) == float("inf"), kl_part, d_lv)
         store(dlv_ptr, rows, cols, N, d_lv, mask)
 
 
