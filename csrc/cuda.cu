@@ -310,13 +310,13 @@ struct ReparameterizeFwd {
         load(mu, 0, b, j, N, m);
         load(lv, 0, b, j, N, l);
 #pragma unroll
-        for (int e = 0; e < E; ++e) sd[e] = exp_(T(0.5) * l[e]);
+        for (int e = 0; e < E; ++e) sd[e] = exp_(T(0.25) * l[e]);  // see std_times
         for (int64_t k = 0; k < K; ++k) {
             T ep[E], zv[E];
             if (eps.p) load(eps, k, b, j, N, ep);
             else noise(seed, (k * B + b) * N + j, ep);
 #pragma unroll
-            for (int e = 0; e < E; ++e) zv[e] = m[e] + sd[e] * ep[e];
+            for (int e = 0; e < E; ++e) zv[e] = m[e] + std_times(ep[e], sd[e]);
             store(z, k, b, j, N, zv);
         }
     }
@@ -333,7 +333,7 @@ struct ReparameterizeBwd {
         load(lv, 0, b, j, N, l);
 #pragma unroll
         for (int e = 0; e < E; ++e) {
-            sd[e] = exp_(T(0.5) * l[e]);
+            sd[e] = exp_(T(0.25) * l[e]);  // see std_times
             gs[e] = T(0);
             ges[e] = T(0);
         }
@@ -352,7 +352,7 @@ struct ReparameterizeBwd {
             if (deps.p) {
                 T d[E];
 #pragma unroll
-                for (int e = 0; e < E; ++e) d[e] = gv[e] * sd[e];
+                for (int e = 0; e < E; ++e) d[e] = std_times(gv[e], sd[e]);
                 store(deps, k, b, j, N, d);
             }
         }
@@ -360,7 +360,7 @@ struct ReparameterizeBwd {
         if (dlv.p) {
             T d[E];
 #pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = T(0.5) * sd[e] * ges[e];
+            for (int e = 0; e < E; ++e) d[e] = std_times(T(0.5) * ges[e], sd[e]);
             store(dlv, 0, b, j, N, d);
         }
     }
@@ -484,7 +484,7 @@ struct GaussianNllFwd {
         }
 #pragma unroll
         for (int e = 0; e < E; ++e)
-            v[e] = j + e < N ? gaussian_nll(xv[e] - mv[e], inv_std_of(l[e]), l[e]) : T(0);
+            v[e] = j + e < N ? gaussian_nll(xv[e] - mv[e], quarter_scale(l[e]), l[e]) : T(0);
     }
 };
 
@@ -510,7 +510,7 @@ struct GaussianNllBwd {
         if (dm.p || dx.p) {
 #pragma unroll
             for (int e = 0; e < E; ++e)
-                d[e] = gaussian_nll_grad_target(gv[e], xv[e] - mv[e], inv_std_of(l[e]));
+                d[e] = gaussian_nll_grad_target(gv[e], xv[e] - mv[e], quarter_scale(l[e]));
             if (dx.p) store(dx, 0, b, j, N, d);
 #pragma unroll
             for (int e = 0; e < E; ++e) d[e] = -d[e];
@@ -519,7 +519,7 @@ struct GaussianNllBwd {
         if (dlv.p) {
 #pragma unroll
             for (int e = 0; e < E; ++e)
-                d[e] = gaussian_nll_grad_logvar(gv[e], xv[e] - mv[e], inv_std_of(l[e]));
+                d[e] = gaussian_nll_grad_logvar(gv[e], xv[e] - mv[e], quarter_scale(l[e]));
             store(dlv, 0, b, j, N, d);
         }
     }
@@ -538,7 +538,7 @@ struct SampleAndKlFwd {
         noise(seed, b * N + j, ep);
 #pragma unroll
         for (int e = 0; e < E; ++e) {
-            zv[e] = m[e] + exp_(T(0.5) * l[e]) * ep[e];
+            zv[e] = m[e] + std_times(ep[e], exp_(T(0.25) * l[e]));
             v[e] = j + e < N ? kl_standard(m[e], l[e]) : T(0);
         }
         store(z, 0, b, j, N, zv);
@@ -570,7 +570,7 @@ struct SampleAndKlBwd {
             noise(seed, b * N + j, ep);
 #pragma unroll
             for (int e = 0; e < E; ++e)
-                d[e] = T(0.5) * (exp_(T(0.5) * l[e]) * ep[e] * g[e] + gk[e] * expm1_(l[e]));
+                d[e] = sample_and_kl_grad_logvar(g[e], gk[e], ep[e], l[e], exp_(T(0.25) * l[e]));
             store(dlv, 0, b, j, N, d);
         }
     }
@@ -590,7 +590,7 @@ struct IwaeTerms {
         load(lv, 0, b, j, N, l);
 #pragma unroll
         for (int e = 0; e < E; ++e)
-            v[e] = j + e < N ? iwae_term(zv[e], m[e], l[e], exp_(T(-0.5) * l[e])) : T(0);
+            v[e] = j + e < N ? iwae_term(zv[e], m[e], l[e], quarter_scale(l[e])) : T(0);
     }
 };
 
@@ -631,7 +631,7 @@ struct IwaeBwd {
         if (!write_lpx && !need_z) return;
         const T gv = g.p[b * g.sb];
         const T lse = ll.p[b * ll.sb] + log_k;
-        T m[E], l[E], isd[E], sm[E], sl[E];
+        T m[E], l[E], q[E], em[E], sm[E], sl[E];
         if (need_z) {
             load(mu, 0, b, j, N, m);
             load(lv, 0, b, j, N, l);
@@ -641,7 +641,8 @@ struct IwaeBwd {
         }
 #pragma unroll
         for (int e = 0; e < E; ++e) {
-            isd[e] = exp_(T(-0.5) * l[e]);
+            q[e] = quarter_scale(l[e]);
+            em[e] = expm1_neg_small(l[e]);
             sm[e] = T(0);
             sl[e] = T(0);
         }
@@ -653,7 +654,7 @@ struct IwaeBwd {
             load(z, k, b, j, N, zv);
 #pragma unroll
             for (int e = 0; e < E; ++e) {
-                const IwaeGrads<T> r = iwae_grads(a, zv[e], m[e], isd[e]);
+                const IwaeGrads<T> r = iwae_grads(a, zv[e], m[e], l[e], q[e], em[e]);
                 d[e] = r.z;
                 sm[e] += r.mu;
                 sl[e] += r.lv;

@@ -8,10 +8,14 @@
 // Contents:
 //   * float32 primitives exp, log, log1p on [0, 1], expm1, cos, written as polynomials (about
 //     1 ulp; IEEE special values: inf, nan, zero, subnormals); float64 uses the C library;
-//   * expm1mx(x) = expm1(x) - x by its Taylor series for |x| < 0.5 (the series of
+//   * expm1 and expm1(x) - x, halved, by their Taylor series for |x| < 1 (the series of
 //     fastvae.reference / kernels/_common.py), so the KL of a tiny log-variance stays accurate;
+//   * the scalings that keep intermediates finite wherever the result is (e^x / 2 as
+//     (e^(x/2) / 2) e^(x/2); r e^(-lv/2) as (r q) q with q = e^(-lv/4), clamped);
 //   * the formulas of each op and of its derivatives (kl_*, bernoulli_*, gaussian_nll_*,
-//     iwae_*: the log-weight terms, the guarded online log-sum-exp, the gradients);
+//     iwae_*: the log-weight terms, the guarded online log-sum-exp, the gradients), written
+//     so that no intermediate overflows where the result does not and no result is formed by
+//     cancelling nearly equal numbers where it is well conditioned (docs/numerics.md);
 //   * Philox4x32-10 and Box-Muller exactly as Triton's tl.randn(seed, offset): the integers
 //     bit for bit, the normal to float rounding;
 //   * float16 / bfloat16 <-> float32 conversions (round to nearest even), bit manipulation only.
@@ -140,22 +144,41 @@ FV_HD float log1p_unit_f32(float x) {
     return log1p_core_f32(f, upper ? 1.0f : 0.0f);
 }
 
-// (expm1(x) - x) / x^2 = sum_{k>=2} x^(k-2) / k!, truncated after 1/13!; accurate for |x| < 0.5.
-// The coefficients and the evaluation order are those of fastvae.reference and kernels/.
-template <class T>
-FV_HD T expm1_tail(T x) {
-    T acc = T(1.6059043836821613e-10);
-    acc = acc * x + T(2.08767569878681e-09);
-    acc = acc * x + T(2.505210838544172e-08);
-    acc = acc * x + T(2.755731922398589e-07);
-    acc = acc * x + T(2.7557319223985893e-06);
-    acc = acc * x + T(2.48015873015873e-05);
-    acc = acc * x + T(0.0001984126984126984);
-    acc = acc * x + T(0.001388888888888889);
-    acc = acc * x + T(0.008333333333333333);
-    acc = acc * x + T(0.041666666666666664);
-    acc = acc * x + T(0.16666666666666666);
-    acc = acc * x + T(0.5);
+// (expm1(x) - x) / x^2 = sum_{k>=2} x^(k-2) / k!, accurate for |x| <= 1: float32 stops after
+// 1/11! (the next term, x^10 / 12!, is below 0.1 ulp), float64 after 1/18!. The coefficients
+// and the evaluation order are those of fastvae.reference and kernels/.
+FV_HD float expm1_tail(float x) {
+    float acc = 2.505210838544172e-08f;
+    acc = acc * x + 2.755731922398589e-07f;
+    acc = acc * x + 2.7557319223985893e-06f;
+    acc = acc * x + 2.48015873015873e-05f;
+    acc = acc * x + 0.0001984126984126984f;
+    acc = acc * x + 0.001388888888888889f;
+    acc = acc * x + 0.008333333333333333f;
+    acc = acc * x + 0.041666666666666664f;
+    acc = acc * x + 0.16666666666666666f;
+    acc = acc * x + 0.5f;
+    return acc;
+}
+
+FV_HD double expm1_tail(double x) {
+    double acc = 1.5619206968586225e-16;
+    acc = acc * x + 2.8114572543455206e-15;
+    acc = acc * x + 4.779477332387385e-14;
+    acc = acc * x + 7.647163731819816e-13;
+    acc = acc * x + 1.1470745597729725e-11;
+    acc = acc * x + 1.6059043836821613e-10;
+    acc = acc * x + 2.08767569878681e-09;
+    acc = acc * x + 2.505210838544172e-08;
+    acc = acc * x + 2.755731922398589e-07;
+    acc = acc * x + 2.7557319223985893e-06;
+    acc = acc * x + 2.48015873015873e-05;
+    acc = acc * x + 0.0001984126984126984;
+    acc = acc * x + 0.001388888888888889;
+    acc = acc * x + 0.008333333333333333;
+    acc = acc * x + 0.041666666666666664;
+    acc = acc * x + 0.16666666666666666;
+    acc = acc * x + 0.5;
     return acc;
 }
 
@@ -201,36 +224,78 @@ FV_HD float sqrt_(float x) {
 FV_HD double exp_(double x) { return ::exp(x); }
 FV_HD double log_(double x) { return ::log(x); }
 FV_HD double log1p_unit(double x) { return ::log1p(x); }
-FV_HD double expm1_lib(double x) { return ::expm1(x); }
 #else
 FV_HD double exp_(double x) { return std::exp(x); }
 FV_HD double log_(double x) { return std::log(x); }
 FV_HD double log1p_unit(double x) { return std::log1p(x); }
-FV_HD double expm1_lib(double x) { return std::expm1(x); }
 #endif
 
-// expm1(x): the series below |x| < 0.5, exp(x) - 1 above (no cancellation there).
-FV_HD float expm1_(float x) {
-    const float series = x + x * x * expm1_tail(x);
-    const float direct = exp_f32(x) - 1.0f;
-    return (x < 0.5f && x > -0.5f) ? series : direct;
-}
-FV_HD double expm1_(double x) { return expm1_lib(x); }
+// Where q = e^(-lv/4) stops growing (quarter_scale): beyond it any nonzero residual, even the
+// smallest subnormal, overflows the result anyway, and e^clamp itself is finite.
+FV_HD float exp_clamp(float) { return 80.0f; }
+FV_HD double exp_clamp(double) { return 600.0; }
 
-// expm1(x) - x without the cancellation of the direct form near 0, and +inf at x = +inf.
-template <class T>
-FV_HD T expm1mx(T x) {
-    const T series = x * x * expm1_tail(x);
-    T direct = expm1_(x) - x;
-    direct = x == T(__builtin_huge_val()) ? x : direct;
-    return (x < T(0.5) && x > T(-0.5)) ? series : direct;
-}
-
-template <class T>
-FV_HD T max0(T x) { return x > T(0) ? x : T(0); }
+constexpr double kSqrtHalf = 0.7071067811865476;
 
 template <class T>
 FV_HD T abs_(T x) { return x < T(0) ? -x : x; }
+
+// e^x / 2 as (e^(x/2) / 2) e^(x/2): finite wherever e^x / 2 is (e^x alone overflows first).
+template <class T>
+FV_HD T half_exp(T x) {
+    const T h = exp_(T(0.5) * x);
+    return (T(0.5) * h) * h;
+}
+
+// expm1(d) / 2, given d and hd = d / 2: the series for |d| < 1, e^d / 2 - 1/2 beyond.
+template <class T>
+FV_HD T half_expm1(T d, T hd) {
+    const T series = hd + hd * d * expm1_tail(d);
+    const T direct = half_exp(d) - T(0.5);
+    return (d < T(1) && d > T(-1)) ? series : direct;
+}
+
+// (expm1(d) - d) / 2, given d and hd = d / 2: hd d tail(d) for |d| < 1, e^d / 2 - (1/2 + hd)
+// beyond (+inf at d = +inf, not inf - inf). hd is exact where d overflows: the KL takes
+// d = lv - plv as lv / 2 - plv / 2.
+template <class T>
+FV_HD T half_expm1mx(T d, T hd) {
+    const T series = hd * d * expm1_tail(d);
+    T direct = half_exp(d) - (T(0.5) + hd);
+    direct = d == T(__builtin_huge_val()) ? d : direct;
+    return (d < T(1) && d > T(-1)) ? series : direct;
+}
+
+// expm1(-lv) for |lv| < 1 (the IWAE gradient in z near lv = 0); anything beyond.
+template <class T>
+FV_HD T expm1_neg_small(T lv) {
+    const T x = -lv;
+    return x + x * x * expm1_tail(x);
+}
+
+// q = e^(-lv/4), the exponent clamped at exp_clamp (NaN passes): a residual r scaled as
+// (r q) q = r e^(-lv/2) or ((r q) q q) q = r e^(-lv) never overflows where the product does
+// not, and r = 0 gives exactly 0 (never 0 * inf).
+template <class T>
+FV_HD T quarter_scale(T lv) {
+    T x = T(-0.25) * lv;
+    x = x > exp_clamp(x) ? exp_clamp(x) : x;
+    return exp_(x);
+}
+
+// u = r e^(-lv/2) sqrt(1/2) from q = quarter_scale(lv): u^2 = r^2 e^(-lv) / 2, squared after
+// the scaling and the halving.
+template <class T>
+FV_HD T scaled_half(T r, T q) { return (r * q) * (q * T(kSqrtHalf)); }
+
+// r e^(-lv) from q = quarter_scale(lv).
+template <class T>
+FV_HD T scaled_full(T r, T q) { return (((r * q) * q) * q) * q; }
+
+// t e^(lv/2) from h = e^(lv/4), as (t h) h: finite wherever the product is (for normal t),
+// exactly 0 for t = 0.
+template <class T>
+FV_HD T std_times(T t, T h) { return t == T(0) ? T(0) : (t * h) * h; }
 
 // ---------------------------------------------------------------------------------------------
 // The ops' formulas (T = float or double)
@@ -238,83 +303,114 @@ FV_HD T abs_(T x) { return x < T(0) ? -x : x; }
 
 constexpr double kLog2Pi = 1.8378770664093453;
 
-// Gaussian KL, standard prior: 0.5 * (mu^2 + expm1(lv) - lv).
+// Gaussian KL, standard prior: (mu sqrt(1/2))^2 + (expm1(lv) - lv) / 2.
 template <class T>
-FV_HD T kl_standard(T mu, T lv) { return T(0.5) * (mu * mu + expm1mx(lv)); }
+FV_HD T kl_standard(T mu, T lv) {
+    const T u = mu * T(kSqrtHalf);
+    return u * u + half_expm1mx(lv, T(0.5) * lv);
+}
 
-// Gaussian KL against N(pm, e^plv): with s = (mu - pm) e^(-plv/2) and d = lv - plv,
-// 0.5 * (s^2 + expm1(d) - d).
+// Gaussian KL against N(pm, e^plv): with u = (mu - pm) e^(-plv/2) sqrt(1/2) and d = lv - plv
+// (taken as d / 2 = lv / 2 - plv / 2, which does not overflow), u^2 + (expm1(d) - d) / 2.
 template <class T>
 FV_HD T kl_prior(T mu, T lv, T pm, T plv) {
-    const T s = (mu - pm) * exp_(T(-0.5) * plv);
-    return T(0.5) * (s * s + expm1mx(lv - plv));
+    const T u = scaled_half(mu - pm, quarter_scale(plv));
+    const T hd = T(0.5) * lv - T(0.5) * plv;
+    return u * u + half_expm1mx(hd + hd, hd);
 }
 
 // Derivatives of the KL times an incoming gradient g:
 //   d/dmu = g (mu - pm) e^-plv = -d/dpm,  d/dlv = g expm1(d) / 2,
-//   d/dplv = -g (expm1(d) + s^2) / 2.
+//   d/dplv = -g (expm1(d) / 2 + u^2).
 // (One function per derivative: GCC vectorizes a loop with one output stream, not one loop
 // writing four.) The standard prior is pm = plv = 0.
 template <class T>
 FV_HD T kl_grad_mu(T g, T mu, T pm, T plv) {
-    const T inv_pstd = exp_(T(-0.5) * plv);
-    return g * ((mu - pm) * inv_pstd) * inv_pstd;
+    return g * scaled_full(mu - pm, quarter_scale(plv));
 }
 
 template <class T>
-FV_HD T kl_grad_logvar(T g, T lv, T plv) { return g * T(0.5) * expm1_(lv - plv); }
+FV_HD T kl_grad_logvar(T g, T lv, T plv) {
+    const T hd = T(0.5) * lv - T(0.5) * plv;
+    return g * half_expm1(hd + hd, hd);
+}
 
 template <class T>
 FV_HD T kl_grad_prior_logvar(T g, T mu, T lv, T pm, T plv) {
-    const T s = (mu - pm) * exp_(T(-0.5) * plv);
-    return -g * T(0.5) * (expm1_(lv - plv) + s * s);
+    const T u = scaled_half(mu - pm, quarter_scale(plv));
+    const T hd = T(0.5) * lv - T(0.5) * plv;
+    return -g * (half_expm1(hd + hd, hd) + u * u);
 }
 
-// Bernoulli NLL from logits: max(l, 0) - l x + log1p(exp(-|l|)).
+// Bernoulli NLL from logits, with t = e^(-|l|) and a = 1 - x for l >= 0, x below:
+// |l| a + log1p(t) (max(l, 0) - l x without its cancellation). An infinite logit gives the
+// limit for a hard target (a = 0: 0, never inf * 0; a = 1: inf) and NaN for a target strictly
+// inside (0, 1).
 template <class T>
-FV_HD T bernoulli_nll(T l, T x) { return max0(l) - l * x + log1p_unit(exp_(-abs_(l))); }
+FV_HD bool bernoulli_nonhard_inf(T l, T x) {
+    return (abs_(l) == T(__builtin_huge_val())) & (x > T(0)) & (x < T(1));
+}
 
-// sigmoid(l) from t = exp(-|l|): 1 / (1 + t) for l >= 0, t / (1 + t) below (no overflow).
 template <class T>
-FV_HD T sigmoid_(T l) {
+FV_HD T bernoulli_nll(T l, T x) {
+    const T al = abs_(l);
+    const T a = l >= T(0) ? T(1) - x : x;
+    const T weighted = a == T(0) ? T(0) : al * a;
+    const T v = weighted + log1p_unit(exp_(-al));
+    return bernoulli_nonhard_inf(l, x) ? T(__builtin_nan("")) : v;
+}
+
+// d nll / dl = g (sigmoid(l) - x), taken without cancellation: with p = sigmoid(-|l|) =
+// t / (1 + t), (1 - x) - p for l >= 0 and p - x below (sigmoid(17) - 1 = -4.1e-8, not 0).
+// d nll / dx = -g l.
+template <class T>
+FV_HD T bernoulli_grad_logits(T g, T l, T x) {
     const T t = exp_(-abs_(l));
-    const T r = T(1) / (T(1) + t);
-    return l >= T(0) ? r : t * r;
+    const T p = t / (T(1) + t);
+    T d = l >= T(0) ? (T(1) - x) - p : p - x;
+    d = bernoulli_nonhard_inf(l, x) ? T(__builtin_nan("")) : d;
+    return g * d;
 }
 
-// d nll / dl = g (sigmoid(l) - x);  d nll / dx = -g l.
+// Gaussian NLL, in terms of r = x - m and q = quarter_scale(lv) (one exp per log-variance, so
+// a scalar log-variance costs one exp per call): with u = r e^(-lv/2) sqrt(1/2),
+// lv / 2 + log(2 pi) / 2 + u^2 (a zero residual adds exactly 0, whatever lv).
 template <class T>
-FV_HD T bernoulli_grad_logits(T g, T l, T x) { return g * (sigmoid_(l) - x); }
-
-// Gaussian NLL, in terms of r = x - m and inv_std = e^(-lv/2) (one exp per log-variance, so a
-// scalar log-variance costs one exp per call): with s = r inv_std, 0.5 (lv + s^2 + log 2 pi).
-template <class T>
-FV_HD T inv_std_of(T lv) { return exp_(T(-0.5) * lv); }
-
-template <class T>
-FV_HD T gaussian_nll(T r, T inv_std, T lv) {
-    const T s = r * inv_std;
-    return T(0.5) * (lv + s * s + T(kLog2Pi));
+FV_HD T gaussian_nll(T r, T q, T lv) {
+    const T u = scaled_half(r, q);
+    return (T(0.5) * lv + T(0.5 * kLog2Pi)) + u * u;
 }
 
-// d/dx = g s inv_std = -d/dm,  d/dlv = g (1 - s^2) / 2.
+// d/dx = g r e^-lv = -d/dm,  d/dlv = g (1/2 - u^2).
 template <class T>
-FV_HD T gaussian_nll_grad_target(T g, T r, T inv_std) { return g * (r * inv_std) * inv_std; }
+FV_HD T gaussian_nll_grad_target(T g, T r, T q) { return g * scaled_full(r, q); }
 
 template <class T>
-FV_HD T gaussian_nll_grad_logvar(T g, T r, T inv_std) {
-    const T s = r * inv_std;
-    return g * T(0.5) * (T(1) - s * s);
+FV_HD T gaussian_nll_grad_logvar(T g, T r, T q) {
+    const T u = scaled_half(r, q);
+    return g * (T(0.5) - u * u);
+}
+
+// sample_and_kl's d/dlv = g_z e^(lv/2) eps / 2 + g_kl expm1(lv) / 2, from h = e^(lv/4). Where
+// the KL's part overflows (lv > 89.4 in float32) it dominates: a sample's part that overflows
+// too (lv > 177) is e^(lv/2) times smaller, and the sum is the KL's part (never inf - inf).
+template <class T>
+FV_HD T sample_and_kl_grad_logvar(T gz, T gkl, T eps, T lv, T h) {
+    const T kl_part = gkl * half_expm1(lv, T(0.5) * lv);
+    const T sum = std_times(T(0.5) * gz * eps, h) + kl_part;
+    return abs_(kl_part) == T(__builtin_huge_val()) ? kl_part : sum;
 }
 
 // Importance-weighted log-likelihood (IWAE), per element j of sample k of row b, with
-// inv_std = e^(-lv/2) (computed once per element of a row) and s = (z - mu) inv_std:
-// the log-weight's term log N(z; 0, I) - log N(z; mu, e^lv) = 0.5 (s^2 + lv - z^2) (the 2 pi
-// terms cancel); log_w[k, b] = log_px[k, b] + the sum of the terms over j.
+// q = quarter_scale(lv) (computed once per element of a row) and u = (z - mu) e^(-lv/2)
+// sqrt(1/2): the log-weight's term log N(z; 0, I) - log N(z; mu, e^lv)
+// = u^2 - (z sqrt(1/2))^2 + lv / 2 (the 2 pi terms cancel; z = mu adds exactly lv / 2 - z^2 / 2,
+// whatever lv); log_w[k, b] = log_px[k, b] + the sum of the terms over j.
 template <class T>
-FV_HD T iwae_term(T z, T mu, T lv, T inv_std) {
-    const T s = (z - mu) * inv_std;
-    return T(0.5) * (s * s + lv - z * z);
+FV_HD T iwae_term(T z, T mu, T lv, T q) {
+    const T u = scaled_half(z - mu, q);
+    const T zh = z * T(kSqrtHalf);
+    return (u * u - zh * zh) + T(0.5) * lv;
 }
 
 // One step of the online log-sum-exp over the samples k, in order: `m` the running maximum
@@ -339,15 +435,21 @@ FV_HD T iwae_ll(T m, T r, T log_k) { return m + log_(r) - log_k; }
 template <class T>
 FV_HD T iwae_weight(T g, T w, T lse) { return g * exp_(w - lse); }
 
-// Per-element gradients for one sample with weight a: d/dz = a (s inv_std - z) and the terms
-// summed over k for d/dmu = -sum_k a s inv_std and d/dlv = sum_k a (1 - s^2) / 2.
+// Per-element gradients for one sample with weight a, from q = quarter_scale(lv) and
+// em = expm1_neg_small(lv): d/dz = a ((z - mu) e^-lv - z), taken as a ((z - mu) expm1(-lv) - mu)
+// for |lv| < 1 where the first form cancels; the terms summed over k for
+// d/dmu = -sum_k a (z - mu) e^-lv and d/dlv = sum_k a (1/2 - u^2).
 template <class T>
 struct IwaeGrads { T z, mu, lv; };
 
 template <class T>
-FV_HD IwaeGrads<T> iwae_grads(T a, T z, T mu, T inv_std) {
-    const T s = (z - mu) * inv_std;
-    return {a * (s * inv_std - z), -(a * s * inv_std), a * T(0.5) * (T(1) - s * s)};
+FV_HD IwaeGrads<T> iwae_grads(T a, T z, T mu, T lv, T q, T em) {
+    const T r = z - mu;
+    const T re = scaled_full(r, q);
+    const T u = scaled_half(r, q);
+    const T dz = (lv < T(1) && lv > T(-1)) ? r * em - mu : re - z;
+    // a weight of exactly 0 contributes 0, also where a partial overflows (never 0 * inf)
+    return {a == T(0) ? T(0) : a * dz, a == T(0) ? T(0) : -(a * re), a * (T(0.5) - u * u)};
 }
 
 // ---------------------------------------------------------------------------------------------

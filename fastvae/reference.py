@@ -93,23 +93,89 @@ def noise(seed: Tensor | int, shape: tuple[int, ...], device: torch.device | str
 # Per-element formulas
 # ---------------------------------------------------------------------------------------------
 
-# 1/k! for k = 2..13: expm1(x) - x = x**2 * (1/2! + x/3! + x**2/4! + ...)
-_EXPM1_SERIES = [1.0 / math.factorial(k) for k in range(2, 14)]
+# The per-element formulas follow two rules (see docs/numerics.md):
+#
+# * No intermediate overflows where the result does not. Halvings happen inside an exponent
+#   (e^x / 2 = (e^(x/2) / 2) * e^(x/2), finite up to x = 2 ln(2 max)); a residual r is scaled by
+#   e^(-lv/2) as (r q) q with q = e^(-lv/4) (and by e^(-lv) as ((r q) q q) q) before it is squared,
+#   and squared as (s sqrt(1/2))^2 when the formula halves the square; q's exponent is clamped
+#   (at 80 in float32, 600 in float64) where any nonzero residual overflows anyway, so that a
+#   zero residual gives exactly 0, never 0 * inf.
+# * No result is formed by cancelling nearly equal numbers where the result itself is well
+#   conditioned: the Bernoulli gradient takes (1 - x) - sigmoid(-|l|) or sigmoid(-|l|) - x by the
+#   sign of l; expm1 and expm1(x) - x run on a Taylor series for |x| < 1; the IWAE gradient in z
+#   is (z - mu) expm1(-lv) - mu for |lv| < 1.
+
+# 1/k! for k = 2..11 (float32: the first term left out, x^10 / 12!, is below 0.1 ulp for
+# |x| <= 1) and k = 2..18 (float64: x^17 / 19! < 0.1 ulp).
+_EXPM1_SERIES = {
+    torch.float32: [1.0 / math.factorial(k) for k in range(2, 12)],
+    torch.float64: [1.0 / math.factorial(k) for k in range(2, 19)],
+}
+# Where q = e^(-lv/4) stops growing: beyond it any nonzero residual (>= the smallest subnormal)
+# overflows the result anyway; e^EXP_CLAMP itself stays finite.
+EXP_CLAMP = {torch.float32: 80.0, torch.float64: 600.0}
+SQRT_HALF = math.sqrt(0.5)
+
+
+def _series(dtype: torch.dtype) -> list[float]:
+    return _EXPM1_SERIES[torch.float64 if dtype == torch.float64 else torch.float32]
 
 
 def _expm1_tail(x: Tensor) -> Tensor:
-    """(expm1(x) - x) / x**2 by its Taylor series; accurate for |x| < 0.5."""
-    acc = torch.full_like(x, _EXPM1_SERIES[-1])
-    for c in reversed(_EXPM1_SERIES[:-1]):
+    """(expm1(x) - x) / x**2 by its Taylor series; accurate for |x| <= 1."""
+    coeffs = _series(x.dtype)
+    acc = torch.full_like(x, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
         acc = acc * x + c
     return acc
+
+
+def half_exp(x: Tensor) -> Tensor:
+    """e^x / 2 as (e^(x/2) / 2) * e^(x/2): finite wherever e^x / 2 is."""
+    h = torch.exp(0.5 * x)
+    return (0.5 * h) * h
+
+
+def half_expm1(d: Tensor, hd: Tensor) -> Tensor:
+    """expm1(d) / 2 given d and hd = d / 2: the series for |d| < 1, e^d / 2 - 1/2 above."""
+    small = d.abs() < 1.0
+    ds, hs = torch.where(small, d, 0.0), torch.where(small, hd, 0.0)
+    return torch.where(small, hs + hs * ds * _expm1_tail(ds), half_exp(d) - 0.5)
+
+
+def half_expm1mx(d: Tensor, hd: Tensor) -> Tensor:
+    """(expm1(d) - d) / 2 given d and hd = d / 2: hd d tail(d) for |d| < 1, else
+    e^d / 2 - (1/2 + hd) (+inf at d = +inf, not inf - inf)."""
+    small = d.abs() < 1.0
+    ds, hs = torch.where(small, d, 0.0), torch.where(small, hd, 0.0)
+    direct = torch.where(d == math.inf, d, half_exp(d) - (0.5 + hd))
+    return torch.where(small, hs * ds * _expm1_tail(ds), direct)
 
 
 def expm1mx(x: Tensor) -> Tensor:
     """``expm1(x) - x`` without the cancellation of the direct form near 0
     (and +inf at x = +inf, not inf - inf)."""
-    direct = torch.where(x == math.inf, x, torch.expm1(x) - x)
-    return torch.where(x.abs() < 0.5, x * x * _expm1_tail(x), direct)
+    return 2.0 * half_expm1mx(x, 0.5 * x)
+
+
+def quarter_scale(lv: Tensor | float, like: Tensor) -> Tensor:
+    """q = e^(-lv/4), its exponent clamped at EXP_CLAMP (NaN kept): r e^(-lv/2) = (r q) q and
+    r e^(-lv) = ((r q) q q) q never overflow where the product does not, and a zero r gives 0."""
+    lv = torch.as_tensor(lv, dtype=like.dtype, device=like.device)
+    x = -0.25 * lv
+    return torch.exp(torch.where(x > EXP_CLAMP[compute_dtype(like.dtype)],
+                                 EXP_CLAMP[compute_dtype(like.dtype)], x))
+
+
+def scaled_half(r: Tensor, q: Tensor) -> Tensor:
+    """u = r e^(-lv/2) sqrt(1/2), so that u^2 = (r^2 e^(-lv)) / 2, from q = quarter_scale(lv)."""
+    return (r * q) * (q * SQRT_HALF)
+
+
+def scaled_full(r: Tensor, q: Tensor) -> Tensor:
+    """r e^(-lv) from q = quarter_scale(lv)."""
+    return (((r * q) * q) * q) * q
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,72 +183,123 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def std_times(t: Tensor, logvar: Tensor) -> Tensor:
+    """t e^(lv/2) as (t h) h with h = e^(lv/4), finite wherever the product is (for normal t);
+    exactly 0 for t = 0."""
+    h = torch.exp(0.25 * logvar)
+    return torch.where(t == 0, torch.zeros_like(t), (t * h) * h)
+
+
 def kl_elementwise(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
                    prior_logvar: Tensor | None = None) -> Tensor:
     """KL(N(mu, e^lv) || N(pm, e^plv)) per element
-    = 0.5 * (((mu - pm) * e^(-plv/2))^2 + expm1(lv - plv) - (lv - plv))."""
-    if prior_mu is None and prior_logvar is None:
-        return 0.5 * (mu * mu + expm1mx(logvar))
+    = u^2 + (expm1(d) - d) / 2 with u = (mu - pm) e^(-plv/2) sqrt(1/2) and d = lv - plv
+    (taken as d / 2 = lv / 2 - plv / 2, which does not overflow)."""
     diff = mu if prior_mu is None else mu - prior_mu
     if prior_logvar is None:
-        return 0.5 * (diff * diff + expm1mx(logvar))
-    scaled = diff * torch.exp(-0.5 * prior_logvar)
-    return 0.5 * (scaled * scaled + expm1mx(logvar - prior_logvar))
+        u, hd = diff * SQRT_HALF, 0.5 * logvar
+    else:
+        u = scaled_half(diff, quarter_scale(prior_logvar, diff))
+        hd = 0.5 * logvar - 0.5 * prior_logvar
+    return u * u + half_expm1mx(hd + hd, hd)
 
 
 def kl_grads(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
              prior_logvar: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """d kl / d (mu, logvar, prior_mu, prior_logvar)."""
+    """d kl / d (mu, logvar, prior_mu, prior_logvar)
+    = ((mu - pm) e^-plv, expm1(d) / 2, -(mu - pm) e^-plv, -(expm1(d) / 2 + u^2))."""
     diff = mu if prior_mu is None else mu - prior_mu
     if prior_logvar is None:
-        d_mu = diff
-        d_lv = 0.5 * torch.expm1(logvar)
-        d_plv = -d_lv - 0.5 * diff * diff
+        d_mu, u, hd = diff, diff * SQRT_HALF, 0.5 * logvar
     else:
-        # (mu - pm) e^(-plv) as ((mu - pm) e^(-plv/2)) e^(-plv/2): e^(-plv) alone overflows
-        # float32 for plv < -88.7 (inf, or nan where mu = pm) when the product does not.
-        inv_std = torch.exp(-0.5 * prior_logvar)
-        scaled = diff * inv_std
-        d_mu = scaled * inv_std
-        d_lv = 0.5 * torch.expm1(logvar - prior_logvar)
-        d_plv = -d_lv - 0.5 * scaled * scaled
-    return d_mu, d_lv, -d_mu, d_plv
+        q = quarter_scale(prior_logvar, diff)
+        d_mu, u = scaled_full(diff, q), scaled_half(diff, q)
+        hd = 0.5 * logvar - 0.5 * prior_logvar
+    d_lv = half_expm1(hd + hd, hd)
+    return d_mu, d_lv, -d_mu, -(d_lv + u * u)
+
+
+def _bernoulli_parts(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, a, nonhard_inf): t = e^(-|l|); a = 1 - x for l >= 0, x below (the weight of |l| in
+    the loss); whether l is infinite and x strictly between 0 and 1."""
+    t = torch.exp(-logits.abs())
+    a = torch.where(logits >= 0, 1.0 - target, target)
+    nonhard_inf = logits.isinf() & (target > 0) & (target < 1)
+    return t, a, nonhard_inf
 
 
 def bernoulli_nll_elementwise(logits: Tensor, target: Tensor) -> Tensor:
-    """-log Bernoulli(x | sigmoid(l)) = max(l, 0) - l * x + log1p(exp(-|l|))."""
-    return torch.clamp_min(logits, 0) - logits * target + torch.log1p(torch.exp(-logits.abs()))
+    """-log Bernoulli(x | sigmoid(l)) = |l| a + log1p(e^-|l|), a = 1 - x (l >= 0) or x (l < 0):
+    max(l, 0) - l x without its cancellation. An infinite logit gives the limit for a hard
+    target (0 where it agrees, +inf where not), NaN for a target strictly inside (0, 1)."""
+    t, a, nonhard_inf = _bernoulli_parts(logits, target)
+    weighted = torch.where(a == 0, 0.0, logits.abs() * a)
+    return torch.where(nonhard_inf, math.nan, weighted + torch.log1p(t))
 
 
 def bernoulli_nll_grads(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """d nll / d (logits, target) = (sigmoid(l) - x, -l)."""
-    return torch.sigmoid(logits) - target, -logits
+    """d nll / d (logits, target) = (sigmoid(l) - x, -l), the first as (1 - x) - p for
+    l >= 0 and p - x below, p = sigmoid(-|l|) = t / (1 + t): no cancellation at x = 1, l >> 0."""
+    t, _, nonhard_inf = _bernoulli_parts(logits, target)
+    p = t / (1.0 + t)
+    d_l = torch.where(logits >= 0, (1.0 - target) - p, p - target)
+    return torch.where(nonhard_inf, math.nan, d_l), -logits
 
 
 def gaussian_nll_elementwise(mean: Tensor, target: Tensor, logvar: Tensor | float) -> Tensor:
-    """-log N(x | m, e^lv) = 0.5 * (lv + ((x - m) * e^(-lv/2))^2 + log(2 pi))."""
+    """-log N(x | m, e^lv) = lv / 2 + u^2 + log(2 pi) / 2, u = (x - m) e^(-lv/2) sqrt(1/2)."""
     logvar = torch.as_tensor(logvar, dtype=mean.dtype, device=mean.device)
-    scaled = (target - mean) * torch.exp(-0.5 * logvar)
-    return 0.5 * (logvar + scaled * scaled + LOG_2PI)
+    u = scaled_half(target - mean, quarter_scale(logvar, mean))
+    return (0.5 * logvar + 0.5 * LOG_2PI) + u * u
 
 
 def gaussian_nll_grads(mean: Tensor, target: Tensor,
                        logvar: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
     """d nll / d (mean, target, logvar)
-    = (-(x - m) e^-lv, (x - m) e^-lv, 0.5 (1 - (x - m)^2 e^-lv))."""
+    = (-(x - m) e^-lv, (x - m) e^-lv, 1/2 - u^2)."""
     logvar = torch.as_tensor(logvar, dtype=mean.dtype, device=mean.device)
-    inv_std = torch.exp(-0.5 * logvar)
-    scaled = (target - mean) * inv_std
-    d_target = scaled * inv_std
-    return -d_target, d_target, 0.5 * (1.0 - scaled * scaled)
+    q = quarter_scale(logvar, mean)
+    r = target - mean
+    d_target, u = scaled_full(r, q), scaled_half(r, q)
+    return -d_target, d_target, 0.5 - u * u
+
+
+def sample_and_kl_grad_logvar(gz: Tensor, gkl: Tensor, eps: Tensor, logvar: Tensor,
+                              d_kl_lv: Tensor) -> Tensor:
+    """g_z e^(lv/2) eps / 2 + g_kl expm1(lv) / 2. Where the KL's part overflows (lv > 89.4 in
+    float32), it dominates: a sample's part that overflows too (lv > 177) is e^(lv/2) times
+    smaller, and their sum is the KL's part (never inf - inf)."""
+    kl_part = gkl * d_kl_lv
+    return torch.where(kl_part.isinf(), kl_part, std_times(0.5 * gz * eps, logvar) + kl_part)
+
+
+def iwae_terms(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; 0, I) - log N(z; mu, e^lv) per element = u^2 + lv / 2 - (z sqrt(1/2))^2,
+    u = (z - mu) e^(-lv/2) sqrt(1/2) (the 2 pi terms cancel)."""
+    u = scaled_half(z - mu, quarter_scale(logvar, z))
+    zh = z * SQRT_HALF
+    return (u * u - zh * zh) + 0.5 * logvar
 
 
 def iwae_log_weights(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    """log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x), summed over the event: shape (K, B).
-    Per element 0.5 * (s^2 + lv - z^2) with s = (z - mu) * e^(-lv/2) (the 2 pi terms cancel)."""
-    s = (z - mu) * torch.exp(-0.5 * logvar)
-    per_element = 0.5 * (s * s + logvar - z * z)
+    """log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x), summed over the event: shape (K, B)."""
+    per_element = iwae_terms(z, mu, logvar)
     return log_px + per_element.reshape(*z.shape[:2], math.prod(z.shape[2:])).sum(-1)
+
+
+def iwae_grad_parts(z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per element, the partials of one log-weight in (z, mu, logvar):
+    ((z - mu) e^-lv - z, -(z - mu) e^-lv, 1/2 - u^2). The first is taken as
+    (z - mu) expm1(-lv) - mu for |lv| < 1, where (z - mu) e^-lv - z would cancel."""
+    q = quarter_scale(logvar, z)
+    r = z - mu
+    r_e = scaled_full(r, q)
+    u = scaled_half(r, q)
+    small = logvar.abs() < 1.0
+    x = torch.where(small, -logvar, 0.0)
+    em = x + x * x * _expm1_tail(x)
+    d_z = torch.where(small, r * em - mu, r_e - z)
+    return d_z, -r_e, 0.5 - u * u
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +334,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
     shape = tuple(mu.shape) if n_samples is None else (n_samples, *mu.shape)
     if eps is None:
         eps = noise(seed, shape, mu.device)
-    std = torch.exp(0.5 * _up(logvar))
-    return (_up(mu) + std * _up(eps)).to(mu.dtype)
+    return (_up(mu) + std_times(_up(eps), _up(logvar))).to(mu.dtype)
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = None,
@@ -297,8 +413,7 @@ def reparameterize_fwd(mu: Tensor, logvar: Tensor, eps: Tensor | None, seed: Ten
     B, N = mu.shape
     if eps is None:
         eps = _noise_for(seed, n_samples, B, N, mu.device)
-    std = torch.exp(0.5 * _up(logvar))
-    return (_up(mu) + std * _up(eps)).to(mu.dtype)
+    return (_up(mu) + std_times(_up(eps), _up(logvar))).to(mu.dtype)
 
 
 def reparameterize_bwd(grad_z: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor | None,
@@ -308,14 +423,14 @@ def reparameterize_bwd(grad_z: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor |
     if eps is None:
         eps = _noise_for(seed, K, B, N, mu.device)
     g = _up(grad_z)
-    std = torch.exp(0.5 * _up(logvar))
+    lv = _up(logvar)
     out = []
     if needs[0]:
         out.append(g.sum(0).to(mu.dtype))
     if needs[1]:
-        out.append((0.5 * std * (g * _up(eps)).sum(0)).to(logvar.dtype))
+        out.append(std_times(0.5 * (g * _up(eps)).sum(0), lv).to(logvar.dtype))
     if needs[2]:
-        out.append((g * std).to(eps.dtype))
+        out.append(std_times(g, lv).to(eps.dtype))
     return out
 
 
@@ -369,9 +484,8 @@ def sample_and_kl_bwd(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tenso
     eps = _noise_for(seed, 1, B, N, mu.device)[0]
     gz, gkl = _up(grad_z), _grad_rows(grad_kl, reduce_dim)
     mu_c, lv_c = _up(mu), _up(logvar)
-    std = torch.exp(0.5 * lv_c)
     d_kl_mu, d_kl_lv, _, _ = kl_grads(mu_c, lv_c)
-    grads = (gz + gkl * d_kl_mu, 0.5 * std * eps * gz + gkl * d_kl_lv)
+    grads = (gz + gkl * d_kl_mu, sample_and_kl_grad_logvar(gz, gkl, eps, lv_c, d_kl_lv))
     return _cast_needed(grads, needs, mu)
 
 
@@ -385,11 +499,10 @@ def iwae_bwd(grad: Tensor, out: Tensor, log_w: Tensor, log_px: Tensor, z: Tensor
              logvar: Tensor, needs: list[bool]) -> list[Tensor]:
     K = z.shape[0]
     a = grad * torch.exp(log_w - (out + math.log(K)))  # (K, B): g times the normalized weights
-    inv_std = torch.exp(-0.5 * _up(logvar))
-    z_c = _up(z)
-    s = (z_c - _up(mu)) * inv_std
+    d_z, d_mu, d_lv = iwae_grad_parts(_up(z), _up(mu), _up(logvar))
+    # a weight of exactly 0 contributes 0, also where a partial overflows (never 0 * inf)
     a3 = a.unsqueeze(-1)
-    grads = [a, a3 * (s * inv_std - z_c), -(a3 * s * inv_std).sum(0),
-             (a3 * 0.5 * (1.0 - s * s)).sum(0)]
+    d_z, d_mu = (torch.where(a3 == 0, 0.0, a3 * d) for d in (d_z, d_mu))
+    grads = [a, d_z, d_mu.sum(0), (a3 * d_lv).sum(0)]
     like = (log_px, z, mu, logvar)
     return [g.to(t.dtype) for g, t, need in zip(grads, like, needs, strict=True) if need]

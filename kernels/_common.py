@@ -35,12 +35,32 @@ def log1p_unit(x):
     return tl.where(d == 0.0, x, tl.log(u) * (x / d))
 
 
+# The formulas keep every intermediate finite wherever the result is, and form no result by
+# cancelling nearly equal numbers where it is well conditioned (docs/numerics.md):
+# halvings inside exponents (half_exp), residuals scaled by powers of q = e^(-lv/4) before they
+# are squared (quarter_scale, scaled_half, scaled_full), the Bernoulli gradient by the sign of
+# the logit. The same formulas, in the same order, as fastvae.reference and csrc/fastvae_math.h.
+
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+HALF_LOG_2PI = tl.constexpr(0.9189385332046727)
+
+
 @triton.jit
-def _expm1_tail(x):
-    """(expm1(x) - x) / x^2 = sum_k x^(k-2) / k!, k = 2..13; accurate for |x| < 0.5."""
-    acc = 1.6059043836821613e-10
-    acc = acc * x + 2.08767569878681e-09
-    acc = acc * x + 2.505210838544172e-08
+def _expm1_tail(x, DTYPE: tl.constexpr):
+    """(expm1(x) - x) / x^2 = sum_k x^(k-2) / k!; accurate for |x| <= 1: k = 2..11 in float32
+    (the next term is below 0.1 ulp), k = 2..18 in float64."""
+    # DTYPE first: a tl.constexpr compares by value, tl.float64 == constexpr is False.
+    if DTYPE == tl.float64:  # noqa: SIM300
+        acc = 1.5619206968586225e-16
+        acc = acc * x + 2.8114572543455206e-15
+        acc = acc * x + 4.779477332387385e-14
+        acc = acc * x + 7.647163731819816e-13
+        acc = acc * x + 1.1470745597729725e-11
+        acc = acc * x + 1.6059043836821613e-10
+        acc = acc * x + 2.08767569878681e-09
+        acc = acc * x + 2.505210838544172e-08
+    else:
+        acc = 2.505210838544172e-08
     acc = acc * x + 2.755731922398589e-07
     acc = acc * x + 2.7557319223985893e-06
     acc = acc * x + 2.48015873015873e-05
@@ -54,17 +74,115 @@ def _expm1_tail(x):
 
 
 @triton.jit
-def expm1(x):
-    small = tl.abs(x) < 0.5
-    return tl.where(small, x + x * x * _expm1_tail(x), tl.exp(x) - 1.0)
+def half_exp(x):
+    """e^x / 2 as (e^(x/2) / 2) * e^(x/2): finite wherever e^x / 2 is."""
+    h = tl.exp(0.5 * x)
+    return (0.5 * h) * h
 
 
 @triton.jit
-def expm1mx(x):
-    """expm1(x) - x without cancellation near 0 (and +inf at x = +inf, not inf - inf)."""
-    small = tl.abs(x) < 0.5
-    direct = tl.where(x == float("inf"), x, tl.exp(x) - 1.0 - x)
-    return tl.where(small, x * x * _expm1_tail(x), direct)
+def half_expm1(d, hd, DTYPE: tl.constexpr):
+    """expm1(d) / 2 given d and hd = d / 2: the series for |d| < 1, e^d / 2 - 1/2 beyond."""
+    small = tl.abs(d) < 1.0
+    return tl.where(small, hd + hd * d * _expm1_tail(d, DTYPE), half_exp(d) - 0.5)
+
+
+@triton.jit
+def half_expm1mx(d, hd, DTYPE: tl.constexpr):
+    """(expm1(d) - d) / 2 given d and hd = d / 2 (hd stays finite where d = lv - plv would
+    overflow): hd d tail(d) for |d| < 1, e^d / 2 - (1/2 + hd) beyond, +inf at d = +inf."""
+    small = tl.abs(d) < 1.0
+    direct = tl.where(d == float("inf"), d, half_exp(d) - (0.5 + hd))
+    return tl.where(small, hd * d * _expm1_tail(d, DTYPE), direct)
+
+
+@triton.jit
+def expm1_neg_small(lv, DTYPE: tl.constexpr):
+    """expm1(-lv), accurate for |lv| < 1 (anything beyond)."""
+    x = -lv
+    return x + x * x * _expm1_tail(x, DTYPE)
+
+
+@triton.jit
+def quarter_scale(lv, DTYPE: tl.constexpr):
+    """q = e^(-lv/4), the exponent clamped (at 80 in float32, 600 in float64; NaN passes) where
+    any nonzero residual overflows the result anyway: (r q) q = r e^(-lv/2) and
+    ((r q) q q) q = r e^(-lv) never overflow where the product does not, and r = 0 gives 0."""
+    clamp = 80.0
+    if DTYPE == tl.float64:  # noqa: SIM300 (see _expm1_tail)
+        clamp = 600.0
+    x = -0.25 * lv
+    return tl.exp(tl.where(x > clamp, clamp, x))
+
+
+@triton.jit
+def scaled_half(r, q):
+    """u = r e^(-lv/2) sqrt(1/2) from q = quarter_scale(lv): u^2 = r^2 e^(-lv) / 2."""
+    return (r * q) * (q * SQRT_HALF)
+
+
+@triton.jit
+def scaled_full(r, q):
+    """r e^(-lv) from q = quarter_scale(lv)."""
+    return (((r * q) * q) * q) * q
+
+
+@triton.jit
+def std_times(t, h):
+    """t e^(lv/2) from h = e^(lv/4), as (t h) h: finite wherever the product is; 0 for t = 0."""
+    return tl.where(t == 0.0, 0.0, (t * h) * h)
+
+
+@triton.jit
+def _bernoulli_nonhard_inf(l, x):
+    return (tl.abs(l) == float("inf")) & (x > 0.0) & (x < 1.0)
+
+
+@triton.jit
+def bernoulli_nll(l, x):
+    """-log Bernoulli(x | sigmoid(l)) = |l| a + log1p(e^-|l|), a = 1 - x (l >= 0) or x (l < 0).
+    An infinite logit: the limit for a hard target (0 or +inf), NaN for x strictly in (0, 1)."""
+    al = tl.abs(l)
+    a = tl.where(l >= 0, 1.0 - x, x)
+    v = tl.where(a == 0.0, 0.0, al * a) + log1p_unit(tl.exp(-al))
+    return tl.where(_bernoulli_nonhard_inf(l, x), float("nan"), v)
+
+
+@triton.jit
+def bernoulli_grad_logits(l, x):
+    """sigmoid(l) - x without cancellation: (1 - x) - p for l >= 0, p - x below,
+    p = sigmoid(-|l|) = t / (1 + t), t = e^-|l|."""
+    t = tl.exp(-tl.abs(l))
+    p = t / (1.0 + t)
+    d = tl.where(l >= 0, (1.0 - x) - p, p - x)
+    return tl.where(_bernoulli_nonhard_inf(l, x), float("nan"), d)
+
+
+@triton.jit
+def iwae_term(z, mu, lv, q):
+    """log N(z; 0, I) - log N(z; mu, e^lv) per element, q = quarter_scale(lv):
+    u^2 - (z sqrt(1/2))^2 + lv / 2 with u = scaled_half(z - mu, q) (2 pi terms cancel)."""
+    u = scaled_half(z - mu, q)
+    zh = z * SQRT_HALF
+    return (u * u - zh * zh) + 0.5 * lv
+
+
+@triton.jit
+def times_weight(a, p):
+    """a * p for an IWAE weight a: exactly 0 for a = 0, also where the partial p overflows."""
+    return tl.where(a == 0.0, 0.0, a * p)
+
+
+@triton.jit
+def iwae_grad_parts(z, mu, lv, q, em):
+    """The partials of one log-weight in (z, mu, lv), from q = quarter_scale(lv) and
+    em = expm1_neg_small(lv): ((z - mu) e^-lv - z, -(z - mu) e^-lv, 1/2 - u^2); the first
+    taken as (z - mu) expm1(-lv) - mu for |lv| < 1, where the direct form cancels."""
+    r = z - mu
+    re = scaled_full(r, q)
+    u = scaled_half(r, q)
+    d_z = tl.where(tl.abs(lv) < 1.0, r * em - mu, re - z)
+    return d_z, -re, 0.5 - u * u
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Bernoulli negative log-likelihood from logits: Triton kernels and launchers.
 
-Per element, stable for any finite logit l and target x in [0, 1]:
-    nll = max(l, 0) - l * x + log1p(exp(-|l|))
-    d/dl = sigmoid(l) - x,   d/dx = -l
+Per element, exact for any finite logit l and target x in [0, 1] (kernels/_common.py):
+    nll = |l| * a + log1p(exp(-|l|)),  a = 1 - x for l >= 0, x below  (= max(l, 0) - l * x)
+    d/dl = sigmoid(l) - x = (1 - x) - p for l >= 0, p - x below,  p = sigmoid(-|l|)
+    d/dx = -l
+An infinite logit gives the limit for a hard target (x = 0 or 1), NaN for x inside (0, 1).
 Forward sums over the event: per-sample values, shape (B,).
 """
 
@@ -15,10 +17,11 @@ from torch import Tensor
 
 from ._common import (
     Reduction,
+    bernoulli_grad_logits,
+    bernoulli_nll,
     compute_dtype,
     elementwise_tile,
     load,
-    log1p_unit,
     on_device,
     reduction_tile,
     store,
@@ -42,8 +45,7 @@ def _bernoulli_nll_fwd_kernel(
                                           BLOCK_B, BLOCK_N)
         l = load(l_ptr, rows, cols, s_l_b, s_l_n, mask, DTYPE)
         x = load(x_ptr, rows, cols, s_x_b, s_x_n, mask, DTYPE)
-        nll = tl.where(l > 0, l, 0.0) - l * x + log1p_unit(tl.exp(-tl.abs(l)))
-        acc += tl.where(mask, nll, 0.0)
+        acc += tl.where(mask, bernoulli_nll(l, x), 0.0)
     store_partial(partial_ptr, acc, pid, n_split, B, N, 1, BLOCK_B, BLOCK_N)
 
 
@@ -60,7 +62,7 @@ def _bernoulli_nll_bwd_kernel(
     l = load(l_ptr, rows, cols, s_l_b, s_l_n, mask, DTYPE)
     if NEED_L:
         x = load(x_ptr, rows, cols, s_x_b, s_x_n, mask, DTYPE)
-        store(dl_ptr, rows, cols, N, g * (tl.sigmoid(l) - x), mask)
+        store(dl_ptr, rows, cols, N, g * bernoulli_grad_logits(l, x), mask)
     if NEED_X:
         store(dx_ptr, rows, cols, N, -g * l, mask)
 

@@ -1,9 +1,11 @@
 """Diagonal-Gaussian KL divergence: Triton kernels and launchers.
 
-Per element, with d = lv - plv and s = (mu - pm) * exp(-plv / 2):
-    kl = 0.5 * (s^2 + expm1(d) - d)
-    d/dmu = (mu - pm) * exp(-plv) = -d/dpm,   d/dlv = 0.5 * expm1(d),
-    d/dplv = -0.5 * (expm1(d) + s^2).
+Per element, with d = lv - plv (taken as hd = d / 2 = lv / 2 - plv / 2, which does not
+overflow) and u = (mu - pm) * exp(-plv / 2) * sqrt(1/2) (scaled before it is squared):
+    kl = u^2 + (expm1(d) - d) / 2
+    d/dmu = (mu - pm) * exp(-plv) = -d/dpm,   d/dlv = expm1(d) / 2,
+    d/dplv = -(expm1(d) / 2 + u^2).
+(docs/numerics.md: the halvings happen inside the exponents, the powers of exp(-plv / 4).)
 The prior is given as both tensors or neither: the standard prior (pm = 0, plv = 0) skips
 the prior loads (HAS_PRIOR = False).
 Forward sums over the event (per sample, (B,)) or over the batch (per feature, (N,)).
@@ -20,11 +22,14 @@ from ._common import (
     Reduction,
     compute_dtype,
     elementwise_tile,
-    expm1,
-    expm1mx,
+    half_expm1,
+    half_expm1mx,
     load,
     on_device,
+    quarter_scale,
     reduction_tile,
+    scaled_full,
+    scaled_half,
     store,
     store_partial,
     strides,
@@ -36,17 +41,16 @@ from ._common import (
 def kl_tile(mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, mask,
             s_mu_b, s_mu_n, s_lv_b, s_lv_n, s_pm_b, s_pm_n, s_plv_b, s_plv_n,
             HAS_PRIOR: tl.constexpr, DTYPE: tl.constexpr):
-    """Load a tile and return (s, d, exp(-plv / 2)): the scaled mean difference, the
-    log-variance difference and the prior's inverse standard deviation."""
+    """Load a tile and return (mu - pm, (lv - plv) / 2, exp(-plv / 4)): the mean difference, half
+    the log-variance difference and the prior's quarter scale (1 for the standard prior)."""
     mu = load(mu_ptr, rows, cols, s_mu_b, s_mu_n, mask, DTYPE)
     lv = load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE)
     if HAS_PRIOR:
         pm = load(pm_ptr, rows, cols, s_pm_b, s_pm_n, mask, DTYPE)
         plv = load(plv_ptr, rows, cols, s_plv_b, s_plv_n, mask, DTYPE)
-        inv_prior_std = tl.exp(-0.5 * plv)
-        return (mu - pm) * inv_prior_std, lv - plv, inv_prior_std
+        return mu - pm, 0.5 * lv - 0.5 * plv, quarter_scale(plv, DTYPE)
     else:
-        return mu, lv, 1.0
+        return mu, 0.5 * lv, 1.0
 
 
 @triton.jit
@@ -62,10 +66,11 @@ def _gaussian_kl_fwd_kernel(
     for t in range(tiles_per_prog):
         rows, cols, mask = reduction_tile(pid, t, tiles_per_prog, n_split, B, N, REDUCE_DIM,
                                           BLOCK_B, BLOCK_N)
-        s, d, _ = kl_tile(mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, mask,
-                          s_mu_b, s_mu_n, s_lv_b, s_lv_n, s_pm_b, s_pm_n, s_plv_b, s_plv_n,
-                          HAS_PRIOR, DTYPE)
-        acc += tl.where(mask, 0.5 * (s * s + expm1mx(d)), 0.0)
+        diff, hd, q = kl_tile(mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, mask,
+                              s_mu_b, s_mu_n, s_lv_b, s_lv_n, s_pm_b, s_pm_n, s_plv_b, s_plv_n,
+                              HAS_PRIOR, DTYPE)
+        u = scaled_half(diff, q)
+        acc += tl.where(mask, u * u + half_expm1mx(hd + hd, hd, DTYPE), 0.0)
     store_partial(partial_ptr, acc, pid, n_split, B, N, REDUCE_DIM, BLOCK_B, BLOCK_N)
 
 
@@ -82,20 +87,21 @@ def _gaussian_kl_bwd_kernel(
 ):
     rows, cols, mask = elementwise_tile(tl.program_id(0), n_col_tiles, B, N, BLOCK_B, BLOCK_N)
     g = load(g_ptr, rows, cols, s_g_b, s_g_n, mask, DTYPE)
-    s, d, inv_prior_std = kl_tile(mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, mask,
-                                  s_mu_b, s_mu_n, s_lv_b, s_lv_n, s_pm_b, s_pm_n, s_plv_b,
-                                  s_plv_n, HAS_PRIOR, DTYPE)
-    half_expm1 = 0.5 * expm1(d)
+    diff, hd, q = kl_tile(mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, mask,
+                          s_mu_b, s_mu_n, s_lv_b, s_lv_n, s_pm_b, s_pm_n, s_plv_b,
+                          s_plv_n, HAS_PRIOR, DTYPE)
+    d_lv = half_expm1(hd + hd, hd, DTYPE)
     if NEED_MU or NEED_PM:
-        d_mu = g * s * inv_prior_std
+        d_mu = g * scaled_full(diff, q)
         if NEED_MU:
             store(dmu_ptr, rows, cols, N, d_mu, mask)
         if NEED_PM:
             store(dpm_ptr, rows, cols, N, -d_mu, mask)
     if NEED_LV:
-        store(dlv_ptr, rows, cols, N, g * half_expm1, mask)
+        store(dlv_ptr, rows, cols, N, g * d_lv, mask)
     if NEED_PLV:
-        store(dplv_ptr, rows, cols, N, -g * (half_expm1 + 0.5 * s * s), mask)
+        u = scaled_half(diff, q)
+        store(dplv_ptr, rows, cols, N, -g * (d_lv + u * u), mask)
 
 
 def gaussian_kl_fwd(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,

@@ -1,9 +1,10 @@
 """Gaussian negative log-likelihood: Triton kernels and launchers.
 
-Per element, with s = (x - m) * exp(-lv / 2) (never exp(-lv) times a square, which overflows
-or gives 0 * inf for lv far below 0):
-    nll = 0.5 * (lv + s^2 + log(2 pi))
-    d/dm = -s * exp(-lv / 2) = -d/dx,   d/dlv = 0.5 * (1 - s^2)
+Per element, with q = exp(-lv / 4) (its exponent clamped, see kernels/_common.py) and
+u = (x - m) * exp(-lv / 2) * sqrt(1/2) = ((x - m) q) (q sqrt(1/2)), scaled before it is squared
+(never exp(-lv) times a square, which overflows or gives 0 * inf for lv far below 0):
+    nll = lv / 2 + log(2 pi) / 2 + u^2
+    d/dm = -(x - m) * exp(-lv) = -(((x - m) q) q q) q = -d/dx,   d/dlv = 1/2 - u^2
 ``logvar`` is a tensor read through strides (scalar, per-feature or per-element, broadcast by
 stride 0) or, when absent, the float ``lv_value``. Forward sums over the event: shape (B,).
 """
@@ -16,12 +17,16 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    HALF_LOG_2PI,
     Reduction,
     compute_dtype,
     elementwise_tile,
     load,
     on_device,
+    quarter_scale,
     reduction_tile,
+    scaled_full,
+    scaled_half,
     store,
     store_partial,
     strides,
@@ -56,8 +61,8 @@ def _gaussian_nll_fwd_kernel(
         m = load(m_ptr, rows, cols, s_m_b, s_m_n, mask, DTYPE)
         x = load(x_ptr, rows, cols, s_x_b, s_x_n, mask, DTYPE)
         lv = _logvar(lv_ptr, lv_value, rows, cols, s_lv_b, s_lv_n, mask, HAS_LOGVAR, DTYPE)
-        s = (x - m) * tl.exp(-0.5 * lv)
-        acc += tl.where(mask, 0.5 * (lv + s * s + LOG_2PI), 0.0)
+        u = scaled_half(x - m, quarter_scale(lv, DTYPE))
+        acc += tl.where(mask, (0.5 * lv + HALF_LOG_2PI) + u * u, 0.0)
     store_partial(partial_ptr, acc, pid, n_split, B, N, 1, BLOCK_B, BLOCK_N)
 
 
@@ -75,16 +80,16 @@ def _gaussian_nll_bwd_kernel(
     m = load(m_ptr, rows, cols, s_m_b, s_m_n, mask, DTYPE)
     x = load(x_ptr, rows, cols, s_x_b, s_x_n, mask, DTYPE)
     lv = _logvar(lv_ptr, lv_value, rows, cols, s_lv_b, s_lv_n, mask, HAS_LOGVAR, DTYPE)
-    inv_std = tl.exp(-0.5 * lv)
-    s = (x - m) * inv_std
+    q = quarter_scale(lv, DTYPE)
     if NEED_M or NEED_X:
-        d_x = g * s * inv_std
+        d_x = g * scaled_full(x - m, q)
         if NEED_M:
             store(dm_ptr, rows, cols, N, -d_x, mask)
         if NEED_X:
             store(dx_ptr, rows, cols, N, d_x, mask)
     if NEED_LV:
-        store(dlv_ptr, rows, cols, N, g * 0.5 * (1.0 - s * s), mask)
+        u = scaled_half(x - m, q)
+        store(dlv_ptr, rows, cols, N, g * (0.5 - u * u), mask)
 
 
 def _as_tensor_if_fp64(mean: Tensor, logvar: Tensor | None, logvar_value: float):

@@ -6,7 +6,8 @@
 eps is either given (a strided (K, B, N) tensor) or ``tl.randn(seed, i)`` with ``i`` the flat
 index of the element in the contiguous (K, B, N) output, regenerated in backward from the same
 seed: nothing of the noise's size is stored. Each program loads its tile of mu and logvar once
-and writes the K samples.
+and writes the K samples. t * exp(lv / 2) is taken as (t h) h with h = exp(lv / 4) (std_times):
+finite wherever the product is.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import compute_dtype, elementwise_tile, load, on_device, store, strides, tiling
+from ._common import (
+    compute_dtype,
+    elementwise_tile,
+    load,
+    on_device,
+    std_times,
+    store,
+    strides,
+    tiling,
+)
 
 
 @triton.jit
@@ -40,14 +50,14 @@ def _reparameterize_fwd_kernel(
 ):
     rows, cols, mask = elementwise_tile(tl.program_id(0), n_col_tiles, B, N, BLOCK_B, BLOCK_N)
     mu = load(mu_ptr, rows, cols, s_mu_b, s_mu_n, mask, DTYPE)
-    std = tl.exp(0.5 * load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE))
+    h = tl.exp(0.25 * load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE))
     seed = 0
     if not HAS_EPS:
         seed = tl.load(seed_ptr)
     for k in range(K):
         eps = noise_tile(eps_ptr, seed, k, rows, cols, B, N, s_eps_k, s_eps_b, s_eps_n, mask,
                          HAS_EPS, DTYPE)
-        store(z_ptr + tl.cast(k, tl.int64) * B * N, rows, cols, N, mu + std * eps, mask)
+        store(z_ptr + tl.cast(k, tl.int64) * B * N, rows, cols, N, mu + std_times(eps, h), mask)
 
 
 @triton.jit
@@ -60,7 +70,7 @@ def _reparameterize_bwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
 ):
     rows, cols, mask = elementwise_tile(tl.program_id(0), n_col_tiles, B, N, BLOCK_B, BLOCK_N)
-    std = tl.exp(0.5 * load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE))
+    h = tl.exp(0.25 * load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE))
     seed = 0
     if NEED_LV and not HAS_EPS:
         seed = tl.load(seed_ptr)
@@ -74,11 +84,11 @@ def _reparameterize_bwd_kernel(
                              mask, HAS_EPS, DTYPE)
             g_eps_sum += g * eps
         if NEED_EPS:
-            store(deps_ptr + tl.cast(k, tl.int64) * B * N, rows, cols, N, g * std, mask)
+            store(deps_ptr + tl.cast(k, tl.int64) * B * N, rows, cols, N, std_times(g, h), mask)
     if NEED_MU:
         store(dmu_ptr, rows, cols, N, g_sum, mask)
     if NEED_LV:
-        store(dlv_ptr, rows, cols, N, 0.5 * std * g_eps_sum, mask)
+        store(dlv_ptr, rows, cols, N, std_times(0.5 * g_eps_sum, h), mask)
 
 
 def _eps_strides(eps: Tensor | None) -> tuple[int, int, int]:

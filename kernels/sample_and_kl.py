@@ -1,7 +1,9 @@
 """Fused reparameterized sample and standard-prior KL: one pass forward, one pass backward.
 
-    z = mu + exp(lv / 2) * eps,   kl = 0.5 * (mu^2 + expm1(lv) - lv)   (summed, see gaussian_kl)
-    d/dmu = g_z + g_kl * mu,   d/dlv = 0.5 * exp(lv / 2) * eps * g_z + 0.5 * g_kl * expm1(lv)
+    z = mu + exp(lv / 2) * eps,   kl = (mu sqrt(1/2))^2 + (expm1(lv) - lv) / 2   (see gaussian_kl)
+    d/dmu = g_z + g_kl * mu,   d/dlv = exp(lv / 2) * (eps * g_z / 2) + g_kl * expm1(lv) / 2
+with t * exp(lv / 2) taken as (t h) h, h = exp(lv / 4) (std_times), the halvings inside the
+exponents (kernels/_common.py): nothing overflows where the result does not.
 eps = ``tl.randn(seed, b * N + j)``, the same noise as ``reparameterize`` with that seed, and
 regenerated in backward. The KL sums per sample (REDUCE_DIM = 1) or per feature (0).
 """
@@ -14,14 +16,16 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    SQRT_HALF,
     Reduction,
     compute_dtype,
     elementwise_tile,
-    expm1,
-    expm1mx,
+    half_expm1,
+    half_expm1mx,
     load,
     on_device,
     reduction_tile,
+    std_times,
     store,
     store_partial,
     strides,
@@ -46,8 +50,9 @@ def _sample_and_kl_fwd_kernel(
         mu = load(mu_ptr, rows, cols, s_mu_b, s_mu_n, mask, DTYPE)
         lv = load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE)
         eps = tl.randn(seed, rows[:, None] * N + cols[None, :]).to(DTYPE)
-        store(z_ptr, rows, cols, N, mu + tl.exp(0.5 * lv) * eps, mask)
-        acc += tl.where(mask, 0.5 * (mu * mu + expm1mx(lv)), 0.0)
+        store(z_ptr, rows, cols, N, mu + std_times(eps, tl.exp(0.25 * lv)), mask)
+        u = mu * SQRT_HALF
+        acc += tl.where(mask, u * u + half_expm1mx(lv, 0.5 * lv, DTYPE), 0.0)
     store_partial(partial_ptr, acc, pid, n_split, B, N, REDUCE_DIM, BLOCK_B, BLOCK_N)
 
 
@@ -68,7 +73,10 @@ def _sample_and_kl_bwd_kernel(
     if NEED_LV:
         lv = load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE)
         eps = tl.randn(tl.load(seed_ptr), rows[:, None] * N + cols[None, :]).to(DTYPE)
-        d_lv = 0.5 * (tl.exp(0.5 * lv) * eps * gz + gkl * expm1(lv))
+        kl_part = gkl * half_expm1(lv, 0.5 * lv, DTYPE)
+        d_lv = std_times(0.5 * gz * eps, tl.exp(0.25 * lv)) + kl_part
+        # where the KL's part overflows it dominates (never inf - inf)
+        d_lv = tl.where(tl.abs(kl_part) == float("inf"), kl_part, d_lv)
         store(dlv_ptr, rows, cols, N, d_lv, mask)
 
 
