@@ -1,12 +1,14 @@
 """Importance-weighted log-likelihood: Triton kernels and launchers.
 
-With s = (z - mu) * exp(-lv / 2), the log-weight of sample k of row b is
-    w[k, b] = log_px[k, b] + sum_j (0.5 * s^2 + 0.5 * lv - 0.5 * z^2)     (log p(z) - log q(z|x))
+With u = (z - mu) * exp(-lv / 2) * sqrt(1/2) (the residual scaled before it is squared, see
+``iwae_term`` in _common.py), the log-weight of sample k of row b is
+    w[k, b] = log_px[k, b] + sum_j (u^2 - z^2 / 2 + lv / 2)     (log p(z) - log q(z|x))
 and the estimate is  ll[b] = logsumexp_k w[k, b] - log K.
 Forward writes ll (B,) and the log-weights (K, B), a small statistic saved for backward, which
 then takes one pass over z. With a[k, b] = g[b] * exp(w[k, b] - ll[b] - log K):
-    d/dlog_px = a,   d/dz = a * (s * exp(-lv / 2) - z),
-    d/dmu = -sum_k a * s * exp(-lv / 2),   d/dlv = sum_k a * 0.5 * (1 - s^2).
+    d/dlog_px = a,   d/dz = a * ((z - mu) * exp(-lv) - z),
+    d/dmu = -sum_k a * (z - mu) * exp(-lv),   d/dlv = sum_k a * (1/2 - u^2)
+(``iwae_grad_parts``: no overflow where the result is finite, no cancellation near lv = 0).
 
 Grid: row tiles x column tiles (backward) x chunks of consecutive samples k, so that a GPU is
 filled also when B is small and K large (B = 1000, N = 32 is 8 row tiles). Each forward program
@@ -29,12 +31,17 @@ from torch import Tensor
 from ._common import (
     compute_dtype,
     elementwise_tile,
+    expm1_neg_small,
+    iwae_grad_parts,
+    iwae_term,
     load,
     on_device,
+    quarter_scale,
     split,
     store,
     tile,
     tiling,
+    times_weight,
     torch_compute_dtype,
 )
 
@@ -76,8 +83,7 @@ def _iwae_fwd_kernel(
             z = load(z_ptr + k64 * s_z_k, rows, cols, s_z_b, s_z_n, mask, DTYPE)
             mu = load(mu_ptr, rows, cols, s_mu_b, s_mu_n, mask, DTYPE)
             lv = load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE)
-            s = (z - mu) * tl.exp(-0.5 * lv)
-            acc += tl.where(mask, 0.5 * (s * s + lv - z * z), 0.0)
+            acc += tl.where(mask, iwae_term(z, mu, lv, quarter_scale(lv, DTYPE)), 0.0)
         lpx = tl.load(lpx_ptr + k64 * s_lpx_k + rows * s_lpx_b, mask=row_mask, other=0.0)
         w = lpx.to(DTYPE) + tl.sum(acc, 1)
         tl.store(logw_ptr + k64 * B + rows, w, mask=row_mask)
@@ -129,7 +135,8 @@ def _iwae_bwd_kernel(
     lse = tl.load(out_ptr + rows, mask=row_mask, other=0.0).to(DTYPE) + tl.log(tl.cast(K, DTYPE))
     mu = load(mu_ptr, rows, cols, s_mu_b, s_mu_n, mask, DTYPE)
     lv = load(lv_ptr, rows, cols, s_lv_b, s_lv_n, mask, DTYPE)
-    inv_std = tl.exp(-0.5 * lv)
+    q = quarter_scale(lv, DTYPE)
+    em = expm1_neg_small(lv, DTYPE)
     d_mu = tl.zeros([BLOCK_B, BLOCK_N], DTYPE)
     d_lv = tl.zeros([BLOCK_B, BLOCK_N], DTYPE)
     lpx_rows_end = tl.where(pid % n_col_tiles == 0, B, 0)  # the first column tile writes d/dlog_px
@@ -142,12 +149,12 @@ def _iwae_bwd_kernel(
             tl.store(dlpx_ptr + k64 * B + rows, a.to(dlpx_ptr.dtype.element_ty),
                      mask=rows < lpx_rows_end)
         z = load(z_ptr + k64 * s_z_k, rows, cols, s_z_b, s_z_n, mask, DTYPE)
-        s = (z - mu) * inv_std
+        p_z, p_mu, p_lv = iwae_grad_parts(z, mu, lv, q, em)
         a2 = a[:, None]
         if NEED_Z:
-            store(dz_ptr + k64 * B * N, rows, cols, N, a2 * (s * inv_std - z), mask)
-        d_mu -= a2 * s * inv_std
-        d_lv += a2 * 0.5 * (1.0 - s * s)
+            store(dz_ptr + k64 * B * N, rows, cols, N, times_weight(a2, p_z), mask)
+        d_mu += times_weight(a2, p_mu)
+        d_lv += a2 * p_lv
     part = tl.cast(chunk, tl.int64) * B * N
     if NEED_MU:
         store(dmu_ptr + part, rows, cols, N, d_mu, mask)
