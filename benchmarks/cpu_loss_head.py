@@ -22,7 +22,8 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile worker
 
 import torch
 
-from fastvae import _native, bench
+from fastvae.cli import bench
+from fastvae.ops import native as _native
 
 
 def main() -> None:

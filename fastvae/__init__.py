@@ -10,10 +10,10 @@ On top of the ops: ``fv.VAE`` / ``fv.build_vae`` (the model API) and ``fv.train`
 
 from __future__ import annotations
 
-from . import reference
-from ._backend import backends, get_backend, set_backend, use_backend
-from ._validation import set_validation, validation_enabled
-from .functional import (
+from .models.vae import VAE, VAEOutput, build_vae
+from .ops import reference
+from .ops.backends import backends, get_backend, set_backend, use_backend
+from .ops.functional import (
     bernoulli_nll,
     gaussian_kl,
     gaussian_nll,
@@ -22,9 +22,9 @@ from .functional import (
     sample_and_kl,
     vae_loss,
 )
-from .losses import BernoulliNLLLoss, GaussianKLLoss, GaussianNLLLoss
-from .trainer import NonFiniteLossError, TrainConfig, TrainResult, train
-from .vae import VAE, VAEOutput, build_vae
+from .ops.losses import BernoulliNLLLoss, GaussianKLLoss, GaussianNLLLoss
+from .ops.validation import set_validation, validation_enabled
+from .training.trainer import NonFiniteLossError, TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 

@@ -25,7 +25,7 @@ export FASTVAE_CUDA_ARCHITECTURES="${FASTVAE_CUDA_ARCHITECTURES:-90}"
 } > "$OUT/device.txt" 2>&1
 
 # Build once per machine (a warm machine keeps the editable install between calls).
-if ! python -c "from fastvae import _native; assert _native.unusable_reason('cuda') is None" \
+if ! python -c "from fastvae.ops import native; assert native.unusable_reason('cuda') is None" \
         > /dev/null 2>&1; then
     if ! pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1; then
         tail -30 "$OUT/install.log"

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
 
 import fastvae as fv
-from fastvae import _backend, _ops, _validation, reference
+from fastvae.ops import backends as _backend
+from fastvae.ops import custom_ops as _ops
+from fastvae.ops import reference
+from fastvae.ops import validation as _validation
 
 CUDA = torch.cuda.is_available()
 

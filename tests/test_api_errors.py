@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastvae import checkpoint, data
-from fastvae.checkpoint import CheckpointError
-from fastvae.data import DataError
-from fastvae.trainer import TrainConfig, train
-from fastvae.vae import VAE, build_vae, mlp_decoder, mlp_encoder
+from fastvae.models.vae import VAE, build_vae, mlp_decoder, mlp_encoder
+from fastvae.training import checkpoint, data
+from fastvae.training.checkpoint import CheckpointError
+from fastvae.training.data import DataError
+from fastvae.training.trainer import TrainConfig, train
 
 CONFIG = {"input_shape": [4], "latent_dim": 2, "hidden": [8]}
 torch.manual_seed(0)

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae as fv
-from fastvae import _ops
+from fastvae.ops import custom_ops as _ops
 
 # torch.compile and opcheck go through torch.jit internals that warn about their own deprecation.
 pytestmark = pytest.mark.filterwarnings(

@@ -12,7 +12,7 @@ import torch
 from conftest import BACKENDS, CUDA, device_for
 
 import fastvae as fv
-from fastvae import _backend
+from fastvae.ops import backends as _backend
 
 # torch.compile and opcheck go through torch.jit internals that warn about their own deprecation.
 pytestmark = pytest.mark.filterwarnings(
@@ -127,7 +127,8 @@ def test_validation_is_skipped_while_compiling():
 ENV_SCRIPT = """
 import importlib, os, torch
 import fastvae as fv
-from fastvae import _backend, _validation
+from fastvae.ops import backends as _backend
+from fastvae.ops import validation as _validation
 
 # As imported with FASTVAE_BACKEND=torch FASTVAE_VALIDATE=1:
 assert fv.get_backend() == "torch", fv.get_backend()

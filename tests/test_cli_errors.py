@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastvae import checkpoint
 from fastvae.cli import main
-from fastvae.vae import build_vae
+from fastvae.models.vae import build_vae
+from fastvae.training import checkpoint
 
 GPU = torch.cuda.is_available()
 

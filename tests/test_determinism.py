@@ -20,8 +20,8 @@ from cases import CASES, as_tuple, make_inputs
 from conftest import CUDA
 
 import fastvae as fv
-from fastvae import data
-from fastvae.trainer import TrainConfig, train
+from fastvae.training import data
+from fastvae.training.trainer import TrainConfig, train
 
 # Sizes that split the work: on the cpu backend three 16384-element units per thread (2 threads);
 # on GPU many programs per row. Triton's interpreter runs one program per row block (and is

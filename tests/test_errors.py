@@ -10,7 +10,7 @@ import torch
 from conftest import BACKENDS, CUDA
 
 import fastvae as fv
-from fastvae import _backend
+from fastvae.ops import backends as _backend
 
 # ---------------------------------------------------------------------------------------------
 # The table: (id, call, exception type, words the message must contain)

@@ -27,7 +27,7 @@ from cases import SEED
 from conftest import DTYPES, NOISE_TOL, TOL, Oracle, dtype_id, loss_dtype
 
 import fastvae as fv
-from fastvae import reference
+from fastvae.ops import reference
 
 # Under Triton's interpreter numpy warns about the overflowing branch of a tl.where.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

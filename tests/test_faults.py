@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvae import checkpoint, data
-from fastvae import trainer as train_mod
-from fastvae.trainer import NonFiniteLossError, TrainConfig, train
-from fastvae.vae import build_vae
+from fastvae.models.vae import build_vae
+from fastvae.training import checkpoint, data
+from fastvae.training import trainer as train_mod
+from fastvae.training.trainer import NonFiniteLossError, TrainConfig, train
 
 CONFIG = {"input_shape": [1, 8, 8], "latent_dim": 3, "arch": "mlp", "hidden": [16],
           "likelihood": "bernoulli", "obs_logvar": 0.0, "logvar_limit": None}
@@ -131,10 +131,10 @@ DDP_SCRIPT = """
 import sys
 import torch
 import torch.distributed as dist
-from fastvae import data
-from fastvae import trainer as train_mod
-from fastvae.trainer import NonFiniteLossError, TrainConfig, train
-from fastvae.vae import build_vae
+from fastvae.training import data
+from fastvae.training import trainer as train_mod
+from fastvae.training.trainer import NonFiniteLossError, TrainConfig, train
+from fastvae.models.vae import build_vae
 
 CONFIG = {config!r}
 
@@ -196,7 +196,7 @@ def test_ddp_ranks_skip_and_stop_together(tmp_path):
 SLOW_SAVE = """
 import os, sys, time
 import torch
-from fastvae import checkpoint
+from fastvae.training import checkpoint
 
 real_fdopen = os.fdopen
 
@@ -225,7 +225,7 @@ checkpoint.save(sys.argv[1], checkpoint.Checkpoint({{"generation": "new"}}, stat
 BIG_SAVE = """
 import sys
 import torch
-from fastvae import checkpoint
+from fastvae.training import checkpoint
 state = {{"w": torch.ones({n}, dtype=torch.float32)}}
 print("saving", flush=True)
 while True:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import fastvae as fv
-from fastvae import reference
+from fastvae.ops import reference
 
 IDENTITY_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5),
                 torch.float64: dict(rtol=1e-12, atol=1e-12)}

@@ -24,7 +24,9 @@ import pytest
 import torch
 
 import fastvae as fv
-from fastvae import _backend, _native, reference
+from fastvae.ops import backends as _backend
+from fastvae.ops import native as _native
+from fastvae.ops import reference
 
 pytestmark = pytest.mark.skipif(_native.unusable_reason("cpu") is not None,
                                 reason=f"native library: {_native.unusable_reason('cpu')}")
@@ -62,7 +64,7 @@ def test_library_loads_and_registers_cpu():
     assert "baseline" in _native.cpu_isas()
     assert "cpu kernels" in _native.build_info()
     # auto serves CPU tensors with the cpu backend
-    assert fv._backend.resolve(torch.device("cpu")) == "cpu"
+    assert _backend.resolve(torch.device("cpu")) == "cpu"
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
 import fastvae as fv
-from fastvae import reference
+from fastvae.ops import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
 

@@ -11,7 +11,7 @@ import triton.language as tl
 from conftest import BACKENDS, CUDA, NOISE_TOL, assert_close, device_for
 
 import fastvae as fv
-from fastvae import reference
+from fastvae.ops import reference
 
 SEEDS = [0, 1, 12345, 2**31, 2**32 - 1, 2**32, 2**32 + 12345, 2**61 + 17, 2**62 - 1, 2**63 - 1]
 OFFSETS = [*range(200), 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3, 2**62 + 5]

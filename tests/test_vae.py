@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import fastvae as fv
-from fastvae import checkpoint, data
-from fastvae.trainer import NonFiniteLossError, TrainConfig, beta_at, evaluate, train
-from fastvae.vae import VAE, active_units, build_vae
+from fastvae.models.vae import VAE, active_units, build_vae
+from fastvae.training import checkpoint, data
+from fastvae.training.trainer import NonFiniteLossError, TrainConfig, beta_at, evaluate, train
 
 DIGITS_CONFIG = {"input_shape": [1, 8, 8], "latent_dim": 4, "arch": "mlp", "hidden": [64],
                  "likelihood": "bernoulli", "obs_logvar": 0.0}

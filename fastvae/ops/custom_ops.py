@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from ._backend import implementation
+from .backends import implementation
 
 
 def out_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import _validation as check
 from . import functional as F
+from . import validation as check
 
 
 class _Loss(nn.Module):

@@ -57,7 +57,7 @@ def unusable_reason(name: str, device: torch.device | None = None) -> str | None
             return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before import)"
         return f"triton cannot run on {device.type} tensors"
     if name in ("cpu", "cuda"):
-        from . import _native
+        from . import native as _native
 
         reason = _native.unusable_reason(name)
         if reason is not None:
@@ -142,11 +142,11 @@ def implementation(name: str) -> ModuleType:
 
         return reference
     if name == "triton":
-        from . import kernels
+        from .. import kernels
 
         return kernels
     if name in ("cpu", "cuda"):
-        from . import _native
+        from . import native as _native
 
         return _native.implementation(name)
     raise ValueError(f"unknown backend {name!r}")

@@ -147,7 +147,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
 
 def load_vae(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """The VAE stored in a checkpoint, with its weights, in eval mode."""
-    from .vae import build_vae
+    from ..models.vae import build_vae
 
     ckpt = load(path)
     if not ckpt.model_config:

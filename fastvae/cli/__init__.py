@@ -157,10 +157,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     import fastvae as fv
 
-    from . import data as data_mod
-    from . import report
-    from .checkpoint import CheckpointError
-    from .trainer import NonFiniteLossError, TrainConfig, train
+    from ..training import data as data_mod
+    from ..training import images as report
+    from ..training.checkpoint import CheckpointError
+    from ..training.trainer import NonFiniteLossError, TrainConfig, train
 
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
@@ -187,7 +187,7 @@ def _run_train(args: argparse.Namespace) -> int:
                     "likelihood": args.likelihood, "obs_logvar": args.obs_logvar,
                     "logvar_limit": args.logvar_limit}
     try:  # a model that cannot take these images (too small for --arch conv) fails here
-        from .vae import build_vae
+        from ..models.vae import build_vae
 
         build_vae(**model_config)
     except (ValueError, RuntimeError) as e:
@@ -207,7 +207,7 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"{name}: {train_x.shape[0]} train / {val_x.shape[0]} validation images of shape "
               f"{tuple(images.shape[1:])}; {args.arch} VAE, latent {args.latent_dim}, "
               f"{args.likelihood} likelihood; device {device}, fastvae backend "
-              f"{fv.get_backend()} ({fv._backend.resolve(device)} here)"
+              f"{fv.get_backend()} ({fv.ops.backends.resolve(device)} here)"
               + (f", {world} processes" if world > 1 else ""))
     try:
         t0 = time.perf_counter()
@@ -248,7 +248,7 @@ def _run_info(args: argparse.Namespace) -> int:
     import torch
 
     import fastvae as fv
-    from fastvae import _backend
+    from fastvae.ops import backends as _backend
 
     print(f"fastvae {fv.__version__}")
     print(f"python {platform.python_version()} ({platform.machine()}, {platform.system()})")
@@ -272,7 +272,7 @@ def _run_info(args: argparse.Namespace) -> int:
     for name in _backend.CONCRETE:
         reason = _backend.unusable_reason(name)
         print(f"  {name:7s} {'usable' if reason is None else 'unusable: ' + reason}")
-    from fastvae import _native
+    from fastvae.ops import native as _native
 
     info = _native.build_info()
     if info is not None:

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..models.vae import VAE, active_units, build_vae
 from . import checkpoint as ckpt_io
-from .vae import VAE, active_units, build_vae
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 

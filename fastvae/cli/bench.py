@@ -35,7 +35,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import fastvae as fv
 
-from . import _backend
+from ..ops import backends as _backend
 
 LOG_2PI = math.log(2 * math.pi)
 LATENT = 64  # latent width of the loss head and the training step
@@ -576,7 +576,7 @@ def add_parser(sub) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from .cli import UsageError
+    from . import UsageError
 
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")

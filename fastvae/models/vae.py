@@ -16,8 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
-from .reference import kl_elementwise
+from ..ops import functional as F
+from ..ops.reference import kl_elementwise
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 

@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-from . import _ops
-from . import _validation as check
-from ._backend import resolve
+from . import custom_ops as _ops
+from . import validation as check
+from .backends import resolve
 
 __all__ = [
     "bernoulli_nll",
