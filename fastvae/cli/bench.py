@@ -576,7 +576,7 @@ def add_parser(sub) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from . import UsageError
+    from .args import UsageError
 
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")

@@ -115,7 +115,20 @@ def resolve(device: torch.device) -> str:
     return _resolve(get_backend(), device.type)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its import of ``torch._dynamo``.
+
+    That decorator imports the whole compiler (~1.5 s and ~100 MB, with sympy) only to set one
+    attribute, ``_dynamo_marked_constant``, which Dynamo reads when it traces a call of ``fn``
+    and then calls ``fn`` once and puts its result in the graph as a constant. Setting the
+    attribute here keeps ``import fastvae`` cheap; tests/test_package.py checks that it is what
+    the decorator sets, and the fullgraph compile tests that Dynamo folds the call.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolve(name: str, device_type: str) -> str:
     # A pure function of its arguments and of facts fixed at start-up (what is installed and
     # built): torch.compile evaluates it once while tracing.

@@ -7,16 +7,17 @@ or at ``$FASTVAE_NATIVE_LIB``; it is loaded lazily with ctypes, and its argument
 declared once. A missing, stale or broken library leaves the torch and triton backends working:
 ``unusable_reason`` says what is wrong, and asking for ``"cpu"``/``"cuda"`` raises that.
 
-Each backend method (the interface of ``fastvae/_ops.py``) allocates its outputs with torch and
-fills one ``fv_call`` (see ``csrc/fastvae.h``): sizes, the operands as pointer + element strides
-+ dtype code, the seed's address, the thread count (``torch.get_num_threads()``) or the CUDA
-device and torch's current stream on it.
+Each backend method (the interface of ``fastvae/ops/custom_ops.py``) allocates its outputs
+with torch and fills one ``fv_call`` (see ``csrc/fastvae.h``): sizes, the operands as pointer +
+element strides + dtype code, the seed's address, the thread count (``torch.get_num_threads()``)
+or the CUDA device and torch's current stream on it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -102,9 +103,11 @@ def library_paths() -> list[Path]:
     override = os.environ.get("FASTVAE_NATIVE_LIB")
     if override:
         return [Path(override)]
-    import fastvae
-
-    return [Path(p) / LIB_NAME for p in fastvae.__path__]
+    # The root package's folders (its __path__; the package is imported already, this imports
+    # nothing): CMake installs the library there, and an editable install lists both the
+    # source tree and site-packages, where the compiled files go.
+    package = importlib.util.find_spec("fastvae")
+    return [Path(p) / LIB_NAME for p in package.submodule_search_locations or ()]
 
 
 @functools.cache
@@ -148,7 +151,8 @@ def unusable_reason(kind: str) -> str | None:
 
 
 def implementation(kind: str) -> NativeBackend:
-    """The backend object (the interface of ``fastvae/_ops.py``) for ``"cpu"`` or ``"cuda"``."""
+    """The backend object (the interface of ``fastvae/ops/custom_ops.py``) for ``"cpu"`` or
+    ``"cuda"``."""
     reason = unusable_reason(kind)
     if reason is not None:
         raise RuntimeError(f"fastvae backend {kind!r}: {reason}")

@@ -5,7 +5,7 @@ Three uses, one set of formulas:
 * the test oracle (run in float64): ``gaussian_kl``, ``bernoulli_nll``, ... below are ordinary
   differentiable torch code with the public signatures of SPEC §3;
 * the ``"torch"`` backend of the custom ops: the ``*_fwd`` / ``*_bwd`` functions at the end take
-  the canonical ``(B, N)`` views that every backend takes (see ``fastvae/_ops.py``);
+  the canonical ``(B, N)`` views that every backend takes (see ``fastvae/ops/custom_ops.py``);
 * the baseline of the benchmarks.
 
 ``philox_randn`` reproduces Triton's ``tl.randn(seed, offset)``: the integer Philox4x32-10 part
@@ -274,7 +274,7 @@ def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: T
 
 
 # ---------------------------------------------------------------------------------------------
-# The "torch" backend: the interface every backend implements (see fastvae/_ops.py)
+# The "torch" backend: the interface every backend implements (see fastvae/ops/custom_ops.py)
 # ---------------------------------------------------------------------------------------------
 
 
