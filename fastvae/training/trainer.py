@@ -223,89 +223,29 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
     """
     rank, world = _distributed()
     device = torch.device(device)
-    torch.manual_seed(config.seed)  # the initial weights, equal on every rank
-    if isinstance(model, VAE):
-        model_config: dict[str, Any] = {}
-    elif isinstance(model, dict):
-        model_config, model = model, build_vae(**model)
-    else:
-        raise TypeError(f"model must be a fastvae.VAE or a dict of build_vae arguments, got "
-                        f"{type(model).__name__}")
+    model, model_config = _build(model, config.seed)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    history: list[EpochMetrics] = []
-    start_epoch = 0
+    start_epoch, history = 0, []
     if resume is not None:
-        saved = ckpt_io.load(resume)
-        if saved.model_config != model_config:
-            raise ckpt_io.CheckpointError(f"{resume} holds a model with another configuration: "
-                                          f"{saved.model_config or 'a model built by the caller'}")
-        try:
-            model.load_state_dict(saved.model_state)
-        except RuntimeError as e:
-            raise ckpt_io.CheckpointError(f"{resume} holds weights of another model: "
-                                          f"{str(e).splitlines()[0]}") from e
-        if saved.optimizer_state is not None:
-            optimizer.load_state_dict(saved.optimizer_state)
-        start_epoch = int(saved.trainer_state.get("epoch", 0))
-        history = [EpochMetrics(**m) for m in saved.trainer_state.get("history", [])]
+        start_epoch, history = _resume(resume, model, model_config, optimizer)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    out_path = Path(out_dir) if out_dir is not None else None
-    if out_path is not None and rank == 0:
+    out_path = Path(out_dir) if out_dir is not None and rank == 0 else None
+    if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
+    files = {"model_config": model_config, "train_config": asdict(config)}
 
-    n = train_data.shape[0]
-    steps_per_epoch = math.ceil(n / world / config.batch_size)
-    step = start_epoch * steps_per_epoch
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.epochs, initial=start_epoch, unit="epoch", desc="train")
+    step = start_epoch * math.ceil(train_data.shape[0] / world / config.batch_size)
+    bar = _progress_bar(config, start_epoch) if progress and rank == 0 else None
     t_start = time.perf_counter()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if config.amp and device.type == "cuda" else contextlib.nullcontext())
     for epoch in range(start_epoch, config.epochs):
         t_epoch = time.perf_counter()
-        model.train()
-        seed = _epoch_seed(config, epoch)
-        shuffle = torch.Generator().manual_seed(seed)  # the same permutation on every rank
-        torch.manual_seed(seed + 7919 * rank)  # each rank its own noise
-        order = torch.randperm(n, generator=shuffle)[rank::world]
-        sums = torch.zeros(3, dtype=torch.float64)
-        seen = skipped = 0
-        beta = config.beta
-        for i in range(0, order.numel(), config.batch_size):
-            x = train_data[order[i:i + config.batch_size]].to(device, non_blocking=True)
-            beta = beta_at(config, epoch + i / max(1, order.numel()))
-            with autocast:
-                out = net(x, beta=beta, free_bits=config.free_bits)
-            step += 1
-            values = torch.stack([out.loss, out.nll, out.kl]).detach().double().cpu()
-            bad = _nonfinite_terms(values, world, device)
-            if bad is None:
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                # Gradients (all-reduced across ranks by now) can overflow where the loss
-                # does not; a step with them would make every weight NaN.
-                bad = _nonfinite_gradient(model, config.grad_clip)
-            if bad is not None:
-                if config.on_nonfinite == "stop":
-                    raise NonFiniteLossError(f"step {step} (epoch {epoch + 1}): {bad}; lower the "
-                                             "learning rate, clip gradients, soft-clamp the "
-                                             "log-variance (logvar_limit), or skip such steps "
-                                             "(on_nonfinite='skip')")
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            optimizer.step()
-            sums += values * x.shape[0]
-            seen += x.shape[0]
+        step, train_means, beta, skipped = _train_epoch(net, model, optimizer, train_data,
+                                                        config, epoch, step, device)
         val = evaluate(model, val_data) if rank == 0 else {}
-        train_means = (sums / max(seen, 1)).tolist()
         metrics = EpochMetrics(
             epoch=epoch + 1, step=step, beta=beta, train_loss=train_means[0],
             train_nll=train_means[1], train_kl=train_means[2],
@@ -314,25 +254,116 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
             skipped_steps=skipped, seconds=time.perf_counter() - t_epoch)
         history.append(metrics)
         if bar is not None:
-            bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_elbo=f"{metrics.val_elbo:.3f}",
-                            kl=f"{metrics.val_kl:.2f}", au=metrics.active_units)
-            bar.update(1)
-        if out_path is not None and rank == 0:
-            state = {"epoch": epoch + 1, "history": [asdict(m) for m in history],
-                     "train_config": asdict(config)}
-            ckpt_io.save(out_path / CHECKPOINT_NAME,
-                         ckpt_io.Checkpoint(model_config, model.state_dict(),
-                                            optimizer.state_dict(), state))
-            _write_metrics(out_path, history, {"model_config": model_config,
-                                               "train_config": asdict(config)})
+            _show(bar, metrics)
+        if out_path is not None:
+            _save(out_path, model, optimizer, history, config, model_config)
+            _write_metrics(out_path, history, files)
     if bar is not None:
         bar.close()
+
     result = TrainResult(model, history)
     if rank == 0:
-        final = evaluate(model, val_data, iwae_samples=config.iwae_samples)
-        final["train_seconds"] = time.perf_counter() - t_start
-        result.final = final
+        result.final = evaluate(model, val_data, iwae_samples=config.iwae_samples)
+        result.final["train_seconds"] = time.perf_counter() - t_start
         if out_path is not None:
-            _write_metrics(out_path, history, {"model_config": model_config,
-                                               "train_config": asdict(config), "final": final})
+            _write_metrics(out_path, history, {**files, "final": result.final})
     return result
+
+
+def _build(model: dict[str, Any] | VAE, seed: int) -> tuple[VAE, dict[str, Any]]:
+    """The model and the build_vae arguments its checkpoint records (empty for a VAE built by
+    the caller)."""
+    torch.manual_seed(seed)  # the initial weights, equal on every rank
+    if isinstance(model, VAE):
+        return model, {}
+    if isinstance(model, dict):
+        return build_vae(**model), model
+    raise TypeError(f"model must be a fastvae.VAE or a dict of build_vae arguments, got "
+                    f"{type(model).__name__}")
+
+
+def _resume(path: str | Path, model: VAE, model_config: dict[str, Any],
+            optimizer: torch.optim.Optimizer) -> tuple[int, list[EpochMetrics]]:
+    """Load a checkpoint into the model and the optimizer: the epochs done and their metrics.
+    A checkpoint of another model is a CheckpointError naming the difference."""
+    saved = ckpt_io.load(path)
+    if saved.model_config != model_config:
+        raise ckpt_io.CheckpointError(f"{path} holds a model with another configuration: "
+                                      f"{saved.model_config or 'a model built by the caller'}")
+    try:
+        model.load_state_dict(saved.model_state)
+    except RuntimeError as e:
+        raise ckpt_io.CheckpointError(f"{path} holds weights of another model: "
+                                      f"{str(e).splitlines()[0]}") from e
+    if saved.optimizer_state is not None:
+        optimizer.load_state_dict(saved.optimizer_state)
+    history = [EpochMetrics(**m) for m in saved.trainer_state.get("history", [])]
+    return int(saved.trainer_state.get("epoch", 0)), history
+
+
+def _progress_bar(config: TrainConfig, start_epoch: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.epochs, initial=start_epoch, unit="epoch", desc="train")
+
+
+def _show(bar, metrics: EpochMetrics) -> None:
+    bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_elbo=f"{metrics.val_elbo:.3f}",
+                    kl=f"{metrics.val_kl:.2f}", au=metrics.active_units)
+    bar.update(1)
+
+
+def _train_epoch(net: nn.Module, model: VAE, optimizer: torch.optim.Optimizer,
+                 train_data: Tensor, config: TrainConfig, epoch: int, step: int,
+                 device: torch.device) -> tuple[int, list[float], float, int]:
+    """One pass over this rank's shard of the epoch's permutation. Returns the step count
+    after it, the mean (loss, NLL, KL) per example of the steps taken, the last beta and the
+    number of steps skipped for non-finite values."""
+    rank, world = _distributed()
+    model.train()
+    seed = _epoch_seed(config, epoch)
+    shuffle = torch.Generator().manual_seed(seed)  # the same permutation on every rank
+    torch.manual_seed(seed + 7919 * rank)  # each rank its own noise
+    order = torch.randperm(train_data.shape[0], generator=shuffle)[rank::world]
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if config.amp and device.type == "cuda" else contextlib.nullcontext())
+    sums = torch.zeros(3, dtype=torch.float64)
+    seen = skipped = 0
+    beta = config.beta
+    for i in range(0, order.numel(), config.batch_size):
+        x = train_data[order[i:i + config.batch_size]].to(device, non_blocking=True)
+        beta = beta_at(config, epoch + i / max(1, order.numel()))
+        with autocast:
+            out = net(x, beta=beta, free_bits=config.free_bits)
+        step += 1
+        values = torch.stack([out.loss, out.nll, out.kl]).detach().double().cpu()
+        bad = _nonfinite_terms(values, world, device)
+        if bad is None:
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            # Gradients (all-reduced across ranks by now) can overflow where the loss does
+            # not; a step with them would make every weight NaN.
+            bad = _nonfinite_gradient(model, config.grad_clip)
+        if bad is not None:
+            if config.on_nonfinite == "stop":
+                raise NonFiniteLossError(f"step {step} (epoch {epoch + 1}): {bad}; lower the "
+                                         "learning rate, clip gradients, soft-clamp the "
+                                         "log-variance (logvar_limit), or skip such steps "
+                                         "(on_nonfinite='skip')")
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        optimizer.step()
+        sums += values * x.shape[0]
+        seen += x.shape[0]
+    return step, (sums / max(seen, 1)).tolist(), beta, skipped
+
+
+def _save(out_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
+          history: list[EpochMetrics], config: TrainConfig, model_config: dict[str, Any]) -> None:
+    """The checkpoint after an epoch (written atomically): weights, optimizer, epochs done."""
+    state = {"epoch": history[-1].epoch, "history": [asdict(m) for m in history],
+             "train_config": asdict(config)}
+    ckpt_io.save(out_dir / CHECKPOINT_NAME,
+                 ckpt_io.Checkpoint(model_config, model.state_dict(), optimizer.state_dict(),
+                                    state))
