@@ -91,7 +91,7 @@ def test_no_import_cycles(import_graph):
 
     def visit(module: str, stack: list[str]) -> None:
         if module in stack:
-            cycle = " -> ".join(stack[stack.index(module):] + [module])
+            cycle = " -> ".join([*stack[stack.index(module):], module])
             raise AssertionError(f"import cycle: {cycle}")
         if module in done:
             return
@@ -129,8 +129,10 @@ def test_lazy_names_resolve():
     assert set(fv.__all__) <= set(dir(fv))
     for name in fv.__all__:
         assert getattr(fv, name) is not None
-    assert fv.VAE is vae.VAE and fv.build_vae is vae.build_vae
-    assert fv.train is trainer.train and fv.TrainConfig is trainer.TrainConfig
+    assert fv.VAE is vae.VAE
+    assert fv.build_vae is vae.build_vae
+    assert fv.train is trainer.train
+    assert fv.TrainConfig is trainer.TrainConfig
     with pytest.raises(AttributeError, match="no_such_name"):
         fv.no_such_name  # noqa: B018
 

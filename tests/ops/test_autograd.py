@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import CASES, SEED, make_inputs
-from conftest import BACKENDS, device_for
+from helpers import BACKENDS, device_for
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BACKENDS, CUDA, device_for
+from helpers import BACKENDS, CUDA, device_for
 
 import fastvae as fv
 from fastvae.ops import backends as _backend

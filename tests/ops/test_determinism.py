@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 from cases import CASES, as_tuple, make_inputs
-from conftest import CUDA
+from helpers import CUDA
 
 import fastvae as fv
 from fastvae.training import data

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import BACKENDS, CUDA
+from helpers import BACKENDS, CUDA
 
 import fastvae as fv
 from fastvae.ops import backends as _backend

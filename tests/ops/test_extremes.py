@@ -24,7 +24,7 @@ import accuracy
 import pytest
 import torch
 from cases import SEED
-from conftest import DTYPES, NOISE_TOL, TOL, Oracle, dtype_id, loss_dtype
+from helpers import DTYPES, NOISE_TOL, TOL, Oracle, dtype_id, loss_dtype
 
 import fastvae as fv
 from fastvae.ops import reference

@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from conftest import BACKENDS
+from helpers import BACKENDS
 
 import fastvae as fv
 

@@ -1,7 +1,7 @@
 """Values and gradients of every op, on every backend, against the float64 oracle.
 
 The matrix: op variant x geometry (shape and memory layout) x reduction x dtype x backend.
-Inputs are drawn in float64, rounded to the test dtype, and the oracle (``conftest.Oracle``)
+Inputs are drawn in float64, rounded to the test dtype, and the oracle (``helpers.Oracle``)
 runs in float64 on those same rounded values, so the only differences left are the op's own
 float32 (float64) arithmetic and the final rounding of samples and gradients to the input dtype.
 
@@ -18,7 +18,7 @@ import zlib
 import pytest
 import torch
 from cases import ALL_REDUCTIONS_ON, CASES, GEOMETRIES, SEED, as_tuple, make_inputs
-from conftest import (
+from helpers import (
     Oracle,
     assert_close,
     loss_dtype,

@@ -27,7 +27,7 @@ import accuracy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, NOISE_TOL, TOL, Oracle, loss_dtype
+from helpers import DTYPES, NOISE_TOL, TOL, Oracle, loss_dtype
 from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 

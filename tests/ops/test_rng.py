@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import BACKENDS, CUDA, NOISE_TOL, assert_close, device_for
+from helpers import BACKENDS, CUDA, NOISE_TOL, assert_close, device_for
 
 import fastvae as fv
 from fastvae.ops import reference
