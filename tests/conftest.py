@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest
-from helpers import BACKENDS, CUDA, DTYPES, device_for, dtype_id
+from helpers import BACKENDS, CUDA, DIGITS_CONFIG, DTYPES, device_for, dtype_id
 from hypothesis import HealthCheck, settings
 
 import fastvae as fv
@@ -67,6 +67,25 @@ def spy(monkeypatch):
     monkeypatch.setattr(_ops, "implementation", lambda name: used.append(name) or
                         implementation(name))
     return used
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded 8x8 digits, split (train, validation)."""
+    from fastvae.training import data
+
+    return data.split(data.load_digits(), 0.1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(digits):
+    """A TrainResult: DIGITS_CONFIG trained for 6 epochs (shared by the model and training
+    tests; do not train it further)."""
+    from fastvae.training.trainer import TrainConfig, train
+
+    train_x, val_x = digits
+    config = TrainConfig(epochs=6, batch_size=64, seed=0, iwae_samples=0)
+    return train(DIGITS_CONFIG, train_x, val_x, config, progress=False)
 
 
 @pytest.fixture(autouse=True)

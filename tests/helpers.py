@@ -5,6 +5,7 @@ conftest.py."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -128,3 +129,31 @@ class Oracle:
 def to_oracle(t: torch.Tensor) -> torch.Tensor:
     """A float64 leaf with the values of ``t`` (already rounded to the test dtype)."""
     return t.detach().cpu().double().requires_grad_(t.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and messages of the error tests
+# ---------------------------------------------------------------------------------------------
+
+
+def ramp(*shape: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    """Values in (0, 1), without drawing from torch's generator (the error tests check that a
+    failed call leaves it alone)."""
+    return torch.linspace(0.1, 0.9, math.prod(shape), dtype=dtype).reshape(shape).to(device)
+
+
+def with_value(x: torch.Tensor, value: float) -> torch.Tensor:
+    """A copy of the 2-d ``x`` with ``value`` at [1, 2] (sample 1)."""
+    x = x.clone()
+    x[1, 2] = value
+    return x
+
+
+def missing_names(message: str, words: list[str]) -> list[str]:
+    """The words that ``message`` does not contain as whole words."""
+    return [w for w in words if not re.search(rf"\b{re.escape(w)}\b", message)]
+
+
+# The small VAE of the model and training tests, on the embedded 8x8 digits.
+DIGITS_CONFIG = {"input_shape": [1, 8, 8], "latent_dim": 4, "arch": "mlp", "hidden": [64],
+                 "likelihood": "bernoulli", "obs_logvar": 0.0}

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import BACKENDS, CUDA, device_for
+from helpers import BACKENDS, CUDA, device_for, ramp
 
 import fastvae as fv
 from fastvae.ops import backends as _backend
@@ -175,3 +175,45 @@ def test_environment_variables():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends that cannot serve
+# ---------------------------------------------------------------------------------------------
+
+UNUSABLE = [n for n in _backend.CONCRETE if n not in BACKENDS]
+
+
+@pytest.mark.parametrize("name", UNUSABLE or [pytest.param(None, marks=pytest.mark.skip(
+    reason="every backend is usable here"))])
+def test_unusable_backend(name):
+    before = fv.get_backend()
+    for enter in (fv.set_backend, lambda n: fv.use_backend(n).__enter__()):
+        with pytest.raises(RuntimeError, match=rf"'{name}'.*not usable here: \w+"):
+            enter(name)
+    assert fv.get_backend() == before
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter only matters without a GPU")
+def test_triton_without_interpreter(monkeypatch):
+    """Without a GPU, the Triton backend needs the interpreter, and says so."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fv.set_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fv.set_backend("triton")  # the choice is made, then the environment changes
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fv.gaussian_kl(ramp(3, 4), ramp(3, 4))
+
+
+@pytest.mark.gpu
+def test_backend_cannot_serve_device():
+    cuda = ramp(3, 4, device="cuda")
+    if "cpu" in BACKENDS:
+        with fv.use_backend("cpu"), pytest.raises(RuntimeError, match="cpu"):
+            fv.gaussian_kl(cuda, cuda)
+    with pytest.raises(ValueError, match="cuda"):
+        fv.gaussian_kl(ramp(3, 4), cuda)
+    with pytest.raises(ValueError, match="generator"):
+        fv.reparameterize(cuda, cuda, generator=torch.Generator("cpu"))

@@ -1,13 +1,13 @@
-"""Bad input (issue 2, item 6; SPEC §2): a clear error naming the argument and nothing else
-happens; empty inputs and NaN/inf as SPEC §2 says; the opt-in data validation."""
+"""Bad arguments to the public functions and loss modules: a clear error naming the argument,
+and nothing else happens (no kernel runs, torch's generator and the backend choice are left
+alone). Unusable backends are tested in test_backends.py, the opt-in data checks in
+test_validation.py, empty and non-finite inputs in test_empty_and_nonfinite.py."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-from helpers import BACKENDS, CUDA
+from helpers import missing_names, ramp
 
 import fastvae as fv
 from fastvae.ops import backends as _backend
@@ -17,14 +17,7 @@ from fastvae.ops import backends as _backend
 # ---------------------------------------------------------------------------------------------
 
 
-def t(*shape, dtype=torch.float32, device="cpu"):
-    """Values in (0, 1), without drawing from torch's generator (the tests check it is not)."""
-    n = 1
-    for size in shape:
-        n *= size
-    return torch.linspace(0.1, 0.9, n, dtype=dtype).reshape(shape).to(device)
-
-
+t = ramp
 a, b = t(3, 4), t(3, 4)
 i34 = torch.ones(3, 4, dtype=torch.int64)
 meta = t(3, 4, device="meta")
@@ -200,10 +193,6 @@ BAD_INPUTS = [
 ]
 
 
-def _names_in(message: str, words: list[str]) -> list[str]:
-    return [w for w in words if not re.search(rf"\b{re.escape(w)}\b", message)]
-
-
 @pytest.mark.parametrize(("call", "error", "words"),
                          [pytest.param(c, e, w, id=i) for i, c, e, w in BAD_INPUTS])
 def test_bad_input(call, error, words, spy):
@@ -213,7 +202,7 @@ def test_bad_input(call, error, words, spy):
     with pytest.raises(error) as info:
         call()
     message = str(info.value)
-    missing = _names_in(message, words)
+    missing = missing_names(message, words)
     assert not missing, f"the message {message!r} does not name {missing}"
     assert spy == [], f"a kernel ran before the error: {spy}"
     assert torch.equal(torch.get_rng_state(), rng), "torch's generator was consumed"
@@ -229,231 +218,3 @@ def test_bad_input_table_is_complete():
                "iwae"):
         kinds = {e for i, _, e, _ in BAD_INPUTS if i.startswith(op)}
         assert kinds == {ValueError, TypeError}, f"{op}: {kinds}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends that cannot serve
-# ---------------------------------------------------------------------------------------------
-
-UNUSABLE = [n for n in _backend.CONCRETE if n not in BACKENDS]
-
-
-@pytest.mark.parametrize("name", UNUSABLE or [pytest.param(None, marks=pytest.mark.skip(
-    reason="every backend is usable here"))])
-def test_unusable_backend(name):
-    before = fv.get_backend()
-    for enter in (fv.set_backend, lambda n: fv.use_backend(n).__enter__()):
-        with pytest.raises(RuntimeError, match=rf"'{name}'.*not usable here: \w+"):
-            enter(name)
-    assert fv.get_backend() == before
-
-
-@pytest.mark.skipif(CUDA, reason="the interpreter only matters without a GPU")
-def test_triton_without_interpreter(monkeypatch):
-    """Without a GPU, the Triton backend needs the interpreter, and says so."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fv.set_backend("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    fv.set_backend("triton")  # the choice is made, then the environment changes
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fv.gaussian_kl(a, b)
-
-
-@pytest.mark.gpu
-def test_backend_cannot_serve_device():
-    cuda = t(3, 4, device="cuda")
-    if "cpu" in BACKENDS:
-        with fv.use_backend("cpu"), pytest.raises(RuntimeError, match="cpu"):
-            fv.gaussian_kl(cuda, cuda)
-    with pytest.raises(ValueError, match="cuda"):
-        fv.gaussian_kl(a, cuda)
-    with pytest.raises(ValueError, match="generator"):
-        fv.reparameterize(cuda, cuda, generator=torch.Generator("cpu"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Opt-in data validation
-# ---------------------------------------------------------------------------------------------
-
-
-def _with(x: torch.Tensor, value: float) -> torch.Tensor:
-    x = x.clone()
-    x[1, 2] = value
-    return x
-
-
-NAN, INF = float("nan"), float("inf")
-target01 = (b > 0.5).float()
-
-INVALID_DATA = [
-    ("kl_mu_nan", lambda: fv.gaussian_kl(_with(a, NAN), b), ["mu"]),
-    ("kl_logvar_inf", lambda: fv.gaussian_kl(a, _with(b, INF)), ["logvar"]),
-    ("kl_prior_mu_nan", lambda: fv.gaussian_kl(a, b, _with(a, NAN)), ["prior_mu"]),
-    ("kl_prior_logvar_inf", lambda: fv.gaussian_kl(a, b, None, _with(b, -INF)),
-     ["prior_logvar"]),
-    ("bernoulli_logits_nan", lambda: fv.bernoulli_nll(_with(a, NAN), target01), ["logits"]),
-    ("bernoulli_target_above_1", lambda: fv.bernoulli_nll(a, _with(target01, 1.5)), ["target"]),
-    ("bernoulli_target_below_0", lambda: fv.bernoulli_nll(a, _with(target01, -0.1)),
-     ["target"]),
-    ("bernoulli_target_nan", lambda: fv.bernoulli_nll(a, _with(target01, NAN)), ["target"]),
-    ("gaussian_nll_mean_inf", lambda: fv.gaussian_nll(_with(a, INF), b), ["mean"]),
-    ("gaussian_nll_target_nan", lambda: fv.gaussian_nll(a, _with(b, NAN)), ["target"]),
-    ("gaussian_nll_logvar_nan", lambda: fv.gaussian_nll(a, b, _with(b, NAN)), ["logvar"]),
-    ("reparameterize_mu_nan", lambda: fv.reparameterize(_with(a, NAN), b), ["mu"]),
-    ("reparameterize_logvar_inf", lambda: fv.reparameterize(a, _with(b, INF), n_samples=2),
-     ["logvar"]),
-    ("reparameterize_eps_nan", lambda: fv.reparameterize(a, b, eps=_with(a, NAN)), ["eps"]),
-    ("sample_and_kl_logvar_nan", lambda: fv.sample_and_kl(a, _with(b, NAN)), ["logvar"]),
-    ("vae_x_above_1", lambda: fv.vae_loss(a, _with(target01, 2.0), a, b), ["x"]),
-    ("vae_recon_nan", lambda: fv.vae_loss(_with(a, NAN), target01, a, b), ["recon"]),
-    ("vae_logvar_nan", lambda: fv.vae_loss(a, target01, a, _with(b, NAN)), ["logvar"]),
-]
-
-
-@pytest.mark.parametrize(("call", "words"), [pytest.param(c, w, id=i) for i, c, w in
-                                             INVALID_DATA])
-def test_validation_on(call, words, spy):
-    fv.set_validation(True)
-    assert fv.validation_enabled()
-    rng = torch.get_rng_state()
-    with pytest.raises(ValueError, match="validation") as info:
-        call()
-    missing = _names_in(str(info.value), words)
-    assert not missing, f"the message {str(info.value)!r} does not name {missing}"
-    assert spy == []
-    assert torch.equal(torch.get_rng_state(), rng), "torch's generator was consumed"
-
-
-@pytest.mark.parametrize(("call", "words"), [pytest.param(c, w, id=i) for i, c, w in
-                                             INVALID_DATA])
-def test_validation_off(call, words):
-    """Off by default: the same inputs compute, and a NaN or inf input shows in the output."""
-    assert not fv.validation_enabled()
-    out = call()
-    out = out if isinstance(out, tuple) else (out,)
-    assert all(isinstance(o, torch.Tensor) for o in out)
-
-
-def test_validation_accepts_valid_data():
-    fv.set_validation(True)
-    fv.bernoulli_nll(a, target01)
-    fv.bernoulli_nll(a, b)  # continuous targets in [0, 1]
-    fv.vae_loss(a, b, a, b)
-    fv.reparameterize(a, b)
-    fv.set_validation(False)
-    assert not fv.validation_enabled()
-    fv.bernoulli_nll(a, _with(target01, 1.5))
-
-
-# ---------------------------------------------------------------------------------------------
-# Empty inputs (SPEC §2): the right value, never a crash
-# ---------------------------------------------------------------------------------------------
-
-EMPTY_LOSSES = {
-    "gaussian_kl": lambda x, **kw: fv.gaussian_kl(x, x, **kw),
-    "gaussian_kl_prior": lambda x, **kw: fv.gaussian_kl(x, x, x[:1], 0.5, **kw),
-    "bernoulli_nll": lambda x, **kw: fv.bernoulli_nll(x, x, **kw),
-    "gaussian_nll": lambda x, **kw: fv.gaussian_nll(x, x, **kw),
-    "gaussian_nll_logvar": lambda x, **kw: fv.gaussian_nll(x, x, x, **kw),
-    "sample_and_kl": lambda x, **kw: fv.sample_and_kl(x, x, **kw)[1],
-    "vae_loss": lambda x, **kw: fv.vae_loss(x, x, x, x, **kw),
-}
-
-
-@pytest.mark.parametrize("op", EMPTY_LOSSES)
-@pytest.mark.parametrize("shape", [(0, 5), (0,), (0, 2, 3), (4, 0), (4, 0, 3)],
-                         ids=["empty_batch", "empty_1d", "empty_batch_3d", "empty_event",
-                              "empty_event_3d"])
-def test_empty(op, shape, backend, device):
-    f = EMPTY_LOSSES[op]
-    B = shape[0]
-    x = torch.zeros(shape, device=device, requires_grad=True)
-    none = f(x, reduction="none")
-    assert none.shape == (B,)
-    assert (none == 0).all()
-    total = f(x, reduction="sum")
-    assert total.shape == ()
-    assert total.item() == 0
-    mean = f(x, reduction="mean")
-    assert mean.shape == ()
-    assert (mean.isnan() if B == 0 else mean == 0).item()  # a mean over no samples is nan
-    (grad,) = torch.autograd.grad(total, x)
-    assert grad.shape == x.shape
-    if op in ("gaussian_kl", "sample_and_kl", "vae_loss"):
-        for reduction, expected in (("sum", 0.0), ("mean", float("nan") if B == 0 else 0.0)):
-            out = f(x, reduction=reduction, free_bits=0.5)
-            torch.testing.assert_close(out.cpu(), torch.tensor(expected), equal_nan=True)
-
-
-@pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0,)])
-def test_empty_samples(shape, backend, device):
-    x = torch.zeros(shape, device=device, requires_grad=True)
-    assert fv.reparameterize(x, x).shape == shape
-    assert fv.reparameterize(x, x, eps=x).shape == shape
-    z = fv.reparameterize(x, x, n_samples=3)
-    assert z.shape == (3, *shape)
-    z, kl = fv.sample_and_kl(x, x, reduction="none")
-    assert z.shape == shape
-    assert kl.shape == (shape[0],)
-    (grad,) = torch.autograd.grad(z.sum() + kl.sum(), x)
-    assert grad.shape == shape
-
-
-# ---------------------------------------------------------------------------------------------
-# NaN and inf propagate (SPEC §2), sample by sample
-# ---------------------------------------------------------------------------------------------
-
-PROPAGATION = {
-    "kl_mu_nan": (lambda m, lv, x: fv.gaussian_kl(m, lv, reduction="none"), "m", NAN),
-    "kl_logvar_inf": (lambda m, lv, x: fv.gaussian_kl(m, lv, reduction="none"), "lv", INF),
-    "kl_logvar_minus_inf": (lambda m, lv, x: fv.gaussian_kl(m, lv, reduction="none"), "lv",
-                            -INF),
-    "kl_prior_nan": (lambda m, lv, x: fv.gaussian_kl(m, lv, x, reduction="none"), "x", NAN),
-    "bernoulli_logits_nan": (lambda m, lv, x: fv.bernoulli_nll(m, x, reduction="none"), "m",
-                             NAN),
-    "bernoulli_target_nan": (lambda m, lv, x: fv.bernoulli_nll(m, x, reduction="none"), "x",
-                             NAN),
-    "gaussian_nll_mean_inf": (lambda m, lv, x: fv.gaussian_nll(m, x, lv, reduction="none"), "m",
-                              INF),
-    "gaussian_nll_logvar_nan": (lambda m, lv, x: fv.gaussian_nll(m, x, lv, reduction="none"),
-                                "lv", NAN),
-    "sample_and_kl_mu_nan": (lambda m, lv, x: fv.sample_and_kl(m, lv, seed=1,
-                                                               reduction="none")[1], "m", NAN),
-    "vae_recon_nan": (lambda m, lv, x: fv.vae_loss(m, x, m, lv, reduction="none"), "m", NAN),
-}
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under Triton's interpreter
-@pytest.mark.parametrize("case", PROPAGATION)
-def test_nan_inf_propagate(case, backend, device):
-    """A NaN/inf in sample 1 makes sample 1's loss and gradient non-finite and leaves the
-    others as they were."""
-    f, which, value = PROPAGATION[case]
-    g = torch.Generator().manual_seed(2)
-    clean = {k: torch.rand(4, 6, generator=g).to(device) for k in ("m", "lv", "x")}
-    dirty = {k: (_with(v, value) if k == which else v).requires_grad_() for k, v in
-             clean.items()}
-    clean = {k: v.requires_grad_() for k, v in clean.items()}
-    out_clean, out_dirty = f(**clean), f(**dirty)
-    assert not torch.isfinite(out_dirty[1])
-    others = [0, 2, 3]
-    torch.testing.assert_close(out_dirty[others], out_clean[others])
-    (grad,) = torch.autograd.grad(out_dirty.sum(), dirty[which])
-    if not (case.startswith("kl_logvar") or case == "bernoulli_target_nan"):
-        # (d/dlogvar of the KL is +-inf or finite there; d/dtarget of the NLL is -logits.)
-        assert not torch.isfinite(grad[1, 2])
-    assert torch.isfinite(grad[others]).all()
-
-
-def test_nan_in_sample_propagates(backend, device):
-    mu = _with(torch.zeros(3, 4), NAN).to(device)
-    logvar = _with(torch.zeros(3, 4), INF).to(device)
-    for z in (fv.reparameterize(mu, torch.zeros_like(mu), seed=3),
-              fv.reparameterize(torch.zeros_like(mu), logvar, seed=3),
-              fv.sample_and_kl(mu, torch.zeros_like(mu), seed=3)[0]):
-        assert not torch.isfinite(z[1, 2])
-        finite = torch.ones_like(z, dtype=torch.bool)
-        finite[1, 2] = False
-        assert torch.isfinite(z[finite]).all()
