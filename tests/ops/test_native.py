@@ -1,5 +1,5 @@
-"""The native library (csrc/, fastvae/_native.py): what is specific to the "cpu" and "cuda"
-backends. The op matrix of tests/test_ops.py runs on them too (they are in fv.backends()).
+"""The native library (csrc/, fastvae/ops/native.py): what is specific to the "cpu" and "cuda"
+backends. The op matrix of tests/ops/test_ops.py runs on them too (they are in fv.backends()).
 
 Covered here: the library loads and registers; Philox integers bit for bit and normals to float
 rounding against fastvae.reference (and Triton's interpreter); every op of the backend interface
