@@ -5,8 +5,8 @@ gradients, run after run, on every backend; on the cpu backend whatever the thre
 "mode" to turn on: every call is deterministic.
 
 Every op variant of ``cases.CASES`` (free bits' per-feature sums included) runs on inputs large
-enough to be split over several programs / threads, and training a VAE twice from one seed
-gives the same weights bit for bit.
+enough to be split over several programs / threads. (Training twice from one seed gives the
+same weights: training/test_trainer.py.)
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from cases import CASES, as_tuple, make_inputs
 from helpers import CUDA
 
 import fastvae as fv
-from fastvae.training import data
-from fastvae.training.trainer import TrainConfig, train
 
 # Sizes that split the work: on the cpu backend three 16384-element units per thread (2 threads);
 # on GPU many programs per row. Triton's interpreter runs one program per row block (and is
@@ -91,15 +89,3 @@ def test_bitwise_identical_across_thread_counts(case):
     finally:
         torch.set_num_threads(before)
     _assert_bitwise(runs, case)
-
-
-def test_training_is_bitwise_reproducible(backend, device):
-    """Two runs of the trainer from one seed end with the same weights, bit for bit."""
-    train_x, val_x = data.split(data.load_digits()[:150], 0.1, seed=0)
-    config = TrainConfig(epochs=1, batch_size=64, seed=3, iwae_samples=0)
-    model_config = {"input_shape": [1, 8, 8], "latent_dim": 3, "hidden": [16]}
-    states = []
-    for _ in range(2):
-        result = train(model_config, train_x, val_x, config, device=device, progress=False)
-        states.append([t.detach().cpu() for t in result.model.state_dict().values()])
-    _assert_bitwise(states, "trained weights")

@@ -13,7 +13,7 @@ from torch import nn
 
 import fastvae as fv
 from fastvae.models.vae import VAE, build_vae
-from fastvae.training import checkpoint
+from fastvae.training import checkpoint, data
 from fastvae.training.trainer import NonFiniteLossError, TrainConfig, beta_at, evaluate, train
 
 
@@ -162,3 +162,14 @@ def test_nonfinite_loss_stops_or_skips(digits):
                    progress=False)
     assert result.history[-1].skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_training_is_bitwise_reproducible(backend, device):
+    """Two runs of the trainer from one seed end with the same weights, bit for bit."""
+    train_x, val_x = data.split(data.load_digits()[:150], 0.1, seed=0)
+    config = TrainConfig(epochs=1, batch_size=64, seed=3, iwae_samples=0)
+    model_config = {"input_shape": [1, 8, 8], "latent_dim": 3, "hidden": [16]}
+    first, second = (train(model_config, train_x, val_x, config, device=device,
+                           progress=False).model.state_dict() for _ in range(2))
+    for name, weights in first.items():
+        assert torch.equal(weights, second[name]), f"{name} differs between the runs"
