@@ -1,7 +1,7 @@
 """pytest-benchmark suite: ``pytest benchmarks --benchmark-only``.
 
 The cases (ops, implementations, sizes, byte counts) are those of ``fastvae bench``
-(``fastvae/bench.py``); this suite times them with pytest-benchmark's statistics and
+(``fastvae/cli/bench.py``); this suite times them with pytest-benchmark's statistics and
 comparison tools instead of the roofline table.
 """
 

@@ -9,7 +9,7 @@ eager, and no slower than torch.compile).
     python benchmarks/cpu_loss_head.py [--batch 4096] [--pixels 784] [--rounds 9]
                                        [--threads N] [--isa auto|avx512|avx2|baseline]
 
-Implementations are timed round-robin in rounds (``fastvae.bench.time_group``), so that a load
+Implementations are timed round-robin in rounds (``fastvae.cli.bench.time_group``), so that a load
 change on the machine hits all of them alike; the report gives medians and the load average.
 """
 
@@ -22,7 +22,8 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile worker
 
 import torch
 
-from fastvae import _native, bench
+from fastvae.cli import bench
+from fastvae.ops import native as _native
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastvae import bench
+from fastvae.cli import bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -6,14 +6,21 @@
 
 On top of the ops: ``fv.VAE`` / ``fv.build_vae`` (the model API) and ``fv.train`` with
 ``fv.TrainConfig`` (the trainer behind ``fastvae train``).
+
+The package is layered, each layer importing only those below it: ``fastvae.ops`` (the op
+library), ``fastvae.models`` (the VAE), ``fastvae.training`` (trainer, checkpoints, data) and
+``fastvae.cli`` (the command line and the benchmark report). ``import fastvae`` loads the ops;
+the model and training names load their layer on first use.
 """
 
 from __future__ import annotations
 
-from . import reference
-from ._backend import backends, get_backend, set_backend, use_backend
-from ._validation import set_validation, validation_enabled
-from .functional import (
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .ops import reference
+from .ops.backends import backends, get_backend, set_backend, use_backend
+from .ops.functional import (
     bernoulli_nll,
     gaussian_kl,
     gaussian_nll,
@@ -22,11 +29,39 @@ from .functional import (
     sample_and_kl,
     vae_loss,
 )
-from .losses import BernoulliNLLLoss, GaussianKLLoss, GaussianNLLLoss
-from .trainer import NonFiniteLossError, TrainConfig, TrainResult, train
-from .vae import VAE, VAEOutput, build_vae
+from .ops.losses import BernoulliNLLLoss, GaussianKLLoss, GaussianNLLLoss
+from .ops.validation import set_validation, validation_enabled
+
+if TYPE_CHECKING:
+    from .models.vae import VAE, VAEOutput, build_vae
+    from .training.trainer import NonFiniteLossError, TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
+
+# Public names of the higher layers -> their module, imported on first access.
+_LAZY = {
+    "VAE": "fastvae.models.vae",
+    "VAEOutput": "fastvae.models.vae",
+    "build_vae": "fastvae.models.vae",
+    "NonFiniteLossError": "fastvae.training.trainer",
+    "TrainConfig": "fastvae.training.trainer",
+    "TrainResult": "fastvae.training.trainer",
+    "train": "fastvae.training.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastvae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "VAE",

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastvae import reference
+from fastvae.ops import reference
 
 # Unit roundoff of the dtype a kernel accumulates in.
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}

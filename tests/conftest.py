@@ -1,4 +1,4 @@
-"""Shared fixtures of the test suite: backends, dtypes, tolerances and the float64 oracle.
+"""Fixtures and hooks of the test suite (the shared helpers are in helpers.py).
 
 Without a CUDA GPU the Triton kernels run under Triton's interpreter on CPU tensors; the
 environment variable must be set before anything imports triton, hence at the top of this file
@@ -7,7 +7,6 @@ environment variable must be set before anything imports triton, hence at the to
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -18,13 +17,13 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest
-import torch.nn.functional as F
+from helpers import BACKENDS, CUDA, DIGITS_CONFIG, DTYPES, device_for, dtype_id
 from hypothesis import HealthCheck, settings
 
 import fastvae as fv
-from fastvae import _backend, _ops, _validation, reference
-
-CUDA = torch.cuda.is_available()
+from fastvae.ops import backends as _backend
+from fastvae.ops import custom_ops as _ops
+from fastvae.ops import validation as _validation
 
 # Property tests (test_properties.py): derandomized, so that a run draws the same examples on
 # every machine and a failure reproduces run after run (no example database to carry around);
@@ -36,121 +35,6 @@ _PROFILE = dict(deadline=None, database=None, print_blob=True,
 settings.register_profile("fastvae", derandomize=True, **_PROFILE)
 settings.register_profile("fastvae-explore", derandomize=False, **_PROFILE)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastvae"))
-
-# Every concrete backend usable here, found at collection time: a newly built one (the native
-# "cpu" library, "cuda" on a GPU machine) is picked up without changing any test.
-BACKENDS = fv.backends()
-
-DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def device_for(backend: str) -> torch.device:
-    """The device whose tensors ``backend`` serves in this test run."""
-    if backend == "cuda" or (backend == "triton" and CUDA):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tolerances
-# ---------------------------------------------------------------------------------------------
-
-# Keyed by the dtype of the value under test: losses of half-precision inputs come back in
-# float32 and are computed in float32 from the same rounded inputs as the oracle, so they are
-# held to float32's tolerance; gradients and samples come back in the input's dtype and carry
-# one rounding to it (half an ulp: 4.9e-4 for float16, 3.9e-3 for bfloat16). Triton's
-# interpreter converts float32 to bfloat16 by truncation, not rounding (up to one ulp, 7.8e-3),
-# and autograd rounds once more when it sums the gradient of a broadcast input: bfloat16 gets
-# three half-ulps.
-# ``atol`` is relative to the largest magnitude of the expected tensor (see assert_close).
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float16: dict(rtol=1e-3, atol=1e-5),
-    torch.bfloat16: dict(rtol=1.2e-2, atol=1e-4),
-}
-# Noise is generated in float32 on every backend with each backend's own log/cos/sqrt (Box-Muller),
-# so anything that depends on it agrees across backends to float32 rounding only, whatever the
-# dtype: a few 1e-7 absolute on eps.
-NOISE_TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def tolerance(dtype: torch.dtype, noisy: bool = False) -> dict[str, float]:
-    tol = dict(TOL[dtype])
-    if noisy:
-        tol = {k: max(v, NOISE_TOL[k]) for k, v in tol.items()}
-    return tol
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, noisy: bool = False,
-                 dtype: torch.dtype | None = None, msg: str = "") -> None:
-    """``actual`` (any float dtype) against a float64 ``expected``: same shape, values within the
-    tolerance of ``dtype`` (default: ``actual``'s dtype); NaN only where the oracle has NaN."""
-    tol = tolerance(actual.dtype if dtype is None else dtype, noisy)
-    assert actual.shape == expected.shape, f"{msg}: shape {actual.shape} != {expected.shape}"
-    finite = expected[torch.isfinite(expected)]
-    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(),
-                               rtol=tol["rtol"], atol=tol["atol"] * scale, equal_nan=True,
-                               msg=lambda m: f"{msg}\n{m}" if msg else m)
-
-
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ---------------------------------------------------------------------------------------------
-# The float64 oracle: the reference ops of fastvae.reference, with fv's signatures, except the
-# Bernoulli NLL, whose gradient comes from torch's binary_cross_entropy_with_logits (autograd of
-# the max/abs formula is wrong at l = 0).
-# ---------------------------------------------------------------------------------------------
-
-
-def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "mean":
-        return per_sample.mean()
-    return per_sample
-
-
-def _per_sample(elementwise: torch.Tensor) -> torch.Tensor:
-    B = elementwise.shape[0]
-    return elementwise.reshape(B, math.prod(elementwise.shape[1:])).sum(1)
-
-
-class Oracle:
-    """Namespace with fv's function signatures, computing in float64 from float64 inputs."""
-
-    reparameterize = staticmethod(reference.reparameterize)
-    gaussian_kl = staticmethod(reference.gaussian_kl)
-    gaussian_nll = staticmethod(reference.gaussian_nll)
-    sample_and_kl = staticmethod(reference.sample_and_kl)
-
-    @staticmethod
-    def bernoulli_nll(logits, target, *, reduction="mean"):
-        per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return _reduce(_per_sample(per_element), reduction)
-
-    @staticmethod
-    def vae_loss(recon, x, mu, logvar, *, likelihood="bernoulli", obs_logvar=0.0, beta=1.0,
-                 free_bits=0.0, reduction="mean"):
-        if likelihood == "bernoulli":
-            nll = Oracle.bernoulli_nll(recon, x, reduction=reduction)
-        else:
-            nll = Oracle.gaussian_nll(recon, x, obs_logvar, reduction=reduction)
-        kl = Oracle.gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
-        return nll + beta * kl
-
-
-def to_oracle(t: torch.Tensor) -> torch.Tensor:
-    """A float64 leaf with the values of ``t`` (already rounded to the test dtype)."""
-    return t.detach().cpu().double().requires_grad_(t.requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +67,25 @@ def spy(monkeypatch):
     monkeypatch.setattr(_ops, "implementation", lambda name: used.append(name) or
                         implementation(name))
     return used
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded 8x8 digits, split (train, validation)."""
+    from fastvae.training import data
+
+    return data.split(data.load_digits(), 0.1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(digits):
+    """A TrainResult: DIGITS_CONFIG trained for 6 epochs (shared by the model and training
+    tests; do not train it further)."""
+    from fastvae.training.trainer import TrainConfig, train
+
+    train_x, val_x = digits
+    config = TrainConfig(epochs=6, batch_size=64, seed=0, iwae_samples=0)
+    return train(DIGITS_CONFIG, train_x, val_x, config, progress=False)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,196 @@
+"""``fastvae train``: train a VAE on a data set and write a checkpoint, metrics and pictures.
+
+Under ``torchrun`` every process runs this command: each trains its shard (the trainer's
+DistributedDataParallel) and rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .args import (
+    UsageError,
+    finite_float,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    number,
+    positive_float,
+    positive_int,
+    resolve_device,
+    seed,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a VAE (default: scikit-learn's 8x8 digits)",
+                       description="Train a VAE with fastvae's fused losses and write a "
+                                   "checkpoint, metrics and PNG grids to --out.")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (embedded, default), a .npz file (array 'x'/'images' or the "
+                        "first one) or an MNIST IDX images file (optionally .gz)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<data name>)")
+    p.add_argument("--epochs", type=positive_int, default=40)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--latent-dim", type=positive_int, default=8)
+    p.add_argument("--hidden", type=int_list, default=None,
+                   help="hidden sizes (mlp) or channels (conv), e.g. 256,256")
+    p.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
+    p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "gaussian_learned"),
+                   default="bernoulli")
+    p.add_argument("--obs-logvar", type=finite_float, default=0.0,
+                   help="log-variance of the Gaussian likelihood (initial value if learned)")
+    p.add_argument("--beta", type=non_negative_float, default=1.0, help="KL weight")
+    p.add_argument("--warmup", type=non_negative_float, default=0.0,
+                   help="linear KL warm-up over this many epochs")
+    p.add_argument("--cycles", type=non_negative_int, default=0,
+                   help="cyclical KL annealing cycles")
+    p.add_argument("--free-bits", type=non_negative_float, default=0.0,
+                   help="floor of each latent dimension's KL (nats)")
+    p.add_argument("--grad-clip", type=positive_float, default=None, help="max gradient norm")
+    p.add_argument("--logvar-limit", type=positive_float, default=None,
+                   help="soft clamp of the posterior log-variance to (-L, L)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backend", default=None,
+                   help="fastvae backend: auto, triton, cuda, cpu or torch")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only)")
+    p.add_argument("--val-fraction", type=number, default=0.1)
+    p.add_argument("--iwae-samples", type=non_negative_int, default=1000,
+                   help="K of the final IWAE log-likelihood (0: skip)")
+    p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--no-images", action="store_true", help="skip the PNG grids")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check every argument and input first (nothing is written before), train, report."""
+    import fastvae as fv
+    from fastvae.ops.backends import resolve
+    from fastvae.training import data
+    from fastvae.training.checkpoint import CheckpointError
+    from fastvae.training.trainer import NonFiniteLossError, train
+
+    if not 0 < args.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(args.device, int(os.environ["LOCAL_RANK"]) if world > 1 else None)
+    if args.backend is not None:
+        try:
+            fv.set_backend(args.backend)
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"--backend: {e}") from e
+    images, name, config = _data_and_config(args)
+    train_x, val_x = data.split(images, args.val_fraction, args.seed)
+    model_config = _model_config(args, tuple(images.shape[1:]))
+    out_dir = _make_out_dir(Path(args.out) if args.out else Path("runs") / name)
+
+    with _process_group(world, device) as rank:
+        if rank == 0:
+            print(f"{name}: {train_x.shape[0]} train / {val_x.shape[0]} validation images of "
+                  f"shape {tuple(images.shape[1:])}; {args.arch} VAE, latent {args.latent_dim}, "
+                  f"{args.likelihood} likelihood; device {device}, fastvae backend "
+                  f"{fv.get_backend()} ({resolve(device)} here)"
+                  + (f", {world} processes" if world > 1 else ""))
+        t0 = time.perf_counter()
+        try:
+            result = train(model_config, train_x, val_x, config, device=device,
+                           out_dir=out_dir, resume=args.resume, progress=not args.no_progress)
+        except CheckpointError as e:
+            raise UsageError(f"--resume: {e}") from e
+        except NonFiniteLossError as e:
+            print(f"fastvae train: {e}", file=sys.stderr)
+            return 1
+        seconds = time.perf_counter() - t0
+    if rank != 0:
+        return 0
+    if not args.no_images:
+        from fastvae.training import images as pictures
+
+        pictures.save_all(result.model, val_x, [asdict(m) for m in result.history], out_dir,
+                          seed=args.seed)
+    print(_summary(result.final, seconds))
+    files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
+    print(f"wrote {out_dir}/: {', '.join(files)}")
+    return 0
+
+
+def _data_and_config(args: argparse.Namespace):
+    """The images, the data set's name and the TrainConfig, or a UsageError saying what is
+    wrong with them."""
+    from fastvae.training import data
+    from fastvae.training.trainer import TrainConfig
+
+    try:
+        images, name = data.load(args.data)
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             beta=args.beta, warmup_epochs=args.warmup, cycles=args.cycles,
+                             free_bits=args.free_bits, grad_clip=args.grad_clip, seed=args.seed,
+                             amp=args.amp, on_nonfinite=args.on_nonfinite,
+                             iwae_samples=args.iwae_samples)
+    except (data.DataError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    return images, name, config
+
+
+def _model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The build_vae arguments; a model that cannot take these images (too small for
+    ``--arch conv``) is a UsageError here, before anything is written."""
+    from fastvae.models.vae import build_vae
+
+    model_config = {"input_shape": list(image_shape), "latent_dim": args.latent_dim,
+                    "arch": args.arch, "hidden": list(args.hidden) if args.hidden else None,
+                    "likelihood": args.likelihood, "obs_logvar": args.obs_logvar,
+                    "logvar_limit": args.logvar_limit}
+    try:
+        build_vae(**model_config)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--arch {args.arch}: cannot build a model for images of shape "
+                         f"{image_shape}: {e}") from e
+    return model_config
+
+
+def _make_out_dir(out_dir: Path) -> Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out: {out_dir} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot create {out_dir}: {e.strerror or e}") from e
+    return out_dir
+
+
+@contextlib.contextmanager
+def _process_group(world: int, device) -> Iterator[int]:
+    """This process's rank; under torchrun (``world`` > 1) inside a process group (nccl on GPU,
+    gloo on CPU) that is destroyed on the way out, whatever happens."""
+    if world == 1:
+        yield 0
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def _summary(final: dict[str, Any], seconds: float) -> str:
+    line = (f"final (validation, nats per image): ELBO {final['elbo']:.3f}, reconstruction "
+            f"{final['nll']:.3f}, KL {final['kl']:.3f}")
+    if "iwae_log_likelihood" in final:
+        line += f", IWAE log p(x) (K={final['iwae_samples']}) {final['iwae_log_likelihood']:.3f}"
+    return (line + f"; active units {final['active_units']}/{len(final['kl_per_dim'])}; "
+            f"{seconds:.1f} s")

@@ -1,0 +1,290 @@
+"""A thin VAE around a user's encoder and decoder, every loss term and sample on the fused ops.
+
+    encoder: x -> (mu, logvar), or one tensor whose last dimension holds [mu, logvar]
+    decoder: z -> logits (Bernoulli likelihood) or mean (Gaussian), of x's shape
+
+Likelihoods: ``"bernoulli"`` (logits), ``"gaussian"`` (fixed ``obs_logvar``), and
+``"gaussian_learned"`` (one learned log-variance shared by every pixel).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import functional as F
+from ..ops.reference import kl_elementwise
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+
+
+class VAEOutput(NamedTuple):
+    """What ``VAE.forward`` returns: the loss (negative ELBO, with beta) and its parts."""
+
+    loss: Tensor
+    nll: Tensor
+    kl: Tensor
+    z: Tensor
+    mu: Tensor
+    logvar: Tensor
+    recon: Tensor
+
+
+class VAE(nn.Module):
+    """Variational autoencoder with a diagonal-Gaussian posterior and a N(0, I) prior.
+
+    ``latent_shape``: the shape of one latent sample (an int for a flat latent).
+    ``logvar_limit``: optional soft clamp of the posterior log-variance to (-limit, limit),
+    ``limit * tanh(logvar / limit)``, for models whose variances run away.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_shape: int | Sequence[int],
+                 *, likelihood: str = "bernoulli", obs_logvar: float = 0.0, beta: float = 1.0,
+                 free_bits: float = 0.0, logvar_limit: float | None = None) -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, "
+                             f"got {likelihood!r}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.latent_shape = ((latent_shape,) if isinstance(latent_shape, int)
+                             else tuple(latent_shape))
+        self.likelihood = likelihood
+        self.beta = float(beta)
+        self.free_bits = float(free_bits)
+        if logvar_limit is not None and not logvar_limit > 0:
+            raise ValueError(f"logvar_limit must be > 0, got {logvar_limit}")
+        self.logvar_limit = logvar_limit
+        self.obs_logvar: float | nn.Parameter = float(obs_logvar)
+        if likelihood == "gaussian_learned":
+            self.obs_logvar = nn.Parameter(torch.tensor(float(obs_logvar)))
+
+    # -- model pieces ---------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior parameters ``(mu, logvar)``, each ``(B, *latent_shape)``."""
+        out = self.encoder(x)
+        if isinstance(out, (tuple, list)):
+            mu, logvar = out
+        else:
+            mu, logvar = out.chunk(2, dim=-1)
+        shape = (x.shape[0], *self.latent_shape)
+        if self.logvar_limit is not None:
+            logvar = self.logvar_limit * torch.tanh(logvar / self.logvar_limit)
+        return mu.reshape(shape), logvar.reshape(shape)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Decoder output: logits (Bernoulli) or mean (Gaussian)."""
+        return self.decoder(z)
+
+    def mean_of(self, recon: Tensor) -> Tensor:
+        """The likelihood's mean from a decoder output: sigmoid(logits) or the mean itself."""
+        return torch.sigmoid(recon) if self.likelihood == "bernoulli" else recon
+
+    def nll(self, recon: Tensor, x: Tensor, reduction: str = "mean") -> Tensor:
+        """-log p(x | z) for a decoder output. ``x`` is cast to ``recon``'s dtype (under
+        autocast the decoder may return bfloat16)."""
+        x = x.to(recon.dtype)
+        if self.likelihood == "bernoulli":
+            return F.bernoulli_nll(recon, x, reduction=reduction)
+        logvar = self.obs_logvar
+        if isinstance(logvar, nn.Parameter):
+            logvar = logvar.to(recon.dtype)
+        return F.gaussian_nll(recon, x, logvar, reduction=reduction)
+
+    # -- training objective ----------------------------------------------------------------
+
+    def forward(self, x: Tensor, *, beta: float | None = None, free_bits: float | None = None,
+                reduction: str = "mean", seed: int | None = None) -> VAEOutput:
+        """Negative ELBO ``nll + beta * kl`` with one reparameterized sample (fused
+        sample-and-KL), and its parts."""
+        beta = self.beta if beta is None else beta
+        free_bits = self.free_bits if free_bits is None else free_bits
+        mu, logvar = self.encode(x)
+        z, kl = F.sample_and_kl(mu, logvar, reduction=reduction, free_bits=free_bits, seed=seed)
+        recon = self.decode(z)
+        nll = self.nll(recon, x, reduction)
+        return VAEOutput(nll + beta * kl, nll, kl, z, mu, logvar, recon)
+
+    # -- inference -------------------------------------------------------------------------
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.parameters())
+        return p.device, p.dtype
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws of the likelihood's mean at prior samples ``z ~ N(0, I)``."""
+        device, dtype = self._device_dtype()
+        z = torch.randn((n, *self.latent_shape), device=device, dtype=dtype, generator=generator)
+        return self.mean_of(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The likelihood's mean at the posterior mean: ``mean(decode(mu(x)))``."""
+        mu, _ = self.encode(x)
+        return self.mean_of(self.decode(mu))
+
+    @torch.no_grad()
+    def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 8,
+                    method: str = "linear") -> Tensor:
+        """Decoded paths between the posterior means of two batches of equal shape:
+        ``(steps, *x1.shape)``, from ``x1`` (step 0) to ``x2``. ``method``: ``"linear"`` or
+        ``"slerp"`` (spherical, which keeps the path near the prior's typical radius)."""
+        if method not in ("linear", "slerp"):
+            raise ValueError(f"method must be 'linear' or 'slerp', got {method!r}")
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2, got {steps}")
+        if x1.shape != x2.shape:
+            raise ValueError(f"x1 and x2 must have equal shapes, got {tuple(x1.shape)} and "
+                             f"{tuple(x2.shape)}")
+        z1, _ = self.encode(x1)
+        z2, _ = self.encode(x2)
+        t = torch.linspace(0, 1, steps, device=z1.device, dtype=z1.dtype)
+        t = t.view(steps, *([1] * z1.dim()))
+        path = (1 - t) * z1 + t * z2 if method == "linear" else _slerp(z1, z2, t)
+        decoded = self.mean_of(self.decode(path.reshape(-1, *z1.shape[1:])))
+        return decoded.reshape(steps, *x1.shape)
+
+    @torch.no_grad()
+    def log_likelihood(self, x: Tensor, n_samples: int = 1000, *,
+                       chunk_size: int = 100) -> Tensor:
+        """Importance-sampled ``log p(x)`` (IWAE bound with K = ``n_samples``), shape (B,).
+        Streams over K in chunks (running log-sum-exp), so K = 5000 fits in memory."""
+        if n_samples < 1 or chunk_size < 1:
+            raise ValueError("n_samples and chunk_size must be >= 1")
+        mu, logvar = self.encode(x)
+        total = None
+        for start in range(0, n_samples, chunk_size):
+            k = min(chunk_size, n_samples - start)
+            z = F.reparameterize(mu, logvar, n_samples=k)
+            recon = self.decode(z.reshape(-1, *mu.shape[1:]))
+            x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *x.shape[1:])
+            log_px = -self.nll(recon, x_rep, reduction="none").view(k, x.shape[0])
+            chunk = F.iwae_log_likelihood(log_px, z, mu, logvar) + math.log(k)
+            total = chunk if total is None else torch.logaddexp(total, chunk)
+        return total - math.log(n_samples)
+
+    @torch.no_grad()
+    def anomaly_score(self, x: Tensor) -> Tensor:
+        """Per-sample negative ELBO (one posterior sample), shape (B,): high means unusual."""
+        return self.forward(x, beta=1.0, free_bits=0.0, reduction="none").loss
+
+    @torch.no_grad()
+    def kl_per_dimension(self, x: Tensor) -> Tensor:
+        """Batch-mean KL of each latent dimension, shape ``latent_shape``."""
+        mu, logvar = self.encode(x)
+        return kl_elementwise(mu.double(), logvar.double()).mean(0).to(mu.dtype)
+
+
+def _slerp(z1: Tensor, z2: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation per example (latent flattened), linear where the two are
+    (anti)parallel up to rounding."""
+    a, b = z1.flatten(1), z2.flatten(1)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+    omega = torch.acos(cos.clamp(-1.0, 1.0)).view(1, -1, *([1] * (z1.dim() - 1)))
+    sin = torch.sin(omega)
+    safe = sin.abs() > 1e-6
+    w1 = torch.where(safe, torch.sin((1 - t) * omega) / torch.where(safe, sin, 1.0), 1 - t)
+    w2 = torch.where(safe, torch.sin(t * omega) / torch.where(safe, sin, 1.0), t)
+    return w1 * z1 + w2 * z2
+
+
+def active_units(mu: Tensor, threshold: float = 0.01) -> tuple[int, Tensor]:
+    """Active units (Burda et al. 2016): a latent unit is active when the variance over the
+    data of its posterior mean exceeds ``threshold``. ``mu``: ``(n, *latent)``; returns the
+    count and the per-unit variances."""
+    variance = mu.double().flatten(1).var(0, unbiased=False)
+    return int((variance > threshold).sum()), variance
+
+
+# -- ready-made encoders and decoders ----------------------------------------------------------
+
+
+def _mlp(sizes: Sequence[int]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.SiLU())
+    return layers
+
+
+def mlp_encoder(input_shape: Sequence[int], latent_dim: int,
+                hidden: Sequence[int] = (256, 256)) -> nn.Module:
+    """``x (B, *input_shape) -> [mu, logvar] (B, 2 * latent_dim)``."""
+    return nn.Sequential(nn.Flatten(), *_mlp([math.prod(input_shape), *hidden, 2 * latent_dim]))
+
+
+def mlp_decoder(latent_dim: int, output_shape: Sequence[int],
+                hidden: Sequence[int] = (256, 256)) -> nn.Module:
+    """``z (B, latent_dim) -> (B, *output_shape)``."""
+    return nn.Sequential(*_mlp([latent_dim, *hidden, math.prod(output_shape)]),
+                         nn.Unflatten(1, tuple(output_shape)))
+
+
+def conv_encoder(input_shape: Sequence[int], latent_dim: int,
+                 channels: Sequence[int] = (32, 64)) -> nn.Module:
+    """Strided 4x4 convolutions (each halves H and W), then a linear head:
+    ``x (B, C, H, W) -> [mu, logvar] (B, 2 * latent_dim)``."""
+    c = input_shape[0]
+    layers: list[nn.Module] = []
+    for out in channels:
+        layers += [nn.Conv2d(c, out, 4, stride=2, padding=1), nn.SiLU()]
+        c = out
+    body = nn.Sequential(*layers)
+    with torch.no_grad():
+        n_features = body(torch.zeros(1, *input_shape)).numel()
+    return nn.Sequential(body, nn.Flatten(), nn.Linear(n_features, 2 * latent_dim))
+
+
+class _Crop(nn.Module):
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        self.height, self.width = height, width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., : self.height, : self.width]
+
+
+def conv_decoder(latent_dim: int, output_shape: Sequence[int],
+                 channels: Sequence[int] = (64, 32)) -> nn.Module:
+    """Linear to a small feature map, then 4x4 transposed convolutions that each double H and
+    W, cropped to ``output_shape``: ``z (B, latent_dim) -> (B, C, H, W)``."""
+    c_out, height, width = output_shape
+    scale = 2 ** len(channels)
+    h0, w0 = -(-height // scale), -(-width // scale)
+    layers: list[nn.Module] = [nn.Linear(latent_dim, channels[0] * h0 * w0), nn.SiLU(),
+                               nn.Unflatten(1, (channels[0], h0, w0))]
+    for i, c in enumerate(channels):
+        nxt = channels[i + 1] if i + 1 < len(channels) else c_out
+        layers.append(nn.ConvTranspose2d(c, nxt, 4, stride=2, padding=1))
+        if i + 1 < len(channels):
+            layers.append(nn.SiLU())
+    layers.append(_Crop(height, width))
+    return nn.Sequential(*layers)
+
+
+def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
+              hidden: Sequence[int] | None = None, likelihood: str = "bernoulli",
+              obs_logvar: float = 0.0, beta: float = 1.0, free_bits: float = 0.0,
+              logvar_limit: float | None = None) -> VAE:
+    """A VAE with the ready-made MLP (``arch="mlp"``) or convolutional (``"conv"``) networks."""
+    if arch == "mlp":
+        hidden = tuple(hidden or (256, 256))
+        encoder = mlp_encoder(input_shape, latent_dim, hidden)
+        decoder = mlp_decoder(latent_dim, input_shape, tuple(reversed(hidden)))
+    elif arch == "conv":
+        if len(input_shape) != 3:
+            raise ValueError(f"arch 'conv' needs (C, H, W) inputs, got {tuple(input_shape)}")
+        channels = tuple(hidden or (32, 64))
+        encoder = conv_encoder(input_shape, latent_dim, channels)
+        decoder = conv_decoder(latent_dim, input_shape, tuple(reversed(channels)))
+    else:
+        raise ValueError(f"arch must be 'mlp' or 'conv', got {arch!r}")
+    return VAE(encoder, decoder, latent_dim, likelihood=likelihood, obs_logvar=obs_logvar,
+               beta=beta, free_bits=free_bits, logvar_limit=logvar_limit)

@@ -1,0 +1,341 @@
+"""The public functions (``import fastvae as fv``): checks, canonical views, reductions.
+
+Conventions (SPEC §2): dimension 0 is the batch, every other dimension is the event and is
+summed. ``reduction="mean"`` is the batch mean of per-sample sums, ``"sum"`` the sum of
+everything, ``"none"`` the per-sample values ``(B,)``. Losses of half-precision inputs come back
+in float32; gradients in each input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import custom_ops as _ops
+from . import validation as check
+from .backends import resolve
+
+__all__ = [
+    "bernoulli_nll",
+    "gaussian_kl",
+    "gaussian_nll",
+    "iwae_log_likelihood",
+    "reparameterize",
+    "sample_and_kl",
+    "vae_loss",
+]
+
+
+def _rows(t: Tensor, *shape: int) -> Tensor:
+    """``(B, *event)`` -> ``(B, N)`` (or ``(K, B, *event)`` -> ``(K, B, N)``): a view when the
+    strides allow, else a copy. A leading dimension of stride 0 (a broadcast operand) stays
+    broadcast: only one slice is copied when the other dimensions do not merge."""
+    if shape[0] > 1 and t.stride(0) == 0:
+        try:
+            return t.view(shape)  # a view of a view: its gradient is never materialized twice
+        except RuntimeError:
+            return t[0].reshape(1, *shape[1:]).expand(shape)
+    return t.reshape(shape)
+
+
+def _broadcast_rows(t: Tensor, like: Tensor, B: int, N: int) -> Tensor:
+    """``t`` broadcast to ``like``'s shape ``(B, *event)``, as ``(B, N)``. A ``t`` without a batch
+    dimension of its own (a scalar, per-feature or per-pixel parameter) becomes one event row,
+    formed from ``t`` itself (at most N elements copied), expanded over the batch: autograd then
+    sums the op's gradient over the batch once, with no B x N intermediate of its own."""
+    if t.dim() < like.dim() or t.shape[0] == 1:
+        event = t[0] if t.dim() == like.dim() else t
+        return event.expand(like.shape[1:]).reshape(1, N).expand(B, N)
+    return _rows(t.expand(like.shape), B, N)
+
+
+def _batch_and_event(t: Tensor) -> tuple[int, int]:
+    return t.shape[0], math.prod(t.shape[1:])
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.mean()
+    return per_sample
+
+
+def _broadcast_operand(name: str, value: Tensor | float | None, ref_name: str,
+                       ref: Tensor) -> Tensor | None:
+    """A Python number becomes a 0-d tensor; a tensor must broadcast to ``ref``."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=ref.dtype, device=ref.device)
+    check.tensor(name, value)
+    check.broadcastable(name, value, ref_name, ref)
+    return value
+
+
+def _seed_tensor(seed: int | Tensor | None, generator: torch.Generator | None,
+                 device: torch.device) -> Tensor:
+    """The Philox key of one call, as an int64 tensor on ``device`` (never a host sync)."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"a tensor seed must be one int64 element, got {seed.dtype} "
+                            f"of shape {tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"seed is on {seed.device} but the tensors are on {device}")
+        return seed.reshape(1)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        return torch.tensor([seed], dtype=torch.int64, device=device)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got "
+                            f"{type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is for {generator.device} but the tensors are on "
+                             f"{device}")
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64, generator=generator)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
+                   n_samples: int | None = None, seed: int | Tensor | None = None,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Reparameterized sample ``z = mu + exp(0.5 * logvar) * eps``.
+
+    ``mu``, ``logvar``: equal shapes. ``eps`` given: used as is (shape of ``mu``, or
+    ``(n_samples, *mu.shape)``). Otherwise standard normals from the counter-based Philox
+    generator keyed by ``seed`` (drawn from torch's generator, or ``generator``, when None):
+    element ``i`` of the output is a pure function of ``(seed, i)``, and backward regenerates it
+    instead of storing it. ``n_samples=K`` returns ``(K, *mu.shape)``. Returns ``mu``'s dtype.
+    """
+    check.tensor("mu", mu)
+    check.tensor("logvar", logvar)
+    check.pair("logvar", logvar, "mu", mu)
+    if n_samples is not None:
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+            raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    K = 1 if n_samples is None else n_samples
+    out_shape = tuple(mu.shape) if n_samples is None else (K, *mu.shape)
+    if mu.dim() == 0:  # elementwise op: a scalar is a batch of one
+        mu, logvar = mu.reshape(1), logvar.reshape(1)
+    B, N = _batch_and_event(mu)
+    backend = resolve(mu.device)
+    seed_t = None
+    if eps is not None:
+        if seed is not None or generator is not None:
+            raise ValueError("eps is given: seed and generator must be None")
+        check.tensor("eps", eps)
+        check.same_dtype_and_device("eps", eps, "mu", mu)
+        if tuple(eps.shape) != out_shape:
+            raise ValueError(f"eps has shape {tuple(eps.shape)}; expected {out_shape} "
+                             f"(mu's shape{'' if n_samples is None else ' after n_samples'})")
+        eps = eps.reshape(K, B, N)
+    check.finite(mu=mu, logvar=logvar, eps=eps)
+    if eps is None:  # last: a call that raises leaves torch's generator alone
+        seed_t = _seed_tensor(seed, generator, mu.device)
+    z = _ops.call(_ops.reparameterize, _rows(mu, B, N), _rows(logvar, B, N), eps, seed_t, K,
+                  backend)
+    return z.view(out_shape)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = None,
+                prior_logvar: Tensor | float | None = None, *, reduction: str = "mean",
+                free_bits: float = 0.0) -> Tensor:
+    """``KL(N(mu, diag(exp(logvar))) || N(prior_mu, diag(exp(prior_logvar))))``, summed over
+    the event.
+
+    Per element ``0.5 * ((mu - pm)^2 / e^plv + expm1(lv - plv) - (lv - plv))``; the prior
+    defaults to ``N(0, I)``, and ``prior_mu`` / ``prior_logvar`` (tensors or numbers) broadcast
+    to ``mu``'s shape. ``free_bits=λ > 0`` floors each latent dimension's batch-mean KL at λ
+    before summing (reduction ``"mean"`` or ``"sum"`` only). Returns ``(B,)`` for ``"none"``,
+    else a scalar; float32 (float64 for float64 inputs).
+    """
+    check.tensor("mu", mu)
+    check.tensor("logvar", logvar)
+    check.batched("mu", mu)
+    check.pair("logvar", logvar, "mu", mu)
+    reduction = check.reduction(reduction)
+    free_bits = check.free_bits(free_bits, reduction)
+    prior_mu = _broadcast_operand("prior_mu", prior_mu, "mu", mu)
+    prior_logvar = _broadcast_operand("prior_logvar", prior_logvar, "mu", mu)
+    check.finite(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    backend = resolve(mu.device)
+    B, N = _batch_and_event(mu)
+    if prior_mu is not None or prior_logvar is not None:
+        zero = mu.new_zeros(())
+        prior_mu = _broadcast_rows(zero if prior_mu is None else prior_mu, mu, B, N)
+        prior_logvar = _broadcast_rows(zero if prior_logvar is None else prior_logvar, mu, B, N)
+    mu, logvar = _rows(mu, B, N), _rows(logvar, B, N)
+    if free_bits > 0:
+        per_dim = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 0, backend)
+        return _free_bits_total(per_dim, B, free_bits, reduction)
+    per_sample = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 1, backend)
+    return _reduce(per_sample, reduction)
+
+
+def _free_bits_total(per_dim_sum: Tensor, B: int, free_bits: float, reduction: str) -> Tensor:
+    """sum_j max(mean_b kl[b, j], λ) for "mean"; B times that for "sum"."""
+    if reduction == "sum":
+        return torch.clamp_min(per_dim_sum, free_bits * B).sum()
+    return torch.clamp_min(per_dim_sum / B, free_bits).sum()
+
+
+def bernoulli_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    """``-log Bernoulli(target | sigmoid(logits))``, summed over the event.
+
+    Per element ``max(l, 0) - l * x + log1p(exp(-|l|))``: stable for any finite logits;
+    targets in [0, 1], continuous allowed (as ``binary_cross_entropy_with_logits``).
+    ``logits`` and ``target``: equal shapes and dtypes. Returns ``(B,)`` for ``"none"``, else a
+    scalar; float32 (float64 for float64 inputs).
+    """
+    check.tensor("logits", logits)
+    check.tensor("target", target)
+    check.batched("logits", logits)
+    check.pair("target", target, "logits", logits)
+    reduction = check.reduction(reduction)
+    check.finite(logits=logits, target=target)
+    check.unit_interval("target", target)
+    backend = resolve(logits.device)
+    B, N = _batch_and_event(logits)
+    per_sample = _ops.call(_ops.bernoulli_nll, _rows(logits, B, N), _rows(target, B, N), backend)
+    return _reduce(per_sample, reduction)
+
+
+def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
+                 reduction: str = "mean") -> Tensor:
+    """``-log N(target | mean, exp(logvar))``, summed over the event.
+
+    Per element ``0.5 * (logvar + (target - mean)^2 / exp(logvar) + log(2 pi))``.
+    ``logvar``: a float, or a tensor broadcastable to ``mean`` (scalar, per-feature,
+    per-element). Returns ``(B,)`` for ``"none"``, else a scalar; float32 (float64 for float64
+    inputs).
+    """
+    check.tensor("mean", mean)
+    check.tensor("target", target)
+    check.batched("mean", mean)
+    check.pair("target", target, "mean", mean)
+    reduction = check.reduction(reduction)
+    B, N = _batch_and_event(mean)
+    if isinstance(logvar, Tensor):
+        check.tensor("logvar", logvar)
+        check.broadcastable("logvar", logvar, "mean", mean)
+        logvar_value = 0.0
+        logvar_rows = _broadcast_rows(logvar, mean, B, N)
+    else:
+        logvar_value = check.number("logvar", logvar)
+        logvar_rows = None
+    check.finite(mean=mean, target=target, logvar=logvar_rows)
+    backend = resolve(mean.device)
+    per_sample = _ops.call(_ops.gaussian_nll, _rows(mean, B, N), _rows(target, B, N), logvar_rows,
+                                   logvar_value, backend)
+    return _reduce(per_sample, reduction)
+
+
+def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_bits: float = 0.0,
+                  seed: int | Tensor | None = None,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``(reparameterize(mu, logvar), gaussian_kl(mu, logvar))`` in one fused pass forward and
+    one backward, with the standard-normal prior. The noise is that of ``reparameterize`` with
+    the same seed. Returns ``z`` (``mu``'s shape and dtype) and the KL as ``gaussian_kl``.
+    """
+    check.tensor("mu", mu)
+    check.tensor("logvar", logvar)
+    check.batched("mu", mu)
+    check.pair("logvar", logvar, "mu", mu)
+    reduction = check.reduction(reduction)
+    free_bits = check.free_bits(free_bits, reduction)
+    check.finite(mu=mu, logvar=logvar)
+    backend = resolve(mu.device)
+    seed_t = _seed_tensor(seed, generator, mu.device)
+    B, N = _batch_and_event(mu)
+    reduce_dim = 0 if free_bits > 0 else 1
+    z, kl = _ops.call(_ops.sample_and_kl, _rows(mu, B, N), _rows(logvar, B, N), seed_t, reduce_dim,
+                               backend)
+    z = z.view(mu.shape)
+    if free_bits > 0:
+        return z, _free_bits_total(kl, B, free_bits, reduction)
+    return z, _reduce(kl, reduction)
+
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
+             likelihood: str = "bernoulli", obs_logvar: Tensor | float = 0.0, beta: float = 1.0,
+             free_bits: float = 0.0, reduction: str = "mean") -> Tensor:
+    """Negative ELBO ``nll(recon, x) + beta * gaussian_kl(mu, logvar)``.
+
+    ``recon`` is logits for ``likelihood="bernoulli"`` and the mean for ``"gaussian"`` (with
+    ``obs_logvar`` as in ``gaussian_nll``). The argument order is the classic
+    ``loss_function(recon_x, x, mu, logvar)``. ``recon``/``x`` and ``mu``/``logvar`` pair up and
+    share the batch size.
+    """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
+    beta = check.number("beta", beta)
+    # Every check before any kernel runs, in this function's own argument names.
+    check.tensor("recon", recon)
+    check.tensor("x", x)
+    check.tensor("mu", mu)
+    check.tensor("logvar", logvar)
+    check.batched("recon", recon)
+    check.batched("mu", mu)
+    check.pair("x", x, "recon", recon)
+    check.pair("logvar", logvar, "mu", mu)
+    check.same_device("mu", mu, "recon", recon)
+    if recon.shape[0] != mu.shape[0]:
+        raise ValueError(f"recon has batch size {recon.shape[0]} but mu has {mu.shape[0]}")
+    obs_logvar_tensor = None
+    if isinstance(obs_logvar, Tensor):
+        obs_logvar_tensor = check.tensor("obs_logvar", obs_logvar)
+        check.broadcastable("obs_logvar", obs_logvar, "recon", recon)
+    else:
+        check.number("obs_logvar", obs_logvar)
+    check.free_bits(free_bits, check.reduction(reduction))
+    check.finite(recon=recon, x=x, mu=mu, logvar=logvar, obs_logvar=obs_logvar_tensor)
+    if likelihood == "bernoulli":
+        check.unit_interval("x", x)
+        nll = bernoulli_nll(recon, x, reduction=reduction)
+    else:
+        nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
+    return nll + beta * gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
+
+
+def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """Importance-weighted estimate of ``log p(x)`` from K samples ``z_k ~ q(z|x)``, shape (B,):
+
+        logsumexp_k [log p(x|z_k) + log N(z_k; 0, I) - log N(z_k; mu, exp(logvar))] - log K
+
+    ``log_px_given_z``: ``(K, B)`` (any float dtype); ``z``: ``(K, B, *event)``; ``mu``,
+    ``logvar``: ``(B, *event)``, the dtype of ``z``. One fused pass, accumulated in float32
+    (float64 for float64 inputs); the sampled log-weights, never the analytic KL.
+    """
+    check.tensor("log_px_given_z", log_px_given_z)
+    check.tensor("z", z)
+    check.tensor("mu", mu)
+    check.tensor("logvar", logvar)
+    check.batched("mu", mu)
+    check.pair("logvar", logvar, "mu", mu)
+    check.same_dtype_and_device("z", z, "mu", mu)
+    check.same_device("log_px_given_z", log_px_given_z, "mu", mu)
+    if z.dim() != mu.dim() + 1 or z.shape[1:] != mu.shape or z.shape[0] < 1:
+        raise ValueError(f"z must have shape (K, *mu.shape) with K >= 1; got z "
+                         f"{tuple(z.shape)} and mu {tuple(mu.shape)}")
+    if log_px_given_z.shape != z.shape[:2]:
+        raise ValueError(f"log_px_given_z must have shape (K, B) = {tuple(z.shape[:2])}, got "
+                         f"{tuple(log_px_given_z.shape)}")
+    check.finite(log_px_given_z=log_px_given_z, z=z, mu=mu, logvar=logvar)
+    backend = resolve(mu.device)
+    B, N = _batch_and_event(mu)
+    K = z.shape[0]
+    ll, _ = _ops.call(_ops.iwae_log_likelihood, log_px_given_z, _rows(z, K, B, N),
+                      _rows(mu, B, N), _rows(logvar, B, N), backend)
+    return ll

@@ -1,0 +1,471 @@
+"""The compiled C-ABI library ``libfastvae_native`` (``csrc/``): the ``"cpu"`` and ``"cuda"``
+backends.
+
+The library is found through the package's search path (``fastvae.__path__``: an editable
+install keeps the ``.py`` files in the source tree but puts compiled files in site-packages),
+or at ``$FASTVAE_NATIVE_LIB``; it is loaded lazily with ctypes, and its argument types are
+declared once. A missing, stale or broken library leaves the torch and triton backends working:
+``unusable_reason`` says what is wrong, and asking for ``"cpu"``/``"cuda"`` raises that.
+
+The library is the one source of the op table (``FV_OPS`` in ``csrc/fastvae.h``): ``OPS``, the
+op names in code order, is read from it. This side keeps only what ctypes needs, the layout of
+``fv_call`` and ``fv_tensor`` (``_Call``, ``_Tensor``), and the ops it implements (the methods of
+``NativeBackend``); on load both are checked against the library, which is refused, with the
+reason, when they differ.
+
+Each backend method (the interface of ``fastvae/ops/custom_ops.py``) allocates its outputs with torch and
+fills one ``fv_call`` (see ``csrc/fastvae.h``): sizes, the operands as pointer + element strides
++ dtype code, the seed's address, the thread count (``torch.get_num_threads()``) or the CUDA
+device and torch's current stream on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ABI_VERSION = 3
+
+if sys.platform == "win32":
+    LIB_NAME = "fastvae_native.dll"
+elif sys.platform == "darwin":
+    LIB_NAME = "libfastvae_native.dylib"
+else:
+    LIB_NAME = "libfastvae_native.so"
+
+DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+class _Tensor(ctypes.Structure):
+    _fields_ = (
+        ("data", ctypes.c_void_p),
+        ("stride", ctypes.c_int64 * 3),
+        ("dtype", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    )
+
+
+MAX_IN, MAX_OUT = 6, 4  # FV_MAX_IN, FV_MAX_OUT
+
+
+class _Call(ctypes.Structure):
+    _fields_ = (
+        ("B", ctypes.c_int64),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("inputs", _Tensor * MAX_IN),
+        ("outputs", _Tensor * MAX_OUT),
+        ("seed", ctypes.c_void_p),
+        ("scalar", ctypes.c_double),
+        ("reduce_dim", ctypes.c_int32),
+        ("compute", ctypes.c_int32),
+        ("n_threads", ctypes.c_int32),
+        ("device", ctypes.c_int32),
+        ("stream", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("workspace_bytes", ctypes.c_int64),
+    )
+
+
+# The C names of the fields whose names differ here ("in" is a Python keyword).
+_C_FIELD_NAMES = {"inputs": "in", "outputs": "out"}
+
+_CALL_P = ctypes.POINTER(_Call)
+# name: (restype, argtypes) of every exported function.
+_SIGNATURES = {
+    "fv_abi_version": (ctypes.c_int32, ()),
+    "fv_has_cuda": (ctypes.c_int32, ()),
+    "fv_build_info": (ctypes.c_char_p, ()),
+    "fv_last_error": (ctypes.c_char_p, ()),
+    "fv_op_count": (ctypes.c_int32, ()),
+    "fv_op_name": (ctypes.c_char_p, (ctypes.c_int32,)),
+    "fv_op_inputs": (ctypes.c_char_p, (ctypes.c_int32,)),
+    "fv_op_outputs": (ctypes.c_char_p, (ctypes.c_int32,)),
+    "fv_op_flags": (ctypes.c_int32, (ctypes.c_int32,)),
+    "fv_layout": (ctypes.c_int64, (ctypes.c_char_p,)),
+    "fv_cpu_isa": (ctypes.c_char_p, ()),
+    "fv_cpu_isas": (ctypes.c_char_p, ()),
+    "fv_cpu_set_isa": (ctypes.c_int32, (ctypes.c_char_p,)),
+    "fv_cpu_run": (ctypes.c_int32, (ctypes.c_int32, _CALL_P)),
+    "fv_cuda_workspace_bytes": (ctypes.c_int64, (ctypes.c_int32, _CALL_P)),
+    "fv_cuda_run": (ctypes.c_int32, (ctypes.c_int32, _CALL_P)),
+    "fv_randn_host": (None, (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64,
+                             ctypes.POINTER(ctypes.c_float))),
+    "fv_philox_host": (None, (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64,
+                              ctypes.POINTER(ctypes.c_uint32))),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def library_paths() -> list[Path]:
+    """Where the library is looked for, in order."""
+    override = os.environ.get("FASTVAE_NATIVE_LIB")
+    if override:
+        return [Path(override)]
+    # The root package's folders (its __path__; the package is imported already, this imports
+    # nothing): CMake installs the library there, and an editable install lists both the
+    # source tree and site-packages, where the compiled files go.
+    package = importlib.util.find_spec("fastvae")
+    return [Path(p) / LIB_NAME for p in package.submodule_search_locations or ()]
+
+
+@functools.cache
+def load() -> tuple[ctypes.CDLL | None, str | None]:
+    """``(library, None)``, or ``(None, why it cannot be used)``. Cached; ``load.cache_clear()``
+    makes the next call look again."""
+    paths = library_paths()
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        where = ", ".join(str(p) for p in paths)
+        return None, (f"the native library {LIB_NAME} is not built (looked in {where}); "
+                      "reinstall fastvae (pip install .) with a C++ compiler and CMake")
+    try:
+        lib = _open(path)
+        _declare(lib, "fv_abi_version")
+        version = lib.fv_abi_version()
+        if version != ABI_VERSION:
+            return None, (f"the native library {path} has ABI version {version}, this fastvae "
+                          f"expects {ABI_VERSION}: rebuild it (pip install .)")
+        for name in _SIGNATURES:
+            _declare(lib, name)
+    except (OSError, AttributeError) as e:
+        return None, f"loading the native library {path} failed: {e}"
+    mismatch = _layout_mismatch(lib) or _ops_mismatch(lib)
+    if mismatch is not None:
+        return None, (f"the native library {path} does not match this fastvae ({mismatch}) "
+                      f"although both say ABI version {ABI_VERSION}: rebuild it (pip install .)")
+    return lib, None
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    return ctypes.CDLL(str(path))
+
+
+def _declare(lib: ctypes.CDLL, name: str) -> None:
+    fn = getattr(lib, name)
+    fn.restype, fn.argtypes = _SIGNATURES[name]
+
+
+def _layout_mismatch(lib: ctypes.CDLL) -> str | None:
+    """How the library's fv_call and fv_tensor (sizes, field offsets, FV_MAX_IN/OUT) differ from
+    ``_Call`` and ``_Tensor``, or None."""
+    expected = {"fv_call": ctypes.sizeof(_Call), "fv_tensor": ctypes.sizeof(_Tensor),
+                "FV_MAX_IN": MAX_IN, "FV_MAX_OUT": MAX_OUT}
+    for struct, c_name in ((_Call, "fv_call"), (_Tensor, "fv_tensor")):
+        for field, _ in struct._fields_:
+            expected[f"{c_name}.{_C_FIELD_NAMES.get(field, field)}"] = getattr(struct, field).offset
+    diffs = []
+    for key, want in expected.items():
+        got = lib.fv_layout(key.encode())
+        if got != want:
+            diffs.append(f"{key}: {'unknown' if got < 0 else got} in the library, {want} here")
+    return "; ".join(diffs) or None
+
+
+def _library_ops(lib: ctypes.CDLL) -> tuple[str, ...]:
+    """The library's op names, in code order."""
+    return tuple(lib.fv_op_name(code).decode() for code in range(lib.fv_op_count()))
+
+
+def _ops_mismatch(lib: ctypes.CDLL) -> str | None:
+    """How the library's ops differ from those ``NativeBackend`` implements, or None."""
+    theirs = _library_ops(lib)
+    ours = _implemented_ops()
+    diffs = []
+    if len(set(theirs)) != len(theirs):
+        diffs.append(f"its op table names an op twice: {', '.join(theirs)}")
+    if extra := [op for op in theirs if op not in ours]:
+        diffs.append(f"ops unknown here: {', '.join(extra)}")
+    if missing := [op for op in ours if op not in theirs]:
+        diffs.append(f"ops it lacks: {', '.join(missing)}")
+    return "; ".join(diffs) or None
+
+
+def _implemented_ops() -> tuple[str, ...]:
+    """The ops this side implements: the ``*_fwd`` / ``*_bwd`` methods of ``NativeBackend``."""
+    return tuple(name for name in vars(NativeBackend) if name.endswith(("_fwd", "_bwd")))
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # OPS: the library's op names in code order (() when it cannot be loaded), read on use.
+    if name == "OPS":
+        lib, _ = load()
+        return () if lib is None else _library_ops(lib)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def unusable_reason(kind: str) -> str | None:
+    """Why backend ``kind`` (``"cpu"`` or ``"cuda"``) cannot run here, or None."""
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"not a native backend: {kind!r}")
+    lib, reason = load()
+    if lib is None:
+        return reason
+    if kind == "cuda":
+        if not lib.fv_has_cuda():
+            return ("the native library was built without CUDA (no nvcc at build time, or "
+                    "FASTVAE_ENABLE_CUDA=OFF)")
+        if not torch.cuda.is_available():
+            return "no CUDA GPU available to torch"
+    return None
+
+
+def implementation(kind: str) -> NativeBackend:
+    """The backend object (the interface of ``fastvae/ops/custom_ops.py``) for ``"cpu"`` or
+    ``"cuda"``."""
+    reason = unusable_reason(kind)
+    if reason is not None:
+        raise RuntimeError(f"fastvae backend {kind!r}: {reason}")
+    return _backend(kind)
+
+
+@functools.cache
+def _backend(kind: str) -> NativeBackend:
+    return NativeBackend(load()[0], kind)
+
+
+def build_info() -> str | None:
+    """Compiler, CPU kernel sets and CUDA architectures of the library; None if not loaded."""
+    lib, _ = load()
+    return None if lib is None else lib.fv_build_info().decode()
+
+
+def cpu_isa() -> str | None:
+    """The CPU kernel set in use (``"avx512"``, ``"avx2"`` or ``"baseline"``); None if not
+    loaded."""
+    lib, _ = load()
+    return None if lib is None else lib.fv_cpu_isa().decode()
+
+
+def cpu_isas() -> list[str]:
+    """The CPU kernel sets this build has and this CPU runs, best first."""
+    lib, _ = load()
+    return [] if lib is None else lib.fv_cpu_isas().decode().split(",")
+
+
+def set_cpu_isa(name: str) -> None:
+    """Use CPU kernel set ``name``: ``"auto"`` (the best), or one of ``cpu_isas()`` (for tests
+    and benchmarks; ``FASTVAE_CPU_ISA`` sets it when the library loads)."""
+    lib = implementation("cpu")._lib
+    if lib.fv_cpu_set_isa(name.encode()) != 0:
+        raise ValueError(f"CPU kernel set {name!r} is not available on this machine")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _describe(slot: _Tensor, t: Tensor) -> None:
+    """Pointer, element strides along (K, B, N) -- 1-D tensors along N -- and dtype code."""
+    slot.data = t.data_ptr()
+    strides = t.stride()
+    slot.stride[:] = (0,) * (3 - len(strides)) + strides
+    slot.dtype = DTYPES[t.dtype]
+
+
+def _rows_view(grad: Tensor, reduce_dim: int, B: int, N: int, dtype: torch.dtype) -> Tensor:
+    """A (B,) or (N,) gradient of a sum as a broadcast (B, N) view, in the compute dtype."""
+    grad = grad.to(dtype)
+    return (grad.unsqueeze(1) if reduce_dim == 1 else grad.unsqueeze(0)).expand(B, N)
+
+
+def _samples_view(t: Tensor | None, N: int) -> Tensor | None:
+    """A (K, B) tensor as a (K, B, N) view with stride 0 along N (IWAE's log_px, log_w)."""
+    return None if t is None else t.unsqueeze(-1).expand(*t.shape, N)
+
+
+def _per_row_view(t: Tensor, K: int, N: int, dtype: torch.dtype) -> Tensor:
+    """A (B,) tensor as a (K, B, N) view with stride 0 along K and N, in ``dtype``."""
+    return t.to(dtype)[None, :, None].expand(K, t.shape[0], N)
+
+
+def _maybe_empty(need: bool, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+    return torch.empty(shape, dtype=like.dtype, device=like.device) if need else None
+
+
+def _present(outs: Sequence[Tensor | None]) -> list[Tensor]:
+    return [o for o in outs if o is not None]
+
+
+class NativeBackend:
+    """The ``"cpu"`` or ``"cuda"`` backend: one method per op of the backend interface, each a
+    call of the native library (no fallback: every op of the interface is native)."""
+
+    def __init__(self, lib: ctypes.CDLL, kind: str):
+        self._lib = lib
+        self.kind = kind
+        self._run = lib.fv_cpu_run if kind == "cpu" else lib.fv_cuda_run
+        self._codes = {name: code for code, name in enumerate(_library_ops(lib))}
+
+    def _call(self, op: str, like: Tensor, inputs: Sequence[Tensor | None],
+              outputs: Sequence[Tensor | None], *, K: int = 1, seed: Tensor | None = None,
+              scalar: float = 0.0, reduce_dim: int = 1) -> None:
+        """Run ``op`` on (B, N) = ``like.shape``; operand slots as in csrc/fastvae.h."""
+        call = _Call()
+        call.B, call.N = like.shape
+        call.K = K
+        for slot, t in zip(call.inputs, inputs, strict=False):
+            if t is not None:
+                _describe(slot, t)
+        for slot, t in zip(call.outputs, outputs, strict=False):
+            if t is not None:
+                _describe(slot, t)
+        if seed is not None:
+            call.seed = seed.data_ptr()
+        call.scalar = scalar
+        call.reduce_dim = reduce_dim
+        call.compute = DTYPES[_compute_dtype(like.dtype)]
+        code = self._codes[op]
+        workspace = None
+        if self.kind == "cpu":
+            call.n_threads = torch.get_num_threads()
+        else:
+            device = like.device
+            call.device = device.index if device.index is not None else torch.cuda.current_device()
+            call.stream = torch.cuda.current_stream(device).cuda_stream
+            nbytes = self._lib.fv_cuda_workspace_bytes(code, ctypes.byref(call))
+            if nbytes > 0:
+                workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                call.workspace = workspace.data_ptr()
+                call.workspace_bytes = nbytes
+        status = self._run(code, ctypes.byref(call))
+        if status != 0:
+            message = self._lib.fv_last_error().decode(errors="replace")
+            raise RuntimeError(f"fastvae {self.kind} backend, {op}: {message}")
+
+    def _sum_out(self, like: Tensor, reduce_dim: int) -> Tensor:
+        size = like.shape[0] if reduce_dim == 1 else like.shape[1]
+        return torch.empty(size, dtype=_compute_dtype(like.dtype), device=like.device)
+
+    # -- reparameterize ---------------------------------------------------------------------
+
+    def reparameterize_fwd(self, mu, logvar, eps, seed, n_samples):
+        B, N = mu.shape
+        z = torch.empty((n_samples, B, N), dtype=mu.dtype, device=mu.device)
+        self._call("reparameterize_fwd", mu, (mu, logvar, eps), (z,), K=n_samples,
+                   seed=seed if eps is None else None)
+        return z
+
+    def reparameterize_bwd(self, grad_z, mu, logvar, eps, seed, needs):
+        K = grad_z.shape[0]
+        B, N = mu.shape
+        outs = (_maybe_empty(needs[0], (B, N), mu), _maybe_empty(needs[1], (B, N), logvar),
+                _maybe_empty(needs[2], (K, B, N), mu if eps is None else eps))
+        self._call("reparameterize_bwd", mu, (grad_z, logvar, eps), outs, K=K,
+                   seed=seed if eps is None and needs[1] else None)
+        return _present(outs)
+
+    # -- gaussian_kl ------------------------------------------------------------------------
+
+    def gaussian_kl_fwd(self, mu, logvar, prior_mu, prior_logvar, reduce_dim):
+        kl = self._sum_out(mu, reduce_dim)
+        self._call("gaussian_kl_fwd", mu, (mu, logvar, prior_mu, prior_logvar), (kl,),
+                   reduce_dim=reduce_dim)
+        return kl
+
+    def gaussian_kl_bwd(self, grad, mu, logvar, prior_mu, prior_logvar, reduce_dim, needs):
+        B, N = mu.shape
+        g = _rows_view(grad, reduce_dim, B, N, _compute_dtype(mu.dtype))
+        outs = tuple(_maybe_empty(need, (B, N), mu) for need in needs)
+        self._call("gaussian_kl_bwd", mu, (g, mu, logvar, prior_mu, prior_logvar), outs,
+                   reduce_dim=reduce_dim)
+        return _present(outs)
+
+    # -- bernoulli_nll ----------------------------------------------------------------------
+
+    def bernoulli_nll_fwd(self, logits, target):
+        nll = self._sum_out(logits, 1)
+        self._call("bernoulli_nll_fwd", logits, (logits, target), (nll,))
+        return nll
+
+    def bernoulli_nll_bwd(self, grad, logits, target, needs):
+        B, N = logits.shape
+        g = _rows_view(grad, 1, B, N, _compute_dtype(logits.dtype))
+        outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
+        self._call("bernoulli_nll_bwd", logits, (g, logits, target), outs)
+        return _present(outs)
+
+    # -- gaussian_nll -----------------------------------------------------------------------
+
+    def gaussian_nll_fwd(self, mean, target, logvar, logvar_value):
+        nll = self._sum_out(mean, 1)
+        self._call("gaussian_nll_fwd", mean, (mean, target, logvar), (nll,),
+                   scalar=float(logvar_value))
+        return nll
+
+    def gaussian_nll_bwd(self, grad, mean, target, logvar, logvar_value, needs):
+        B, N = mean.shape
+        g = _rows_view(grad, 1, B, N, _compute_dtype(mean.dtype))
+        outs = tuple(_maybe_empty(need, (B, N), mean) for need in needs)
+        self._call("gaussian_nll_bwd", mean, (g, mean, target, logvar), outs,
+                   scalar=float(logvar_value))
+        return _present(outs)
+
+    # -- sample_and_kl ----------------------------------------------------------------------
+
+    def sample_and_kl_fwd(self, mu, logvar, seed, reduce_dim):
+        z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+        kl = self._sum_out(mu, reduce_dim)
+        self._call("sample_and_kl_fwd", mu, (mu, logvar), (z, kl), seed=seed,
+                   reduce_dim=reduce_dim)
+        return z, kl
+
+    def sample_and_kl_bwd(self, grad_z, grad_kl, mu, logvar, seed, reduce_dim, needs):
+        B, N = mu.shape
+        gkl = _rows_view(grad_kl, reduce_dim, B, N, _compute_dtype(mu.dtype))
+        outs = (_maybe_empty(needs[0], (B, N), mu), _maybe_empty(needs[1], (B, N), logvar))
+        self._call("sample_and_kl_bwd", mu, (grad_z, gkl, mu, logvar), outs,
+                   seed=seed if needs[1] else None, reduce_dim=reduce_dim)
+        return _present(outs)
+
+    # -- iwae_log_likelihood -----------------------------------------------------------------
+
+    def iwae_fwd(self, log_px, z, mu, logvar):
+        K, B, N = z.shape
+        dtype = _compute_dtype(z.dtype)
+        ll = torch.empty(B, dtype=dtype, device=z.device)
+        log_w = torch.empty((K, B), dtype=dtype, device=z.device)
+        self._call("iwae_fwd", mu, (_samples_view(log_px, N), z, mu, logvar),
+                   (ll, _samples_view(log_w, N)), K=K)
+        return ll, log_w
+
+    def iwae_bwd(self, grad, ll, log_w, log_px, z, mu, logvar, needs):
+        K, B, N = z.shape
+        dtype = _compute_dtype(z.dtype)
+        outs = (_maybe_empty(needs[0], (K, B), log_px), _maybe_empty(needs[1], (K, B, N), z),
+                _maybe_empty(needs[2], (B, N), mu), _maybe_empty(needs[3], (B, N), logvar))
+        inputs = (_per_row_view(grad, K, N, dtype), _per_row_view(ll, K, N, dtype),
+                  _samples_view(log_w.to(dtype), N), z, mu, logvar)
+        self._call("iwae_bwd", mu, inputs, (_samples_view(outs[0], N), *outs[1:]), K=K)
+        return _present(outs)
+
+    # -- continuous_bernoulli_nll -----------------------------------------------------------
+
+    def continuous_bernoulli_nll_fwd(self, logits, target):
+        nll = self._sum_out(logits, 1)
+        self._call("continuous_bernoulli_nll_fwd", logits, (logits, target), (nll,))
+        return nll
+
+    def continuous_bernoulli_nll_bwd(self, grad, logits, target, needs):
+        B, N = logits.shape
+        g = _rows_view(grad, 1, B, N, _compute_dtype(logits.dtype))
+        outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
+        self._call("continuous_bernoulli_nll_bwd", logits, (g, logits, target), outs)
+        return _present(outs)

@@ -1,0 +1,508 @@
+"""Plain-PyTorch fastvae: the per-element formulas, the Philox noise, the reference ops.
+
+Three uses, one set of formulas:
+
+* the test oracle (run in float64): ``gaussian_kl``, ``bernoulli_nll``, ... below are ordinary
+  differentiable torch code with the public signatures of SPEC §3;
+* the ``"torch"`` backend of the custom ops: the ``*_fwd`` / ``*_bwd`` functions at the end take
+  the canonical ``(B, N)`` views that every backend takes (see ``fastvae/ops/custom_ops.py``);
+* the baseline of the benchmarks.
+
+``philox_randn`` reproduces Triton's ``tl.randn(seed, offset)``: the integer Philox4x32-10 part
+bit for bit, the Box-Muller part to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+# ---------------------------------------------------------------------------------------------
+# Philox4x32-10 + Box-Muller, as triton.language.random computes it
+# ---------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values ``b``
+    held in int64, computed in 16-bit limbs so that no product overflows int64."""
+    p_hi = b * (a >> 16)  # < 2**48
+    p_lo = b * (a & 0xFFFF)  # < 2**48
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    hi = ((p_hi + (p_lo >> 16)) >> 16) & _MASK32
+    return hi, lo
+
+
+def philox4x32(seed: Tensor, offset: Tensor, n_rounds: int = 10) -> tuple[Tensor, ...]:
+    """Philox4x32 with key ``(seed_lo, seed_hi)`` and counter ``(offset_lo, offset_hi, 0, 0)``.
+
+    ``seed``: int64 tensor (one element, any device); ``offset``: int64 tensor. Returns the four
+    uint32 outputs as int64 tensors of ``offset``'s shape.
+    """
+    seed = seed.reshape(()).to(torch.int64)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = offset & _MASK32
+    c1 = (offset >> 32) & _MASK32
+    c2 = torch.zeros_like(offset)
+    c3 = torch.zeros_like(offset)
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform(x: Tensor) -> Tensor:
+    """uint32 (in int64) -> float32 uniform in [0, 1), as ``tl.rand``: the bits read as int32,
+    negatives folded by bitwise not, times 4.6566127342e-10."""
+    x = torch.where(x >= 2**31, x - 2**32, x)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def philox_randn(seed: Tensor | int, offset: Tensor) -> Tensor:
+    """Standard normals, float32: element ``i`` is ``tl.randn(seed, offset[i])``."""
+    if not isinstance(seed, Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64, device=offset.device)
+    i1, i2, _, _ = philox4x32(seed.to(offset.device), offset.to(torch.int64))
+    u1 = torch.clamp_min(uint32_to_uniform(i1), 1.0e-7)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * uint32_to_uniform(i2)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+def noise(seed: Tensor | int, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+    """The noise of one call: element at flat (row-major) index ``i`` of ``shape`` is
+    ``tl.randn(seed, i)``. float32."""
+    numel = math.prod(shape)
+    return philox_randn(seed, torch.arange(numel, dtype=torch.int64, device=device)).view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-element formulas
+# ---------------------------------------------------------------------------------------------
+
+# The per-element formulas follow two rules (see docs/numerics.md):
+#
+# * No intermediate overflows where the result does not. Halvings happen inside an exponent
+#   (e^x / 2 = (e^(x/2) / 2) * e^(x/2), finite up to x = 2 ln(2 max)); a residual r is scaled by
+#   e^(-lv/2) as (r q) q with q = e^(-lv/4) (and by e^(-lv) as ((r q) q q) q) before it is squared,
+#   and squared as (s sqrt(1/2))^2 when the formula halves the square; q's exponent is clamped
+#   (at 80 in float32, 600 in float64) where any nonzero residual overflows anyway, so that a
+#   zero residual gives exactly 0, never 0 * inf.
+# * No result is formed by cancelling nearly equal numbers where the result itself is well
+#   conditioned: the Bernoulli gradient takes (1 - x) - sigmoid(-|l|) or sigmoid(-|l|) - x by the
+#   sign of l; expm1 and expm1(x) - x run on a Taylor series for |x| < 1; the IWAE gradient in z
+#   is (z - mu) expm1(-lv) - mu for |lv| < 1.
+
+# 1/k! for k = 2..11 (float32: the first term left out, x^10 / 12!, is below 0.1 ulp for
+# |x| <= 1) and k = 2..18 (float64: x^17 / 19! < 0.1 ulp).
+_EXPM1_SERIES = {
+    torch.float32: [1.0 / math.factorial(k) for k in range(2, 12)],
+    torch.float64: [1.0 / math.factorial(k) for k in range(2, 19)],
+}
+# Where q = e^(-lv/4) stops growing: beyond it any nonzero residual (>= the smallest subnormal)
+# overflows the result anyway; e^EXP_CLAMP itself stays finite.
+EXP_CLAMP = {torch.float32: 80.0, torch.float64: 600.0}
+SQRT_HALF = math.sqrt(0.5)
+
+
+def _series(dtype: torch.dtype) -> list[float]:
+    return _EXPM1_SERIES[torch.float64 if dtype == torch.float64 else torch.float32]
+
+
+def _expm1_tail(x: Tensor) -> Tensor:
+    """(expm1(x) - x) / x**2 by its Taylor series; accurate for |x| <= 1."""
+    coeffs = _series(x.dtype)
+    acc = torch.full_like(x, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        acc = acc * x + c
+    return acc
+
+
+def half_exp(x: Tensor) -> Tensor:
+    """e^x / 2 as (e^(x/2) / 2) * e^(x/2): finite wherever e^x / 2 is."""
+    h = torch.exp(0.5 * x)
+    return (0.5 * h) * h
+
+
+def half_expm1(d: Tensor, hd: Tensor) -> Tensor:
+    """expm1(d) / 2 given d and hd = d / 2: the series for |d| < 1, e^d / 2 - 1/2 above."""
+    small = d.abs() < 1.0
+    ds, hs = torch.where(small, d, 0.0), torch.where(small, hd, 0.0)
+    return torch.where(small, hs + hs * ds * _expm1_tail(ds), half_exp(d) - 0.5)
+
+
+def half_expm1mx(d: Tensor, hd: Tensor) -> Tensor:
+    """(expm1(d) - d) / 2 given d and hd = d / 2: hd d tail(d) for |d| < 1, else
+    e^d / 2 - (1/2 + hd) (+inf at d = +inf, not inf - inf)."""
+    small = d.abs() < 1.0
+    ds, hs = torch.where(small, d, 0.0), torch.where(small, hd, 0.0)
+    direct = torch.where(d == math.inf, d, half_exp(d) - (0.5 + hd))
+    return torch.where(small, hs * ds * _expm1_tail(ds), direct)
+
+
+def expm1mx(x: Tensor) -> Tensor:
+    """``expm1(x) - x`` without the cancellation of the direct form near 0
+    (and +inf at x = +inf, not inf - inf)."""
+    return 2.0 * half_expm1mx(x, 0.5 * x)
+
+
+def quarter_scale(lv: Tensor | float, like: Tensor) -> Tensor:
+    """q = e^(-lv/4), its exponent clamped at EXP_CLAMP (NaN kept): r e^(-lv/2) = (r q) q and
+    r e^(-lv) = ((r q) q q) q never overflow where the product does not, and a zero r gives 0."""
+    lv = torch.as_tensor(lv, dtype=like.dtype, device=like.device)
+    x = -0.25 * lv
+    return torch.exp(torch.where(x > EXP_CLAMP[compute_dtype(like.dtype)],
+                                 EXP_CLAMP[compute_dtype(like.dtype)], x))
+
+
+def scaled_half(r: Tensor, q: Tensor) -> Tensor:
+    """u = r e^(-lv/2) sqrt(1/2), so that u^2 = (r^2 e^(-lv)) / 2, from q = quarter_scale(lv)."""
+    return (r * q) * (q * SQRT_HALF)
+
+
+def scaled_full(r: Tensor, q: Tensor) -> Tensor:
+    """r e^(-lv) from q = quarter_scale(lv)."""
+    return (((r * q) * q) * q) * q
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs compute in float64, everything else in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def std_times(t: Tensor, logvar: Tensor) -> Tensor:
+    """t e^(lv/2) as (t h) h with h = e^(lv/4), finite wherever the product is (for normal t);
+    exactly 0 for t = 0."""
+    h = torch.exp(0.25 * logvar)
+    return torch.where(t == 0, torch.zeros_like(t), (t * h) * h)
+
+
+def kl_elementwise(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
+                   prior_logvar: Tensor | None = None) -> Tensor:
+    """KL(N(mu, e^lv) || N(pm, e^plv)) per element
+    = u^2 + (expm1(d) - d) / 2 with u = (mu - pm) e^(-plv/2) sqrt(1/2) and d = lv - plv
+    (taken as d / 2 = lv / 2 - plv / 2, which does not overflow)."""
+    diff = mu if prior_mu is None else mu - prior_mu
+    if prior_logvar is None:
+        u, hd = diff * SQRT_HALF, 0.5 * logvar
+    else:
+        u = scaled_half(diff, quarter_scale(prior_logvar, diff))
+        hd = 0.5 * logvar - 0.5 * prior_logvar
+    return u * u + half_expm1mx(hd + hd, hd)
+
+
+def kl_grads(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
+             prior_logvar: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """d kl / d (mu, logvar, prior_mu, prior_logvar)
+    = ((mu - pm) e^-plv, expm1(d) / 2, -(mu - pm) e^-plv, -(expm1(d) / 2 + u^2))."""
+    diff = mu if prior_mu is None else mu - prior_mu
+    if prior_logvar is None:
+        d_mu, u, hd = diff, diff * SQRT_HALF, 0.5 * logvar
+    else:
+        q = quarter_scale(prior_logvar, diff)
+        d_mu, u = scaled_full(diff, q), scaled_half(diff, q)
+        hd = 0.5 * logvar - 0.5 * prior_logvar
+    d_lv = half_expm1(hd + hd, hd)
+    return d_mu, d_lv, -d_mu, -(d_lv + u * u)
+
+
+def _bernoulli_parts(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, a, nonhard_inf): t = e^(-|l|); a = 1 - x for l >= 0, x below (the weight of |l| in
+    the loss); whether l is infinite and x strictly between 0 and 1."""
+    t = torch.exp(-logits.abs())
+    a = torch.where(logits >= 0, 1.0 - target, target)
+    nonhard_inf = logits.isinf() & (target > 0) & (target < 1)
+    return t, a, nonhard_inf
+
+
+def bernoulli_nll_elementwise(logits: Tensor, target: Tensor) -> Tensor:
+    """-log Bernoulli(x | sigmoid(l)) = |l| a + log1p(e^-|l|), a = 1 - x (l >= 0) or x (l < 0):
+    max(l, 0) - l x without its cancellation. An infinite logit gives the limit for a hard
+    target (0 where it agrees, +inf where not), NaN for a target strictly inside (0, 1)."""
+    t, a, nonhard_inf = _bernoulli_parts(logits, target)
+    weighted = torch.where(a == 0, 0.0, logits.abs() * a)
+    return torch.where(nonhard_inf, math.nan, weighted + torch.log1p(t))
+
+
+def bernoulli_nll_grads(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """d nll / d (logits, target) = (sigmoid(l) - x, -l), the first as (1 - x) - p for
+    l >= 0 and p - x below, p = sigmoid(-|l|) = t / (1 + t): no cancellation at x = 1, l >> 0."""
+    t, _, nonhard_inf = _bernoulli_parts(logits, target)
+    p = t / (1.0 + t)
+    d_l = torch.where(logits >= 0, (1.0 - target) - p, p - target)
+    return torch.where(nonhard_inf, math.nan, d_l), -logits
+
+
+def gaussian_nll_elementwise(mean: Tensor, target: Tensor, logvar: Tensor | float) -> Tensor:
+    """-log N(x | m, e^lv) = lv / 2 + u^2 + log(2 pi) / 2, u = (x - m) e^(-lv/2) sqrt(1/2)."""
+    logvar = torch.as_tensor(logvar, dtype=mean.dtype, device=mean.device)
+    u = scaled_half(target - mean, quarter_scale(logvar, mean))
+    return (0.5 * logvar + 0.5 * LOG_2PI) + u * u
+
+
+def gaussian_nll_grads(mean: Tensor, target: Tensor,
+                       logvar: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """d nll / d (mean, target, logvar)
+    = (-(x - m) e^-lv, (x - m) e^-lv, 1/2 - u^2)."""
+    logvar = torch.as_tensor(logvar, dtype=mean.dtype, device=mean.device)
+    q = quarter_scale(logvar, mean)
+    r = target - mean
+    d_target, u = scaled_full(r, q), scaled_half(r, q)
+    return -d_target, d_target, 0.5 - u * u
+
+
+def sample_and_kl_grad_logvar(gz: Tensor, gkl: Tensor, eps: Tensor, logvar: Tensor,
+                              d_kl_lv: Tensor) -> Tensor:
+    """g_z e^(lv/2) eps / 2 + g_kl expm1(lv) / 2. Where the KL's part overflows (lv > 89.4 in
+    float32), it dominates: a sample's part that overflows too (lv > 177) is e^(lv/2) times
+    smaller, and their sum is the KL's part (never inf - inf)."""
+    kl_part = gkl * d_kl_lv
+    return torch.where(kl_part.isinf(), kl_part, std_times(0.5 * gz * eps, logvar) + kl_part)
+
+
+def iwae_terms(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; 0, I) - log N(z; mu, e^lv) per element = u^2 + lv / 2 - (z sqrt(1/2))^2,
+    u = (z - mu) e^(-lv/2) sqrt(1/2) (the 2 pi terms cancel)."""
+    u = scaled_half(z - mu, quarter_scale(logvar, z))
+    zh = z * SQRT_HALF
+    return (u * u - zh * zh) + 0.5 * logvar
+
+
+def iwae_log_weights(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x), summed over the event: shape (K, B)."""
+    per_element = iwae_terms(z, mu, logvar)
+    return log_px + per_element.reshape(*z.shape[:2], math.prod(z.shape[2:])).sum(-1)
+
+
+def iwae_grad_parts(z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per element, the partials of one log-weight in (z, mu, logvar):
+    ((z - mu) e^-lv - z, -(z - mu) e^-lv, 1/2 - u^2). The first is taken as
+    (z - mu) expm1(-lv) - mu for |lv| < 1, where (z - mu) e^-lv - z would cancel."""
+    q = quarter_scale(logvar, z)
+    r = z - mu
+    r_e = scaled_full(r, q)
+    u = scaled_half(r, q)
+    small = logvar.abs() < 1.0
+    x = torch.where(small, -logvar, 0.0)
+    em = x + x * x * _expm1_tail(x)
+    d_z = torch.where(small, r * em - mu, r_e - z)
+    return d_z, -r_e, 0.5 - u * u
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference ops (the oracle): plain differentiable torch, public signatures of SPEC §3
+# ---------------------------------------------------------------------------------------------
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean()
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``(B, *event)`` -> ``(B, N)``; explicit sizes, so that an empty batch works too."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+def _per_sample(elementwise: Tensor) -> Tensor:
+    return _rows(elementwise).sum(1)
+
+
+def _up(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(compute_dtype(t.dtype))
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
+                   n_samples: int | None = None, seed: int | Tensor | None = None) -> Tensor:
+    """z = mu + exp(0.5 * logvar) * eps; eps from ``noise(seed, ...)`` when not given."""
+    shape = tuple(mu.shape) if n_samples is None else (n_samples, *mu.shape)
+    if eps is None:
+        eps = noise(seed, shape, mu.device)
+    return (_up(mu) + std_times(_up(eps), _up(logvar))).to(mu.dtype)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = None,
+                prior_logvar: Tensor | float | None = None, *, reduction: str = "mean",
+                free_bits: float = 0.0) -> Tensor:
+    if isinstance(prior_mu, (int, float)):
+        prior_mu = torch.tensor(float(prior_mu), dtype=mu.dtype, device=mu.device)
+    if isinstance(prior_logvar, (int, float)):
+        prior_logvar = torch.tensor(float(prior_logvar), dtype=mu.dtype, device=mu.device)
+    kl = kl_elementwise(_up(mu), _up(logvar), _up(prior_mu), _up(prior_logvar))
+    kl = kl.expand(mu.shape)
+    if free_bits > 0:
+        # "mean": sum_j max(mean_b kl[b, j], λ); "sum": B times that, written as
+        # sum_j max(sum_b kl[b, j], B λ) so that an empty batch sums to 0, not nan * 0.
+        if reduction == "mean":
+            return torch.clamp_min(_rows(kl).mean(0), free_bits).sum()
+        return torch.clamp_min(_rows(kl).sum(0), free_bits * mu.shape[0]).sum()
+    return _reduce(_per_sample(kl), reduction)
+
+
+def bernoulli_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    return _reduce(_per_sample(bernoulli_nll_elementwise(_up(logits), _up(target))), reduction)
+
+
+def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
+                 reduction: str = "mean") -> Tensor:
+    lv = _up(logvar) if isinstance(logvar, Tensor) else logvar
+    nll = gaussian_nll_elementwise(_up(mean), _up(target), lv).expand(mean.shape)
+    return _reduce(_per_sample(nll), reduction)
+
+
+def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_bits: float = 0.0,
+                  seed: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
+    z = reparameterize(mu, logvar, seed=seed)
+    return z, gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
+
+
+def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
+             likelihood: str = "bernoulli", obs_logvar: Tensor | float = 0.0, beta: float = 1.0,
+             free_bits: float = 0.0, reduction: str = "mean") -> Tensor:
+    if likelihood == "bernoulli":
+        nll = bernoulli_nll(recon, x, reduction=reduction)
+    else:
+        nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
+    return nll + beta * gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
+
+
+def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """logsumexp_k [log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x)] - log K, shape (B,)."""
+    log_w = iwae_log_weights(_up(log_px_given_z), _up(z), _up(mu).unsqueeze(0),
+                             _up(logvar).unsqueeze(0))
+    return torch.logsumexp(log_w, 0) - math.log(z.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The "torch" backend: the interface every backend implements (see fastvae/ops/custom_ops.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _grad_rows(grad: Tensor, reduce_dim: int) -> Tensor:
+    """A (B,) or (N,) gradient of a reduction, broadcastable against (B, N)."""
+    return grad.unsqueeze(1) if reduce_dim == 1 else grad.unsqueeze(0)
+
+
+def _cast_needed(grads: tuple[Tensor, ...], needs: list[bool], like: Tensor) -> list[Tensor]:
+    return [g.expand(like.shape).to(like.dtype).contiguous()
+            for g, need in zip(grads, needs, strict=True) if need]
+
+
+def _noise_for(seed: Tensor, n_samples: int, rows: int, cols: int, device) -> Tensor:
+    return noise(seed, (n_samples, rows, cols), device)
+
+
+def reparameterize_fwd(mu: Tensor, logvar: Tensor, eps: Tensor | None, seed: Tensor | None,
+                       n_samples: int) -> Tensor:
+    B, N = mu.shape
+    if eps is None:
+        eps = _noise_for(seed, n_samples, B, N, mu.device)
+    return (_up(mu) + std_times(_up(eps), _up(logvar))).to(mu.dtype)
+
+
+def reparameterize_bwd(grad_z: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor | None,
+                       seed: Tensor | None, needs: list[bool]) -> list[Tensor]:
+    K = grad_z.shape[0]
+    B, N = mu.shape
+    if eps is None:
+        eps = _noise_for(seed, K, B, N, mu.device)
+    g = _up(grad_z)
+    lv = _up(logvar)
+    out = []
+    if needs[0]:
+        out.append(g.sum(0).to(mu.dtype))
+    if needs[1]:
+        out.append(std_times(0.5 * (g * _up(eps)).sum(0), lv).to(logvar.dtype))
+    if needs[2]:
+        out.append(std_times(g, lv).to(eps.dtype))
+    return out
+
+
+def gaussian_kl_fwd(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
+                    prior_logvar: Tensor | None, reduce_dim: int) -> Tensor:
+    return kl_elementwise(_up(mu), _up(logvar), _up(prior_mu), _up(prior_logvar)).sum(reduce_dim)
+
+
+def gaussian_kl_bwd(grad: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
+                    prior_logvar: Tensor | None, reduce_dim: int,
+                    needs: list[bool]) -> list[Tensor]:
+    g = _grad_rows(grad, reduce_dim)
+    grads = kl_grads(_up(mu), _up(logvar), _up(prior_mu), _up(prior_logvar))
+    return _cast_needed(tuple(g * d for d in grads), needs, mu)
+
+
+def bernoulli_nll_fwd(logits: Tensor, target: Tensor) -> Tensor:
+    return bernoulli_nll_elementwise(_up(logits), _up(target)).sum(1)
+
+
+def bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
+                      needs: list[bool]) -> list[Tensor]:
+    g = grad.unsqueeze(1)
+    grads = bernoulli_nll_grads(_up(logits), _up(target))
+    return _cast_needed(tuple(g * d for d in grads), needs, logits)
+
+
+def gaussian_nll_fwd(mean: Tensor, target: Tensor, logvar: Tensor | None,
+                     logvar_value: float) -> Tensor:
+    lv = logvar_value if logvar is None else _up(logvar)
+    return gaussian_nll_elementwise(_up(mean), _up(target), lv).sum(1)
+
+
+def gaussian_nll_bwd(grad: Tensor, mean: Tensor, target: Tensor, logvar: Tensor | None,
+                     logvar_value: float, needs: list[bool]) -> list[Tensor]:
+    g = grad.unsqueeze(1)
+    lv = logvar_value if logvar is None else _up(logvar)
+    grads = gaussian_nll_grads(_up(mean), _up(target), lv)
+    return _cast_needed(tuple(g * d for d in grads), needs, mean)
+
+
+def sample_and_kl_fwd(mu: Tensor, logvar: Tensor, seed: Tensor,
+                      reduce_dim: int) -> tuple[Tensor, Tensor]:
+    z = reparameterize_fwd(mu, logvar, None, seed, 1)[0]
+    return z, gaussian_kl_fwd(mu, logvar, None, None, reduce_dim)
+
+
+def sample_and_kl_bwd(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor,
+                      reduce_dim: int, needs: list[bool]) -> list[Tensor]:
+    B, N = mu.shape
+    eps = _noise_for(seed, 1, B, N, mu.device)[0]
+    gz, gkl = _up(grad_z), _grad_rows(grad_kl, reduce_dim)
+    mu_c, lv_c = _up(mu), _up(logvar)
+    d_kl_mu, d_kl_lv, _, _ = kl_grads(mu_c, lv_c)
+    grads = (gz + gkl * d_kl_mu, sample_and_kl_grad_logvar(gz, gkl, eps, lv_c, d_kl_lv))
+    return _cast_needed(grads, needs, mu)
+
+
+def iwae_fwd(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+    K = z.shape[0]
+    log_w = iwae_log_weights(log_px.to(compute_dtype(z.dtype)), _up(z), _up(mu), _up(logvar))
+    return torch.logsumexp(log_w, 0) - math.log(K), log_w
+
+
+def iwae_bwd(grad: Tensor, out: Tensor, log_w: Tensor, log_px: Tensor, z: Tensor, mu: Tensor,
+             logvar: Tensor, needs: list[bool]) -> list[Tensor]:
+    K = z.shape[0]
+    a = grad * torch.exp(log_w - (out + math.log(K)))  # (K, B): g times the normalized weights
+    d_z, d_mu, d_lv = iwae_grad_parts(_up(z), _up(mu), _up(logvar))
+    # a weight of exactly 0 contributes 0, also where a partial overflows (never 0 * inf)
+    a3 = a.unsqueeze(-1)
+    d_z, d_mu = (torch.where(a3 == 0, 0.0, a3 * d) for d in (d_z, d_mu))
+    grads = [a, d_z, d_mu.sum(0), (a3 * d_lv).sum(0)]
+    like = (log_px, z, mu, logvar)
+    return [g.to(t.dtype) for g, t, need in zip(grads, like, needs, strict=True) if need]

@@ -1,0 +1,1 @@
+"""Training a VAE: the trainer, checkpoints, data sets and image grids."""

@@ -1,0 +1,221 @@
+"""Bad input to every command of the ``fastvae`` CLI (issue 6, item 6): exit status 2, one line on
+stderr that names the culprit (the option, the file), no traceback, nothing trained or
+benchmarked, nothing written to ``--out``."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastvae.cli import main
+from fastvae.models.vae import build_vae
+from fastvae.training import checkpoint
+
+GPU = torch.cuda.is_available()
+
+
+def _idx(shape, payload: bytes | None = None, dtype_code: int = 8) -> bytes:
+    header = bytes([0, 0, dtype_code, len(shape)]) + np.array(shape, ">u4").tobytes()
+    return header + (bytes(int(np.prod(shape))) if payload is None else payload)
+
+
+def make_files(d: Path) -> None:
+    """Every bad file of the table, in ``d``."""
+    np.savez(d / "oned.npz", x=np.zeros(10))
+    np.savez(d / "fived.npz", x=np.zeros((4, 1, 2, 3, 4)))
+    np.savez(d / "above_one.npz", x=np.full((5, 4, 4), 1.5))
+    np.savez(d / "negative.npz", x=np.full((5, 4, 4), -0.5))
+    np.savez(d / "nan.npz", x=np.where(np.eye(4)[None] > 0, np.nan, 0.5).repeat(5, 0))
+    np.savez(d / "one_image.npz", x=np.zeros((1, 4, 4)))
+    np.savez(d / "complex.npz", x=np.zeros((5, 4, 4), dtype=np.complex64))
+    np.savez(d / "strings.npz", x=np.array([["a", "b"]] * 3))
+    np.savez(d / "no_arrays.npz")
+    np.savez(d / "flat.npz", x=np.zeros((20, 30)))
+    np.save(d / "objects.npy", np.array([{}, {}], dtype=object))
+    (d / "objects.npz").write_bytes(_zip_with_npy(d / "objects.npy"))
+    (d / "empty.npz").write_bytes(b"")
+    (d / "garbage.npz").write_bytes(b"PK\x03\x04 garbage")
+    (d / "empty-idx").write_bytes(b"")
+    (d / "magic-idx").write_bytes(b"\x01\x02\x03\x04\x05")
+    (d / "short-header-idx").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    (d / "truncated-idx").write_bytes(_idx((10, 4, 4), bytes(100)))
+    (d / "forged-idx").write_bytes(_idx((2**32 - 1,) * 3, bytes(16)))
+    (d / "labels-idx1-ubyte").write_bytes(_idx((10,)))
+    (d / "nan-idx").write_bytes(_idx((3, 2, 2), np.full(12, np.nan, ">f4").tobytes(), 0x0D))
+    good = gzip.compress(_idx((5, 4, 4)))
+    (d / "corrupt-idx.gz").write_bytes(good[:12] + b"\xff" * 20 + good[32:])
+    (d / "not-gzip-idx.gz").write_bytes(_idx((5, 4, 4)))
+    (d / "a_file").write_text("not a directory")
+    (d / "a_directory").mkdir()
+    (d / "junk.safetensors").write_bytes(b"not a checkpoint at all")
+    (d / "empty.safetensors").write_bytes(b"")
+    torch.manual_seed(0)
+    other = {"input_shape": [1, 8, 8], "latent_dim": 2, "arch": "mlp", "hidden": [4],
+             "likelihood": "bernoulli", "obs_logvar": 0.0, "logvar_limit": None}
+    checkpoint.save(d / "other_model.safetensors",
+                    checkpoint.Checkpoint(other, build_vae(**other).state_dict()))
+
+
+def _zip_with_npy(npy: Path) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.write(npy, "x.npy")
+    return buffer.getvalue()
+
+
+# (id, argv, words the one line must contain). "{d}" is the directory of the bad files.
+TRAIN = [
+    ("epochs_zero", ["--epochs", "0"], ["--epochs", ">= 1"]),
+    ("epochs_float", ["--epochs", "1.5"], ["--epochs", "integer"]),
+    ("batch_size_negative", ["--batch-size", "-1"], ["--batch-size"]),
+    ("batch_size_word", ["--batch-size", "many"], ["--batch-size", "'many'"]),
+    ("lr_negative", ["--lr", "-1"], ["--lr", "> 0"]),
+    ("lr_nan", ["--lr", "nan"], ["--lr"]),
+    ("lr_word", ["--lr", "fast"], ["--lr", "'fast'"]),
+    ("latent_dim_zero", ["--latent-dim", "0"], ["--latent-dim"]),
+    ("hidden_letters", ["--hidden", "a,b"], ["--hidden", "integers"]),
+    ("hidden_zero", ["--hidden", "64,0"], ["--hidden", "positive"]),
+    ("hidden_empty", ["--hidden", ""], ["--hidden"]),
+    ("arch_unknown", ["--arch", "rnn"], ["--arch", "'rnn'"]),
+    ("arch_conv_too_small", ["--arch", "conv", "--data", "{d}/flat.npz"],
+     ["--arch conv", "(1, 1, 30)"]),
+    ("likelihood_unknown", ["--likelihood", "poisson"], ["--likelihood", "'poisson'"]),
+    ("obs_logvar_inf", ["--obs-logvar", "inf"], ["--obs-logvar", "finite"]),
+    ("beta_negative", ["--beta", "-1"], ["--beta"]),
+    ("beta_inf", ["--beta", "inf"], ["--beta", "finite"]),
+    ("warmup_nan", ["--warmup", "nan"], ["--warmup"]),
+    ("cycles_negative", ["--cycles", "-1"], ["--cycles"]),
+    ("free_bits_negative", ["--free-bits", "-0.5"], ["--free-bits"]),
+    ("grad_clip_zero", ["--grad-clip", "0"], ["--grad-clip", "> 0"]),
+    ("logvar_limit_negative", ["--logvar-limit", "-3"], ["--logvar-limit"]),
+    ("logvar_limit_nan", ["--logvar-limit", "nan"], ["--logvar-limit"]),
+    ("seed_negative", ["--seed", "-1"], ["--seed"]),
+    ("seed_huge", ["--seed", str(2**70)], ["--seed"]),
+    ("device_unknown", ["--device", "tpu"], ["--device"]),
+    ("device_bad_index", ["--device", "cuda:x"], ["--device"]),
+    ("backend_unknown", ["--backend", "bogus"], ["--backend", "'bogus'"]),
+    ("val_fraction_one", ["--val-fraction", "1"], ["--val-fraction"]),
+    ("val_fraction_word", ["--val-fraction", "half"], ["--val-fraction"]),
+    ("iwae_samples_negative", ["--iwae-samples", "-1"], ["--iwae-samples"]),
+    ("on_nonfinite_unknown", ["--on-nonfinite", "ignore"], ["--on-nonfinite", "'ignore'"]),
+    ("unknown_option", ["--learning-rate", "1"], ["--learning-rate"]),
+    # --data
+    ("data_missing", ["--data", "{d}/missing.npz"], ["missing.npz", "no such"]),
+    ("data_directory", ["--data", "{d}/a_directory"], ["a_directory", "directory"]),
+    ("data_empty_npz", ["--data", "{d}/empty.npz"], ["empty.npz", "cannot read"]),
+    ("data_garbage_npz", ["--data", "{d}/garbage.npz"], ["garbage.npz", "cannot read"]),
+    ("data_no_arrays", ["--data", "{d}/no_arrays.npz"], ["no_arrays.npz", "no arrays"]),
+    ("data_objects", ["--data", "{d}/objects.npz"], ["objects.npz"]),
+    ("data_1d", ["--data", "{d}/oned.npz"], ["oned.npz", "(10,)"]),
+    ("data_5d", ["--data", "{d}/fived.npz"], ["fived.npz", "shape"]),
+    ("data_above_one", ["--data", "{d}/above_one.npz"], ["above_one.npz", "[0, 1]"]),
+    ("data_negative", ["--data", "{d}/negative.npz"], ["negative.npz", "[0, 1]"]),
+    ("data_nan", ["--data", "{d}/nan.npz"], ["nan.npz", "non-finite"]),
+    ("data_one_image", ["--data", "{d}/one_image.npz"], ["one_image.npz", "2 images"]),
+    ("data_complex", ["--data", "{d}/complex.npz"], ["complex.npz", "complex64"]),
+    ("data_strings", ["--data", "{d}/strings.npz"], ["strings.npz", "numeric"]),
+    ("data_empty_idx", ["--data", "{d}/empty-idx"], ["empty-idx", "IDX"]),
+    ("data_bad_magic", ["--data", "{d}/magic-idx"], ["magic-idx", "magic"]),
+    ("data_short_header", ["--data", "{d}/short-header-idx"], ["short-header-idx", "header"]),
+    ("data_truncated_idx", ["--data", "{d}/truncated-idx"], ["truncated-idx", "truncated"]),
+    ("data_forged_idx", ["--data", "{d}/forged-idx"], ["forged-idx", "truncated"]),
+    ("data_labels_idx", ["--data", "{d}/labels-idx1-ubyte"], ["labels-idx1-ubyte", "(10,)"]),
+    ("data_nan_idx", ["--data", "{d}/nan-idx"], ["nan-idx", "non-finite"]),
+    ("data_corrupt_gzip", ["--data", "{d}/corrupt-idx.gz"], ["corrupt-idx.gz", "cannot read"]),
+    ("data_not_gzip", ["--data", "{d}/not-gzip-idx.gz"], ["not-gzip-idx.gz", "cannot read"]),
+    # --out and --resume
+    ("out_is_a_file", ["--out", "{d}/a_file"], ["--out", "a_file", "not a directory"]),
+    ("out_cannot_be_created", ["--out", "{d}/a_file/run"], ["--out", "a_file/run"]),
+    ("resume_missing", ["--resume", "{d}/missing.safetensors"], ["--resume", "missing"]),
+    ("resume_junk", ["--resume", "{d}/junk.safetensors"], ["--resume", "junk.safetensors"]),
+    ("resume_empty", ["--resume", "{d}/empty.safetensors"], ["--resume", "empty.safetensors"]),
+    ("resume_directory", ["--resume", "{d}/a_directory"], ["--resume", "a_directory"]),
+    ("resume_other_model", ["--resume", "{d}/other_model.safetensors"],
+     ["--resume", "other_model.safetensors", "another configuration"]),
+]
+if not GPU:
+    TRAIN += [("device_cuda_without_gpu", ["--device", "cuda"], ["--device cuda", "GPU"]),
+              ("backend_cuda_without_gpu", ["--backend", "cuda"], ["--backend", "'cuda'"])]
+
+BENCH = [
+    ("ops_unknown", ["--ops", "nope"], ["--ops", "nope"]),
+    ("ops_empty", ["--ops", ","], ["--ops", "no name"]),
+    ("sizes_one_number", ["--sizes", "3"], ["--sizes", "'3'"]),
+    ("sizes_zero", ["--sizes", "0x784"], ["--sizes", "'0x784'"]),
+    ("sizes_letters", ["--sizes", "axb"], ["--sizes"]),
+    ("dtypes_int", ["--dtypes", "int8"], ["--dtypes", "int8"]),
+    ("dtypes_empty", ["--dtypes", ""], ["--dtypes"]),
+    ("directions_unknown", ["--directions", "bwd"], ["--directions", "bwd"]),
+    ("backends_unknown", ["--backends", "auto"], ["--backends", "auto"]),
+    ("backends_empty", ["--backends", ","], ["--backends"]),
+    ("device_unknown", ["--device", "tpu"], ["--device", "'tpu'"]),
+    ("train_step_one_number", ["--train-step", "3"], ["--train-step", "'3'"]),
+    ("out_is_a_file", ["--out", "{d}/a_file"], ["--out", "a_file"]),
+    ("unknown_option", ["--size", "3"], ["--size"]),
+]
+if not GPU:
+    BENCH += [("backends_cuda_without_gpu", ["--backends", "cuda"], ["--backends", "'cuda'"]),
+              ("device_cuda_without_gpu", ["--device", "cuda"], ["--device cuda", "GPU"])]
+
+OTHER = [
+    ("info_argument", ["info", "--verbose"], ["--verbose"]),
+    ("no_command", [], ["command"]),
+    ("unknown_command", ["serve"], ["'serve'"]),
+]
+
+TABLE = ([(f"train-{i}", ["train", *argv], w) for i, argv, w in TRAIN]
+         + [(f"bench-{i}", ["bench", *argv], w) for i, argv, w in BENCH]
+         + OTHER)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad_files")
+    make_files(d)
+    return d
+
+
+@pytest.mark.parametrize(("argv", "words"), [pytest.param(a, w, id=i) for i, a, w in TABLE])
+def test_bad_cli_input(argv, words, bad_files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anything written by mistake lands here
+    argv = [a.replace("{d}", str(bad_files)) for a in argv]
+    if argv[:1] == ["train"]:
+        argv += ["--epochs", "1", "--no-progress", "--no-images", "--iwae-samples", "0"]
+        if "--out" not in argv:
+            argv += ["--out", str(tmp_path / "out")]
+    elif argv[:1] == ["bench"] and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err
+    assert code == 2, f"exit status {code}\n{captured.out}\n{err}"
+    assert err.count("\n") == 1, f"not one line:\n{err}"
+    assert err.startswith("fastvae"), err
+    assert "Traceback" not in err
+    missing = [w for w in words if w not in err]
+    assert not missing, f"{err!r} does not name {missing}"
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir()), "files were written"
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "benchmarks").exists()
+
+
+def test_table_covers_every_option():
+    """Every option of train and bench has at least one bad-input row."""
+    from fastvae.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    harmless = {"--help", "--no-images", "--no-progress", "--amp", "--no-compile",
+                "--no-train-step"}
+    for command, rows in (("train", TRAIN), ("bench", BENCH)):
+        options = {o for a in sub.choices[command]._actions for o in a.option_strings
+                   if o.startswith("--")} - harmless
+        covered = {a for _, argv, _ in rows for a in argv if a.startswith("--")}
+        assert options <= covered, f"{command}: no bad-input row for {options - covered}"
