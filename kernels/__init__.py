@@ -1,7 +1,7 @@
 """fastvae's Triton kernels: one module per op family (kernels and launchers).
 
 This package is the ``"triton"`` backend: it exports the backend interface documented in
-``fastvae/_ops.py``. Importing it imports triton; set ``TRITON_INTERPRET=1`` before that to run
+``fastvae/ops/custom_ops.py``. Importing it imports triton; set ``TRITON_INTERPRET=1`` before that to run
 the kernels on CPU tensors.
 """
 

@@ -4,7 +4,7 @@ Every op x backend (triton, cuda; cpu and triton under the interpreter with --dr
 four dtypes x four layouts (contiguous; strided and transposed views; stride-0 broadcast
 operands; a second mode: K > 1 samples, free bits, a 3-D event), forward and backward (every
 input's gradient under random upstream gradients), against the ``torch`` backend on the same
-device, with the test suite's tolerances (tests/conftest.py), and each backend bitwise equal to
+device, with the test suite's tolerances (tests/helpers.py), and each backend bitwise equal to
 itself run to run. One line per case, written as it finishes; the last line is the summary.
 
     python scripts/gpu_smoke.py --out smoke.txt [--budget 60] [--dry-run]
@@ -17,6 +17,7 @@ cases left when the budget is spent are counted in the summary line).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -26,9 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
-from conftest import dtype_id, tolerance  # noqa: E402  (sets TRITON_INTERPRET without a GPU)
+
+if not torch.cuda.is_available():  # before anything imports triton: its interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import dtype_id, tolerance  # noqa: E402
 
 import fastvae as fv  # noqa: E402
+from fastvae.ops import backends  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("contiguous", "strided", "broadcast", "variant")
@@ -181,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.dry_run
     device = torch.device("cuda" if gpu else "cpu")
     wanted = ("triton", "cuda") if gpu else ("cpu", "triton")
-    usable = [b for b in wanted if fv._backend.unusable_reason(b, device) is None]
-    missing = [f"{b} ({fv._backend.unusable_reason(b, device)})" for b in wanted
+    usable = [b for b in wanted if backends.unusable_reason(b, device) is None]
+    missing = [f"{b} ({backends.unusable_reason(b, device)})" for b in wanted
                if b not in usable]
     B, N = (37, 1000) if gpu else (3, 5)
     sink = args.out.open("w") if args.out else None

@@ -10,9 +10,10 @@ import math
 
 import pytest
 import torch
-from conftest import TOL, dtype_id
+from helpers import TOL, dtype_id
 
-from fastvae import _backend, reference
+from fastvae.ops import backends as _backend
+from fastvae.ops import reference
 
 pytestmark = pytest.mark.skipif(_backend.unusable_reason("triton", torch.device("cpu")) is not None
                                 and not torch.cuda.is_available(),

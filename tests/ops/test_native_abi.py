@@ -1,4 +1,4 @@
-"""The C ABI between the native library and fastvae/_native.py: the op table and the struct layout.
+"""The C ABI between the native library and fastvae/ops/native.py: the op table and the struct layout.
 
 The library's op table (FV_OPS in csrc/fastvae.h, exported by fv_op_count/fv_op_name/...) is the
 one source of the op metadata: the Python side reads the op codes from it, and refuses, with the
@@ -17,7 +17,8 @@ import re
 import pytest
 import torch
 
-from fastvae import _native, reference
+from fastvae.ops import native as _native
+from fastvae.ops import reference
 
 pytestmark = pytest.mark.skipif(_native.unusable_reason("cpu") is not None,
                                 reason=f"native library: {_native.unusable_reason('cpu')}")

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 import mpmath
 import pytest
 import torch
-from conftest import DTYPES, dtype_id, loss_dtype
+from helpers import DTYPES, dtype_id, loss_dtype
 
 import fastvae as fv
-from fastvae import reference
+from fastvae.ops import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
