@@ -1,8 +1,8 @@
 """fastvae's Triton kernels: one module per op family (kernels and launchers).
 
 This package is the ``"triton"`` backend: it exports the backend interface documented in
-``fastvae/ops/custom_ops.py``. Importing it imports triton; set ``TRITON_INTERPRET=1`` before that to run
-the kernels on CPU tensors.
+``fastvae/ops/custom_ops.py``. Importing it imports triton; set ``TRITON_INTERPRET=1`` before
+that to run the kernels on CPU tensors.
 """
 
 from .bernoulli_nll import bernoulli_nll_bwd, bernoulli_nll_fwd

@@ -13,10 +13,10 @@ op names in code order, is read from it. This side keeps only what ctypes needs,
 ``NativeBackend``); on load both are checked against the library, which is refused, with the
 reason, when they differ.
 
-Each backend method (the interface of ``fastvae/ops/custom_ops.py``) allocates its outputs with torch and
-fills one ``fv_call`` (see ``csrc/fastvae.h``): sizes, the operands as pointer + element strides
-+ dtype code, the seed's address, the thread count (``torch.get_num_threads()``) or the CUDA
-device and torch's current stream on it.
+Each backend method (the interface of ``fastvae/ops/custom_ops.py``) allocates its outputs
+with torch and fills one ``fv_call`` (see ``csrc/fastvae.h``): sizes, the operands as pointer +
+element strides + dtype code, the seed's address, the thread count (``torch.get_num_threads()``)
+or the CUDA device and torch's current stream on it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The C ABI between the native library and fastvae/ops/native.py: the op table and the struct layout.
+"""The C ABI between the native library and fastvae/ops/native.py: op table and struct layout.
 
 The library's op table (FV_OPS in csrc/fastvae.h, exported by fv_op_count/fv_op_name/...) is the
 one source of the op metadata: the Python side reads the op codes from it, and refuses, with the
