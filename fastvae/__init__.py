@@ -26,6 +26,12 @@ from .ops.losses import BernoulliNLLLoss, GaussianKLLoss, GaussianNLLLoss
 from .ops.validation import set_validation, validation_enabled
 from .training.trainer import NonFiniteLossError, TrainConfig, TrainResult, train
 
+# isort: split
+# -- drop-in objects, per-dimension KL, checkpoints (exports listed at the end) ---------------
+from .ops.distributions import DiagonalGaussianDistribution, DiagonalNormal
+from .ops.functional import gaussian_kl_per_dim
+from .training.checkpoint import load_vae, save_vae
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -55,3 +61,7 @@ __all__ = [
     "vae_loss",
     "validation_enabled",
 ]
+
+# -- drop-in objects, per-dimension KL, checkpoints ------------------------------------------
+__all__ += ["DiagonalGaussianDistribution", "DiagonalNormal", "gaussian_kl_per_dim", "load_vae",
+            "save_vae"]
