@@ -286,7 +286,8 @@ def _kl_rows(p_loc: Tensor, p_logvar: Tensor, q_loc: Tensor, q_logvar: Tensor,
              event_shape: torch.Size) -> Tensor:
     """``KL(N(p) || N(q))`` summed over the event, over the broadcast batch."""
     shape = torch.broadcast_shapes(p_loc.shape, p_logvar.shape, q_loc.shape, q_logvar.shape)
-    dtype = torch.promote_types(p_loc.dtype, q_loc.dtype)  # mixed precision: the wider one
+    dtype = torch.promote_types(torch.promote_types(p_loc.dtype, p_logvar.dtype),
+                                torch.promote_types(q_loc.dtype, q_logvar.dtype))
     p_loc, p_logvar, q_loc, q_logvar = (t.to(dtype) for t in (p_loc, p_logvar, q_loc, q_logvar))
     batch = shape[:len(shape) - len(event_shape)]
     mu = p_loc.expand(shape).reshape(-1, *event_shape)
@@ -294,6 +295,11 @@ def _kl_rows(p_loc: Tensor, p_logvar: Tensor, q_loc: Tensor, q_logvar: Tensor,
     kl = F.gaussian_kl(mu, lv, _as_rows(q_loc, batch, event_shape),
                        _as_rows(q_logvar, batch, event_shape), reduction="none")
     return kl.reshape(batch)
+
+
+def _logvar_of(scale: Tensor) -> Tensor:
+    """``2 log(scale)``, in float32 at least (a half-precision log would round the prior)."""
+    return 2.0 * torch.log(scale.to(torch.promote_types(scale.dtype, torch.float32)))
 
 
 def _normal_of(q: Independent, event_dims: int) -> Normal:
@@ -320,14 +326,14 @@ def _kl_diagonal_diagonal(p: DiagonalNormal, q: DiagonalNormal) -> Tensor:
 def _kl_diagonal_independent(p: DiagonalNormal, q: Independent) -> Tensor:
     base = _normal_of(q, p.event_dims)
     _check_events(p, q)
-    return _kl_rows(p.loc, p.logvar, base.loc, 2.0 * torch.log(base.scale), p.event_shape)
+    return _kl_rows(p.loc, p.logvar, base.loc, _logvar_of(base.scale), p.event_shape)
 
 
 @register_kl(Independent, DiagonalNormal)
 def _kl_independent_diagonal(p: Independent, q: DiagonalNormal) -> Tensor:
     base = _normal_of(p, q.event_dims)
     _check_events(p, q)
-    return _kl_rows(base.loc, 2.0 * torch.log(base.scale), q.loc, q.logvar, q.event_shape)
+    return _kl_rows(base.loc, _logvar_of(base.scale), q.loc, q.logvar, q.event_shape)
 
 
 @register_kl(DiagonalNormal, Normal)
@@ -336,7 +342,7 @@ def _kl_diagonal_normal(p: DiagonalNormal, q: Normal) -> Tensor:
         raise NotImplementedError(
             f"KL between a DiagonalNormal with event_dims={p.event_dims} and a Normal (event "
             f"shape ()): use Independent(Normal(...), {p.event_dims}) as the prior")
-    return _kl_rows(p.loc, p.logvar, q.loc, 2.0 * torch.log(q.scale), p.event_shape)
+    return _kl_rows(p.loc, p.logvar, q.loc, _logvar_of(q.scale), p.event_shape)
 
 
 @register_kl(Normal, DiagonalNormal)
@@ -345,4 +351,4 @@ def _kl_normal_diagonal(p: Normal, q: DiagonalNormal) -> Tensor:
         raise NotImplementedError(
             f"KL between a Normal (event shape ()) and a DiagonalNormal with "
             f"event_dims={q.event_dims}")
-    return _kl_rows(p.loc, 2.0 * torch.log(p.scale), q.loc, q.logvar, q.event_shape)
+    return _kl_rows(p.loc, _logvar_of(p.scale), q.loc, q.logvar, q.event_shape)
