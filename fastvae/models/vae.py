@@ -44,8 +44,8 @@ class VAE(nn.Module):
     ``logvar_limit``: optional soft clamp of the posterior log-variance to (-limit, limit),
     ``limit * tanh(logvar / limit)``, for models whose variances run away.
     ``min_obs_var``: the floor of the learned observation variance (``"gaussian_learned"``):
-    the log-variance used is ``soft_min_logvar(obs_logvar, min_obs_var)``, a soft clip from
-    below that keeps a gradient (σ-VAE), so that the variance cannot collapse to 0.
+    the variance used is ``exp(obs_logvar) + min_obs_var`` (``soft_min_logvar``, the soft clip
+    of σ-VAE), so that it cannot collapse to 0 and its gradient never stops abruptly.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_shape: int | Sequence[int],
@@ -253,8 +253,9 @@ def _slerp(z1: Tensor, z2: Tensor, t: Tensor) -> Tensor:
     digits near 0 and pi). The same path is evaluated in the plane of ``z1`` and ``b_perp``,
     ``(|z1| cos tw + (|z2| - |z1|) cos w sin tw / sin w) z1 / |z1| + |z2| sin tw u``, with no
     cancellation between large weights near w = pi; it is linear only at w = 0 (where
-    ``sin tw / sin w`` -> t) and when an endpoint is 0. Computed in float32 at least."""
-    dtype = torch.promote_types(z1.dtype, torch.float32)
+    ``sin tw / sin w`` -> t) and when an endpoint is 0. Computed in float64: near w = pi the
+    path's sensitivity to the endpoints' norms grows as 1 / sin w."""
+    dtype = torch.float64
     a, b = z1.flatten(1).to(dtype), z2.flatten(1).to(dtype)
     tt = t.reshape(-1, 1, 1).to(dtype)
     na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)

@@ -12,11 +12,11 @@ from . import validation as check
 
 
 def soft_min_logvar(logvar: Tensor | float, min_var: float) -> Tensor | float:
-    """A log-variance bounded below by ``log(min_var)``, softly (the soft clip of σ-VAE,
-    Rybkin et al. 2021): ``m + softplus(logvar - m)``, ``m = log(min_var)``. Above the floor by
-    more than a few units it is ``logvar`` to rounding; below, it approaches ``m``; the gradient
-    ``sigmoid(logvar - m)`` never vanishes abruptly (a hard clamp would freeze a learned
-    variance that crossed it). ``min_var = 0``: ``logvar`` unchanged."""
+    """A log-variance bounded below by ``m = log(min_var)``, softly (the soft clip of σ-VAE,
+    Rybkin et al. 2021): ``m + softplus(logvar - m) = log(exp(logvar) + min_var)``, i.e. the
+    variance used is ``var + min_var`` (a noise floor), computed without overflow. Its gradient
+    ``sigmoid(logvar - m)`` fades smoothly below the floor (a hard clamp would cut it, freezing
+    a learned variance that crossed it). ``min_var = 0``: ``logvar`` unchanged."""
     if min_var <= 0:
         return logvar
     m = math.log(min_var)
@@ -50,8 +50,8 @@ class GaussianNLLLoss(_Loss):
     ``var=`` (the quantity ``torch.nn.GaussianNLLLoss`` takes as its third argument): a third
     positional argument is a TypeError, so a variance is never read as a log-variance. Without
     either, the module's own (``logvar=`` or ``var=`` at construction, else unit variance).
-    ``min_var`` > 0 bounds the variance below with ``soft_min_logvar`` (for learned
-    variances, as torch's ``eps``, but with a gradient below the floor). Unlike torch's module
+    ``min_var`` > 0 bounds the variance below, for learned variances: the variance used is
+    ``var + min_var`` (``soft_min_logvar``; torch's ``eps`` clamps instead). Unlike torch's module
     the loss sums over the event (``fastvae.gaussian_nll``) and includes ``log(2 pi) / 2``.
     """
 
