@@ -164,3 +164,20 @@ def test_gaussian_nll_loss_takes_the_variance_by_keyword(backend, device):
         pytest.approx(fv.gaussian_nll(mean, target, math.log(math.exp(-1) + 0.5),
                                       reduction="mean").item(), rel=1e-12)
     assert "min_var=0.01" in repr(floor)
+
+
+def test_torch_func_and_double_backward_as_documented():
+    """What the README says of torch.func and second derivatives (torch's custom-op limits):
+    vmap gives the per-slice values; grad raises; a second backward raises. A torch release that
+    lifts a limit fails this test: then update the README."""
+    mu = torch.randn(2, 3, 4, dtype=torch.float64)
+    logvar = torch.randn(2, 3, 4, dtype=torch.float64)
+    batched = torch.func.vmap(fv.gaussian_kl)(mu, logvar)
+    torch.testing.assert_close(batched, torch.stack([fv.gaussian_kl(m, v)
+                                                     for m, v in zip(mu, logvar, strict=True)]))
+    with pytest.raises(RuntimeError, match="functorch"):
+        torch.func.grad(lambda m: fv.gaussian_kl(m, logvar[0]))(mu[0])
+    leaf = mu[0].clone().requires_grad_()
+    (g,) = torch.autograd.grad(fv.gaussian_kl(leaf, logvar[0]), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.sum().backward()
