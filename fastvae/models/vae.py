@@ -118,7 +118,10 @@ class VAE(nn.Module):
             return F.bernoulli_nll(recon, x, reduction=reduction)
         logvar = self.obs_logvar
         if isinstance(logvar, nn.Parameter):
-            logvar = soft_min_logvar(logvar, self.min_obs_var).to(recon.dtype)
+            # a float32 parameter meets a bfloat16 mean under autocast: compute in float32
+            logvar = soft_min_logvar(logvar, self.min_obs_var)
+            dtype = torch.promote_types(recon.dtype, logvar.dtype)
+            recon, logvar = recon.to(dtype), logvar.to(dtype)
         return F.gaussian_nll(recon, x, logvar, reduction=reduction)
 
     # -- training objective ----------------------------------------------------------------
