@@ -267,14 +267,14 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
         check.tensor("logvar", logvar)
         check.broadcastable("logvar", logvar, "mean", mean)
         logvar_value = 0.0
-        logvar_rows = _broadcast_rows(logvar, mean, B, N)
+        # promoted before it is expanded: a cast of the expanded view would copy B x N
+        promoted = torch.promote_types(mean.dtype, target.dtype)
+        logvar_rows = _broadcast_rows(logvar.to(promoted), mean, B, N)
     else:
         logvar_value = check.number("logvar", logvar)
         logvar_rows = None
     check.finite(mean=mean, target=target, logvar=logvar_rows)
     mean, target = _promote(mean, target)
-    if logvar_rows is not None:
-        logvar_rows = logvar_rows.to(mean.dtype)
     backend = resolve(mean.device)
     per_sample = _ops.call(_ops.gaussian_nll, _rows(mean, B, N), _rows(target, B, N), logvar_rows,
                                    logvar_value, backend)
