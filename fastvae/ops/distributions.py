@@ -65,8 +65,10 @@ class DiagonalGaussianDistribution:
     **Noise.** ``sample`` draws Philox normals (regenerated in backward, never stored), not
     ``torch.randn``: the same seed gives other numbers than theirs, with the same distribution.
     Its key is drawn from ``generator`` (or torch's default generator), so ``generator`` and
-    ``torch.manual_seed`` make it reproducible. To use given noise, e.g. to reproduce their
-    samples: ``posterior.sample(eps=torch.randn(posterior.mean.shape, generator=g))``.
+    ``torch.manual_seed`` make it reproducible; a CPU generator serves CUDA moments too (as in
+    diffusers), its draw moved to the device. To use given noise, e.g. to reproduce their
+    samples: ``posterior.sample(eps=torch.randn(shape, generator=g).to(mean))``, ``shape``
+    and ``mean`` the posterior's ``mean.shape`` and ``mean``.
     """
 
     def __init__(self, parameters: Tensor, deterministic: bool = False) -> None:
@@ -103,6 +105,9 @@ class DiagonalGaussianDistribution:
             if generator is not None:
                 raise ValueError("eps is given: generator must be None")
             return F.reparameterize(self.mean, self.logvar, eps=eps)
+        if generator is not None and generator.device.type != self.mean.device.type:
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator)
+            return F.reparameterize(self.mean, self.logvar, seed=seed.to(self.mean.device))
         return F.reparameterize(self.mean, self.logvar, generator=generator)
 
     def mode(self) -> Tensor:
@@ -151,6 +156,15 @@ class DiagonalGaussianDistribution:
 # ---------------------------------------------------------------------------------------------
 # torch.distributions
 # ---------------------------------------------------------------------------------------------
+
+
+def _compact(t: Tensor) -> Tensor:
+    """``t`` with each broadcast (stride-0) dimension narrowed to size 1: a view that still
+    broadcasts to ``t``'s shape, so that a prior such as ``Normal(0., 1.).expand(shape)`` costs
+    one element, not one per batch element."""
+    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                  for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t[index] if any(i != slice(None) for i in index) else t
 
 
 def _as_rows(t: Tensor, batch_shape: torch.Size, event_shape: torch.Size) -> Tensor:
@@ -288,7 +302,8 @@ def _kl_rows(p_loc: Tensor, p_logvar: Tensor, q_loc: Tensor, q_logvar: Tensor,
     shape = torch.broadcast_shapes(p_loc.shape, p_logvar.shape, q_loc.shape, q_logvar.shape)
     dtype = torch.promote_types(torch.promote_types(p_loc.dtype, p_logvar.dtype),
                                 torch.promote_types(q_loc.dtype, q_logvar.dtype))
-    p_loc, p_logvar, q_loc, q_logvar = (t.to(dtype) for t in (p_loc, p_logvar, q_loc, q_logvar))
+    p_loc, p_logvar, q_loc, q_logvar = (_compact(t).to(dtype)
+                                        for t in (p_loc, p_logvar, q_loc, q_logvar))
     batch = shape[:len(shape) - len(event_shape)]
     mu = p_loc.expand(shape).reshape(-1, *event_shape)
     lv = p_logvar.expand(shape).reshape(-1, *event_shape)
@@ -299,7 +314,7 @@ def _kl_rows(p_loc: Tensor, p_logvar: Tensor, q_loc: Tensor, q_logvar: Tensor,
 
 def _logvar_of(scale: Tensor) -> Tensor:
     """``2 log(scale)``, in float32 at least (a half-precision log would round the prior)."""
-    return 2.0 * torch.log(scale.to(torch.promote_types(scale.dtype, torch.float32)))
+    return 2.0 * torch.log(_compact(scale).to(torch.promote_types(scale.dtype, torch.float32)))
 
 
 def _normal_of(q: Independent, event_dims: int) -> Normal:

@@ -282,6 +282,8 @@ def test_diagonal_normal_kl_divergence(backend, device, dtype, shape, k):
         ("Independent(Normal) || DiagonalNormal", Independent(Normal(p_loc, p_scale), k), q,
          tp_scale, tq, (p_loc, p_scale, q_loc, q_lv)),
         ("DiagonalNormal || standard normal", p, standard, tp, standard64, (p_loc, p_lv)),
+        ("DiagonalNormal || Normal(0., 1.).expand", p,
+         Independent(Normal(0.0, 1.0).expand(shape), k), tp, standard64, (p_loc, p_lv)),
     ]
     if k == 0:
         pairs.append(("DiagonalNormal || Normal", p, Normal(q_loc, q_scale), tp.base_dist,
