@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from .ops import reference
 from .ops.backends import backends, get_backend, set_backend, use_backend
+from .ops.distributions import DiagonalGaussianDistribution, DiagonalNormal
 from .ops.functional import (
     bernoulli_nll,
     gaussian_kl,
+    gaussian_kl_per_dim,
     gaussian_nll,
     iwae_log_likelihood,
     reparameterize,
@@ -34,6 +36,7 @@ from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
     from .models.vae import VAE, VAEOutput, build_vae
+    from .training.checkpoint import load_vae, save_vae
     from .training.trainer import NonFiniteLossError, TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
@@ -47,6 +50,8 @@ _LAZY = {
     "TrainConfig": "fastvae.training.trainer",
     "TrainResult": "fastvae.training.trainer",
     "train": "fastvae.training.trainer",
+    "load_vae": "fastvae.training.checkpoint",
+    "save_vae": "fastvae.training.checkpoint",
 }
 
 
@@ -66,6 +71,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "VAE",
     "BernoulliNLLLoss",
+    "DiagonalGaussianDistribution",
+    "DiagonalNormal",
     "GaussianKLLoss",
     "GaussianNLLLoss",
     "NonFiniteLossError",
@@ -77,12 +84,15 @@ __all__ = [
     "bernoulli_nll",
     "build_vae",
     "gaussian_kl",
+    "gaussian_kl_per_dim",
     "gaussian_nll",
     "get_backend",
     "iwae_log_likelihood",
+    "load_vae",
     "reference",
     "reparameterize",
     "sample_and_kl",
+    "save_vae",
     "set_backend",
     "set_validation",
     "train",

@@ -1,10 +1,13 @@
 """A thin VAE around a user's encoder and decoder, every loss term and sample on the fused ops.
 
-    encoder: x -> (mu, logvar), or one tensor whose last dimension holds [mu, logvar]
+    encoder: x -> (mu, logvar), or one moments tensor holding both on dim 1:
+             (B, 2 * C, *spatial) for a latent (C, *spatial) (the latent-diffusion layout;
+             (B, 2 * D) for a flat latent), or (B, 2 * numel) flat for any latent shape
     decoder: z -> logits (Bernoulli likelihood) or mean (Gaussian), of x's shape
 
 Likelihoods: ``"bernoulli"`` (logits), ``"gaussian"`` (fixed ``obs_logvar``), and
-``"gaussian_learned"`` (one learned log-variance shared by every pixel).
+``"gaussian_learned"`` (one learned log-variance shared by every pixel, bounded below by
+``min_obs_var``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import functional as F
-from ..ops.reference import kl_elementwise
+from ..ops.losses import soft_min_logvar
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 
@@ -40,11 +43,15 @@ class VAE(nn.Module):
     ``latent_shape``: the shape of one latent sample (an int for a flat latent).
     ``logvar_limit``: optional soft clamp of the posterior log-variance to (-limit, limit),
     ``limit * tanh(logvar / limit)``, for models whose variances run away.
+    ``min_obs_var``: the floor of the learned observation variance (``"gaussian_learned"``):
+    the variance used is ``exp(obs_logvar) + min_obs_var`` (``soft_min_logvar``, the soft clip
+    of σ-VAE), so that it cannot collapse to 0 and its gradient never stops abruptly.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_shape: int | Sequence[int],
                  *, likelihood: str = "bernoulli", obs_logvar: float = 0.0, beta: float = 1.0,
-                 free_bits: float = 0.0, logvar_limit: float | None = None) -> None:
+                 free_bits: float = 0.0, logvar_limit: float | None = None,
+                 min_obs_var: float = 1e-6) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, "
@@ -59,6 +66,9 @@ class VAE(nn.Module):
         if logvar_limit is not None and not logvar_limit > 0:
             raise ValueError(f"logvar_limit must be > 0, got {logvar_limit}")
         self.logvar_limit = logvar_limit
+        if not 0 <= min_obs_var < math.inf:
+            raise ValueError(f"min_obs_var must be finite and >= 0, got {min_obs_var}")
+        self.min_obs_var = float(min_obs_var)
         self.obs_logvar: float | nn.Parameter = float(obs_logvar)
         if likelihood == "gaussian_learned":
             self.obs_logvar = nn.Parameter(torch.tensor(float(obs_logvar)))
@@ -71,11 +81,26 @@ class VAE(nn.Module):
         if isinstance(out, (tuple, list)):
             mu, logvar = out
         else:
-            mu, logvar = out.chunk(2, dim=-1)
+            mu, logvar = self._split_moments(out)
         shape = (x.shape[0], *self.latent_shape)
         if self.logvar_limit is not None:
             logvar = self.logvar_limit * torch.tanh(logvar / self.logvar_limit)
         return mu.reshape(shape), logvar.reshape(shape)
+
+    def _split_moments(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """One moments tensor -> (mu, logvar), split on dim 1: ``(B, 2 * C, *spatial)`` for the
+        latent ``(C, *spatial)``, or ``(B, 2 * numel)`` (a flat head). Any other layout is
+        ambiguous (a split elsewhere could mix means and log-variances): ValueError."""
+        latent = self.latent_shape
+        layered = (2 * latent[0], *latent[1:])
+        flat = 2 * math.prod(latent)
+        if tuple(out.shape[1:]) == layered or (out.dim() == 2 and out.shape[1] == flat):
+            return out.chunk(2, dim=1)
+        raise ValueError(
+            f"the encoder returned one tensor of shape {tuple(out.shape)}; for latent_shape "
+            f"{latent} a moments tensor holds mean and log-variance on dim 1: shape "
+            f"(B, {', '.join(map(str, layered))}) or (B, {flat}). Return (mu, logvar) for "
+            "another layout")
 
     def decode(self, z: Tensor) -> Tensor:
         """Decoder output: logits (Bernoulli) or mean (Gaussian)."""
@@ -86,14 +111,17 @@ class VAE(nn.Module):
         return torch.sigmoid(recon) if self.likelihood == "bernoulli" else recon
 
     def nll(self, recon: Tensor, x: Tensor, reduction: str = "mean") -> Tensor:
-        """-log p(x | z) for a decoder output. ``x`` is cast to ``recon``'s dtype (under
-        autocast the decoder may return bfloat16)."""
-        x = x.to(recon.dtype)
+        """-log p(x | z) for a decoder output. ``x`` keeps its dtype: under autocast the decoder
+        may return bfloat16 and the loss computes in float32 (the ops promote the data, never
+        round it)."""
         if self.likelihood == "bernoulli":
             return F.bernoulli_nll(recon, x, reduction=reduction)
         logvar = self.obs_logvar
         if isinstance(logvar, nn.Parameter):
-            logvar = logvar.to(recon.dtype)
+            # a float32 parameter meets a bfloat16 mean under autocast: compute in float32
+            logvar = soft_min_logvar(logvar, self.min_obs_var)
+            dtype = torch.promote_types(recon.dtype, logvar.dtype)
+            recon, logvar = recon.to(dtype), logvar.to(dtype)
         return F.gaussian_nll(recon, x, logvar, reduction=reduction)
 
     # -- training objective ----------------------------------------------------------------
@@ -170,28 +198,82 @@ class VAE(nn.Module):
         return total - math.log(n_samples)
 
     @torch.no_grad()
-    def anomaly_score(self, x: Tensor) -> Tensor:
-        """Per-sample negative ELBO (one posterior sample), shape (B,): high means unusual."""
-        return self.forward(x, beta=1.0, free_bits=0.0, reduction="none").loss
+    def anomaly_score(self, x: Tensor, n_samples: int = 16, *, seed: int | None = None,
+                      bound: str = "elbo", chunk_size: int = 100) -> Tensor:
+        """Per-sample score, shape (B,), high means unusual: ``-log p(x)`` estimated from
+        ``n_samples`` posterior samples.
+
+        ``bound="elbo"``: the negative ELBO with the analytic KL and the reconstruction NLL
+        averaged over the samples, ``mean_k[-log p(x|z_k)] + KL(q(z|x) || p(z))`` (its noise
+        falls as ``1 / sqrt(n_samples)``). ``"iwae"``: the negative importance-weighted bound
+        ``-(logsumexp_k log w_k - log K)`` (Burda et al. 2016), tighter, as
+        ``log_likelihood``. ``seed``: the same int gives the same score (the noise comes from
+        a generator seeded with it); None draws from torch's generator. Decodes in chunks of
+        ``chunk_size`` samples.
+        """
+        if bound not in ("elbo", "iwae"):
+            raise ValueError(f"bound must be 'elbo' or 'iwae', got {bound!r}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        mu, logvar = self.encode(x)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=mu.device).manual_seed(seed)
+        B = x.shape[0]
+        total = None
+        for start in range(0, n_samples, chunk_size):
+            k = min(chunk_size, n_samples - start)
+            z = F.reparameterize(mu, logvar, n_samples=k, generator=generator)
+            recon = self.decode(z.reshape(-1, *mu.shape[1:]))
+            x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *x.shape[1:])
+            log_px = -self.nll(recon, x_rep, reduction="none").view(k, B)
+            if bound == "elbo":
+                chunk = log_px.sum(0)
+                total = chunk if total is None else total + chunk
+            else:
+                chunk = F.iwae_log_likelihood(log_px, z, mu, logvar) + math.log(k)
+                total = chunk if total is None else torch.logaddexp(total, chunk)
+        if bound == "elbo":
+            return F.gaussian_kl(mu, logvar, reduction="none") - total / n_samples
+        return math.log(n_samples) - total
 
     @torch.no_grad()
     def kl_per_dimension(self, x: Tensor) -> Tensor:
-        """Batch-mean KL of each latent dimension, shape ``latent_shape``."""
+        """Batch-mean KL of each latent dimension, shape ``latent_shape``
+        (``fastvae.gaussian_kl_per_dim`` of the posterior, float32)."""
         mu, logvar = self.encode(x)
-        return kl_elementwise(mu.double(), logvar.double()).mean(0).to(mu.dtype)
+        return F.gaussian_kl_per_dim(mu, logvar)
 
 
 def _slerp(z1: Tensor, z2: Tensor, t: Tensor) -> Tensor:
-    """Spherical interpolation per example (latent flattened), linear where the two are
-    (anti)parallel up to rounding."""
-    a, b = z1.flatten(1), z2.flatten(1)
-    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
-    omega = torch.acos(cos.clamp(-1.0, 1.0)).view(1, -1, *([1] * (z1.dim() - 1)))
-    sin = torch.sin(omega)
-    safe = sin.abs() > 1e-6
-    w1 = torch.where(safe, torch.sin((1 - t) * omega) / torch.where(safe, sin, 1.0), 1 - t)
-    w2 = torch.where(safe, torch.sin(t * omega) / torch.where(safe, sin, 1.0), t)
-    return w1 * z1 + w2 * z2
+    """Spherical interpolation per example (latent flattened; ``t``: ``(steps, 1, ...)``):
+    ``sin((1 - t) w) / sin w * z1 + sin(t w) / sin w * z2`` (Shoemake 1985).
+
+    The angle is ``w = atan2(|b_perp|, b_par)`` from the parts of ``z2`` perpendicular and
+    parallel to ``z1``, accurate over [0, pi] (``acos`` of a rounded cosine loses half the
+    digits near 0 and pi). The same path is evaluated in the plane of ``z1`` and ``b_perp``,
+    ``(|z1| cos tw + (|z2| - |z1|) cos w sin tw / sin w) z1 / |z1| + |z2| sin tw u``, with no
+    cancellation between large weights near w = pi; it is linear only at w = 0 (where
+    ``sin tw / sin w`` -> t) and when an endpoint is 0. Computed in float64: near w = pi the
+    path's sensitivity to the endpoints' norms grows as 1 / sin w."""
+    dtype = torch.float64
+    a, b = z1.flatten(1).to(dtype), z2.flatten(1).to(dtype)
+    tt = t.reshape(-1, 1, 1).to(dtype)
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    a_hat = a / torch.where(na > 0, na, 1.0)
+    par = (a_hat * b).sum(1, keepdim=True)
+    perp = b - par * a_hat
+    n_perp = perp.norm(dim=1, keepdim=True)
+    u = perp / torch.where(n_perp > 0, n_perp, 1.0)
+    omega = torch.atan2(n_perp, par)
+    sin_t = torch.sin(tt * omega)
+    ratio = torch.where(omega > 0, sin_t / torch.where(omega > 0, torch.sin(omega), 1.0), tt)
+    along = na * torch.cos(tt * omega) + (nb - na) * torch.cos(omega) * ratio
+    path = along * a_hat + nb * sin_t * u
+    path = torch.where((na > 0) & (nb > 0), path, (1 - tt) * a + tt * b)
+    return path.reshape(-1, *z1.shape).to(z1.dtype)
 
 
 def active_units(mu: Tensor, threshold: float = 0.01) -> tuple[int, Tensor]:
@@ -273,7 +355,12 @@ def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
               hidden: Sequence[int] | None = None, likelihood: str = "bernoulli",
               obs_logvar: float = 0.0, beta: float = 1.0, free_bits: float = 0.0,
               logvar_limit: float | None = None) -> VAE:
-    """A VAE with the ready-made MLP (``arch="mlp"``) or convolutional (``"conv"``) networks."""
+    """A VAE with the ready-made MLP (``arch="mlp"``) or convolutional (``"conv"``) networks.
+    Its arguments are kept as ``model.build_config``, from which ``load_vae`` rebuilds it."""
+    config = {"input_shape": list(input_shape), "latent_dim": latent_dim, "arch": arch,
+              "hidden": None if hidden is None else list(hidden), "likelihood": likelihood,
+              "obs_logvar": obs_logvar, "beta": beta, "free_bits": free_bits,
+              "logvar_limit": logvar_limit}
     if arch == "mlp":
         hidden = tuple(hidden or (256, 256))
         encoder = mlp_encoder(input_shape, latent_dim, hidden)
@@ -286,5 +373,7 @@ def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
         decoder = conv_decoder(latent_dim, input_shape, tuple(reversed(channels)))
     else:
         raise ValueError(f"arch must be 'mlp' or 'conv', got {arch!r}")
-    return VAE(encoder, decoder, latent_dim, likelihood=likelihood, obs_logvar=obs_logvar,
-               beta=beta, free_bits=free_bits, logvar_limit=logvar_limit)
+    model = VAE(encoder, decoder, latent_dim, likelihood=likelihood, obs_logvar=obs_logvar,
+                beta=beta, free_bits=free_bits, logvar_limit=logvar_limit)
+    model.build_config = config
+    return model

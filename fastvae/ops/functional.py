@@ -20,6 +20,7 @@ from .backends import resolve
 __all__ = [
     "bernoulli_nll",
     "gaussian_kl",
+    "gaussian_kl_per_dim",
     "gaussian_nll",
     "iwae_log_likelihood",
     "reparameterize",
@@ -53,6 +54,13 @@ def _broadcast_rows(t: Tensor, like: Tensor, B: int, N: int) -> Tensor:
 
 def _batch_and_event(t: Tensor) -> tuple[int, int]:
     return t.shape[0], math.prod(t.shape[1:])
+
+
+def _promote(params: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Parameters and an observation in their common dtype (no copy when they share one):
+    the kernels read one dtype per call, and promotion never rounds the wider operand."""
+    dtype = torch.promote_types(params.dtype, target.dtype)
+    return params.to(dtype), target.to(dtype)
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -158,27 +166,54 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
     before summing (reduction ``"mean"`` or ``"sum"`` only). Returns ``(B,)`` for ``"none"``,
     else a scalar; float32 (float64 for float64 inputs).
     """
-    check.tensor("mu", mu)
-    check.tensor("logvar", logvar)
-    check.batched("mu", mu)
-    check.pair("logvar", logvar, "mu", mu)
     reduction = check.reduction(reduction)
     free_bits = check.free_bits(free_bits, reduction)
-    prior_mu = _broadcast_operand("prior_mu", prior_mu, "mu", mu)
-    prior_logvar = _broadcast_operand("prior_logvar", prior_logvar, "mu", mu)
-    check.finite(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    mu, logvar, prior_mu, prior_logvar, B = _kl_operands(mu, logvar, prior_mu, prior_logvar)
     backend = resolve(mu.device)
-    B, N = _batch_and_event(mu)
-    if prior_mu is not None or prior_logvar is not None:
-        zero = mu.new_zeros(())
-        prior_mu = _broadcast_rows(zero if prior_mu is None else prior_mu, mu, B, N)
-        prior_logvar = _broadcast_rows(zero if prior_logvar is None else prior_logvar, mu, B, N)
-    mu, logvar = _rows(mu, B, N), _rows(logvar, B, N)
     if free_bits > 0:
         per_dim = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 0, backend)
         return _free_bits_total(per_dim, B, free_bits, reduction)
     per_sample = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 1, backend)
     return _reduce(per_sample, reduction)
+
+
+def _kl_operands(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None,
+                 prior_logvar: Tensor | float | None
+                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
+    """The checked ``(B, N)`` operands of the KL op (a prior as both tensors or neither)."""
+    check.tensor("mu", mu)
+    check.tensor("logvar", logvar)
+    check.batched("mu", mu)
+    check.pair("logvar", logvar, "mu", mu)
+    prior_mu = _broadcast_operand("prior_mu", prior_mu, "mu", mu)
+    prior_logvar = _broadcast_operand("prior_logvar", prior_logvar, "mu", mu)
+    check.finite(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    B, N = _batch_and_event(mu)
+    if prior_mu is not None or prior_logvar is not None:
+        zero = mu.new_zeros(())
+        prior_mu = _broadcast_rows(zero if prior_mu is None else prior_mu, mu, B, N)
+        prior_logvar = _broadcast_rows(zero if prior_logvar is None else prior_logvar, mu, B, N)
+    return _rows(mu, B, N), _rows(logvar, B, N), prior_mu, prior_logvar, B
+
+
+def gaussian_kl_per_dim(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = None,
+                        prior_logvar: Tensor | float | None = None) -> Tensor:
+    """The batch-mean KL of each latent dimension, differentiable: element ``j`` is
+    ``mean_b KL(N(mu[b, j], e^lv[b, j]) || N(pm[j], e^plv[j]))``, the per-element formula of
+    ``gaussian_kl``. Its sum over the event is ``gaussian_kl(..., reduction="mean")``.
+
+    ``mu``, ``logvar``: ``(B, *event)``, equal shapes and dtypes; the prior as in
+    ``gaussian_kl``. Returns the event's shape ``mu.shape[1:]`` (``(N,)`` for a flat latent),
+    float32 (float64 for float64 inputs); ``nan`` for an empty batch (a mean over nothing).
+    One pass of the fused KL op summing over the batch (the free-bits path), gradients
+    ``g_j / B`` per element. Use: active-dimension analyses of beta-VAEs, per-dimension
+    objectives (e.g. ``torch.clamp_min(kl_per_dim, lam).sum()`` is free bits).
+    """
+    mu_rows, lv_rows, prior_mu, prior_logvar, B = _kl_operands(mu, logvar, prior_mu,
+                                                                prior_logvar)
+    per_dim_sum = _ops.call(_ops.gaussian_kl, mu_rows, lv_rows, prior_mu, prior_logvar, 0,
+                            resolve(mu.device))
+    return (per_dim_sum / B).view(mu.shape[1:])
 
 
 def _free_bits_total(per_dim_sum: Tensor, B: int, free_bits: float, reduction: str) -> Tensor:
@@ -193,16 +228,19 @@ def bernoulli_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") ->
 
     Per element ``max(l, 0) - l * x + log1p(exp(-|l|))``: stable for any finite logits;
     targets in [0, 1], continuous allowed (as ``binary_cross_entropy_with_logits``).
-    ``logits`` and ``target``: equal shapes and dtypes. Returns ``(B,)`` for ``"none"``, else a
-    scalar; float32 (float64 for float64 inputs).
+    ``logits`` and ``target``: equal shapes; a target of another floating dtype computes in the
+    common dtype (``torch.promote_types``: bfloat16 logits and a float32 target compute in
+    float32, the target never rounded), the gradient of ``logits`` in its own dtype. Returns
+    ``(B,)`` for ``"none"``, else a scalar; float32 (float64 for float64 inputs).
     """
     check.tensor("logits", logits)
     check.tensor("target", target)
     check.batched("logits", logits)
-    check.pair("target", target, "logits", logits)
+    check.observation("target", target, "logits", logits)
     reduction = check.reduction(reduction)
     check.finite(logits=logits, target=target)
     check.unit_interval("target", target)
+    logits, target = _promote(logits, target)
     backend = resolve(logits.device)
     B, N = _batch_and_event(logits)
     per_sample = _ops.call(_ops.bernoulli_nll, _rows(logits, B, N), _rows(target, B, N), backend)
@@ -215,24 +253,28 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
 
     Per element ``0.5 * (logvar + (target - mean)^2 / exp(logvar) + log(2 pi))``.
     ``logvar``: a float, or a tensor broadcastable to ``mean`` (scalar, per-feature,
-    per-element). Returns ``(B,)`` for ``"none"``, else a scalar; float32 (float64 for float64
-    inputs).
+    per-element) of ``mean``'s dtype. ``target``: ``mean``'s shape, any floating dtype (promoted
+    with ``mean`` and ``logvar`` as in ``bernoulli_nll``). Returns ``(B,)`` for ``"none"``, else
+    a scalar; float32 (float64 for float64 inputs).
     """
     check.tensor("mean", mean)
     check.tensor("target", target)
     check.batched("mean", mean)
-    check.pair("target", target, "mean", mean)
+    check.observation("target", target, "mean", mean)
     reduction = check.reduction(reduction)
     B, N = _batch_and_event(mean)
     if isinstance(logvar, Tensor):
         check.tensor("logvar", logvar)
         check.broadcastable("logvar", logvar, "mean", mean)
         logvar_value = 0.0
-        logvar_rows = _broadcast_rows(logvar, mean, B, N)
+        # promoted before it is expanded: a cast of the expanded view would copy B x N
+        promoted = torch.promote_types(mean.dtype, target.dtype)
+        logvar_rows = _broadcast_rows(logvar.to(promoted), mean, B, N)
     else:
         logvar_value = check.number("logvar", logvar)
         logvar_rows = None
     check.finite(mean=mean, target=target, logvar=logvar_rows)
+    mean, target = _promote(mean, target)
     backend = resolve(mean.device)
     per_sample = _ops.call(_ops.gaussian_nll, _rows(mean, B, N), _rows(target, B, N), logvar_rows,
                                    logvar_value, backend)
@@ -240,11 +282,16 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
 
 
 def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_bits: float = 0.0,
-                  seed: int | Tensor | None = None,
+                  eps: Tensor | None = None, seed: int | Tensor | None = None,
                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``(reparameterize(mu, logvar), gaussian_kl(mu, logvar))`` in one fused pass forward and
     one backward, with the standard-normal prior. The noise is that of ``reparameterize`` with
     the same seed. Returns ``z`` (``mu``'s shape and dtype) and the KL as ``gaussian_kl``.
+
+    ``eps`` (``mu``'s shape and dtype): explicit noise, used as is, e.g. ``torch.randn_like(mu)``
+    to reproduce code that draws with ``randn_like``; ``seed`` and ``generator`` must then be
+    None. With ``eps`` the sample and the KL are two fused ops (the noise is read, not
+    regenerated), with the same values as one.
     """
     check.tensor("mu", mu)
     check.tensor("logvar", logvar)
@@ -253,6 +300,11 @@ def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_b
     reduction = check.reduction(reduction)
     free_bits = check.free_bits(free_bits, reduction)
     check.finite(mu=mu, logvar=logvar)
+    if eps is not None:
+        if seed is not None or generator is not None:
+            raise ValueError("eps is given: seed and generator must be None")
+        z = reparameterize(mu, logvar, eps=eps)
+        return z, gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
     backend = resolve(mu.device)
     seed_t = _seed_tensor(seed, generator, mu.device)
     B, N = _batch_and_event(mu)
@@ -276,7 +328,9 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     ``recon`` is logits for ``likelihood="bernoulli"`` and the mean for ``"gaussian"`` (with
     ``obs_logvar`` as in ``gaussian_nll``). The argument order is the classic
     ``loss_function(recon_x, x, mu, logvar)``. ``recon``/``x`` and ``mu``/``logvar`` pair up and
-    share the batch size.
+    share the batch size. ``x`` may have another floating dtype than ``recon`` (under
+    ``torch.autocast`` the decoder returns bfloat16 logits for float32 data): both compute in
+    their common dtype, as in ``bernoulli_nll``; ``mu`` and ``logvar`` share one dtype.
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
@@ -288,7 +342,7 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     check.tensor("logvar", logvar)
     check.batched("recon", recon)
     check.batched("mu", mu)
-    check.pair("x", x, "recon", recon)
+    check.observation("x", x, "recon", recon)
     check.pair("logvar", logvar, "mu", mu)
     check.same_device("mu", mu, "recon", recon)
     if recon.shape[0] != mu.shape[0]:

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
 from . import functional as F
 from . import validation as check
+
+
+def soft_min_logvar(logvar: Tensor | float, min_var: float) -> Tensor | float:
+    """A log-variance bounded below by ``m = log(min_var)``, softly (the soft clip of σ-VAE,
+    Rybkin et al. 2021): ``m + softplus(logvar - m) = log(exp(logvar) + min_var)``, i.e. the
+    variance used is ``var + min_var`` (a noise floor), computed without overflow. Its gradient
+    ``sigmoid(logvar - m)`` fades smoothly below the floor (a hard clamp would cut it, freezing
+    a learned variance that crossed it). ``min_var = 0``: ``logvar`` unchanged."""
+    if min_var <= 0:
+        return logvar
+    m = math.log(min_var)
+    if isinstance(logvar, Tensor):
+        return m + torch.nn.functional.softplus(logvar - m)
+    x = logvar - m
+    return m + (x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x)))
 
 
 class _Loss(nn.Module):
@@ -26,20 +44,52 @@ class BernoulliNLLLoss(_Loss):
 
 
 class GaussianNLLLoss(_Loss):
-    """``loss(mean, target, logvar=None)``: ``fastvae.gaussian_nll``. ``logvar`` defaults to the
-    module's ``logvar`` (a float given at construction, 0.0 unless said)."""
+    """``loss(mean, target, *, logvar=None | var=None)``: ``fastvae.gaussian_nll``.
 
-    def __init__(self, logvar: float = 0.0, reduction: str = "mean") -> None:
+    The observation noise is given by keyword only, as a log-variance ``logvar=`` or a variance
+    ``var=`` (the quantity ``torch.nn.GaussianNLLLoss`` takes as its third argument): a third
+    positional argument is a TypeError, so a variance is never read as a log-variance. Without
+    either, the module's own (``logvar=`` or ``var=`` at construction, else unit variance).
+    ``min_var`` > 0 bounds the variance below, for learned variances: the variance used is
+    ``var + min_var`` (``soft_min_logvar``; torch's ``eps`` clamps instead). Unlike torch's module
+    the loss sums over the event (``fastvae.gaussian_nll``) and includes ``log(2 pi) / 2``.
+    """
+
+    def __init__(self, *, logvar: float | None = None, var: float | None = None,
+                 min_var: float = 0.0, reduction: str = "mean") -> None:
         super().__init__(reduction)
-        self.logvar = check.number("logvar", logvar)
+        if logvar is not None and var is not None:
+            raise ValueError("give logvar or var, not both")
+        if var is not None:
+            var = check.number("var", var)
+            if not var > 0:
+                raise ValueError(f"var must be > 0, got {var}")
+            logvar = math.log(var)
+        self.logvar = 0.0 if logvar is None else check.number("logvar", logvar)
+        self.min_var = check.number("min_var", min_var)
+        if not 0 <= self.min_var < math.inf:
+            raise ValueError(f"min_var must be finite and >= 0, got {min_var}")
 
-    def forward(self, mean: Tensor, target: Tensor,
-                logvar: Tensor | float | None = None) -> Tensor:
-        lv = self.logvar if logvar is None else logvar
-        return F.gaussian_nll(mean, target, lv, reduction=self.reduction)
+    def forward(self, mean: Tensor, target: Tensor, *args: object,
+                logvar: Tensor | float | None = None,
+                var: Tensor | float | None = None) -> Tensor:
+        if args:
+            raise TypeError("GaussianNLLLoss takes the observation noise by keyword: "
+                            "logvar=... (a log-variance) or var=... (a variance, the third "
+                            "argument of torch.nn.GaussianNLLLoss)")
+        if logvar is not None and var is not None:
+            raise ValueError("give logvar or var, not both")
+        if var is not None:
+            lv: Tensor | float = (torch.log(check.tensor("var", var)) if isinstance(var, Tensor)
+                                  else math.log(check.number("var", var)))
+        else:
+            lv = self.logvar if logvar is None else logvar
+        return F.gaussian_nll(mean, target, soft_min_logvar(lv, self.min_var),
+                              reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"logvar={self.logvar}, reduction={self.reduction!r}"
+        return (f"logvar={self.logvar}, min_var={self.min_var}, "
+                f"reduction={self.reduction!r}")
 
 
 class GaussianKLLoss(_Loss):

@@ -69,6 +69,17 @@ def pair(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
                          f"{tuple(ref.shape)}; they must be equal")
 
 
+def observation(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` is an observation (a target) for the parameters ``ref``: same shape and device, any
+    floating dtype. Paired parameters stay strict (``pair``); an observation of another dtype is
+    promoted with them to their common dtype (``torch.promote_types``), as torch's losses do, so
+    that a float32 target meets bfloat16 logits (autocast) without being rounded to bfloat16."""
+    same_device(name, t, ref_name, ref)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape "
+                         f"{tuple(ref.shape)}; they must be equal")
+
+
 def broadcastable(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
     """``t`` broadcasts to ``ref``'s shape (and shares its dtype and device)."""
     same_dtype_and_device(name, t, ref_name, ref)

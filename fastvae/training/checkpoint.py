@@ -145,15 +145,34 @@ def load(path: str | os.PathLike) -> Checkpoint:
                       meta.get("trainer_state", {}))
 
 
-def load_vae(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """The VAE stored in a checkpoint, with its weights, in eval mode."""
+def save_vae(model, path: str | os.PathLike) -> Path:
+    """Write a VAE's weights to ``path`` (atomically, safetensors, no pickle), with the
+    ``build_vae`` arguments of a model built by ``build_vae`` (``model.build_config``), so that
+    ``load_vae(path)`` rebuilds it; a VAE built by the caller is stored under an empty config and
+    loads with ``load_vae(path, model=the_same_architecture)``. Returns the path."""
+    config = dict(getattr(model, "build_config", None) or {})
+    return save(path, Checkpoint(config, model.state_dict()))
+
+
+def load_vae(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+             model=None):
+    """The VAE stored in a checkpoint (of ``save_vae`` or ``fastvae train``), with its weights,
+    on ``map_location``, in eval mode. ``model`` given: the weights are loaded into it (a VAE
+    built by the caller, of the saved architecture); else the checkpoint's ``build_vae``
+    arguments rebuild it. Raises ``CheckpointError`` (a ``ValueError``) for a missing or bad
+    file, a model built by the caller without ``model``, or weights of another model."""
     from ..models.vae import build_vae
 
     ckpt = load(path)
-    if not ckpt.model_config:
-        raise CheckpointError(f"{path} holds a VAE built by the caller, not by build_vae: build "
-                              "the same model and load_state_dict(checkpoint.load(path)"
-                              ".model_state)")
-    model = build_vae(**ckpt.model_config)
-    model.load_state_dict(ckpt.model_state)
+    if model is None:
+        if not ckpt.model_config:
+            raise CheckpointError(f"{path} holds a VAE built by the caller, not by build_vae: "
+                                  "build the same model and pass it, load_vae(path, "
+                                  "model=...)")
+        model = build_vae(**ckpt.model_config)
+    try:
+        model.load_state_dict(ckpt.model_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} holds weights of another model: "
+                              f"{str(e).splitlines()[0]}") from e
     return model.to(map_location).eval()

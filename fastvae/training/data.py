@@ -94,11 +94,20 @@ def to_images(array: np.ndarray, source: str) -> Tensor:
     data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / scale)
     if not torch.isfinite(data).all():
         raise DataError(f"{source}: the images have non-finite values")
+    check_unit_range(data, source, " (or be integers)")
+    return data
+
+
+def check_unit_range(data: Tensor, source: str, note: str = "") -> None:
+    """Pixel values in [0, 1] (what a Bernoulli likelihood models), else ``DataError`` (a
+    ``ValueError``) naming ``source`` and the range found. The one check of ``fastvae train``
+    (every image file) and ``fastvae.train`` (Bernoulli likelihood)."""
+    if data.numel() == 0:
+        return
     lo, hi = float(data.min()), float(data.max())
     if lo < 0 or hi > 1:
-        raise DataError(f"{source}: pixel values must lie in [0, 1] (or be integers), "
+        raise DataError(f"{source}: pixel values must lie in [0, 1]{note}, "
                         f"got range [{lo:g}, {hi:g}]")
-    return data
 
 
 def load(source: str | None) -> tuple[Tensor, str]:

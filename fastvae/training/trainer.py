@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..models.vae import VAE, active_units, build_vae
 from . import checkpoint as ckpt_io
+from .data import check_unit_range
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -224,6 +225,10 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
     rank, world = _distributed()
     device = torch.device(device)
     model, model_config = _build(model, config.seed)
+    if model.likelihood == "bernoulli":
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            check_unit_range(data, name, " for a Bernoulli likelihood (rescale them, or train "
+                             "with likelihood 'gaussian')")
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start_epoch, history = 0, []

@@ -44,9 +44,9 @@ def test_gaussian_nll_module(reduction, backend, device):
     _same(fixed(mean, target), fv.gaussian_nll(mean, target, 0.7, reduction=reduction),
           (mean, target))
     # logvar given to forward overrides the module's, as a float or a (learned) tensor.
-    _same(fixed(mean, target, -0.2), fv.gaussian_nll(mean, target, -0.2, reduction=reduction),
-          (mean, target))
-    _same(fixed(mean, target, per_feature),
+    _same(fixed(mean, target, logvar=-0.2),
+          fv.gaussian_nll(mean, target, -0.2, reduction=reduction), (mean, target))
+    _same(fixed(mean, target, logvar=per_feature),
           fv.gaussian_nll(mean, target, per_feature, reduction=reduction),
           (mean, target, per_feature))
 
