@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -29,14 +30,27 @@ from .args import (
     seed,
 )
 
+# The fixed Gaussian likelihood's default log-variance: std exp(-2) = 0.135 for pixels in [0, 1].
+# On the digits (40 epochs, latent 8) log-variances 0, -2, -3, -4, -5 gave 0, 5, 7, 8, 8
+# active units and validation ELBOs -61.2, -6.5, 15.6, 30.0, 20.8 nats: -4 is the best of them;
+# at 0 (std 1, more than the data's own spread) the posterior collapses.
+GAUSSIAN_OBS_LOGVAR = -4.0
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a VAE (default: scikit-learn's 8x8 digits)",
                        description="Train a VAE with fastvae's fused losses and write a "
                                    "checkpoint, metrics and PNG grids to --out.")
     p.add_argument("--data", default="digits",
-                   help="'digits' (embedded, default), a .npz file (array 'x'/'images' or the "
-                        "first one) or an MNIST IDX images file (optionally .gz)")
+                   help="'digits' (embedded, default), a .npz file or an MNIST IDX images file "
+                        "(optionally .gz)")
+    p.add_argument("--key", default=None,
+                   help="the array of a .npz file that holds several (default: its only one)")
+    p.add_argument("--pixel-max", type=positive_float, default=None,
+                   help="the pixel value that is white (default: 255 for uint8, 1 for bool and "
+                        "float data; required for other integer types)")
+    p.add_argument("--shape", type=int_list, default=None, metavar="C,H,W",
+                   help="the image shape of each row (required for flat (N, D) arrays)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<data name>)")
     p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -47,13 +61,25 @@ def add_parser(sub) -> None:
     p.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "gaussian_learned"),
                    default="bernoulli")
-    p.add_argument("--obs-logvar", type=finite_float, default=0.0,
-                   help="log-variance of the Gaussian likelihood (initial value if learned)")
-    p.add_argument("--beta", type=non_negative_float, default=1.0, help="KL weight")
+    p.add_argument("--obs-logvar", type=finite_float, default=None,
+                   help="log-variance of the Gaussian likelihood (initial value if learned); "
+                        f"default {GAUSSIAN_OBS_LOGVAR:g} for gaussian (std 0.135, for pixels "
+                        "in [0, 1]), 0 for gaussian_learned")
+    p.add_argument("--beta", type=non_negative_float, default=1.0,
+                   help="KL weight (the top of a schedule)")
     p.add_argument("--warmup", type=non_negative_float, default=0.0,
-                   help="linear KL warm-up over this many epochs")
+                   help="monotonic KL warm-up: beta rises from 0 over this many epochs")
     p.add_argument("--cycles", type=non_negative_int, default=0,
-                   help="cyclical KL annealing cycles")
+                   help="cyclical KL annealing (Fu et al. 2019): this many cycles over the run")
+    p.add_argument("--cycle-ratio", type=positive_float, default=0.5, metavar="R",
+                   help="the part of each cycle in which beta rises (default 0.5)")
+    p.add_argument("--beta-shape", choices=("linear", "logistic"), default="linear",
+                   help="the shape of the rise of --warmup and --cycles")
+    p.add_argument("--capacity", type=non_negative_float, default=None, metavar="C_MAX",
+                   help="capacity objective (Burgess et al. 2018): beta * |KL - C|, C rising "
+                        "linearly from 0 to C_MAX nats over --capacity-steps steps")
+    p.add_argument("--capacity-steps", type=non_negative_int, default=0, metavar="N",
+                   help="optimizer steps over which C rises to C_MAX")
     p.add_argument("--free-bits", type=non_negative_float, default=0.0,
                    help="floor of each latent dimension's KL (nats)")
     p.add_argument("--grad-clip", type=positive_float, default=None, help="max gradient norm")
@@ -63,7 +89,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", default=None,
                    help="fastvae backend: auto, triton, cuda, cpu or torch")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU and CPU)")
     p.add_argument("--val-fraction", type=number, default=0.1)
     p.add_argument("--iwae-samples", type=non_negative_int, default=1000,
                    help="K of the final IWAE log-likelihood (0: skip)")
@@ -115,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
     if rank != 0:
         return 0
+    if result.resumed is not None:
+        changed = result.resumed["changed"]
+        print(f"resumed from {result.resumed['checkpoint']} after epoch "
+              f"{result.resumed['epoch']}" + (", with " + ", ".join(
+                  f"{k} {v['checkpoint']} -> {v['now']}" for k, v in changed.items())
+                  if changed else ""))
     if not args.no_images:
         from fastvae.training import images as pictures
 
@@ -133,15 +165,31 @@ def _data_and_config(args: argparse.Namespace):
     from fastvae.training.trainer import TrainConfig
 
     try:
-        images, name = data.load(args.data)
+        if args.shape is not None and len(args.shape) != 3:
+            raise UsageError(f"--shape: expected three sizes C,H,W, got {args.shape}")
+        images, name = data.load(args.data, key=args.key, pixel_max=args.pixel_max,
+                                 shape=args.shape)
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              beta=args.beta, warmup_epochs=args.warmup, cycles=args.cycles,
+                             cycle_ratio=args.cycle_ratio, beta_shape=args.beta_shape,
+                             capacity=args.capacity, capacity_steps=args.capacity_steps,
                              free_bits=args.free_bits, grad_clip=args.grad_clip, seed=args.seed,
                              amp=args.amp, on_nonfinite=args.on_nonfinite,
                              iwae_samples=args.iwae_samples)
-    except (data.DataError, ValueError) as e:
+    except data.DataError as e:
         raise UsageError(str(e)) from e
+    except ValueError as e:  # TrainConfig's message, in the options' names
+        names = "|".join(sorted(_OPTIONS, key=len, reverse=True))
+        raise UsageError(re.sub(rf"\b({names})\b", lambda m: _OPTIONS[m[1]], str(e))) from e
     return images, name, config
+
+
+# TrainConfig fields -> the options that set them.
+_OPTIONS = {"warmup_epochs": "--warmup", "cycle_ratio": "--cycle-ratio",
+            "beta_shape": "--beta-shape", "capacity_steps": "--capacity-steps",
+            "capacity": "--capacity", "cycles": "--cycles", "free_bits": "--free-bits",
+            "grad_clip": "--grad-clip", "batch_size": "--batch-size", "lr": "--lr",
+            "beta": "--beta", "epochs": "--epochs"}
 
 
 def _model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -151,7 +199,10 @@ def _model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dic
 
     model_config = {"input_shape": list(image_shape), "latent_dim": args.latent_dim,
                     "arch": args.arch, "hidden": list(args.hidden) if args.hidden else None,
-                    "likelihood": args.likelihood, "obs_logvar": args.obs_logvar,
+                    "likelihood": args.likelihood,
+                    "obs_logvar": (args.obs_logvar if args.obs_logvar is not None
+                                   else GAUSSIAN_OBS_LOGVAR if args.likelihood == "gaussian"
+                                   else 0.0),
                     "logvar_limit": args.logvar_limit}
     try:
         build_vae(**model_config)

@@ -1,4 +1,5 @@
-"""Pictures of a trained VAE: image grids (Pillow) and the loss curve (matplotlib)."""
+"""Pictures of a trained VAE: image grids (Pillow), the loss curve and the per-dimension KL
+(matplotlib)."""
 
 from __future__ import annotations
 
@@ -58,9 +59,91 @@ def save_loss_curve(history: Sequence[dict], path: str | Path) -> Path:
 
 
 @torch.no_grad()
+def latent_traversal(model, x: Tensor, values: Sequence[float] | Tensor | None = None
+                     ) -> Tensor:
+    """Decoded latent traversals of one image ``x`` ``(C, H, W)`` (or ``(1, C, H, W)``): row d
+    sets latent dimension d (of the flattened latent) to each of ``values`` (default 9 values
+    evenly spaced over [-3, 3], in prior standard deviations) and keeps every other dimension
+    at ``x``'s posterior mean. Returns the likelihood's means ``(D, len(values), C, H, W)``."""
+    x = x if x.dim() == 4 else x.unsqueeze(0)
+    if x.shape[0] != 1:
+        raise ValueError(f"latent_traversal takes one image, got a batch of {x.shape[0]}")
+    device = next(model.parameters()).device
+    model.eval()
+    mu, _ = model.encode(x.to(device))
+    flat = mu.flatten(1)[0]
+    values = torch.as_tensor(torch.linspace(-3, 3, 9) if values is None else values,
+                             dtype=flat.dtype, device=device).flatten()
+    d, k = flat.numel(), values.numel()
+    z = flat.expand(d, k, d).clone()
+    z[torch.arange(d), :, torch.arange(d)] = values
+    decoded = model.mean_of(model.decode(z.reshape(d * k, *mu.shape[1:])))
+    return decoded.reshape(d, k, *decoded.shape[1:])
+
+
+def save_traversals(model, x: Tensor, path: str | Path,
+                    values: Sequence[float] | Tensor | None = None) -> Path:
+    """``latent_traversal(model, x, values)`` as a PNG: one row per latent dimension (top:
+    dimension 0), one column per value (left: -3)."""
+    grid = latent_traversal(model, x, values)
+    return save_grid(grid.flatten(0, 1), path, grid.shape[1])
+
+
+@torch.no_grad()
+def save_kl_bars(model, data: Tensor, path: str | Path, *, threshold: float = 0.01,
+                 batch_size: int = 512) -> Path:
+    """A bar chart of the KL (nats, mean over ``data``) of each latent dimension, the active
+    units (variance over ``data`` of the posterior mean above ``threshold``, Burda et al.
+    2016) in colour with a marker above the bar, the inactive ones in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from ..models.vae import active_units
+
+    device = next(model.parameters()).device
+    model.eval()
+    mus, kls = [], []
+    for start in range(0, data.shape[0], batch_size):
+        x = data[start:start + batch_size].to(device)
+        mus.append(model.encode(x)[0].float().cpu())
+        kls.append(model.kl_per_dimension(x).double().cpu().flatten() * x.shape[0])
+    kl = (torch.stack(kls).sum(0) / data.shape[0]).numpy()
+    n_active, variance = active_units(torch.cat(mus), threshold)
+    active = (variance > threshold).numpy()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * kl.size + 1.5), 3.5), dpi=120)
+    dims = np.arange(kl.size)
+    styles = {"active": {"facecolor": "tab:blue"},
+              "inactive": {"facecolor": "lightgrey", "edgecolor": "grey"}}
+    ax.bar(dims[active], kl[active], **styles["active"])
+    ax.bar(dims[~active], kl[~active], **styles["inactive"])
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("KL (nats per example)")
+    ax.set_title(f"{n_active}/{kl.size} active units (Var[mu] > {threshold:g})")
+    if kl.size <= 32:
+        ax.set_xticks(dims)
+    top = max(float(kl.max()), 1e-3)
+    # A marker above every active bar: an active unit may carry little KL (a short bar).
+    ax.scatter(dims[active], kl[active] + 0.04 * top, marker="v", color="tab:blue", zorder=3)
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+    ax.grid(axis="y", alpha=0.3)
+    # Legend entries drawn by hand: a group with no bars would show the default colour.
+    ax.legend(handles=[Patch(label=k, **v) for k, v in styles.items()], loc="upper right",
+              ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
 def save_all(model, val_data: Tensor, history: Sequence[dict], out_dir: str | Path, *,
              seed: int = 0) -> list[Path]:
-    """samples.png, reconstructions.png, interpolations.png and loss_curve.png."""
+    """samples.png, reconstructions.png, interpolations.png, traversals.png (around the first
+    validation image), kl_per_dimension.png and loss_curve.png."""
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     model.eval()
@@ -74,5 +157,7 @@ def save_all(model, val_data: Tensor, history: Sequence[dict], out_dir: str | Pa
     path = model.interpolate(x[:n], x[n:2 * n], steps=steps)  # (steps, n, C, H, W)
     paths.append(save_grid(path.transpose(0, 1).flatten(0, 1), out_dir / "interpolations.png",
                            steps))
+    paths.append(save_traversals(model, x[0], out_dir / "traversals.png"))
+    paths.append(save_kl_bars(model, val_data, out_dir / "kl_per_dimension.png"))
     paths.append(save_loss_curve(history, out_dir / "loss_curve.png"))
     return paths

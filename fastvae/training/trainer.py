@@ -14,7 +14,9 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ from torch import Tensor, nn
 
 from ..models.vae import VAE, active_units, build_vae
 from . import checkpoint as ckpt_io
-from .data import check_unit_range
+from . import data as data_io
+from . import schedules
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -37,11 +40,22 @@ class NonFiniteLossError(RuntimeError):
 class TrainConfig:
     """Hyper-parameters of ``train``.
 
-    ``warmup_epochs``: linear KL warm-up of beta from 0 over that many epochs. ``cycles``:
-    cyclical annealing (Fu et al. 2019) with that many cycles over the run, beta rising linearly
-    over the first half of each cycle (overrides warm-up when > 0). ``on_nonfinite``: when a
-    loss term or a gradient becomes NaN or infinite, ``"skip"`` the step (every rank skips it)
-    or ``"stop"`` with a ``NonFiniteLossError`` naming the step and the term.
+    The objective of a step is ``nll + beta_t * kl``, or with ``capacity`` (C_max, nats) the
+    capacity objective of Burgess et al. (2018), ``nll + beta_t * |kl - C_t|``, C_t rising
+    linearly from 0 to ``capacity`` over ``capacity_steps`` optimizer steps. ``beta_t`` is
+    ``beta`` times one schedule (the functions of ``fastvae.training.schedules``, of the
+    step t counted from 0), at most one of:
+
+    - ``warmup_epochs`` > 0: a monotonic rise from 0 over that many epochs, of ``beta_shape``
+      ``"linear"`` or ``"logistic"``;
+    - ``cycles`` > 0: the cyclical schedule of Fu et al. (2019), that many cycles over the
+      run, beta rising (``beta_shape``) over the first ``cycle_ratio`` of each;
+    - ``beta_schedule``: a callable ``step -> beta`` (finite, >= 0), used as it is (``beta``
+      is then ignored; a callable is recorded by name in metrics and checkpoints).
+
+    ``amp``: bfloat16 autocast (on the GPU and on the CPU). ``on_nonfinite``: when a loss term
+    or a gradient becomes NaN or infinite, ``"skip"`` the step (every rank skips it) or
+    ``"stop"`` with a ``NonFiniteLossError`` naming the step and the term.
     """
 
     epochs: int = 30
@@ -50,6 +64,11 @@ class TrainConfig:
     beta: float = 1.0
     warmup_epochs: float = 0.0
     cycles: int = 0
+    cycle_ratio: float = 0.5
+    beta_shape: str = "linear"
+    beta_schedule: Callable[[int], float] | None = None
+    capacity: float | None = None
+    capacity_steps: int = 0
     free_bits: float = 0.0
     grad_clip: float | None = None
     seed: int = 0
@@ -69,6 +88,23 @@ class TrainConfig:
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
         if self.cycles < 0:
             raise ValueError(f"cycles must be >= 0, got {self.cycles}")
+        if not 0 < self.cycle_ratio <= 1:
+            raise ValueError(f"cycle_ratio must be in (0, 1], got {self.cycle_ratio}")
+        if self.beta_shape not in schedules.SHAPES:
+            raise ValueError(f"beta_shape must be one of {', '.join(schedules.SHAPES)}, got "
+                             f"{self.beta_shape!r}")
+        chosen = [name for name, on in (("warmup_epochs", self.warmup_epochs > 0),
+                                        ("cycles", self.cycles > 0),
+                                        ("beta_schedule", self.beta_schedule is not None)) if on]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one KL-weight schedule, got {' and '.join(chosen)}")
+        if self.beta_schedule is not None and not callable(self.beta_schedule):
+            raise ValueError(f"beta_schedule must be a callable step -> beta, got "
+                             f"{type(self.beta_schedule).__name__}")
+        if self.capacity is not None and not 0 <= self.capacity < math.inf:
+            raise ValueError(f"capacity must be finite and >= 0, got {self.capacity}")
+        if self.capacity_steps < 0:
+            raise ValueError(f"capacity_steps must be >= 0, got {self.capacity_steps}")
         if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
             raise ValueError(f"grad_clip must be finite and > 0, got {self.grad_clip}")
         if self.on_nonfinite not in ("skip", "stop"):
@@ -77,15 +113,44 @@ class TrainConfig:
             raise ValueError("iwae_samples must be >= 0")
 
 
-def beta_at(config: TrainConfig, progress: float) -> float:
-    """The KL weight at ``progress`` (epochs done, fractional) into the run."""
+def beta_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The KL weight of optimizer step ``step`` (counted from 0), with ``steps_per_epoch``
+    steps in an epoch (of one rank)."""
+    if config.beta_schedule is not None:
+        value = float(config.beta_schedule(step))
+        if not 0 <= value < math.inf:
+            raise ValueError(f"beta_schedule({step}) must be finite and >= 0, got {value}")
+        return value
     if config.cycles > 0:
-        period = config.epochs / config.cycles
-        phase = (progress % period) / period
-        return config.beta * min(1.0, 2.0 * phase)
-    if config.warmup_epochs > 0:
-        return config.beta * min(1.0, progress / config.warmup_epochs)
-    return config.beta
+        return config.beta * schedules.cyclical(step, config.epochs * steps_per_epoch,
+                                                config.cycles, config.cycle_ratio,
+                                                config.beta_shape)
+    return config.beta * schedules.monotonic(step, config.warmup_epochs * steps_per_epoch,
+                                             config.beta_shape)
+
+
+def capacity_at(config: TrainConfig, step: int) -> float | None:
+    """The capacity objective's KL target C (nats) at step ``step``; None without it."""
+    if config.capacity is None:
+        return None
+    return schedules.capacity(step, config.capacity, config.capacity_steps)
+
+
+def objective(out, beta: float, capacity: float | None) -> Tensor:
+    """The loss of a step from the model's output: ``out.loss`` (``nll + beta * kl``), or
+    with a capacity C, ``nll + beta * |kl - C|``."""
+    return out.loss if capacity is None else out.nll + beta * (out.kl - capacity).abs()
+
+
+def config_record(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as JSON values (a callable schedule by its name), as metrics and checkpoints
+    record it."""
+    record = {f.name: getattr(config, f.name) for f in fields(config)}
+    fn = record["beta_schedule"]
+    if fn is not None:
+        record["beta_schedule"] = (f"callable {getattr(fn, '__module__', '?')}."
+                                   f"{getattr(fn, '__qualname__', type(fn).__qualname__)}")
+    return record
 
 
 @dataclass
@@ -102,6 +167,8 @@ class EpochMetrics:
     active_units: int
     skipped_steps: int
     seconds: float
+    lr: float = math.nan
+    capacity: float = math.nan
 
 
 @dataclass
@@ -109,6 +176,7 @@ class TrainResult:
     model: VAE
     history: list[EpochMetrics] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
+    resumed: dict[str, Any] | None = None  # checkpoint, epoch and the settings that changed
 
 
 def _distributed() -> tuple[int, int]:
@@ -220,20 +288,39 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
     ``config.seed``; its checkpoint rebuilds it with ``checkpoint.load_vae``), or a ``VAE``
     built by the caller, trained in place (its checkpoint holds the weights under an empty
     config). ``resume``: a checkpoint written by an earlier run with the same model and configs;
-    training goes on from its epoch to the same result as an uninterrupted run.
+    training goes on from its epoch to the same result as an uninterrupted run. The settings
+    passed now are the ones used and recorded (a new ``config.lr`` replaces the checkpoint's in
+    the restored optimizer; ``metrics.json`` lists what changed under ``"resumed"``); only a
+    checkpoint of another model (its shape, architecture, latent size or likelihood) is
+    refused, with a ``CheckpointError`` naming the fields that differ.
+
+    ``train_data`` and ``val_data``: tensors or arrays ``(n, *input_shape)``; floating point
+    data are used as they are, bool and uint8 images are scaled to [0, 1] (by 1 and 255),
+    other integer types are refused (scale them with ``fastvae.training.data.to_images(x,
+    pixel_max=...)``). With ``build_vae`` arguments, the images' shape must be
+    ``input_shape``.
     """
     rank, world = _distributed()
     device = torch.device(device)
     model, model_config = _build(model, config.seed)
+    shape = model_config.get("input_shape")
+    train_data = data_io.as_training_data(train_data, "train_data", shape)
+    val_data = data_io.as_training_data(val_data, "val_data", shape or train_data.shape[1:])
     if model.likelihood == "bernoulli":
         for name, data in (("train_data", train_data), ("val_data", val_data)):
-            check_unit_range(data, name, " for a Bernoulli likelihood (rescale them, or train "
-                             "with likelihood 'gaussian')")
+            data_io.check_unit_range(data, name, " for a Bernoulli likelihood (rescale them, "
+                                     "or train with likelihood 'gaussian')")
+    if rank == 0:
+        _warn_collapse(model, train_data)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start_epoch, history = 0, []
+    steps_per_epoch = math.ceil(train_data.shape[0] / world / config.batch_size)
+    start_epoch, history, step = 0, [], 0
+    files: dict[str, Any] = {"model_config": model_config, "train_config": config_record(config)}
     if resume is not None:
-        start_epoch, history = _resume(resume, model, model_config, optimizer)
+        start_epoch, history, files["resumed"] = _resume(resume, model, model_config,
+                                                         optimizer, config)
+        step = history[-1].step if history else start_epoch * steps_per_epoch
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -241,38 +328,55 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
     out_path = Path(out_dir) if out_dir is not None and rank == 0 else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
-    files = {"model_config": model_config, "train_config": asdict(config)}
 
-    step = start_epoch * math.ceil(train_data.shape[0] / world / config.batch_size)
     bar = _progress_bar(config, start_epoch) if progress and rank == 0 else None
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         t_epoch = time.perf_counter()
-        step, train_means, beta, skipped = _train_epoch(net, model, optimizer, train_data,
-                                                        config, epoch, step, device)
+        step, train_means, beta, capacity, skipped = _train_epoch(
+            net, model, optimizer, train_data, config, epoch, step, steps_per_epoch, device)
         val = evaluate(model, val_data) if rank == 0 else {}
         metrics = EpochMetrics(
             epoch=epoch + 1, step=step, beta=beta, train_loss=train_means[0],
             train_nll=train_means[1], train_kl=train_means[2],
             val_elbo=val.get("elbo", math.nan), val_nll=val.get("nll", math.nan),
             val_kl=val.get("kl", math.nan), active_units=val.get("active_units", 0),
-            skipped_steps=skipped, seconds=time.perf_counter() - t_epoch)
+            skipped_steps=skipped, seconds=time.perf_counter() - t_epoch,
+            lr=optimizer.param_groups[0]["lr"],
+            capacity=math.nan if capacity is None else capacity)
         history.append(metrics)
         if bar is not None:
             _show(bar, metrics)
         if out_path is not None:
-            _save(out_path, model, optimizer, history, config, model_config)
+            _save(out_path, model, optimizer, history, files)
             _write_metrics(out_path, history, files)
     if bar is not None:
         bar.close()
 
-    result = TrainResult(model, history)
+    result = TrainResult(model, history, resumed=files.get("resumed"))
     if rank == 0:
         result.final = evaluate(model, val_data, iwae_samples=config.iwae_samples)
         result.final["train_seconds"] = time.perf_counter() - t_start
         if out_path is not None:
             _write_metrics(out_path, history, {**files, "final": result.final})
     return result
+
+
+def _warn_collapse(model: VAE, train_data: Tensor) -> None:
+    """Warn when a fixed Gaussian likelihood's standard deviation is as large as the data's
+    whole spread: its reconstruction term is then too weak against the KL and the posterior
+    collapses (std 1 on digits in [0, 1]: 0 of 8 active units)."""
+    if model.likelihood != "gaussian" or isinstance(model.obs_logvar, nn.Parameter):
+        return
+    obs_std = math.exp(model.obs_logvar / 2)
+    data_std = float(train_data.float().std())
+    if obs_std >= data_std:
+        warnings.warn(f"the Gaussian likelihood's standard deviation {obs_std:.3g} "
+                      f"(obs_logvar {model.obs_logvar:g}) is as large as the data's "
+                      f"{data_std:.3g}: the posterior will likely collapse (no active units); "
+                      f"use a smaller obs_logvar (e.g. {2 * math.log(data_std / 3):.1f}, a "
+                      "third of the data's std; -4 for pixels in [0, 1]) or likelihood "
+                      "'gaussian_learned'", UserWarning, stacklevel=3)
 
 
 def _build(model: dict[str, Any] | VAE, seed: int) -> tuple[VAE, dict[str, Any]]:
@@ -287,14 +391,49 @@ def _build(model: dict[str, Any] | VAE, seed: int) -> tuple[VAE, dict[str, Any]]
                     f"{type(model).__name__}")
 
 
+# build_vae arguments that make another network: a checkpoint that differs in one of them is
+# another model. The others (obs_logvar, logvar_limit, beta, free_bits) are settings: the
+# caller's are used.
+MODEL_FIELDS = ("input_shape", "latent_dim", "arch", "hidden", "likelihood")
+
+
+def _resolved(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The build_vae arguments with their defaults, as JSON values (a tuple and a list of the
+    same numbers are equal)."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(build_vae).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return json.loads(json.dumps({**defaults, **model_config}))
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], names) -> dict[str, dict[str, Any]]:
+    return {name: {"checkpoint": old.get(name), "now": new.get(name)} for name in names
+            if old.get(name) != new.get(name)}
+
+
 def _resume(path: str | Path, model: VAE, model_config: dict[str, Any],
-            optimizer: torch.optim.Optimizer) -> tuple[int, list[EpochMetrics]]:
-    """Load a checkpoint into the model and the optimizer: the epochs done and their metrics.
-    A checkpoint of another model is a CheckpointError naming the difference."""
+            optimizer: torch.optim.Optimizer,
+            config: TrainConfig) -> tuple[int, list[EpochMetrics], dict[str, Any]]:
+    """Load a checkpoint into the model and the optimizer, the caller's learning rate set in
+    the optimizer: the epochs done, their metrics, and a record of the resume (the settings
+    that changed). A checkpoint of another model is a CheckpointError naming the fields."""
     saved = ckpt_io.load(path)
-    if saved.model_config != model_config:
-        raise ckpt_io.CheckpointError(f"{path} holds a model with another configuration: "
-                                      f"{saved.model_config or 'a model built by the caller'}")
+    if bool(saved.model_config) != bool(model_config):
+        raise ckpt_io.CheckpointError(
+            f"{path} holds a model with another configuration: "
+            f"{saved.model_config or 'a model built by the caller'}, not "
+            f"{model_config or 'a model built by the caller'}")
+    model_changes: dict[str, dict[str, Any]] = {}
+    if model_config:
+        old, new = _resolved(saved.model_config), _resolved(model_config)
+        mismatch = _changes(old, new, MODEL_FIELDS)
+        if mismatch:
+            fields_ = "; ".join(f"{k}: {v['checkpoint']} in the checkpoint, {v['now']} now"
+                                for k, v in mismatch.items())
+            raise ckpt_io.CheckpointError(f"{path} holds a model with another configuration "
+                                          f"({fields_})")
+        model_changes = _changes(old, new, sorted(set(old) | set(new)))
     try:
         model.load_state_dict(saved.model_state)
     except RuntimeError as e:
@@ -302,8 +441,15 @@ def _resume(path: str | Path, model: VAE, model_config: dict[str, Any],
                                       f"{str(e).splitlines()[0]}") from e
     if saved.optimizer_state is not None:
         optimizer.load_state_dict(saved.optimizer_state)
+        for group in optimizer.param_groups:  # the restored state carries the old rate
+            group["lr"] = config.lr
     history = [EpochMetrics(**m) for m in saved.trainer_state.get("history", [])]
-    return int(saved.trainer_state.get("epoch", 0)), history
+    epoch = int(saved.trainer_state.get("epoch", 0))
+    old_config = saved.trainer_state.get("train_config") or {}
+    new_config = json.loads(json.dumps(config_record(config)))
+    changed = {**model_changes,
+               **_changes(old_config, new_config, [k for k in new_config if k in old_config])}
+    return epoch, history, {"checkpoint": str(path), "epoch": epoch, "changed": changed}
 
 
 def _progress_bar(config: TrainConfig, start_epoch: int):
@@ -320,32 +466,36 @@ def _show(bar, metrics: EpochMetrics) -> None:
 
 def _train_epoch(net: nn.Module, model: VAE, optimizer: torch.optim.Optimizer,
                  train_data: Tensor, config: TrainConfig, epoch: int, step: int,
-                 device: torch.device) -> tuple[int, list[float], float, int]:
+                 steps_per_epoch: int, device: torch.device
+                 ) -> tuple[int, list[float], float, float | None, int]:
     """One pass over this rank's shard of the epoch's permutation. Returns the step count
-    after it, the mean (loss, NLL, KL) per example of the steps taken, the last beta and the
-    number of steps skipped for non-finite values."""
+    after it, the mean (loss, NLL, KL) per example of the steps taken (NaN when every step was
+    skipped), the last beta and capacity, and the number of steps skipped for non-finite
+    values."""
     rank, world = _distributed()
     model.train()
     seed = _epoch_seed(config, epoch)
     shuffle = torch.Generator().manual_seed(seed)  # the same permutation on every rank
     torch.manual_seed(seed + 7919 * rank)  # each rank its own noise
     order = torch.randperm(train_data.shape[0], generator=shuffle)[rank::world]
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if config.amp and device.type == "cuda" else contextlib.nullcontext())
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.amp
+                else contextlib.nullcontext())
     sums = torch.zeros(3, dtype=torch.float64)
     seen = skipped = 0
-    beta = config.beta
+    beta, capacity = config.beta, None
     for i in range(0, order.numel(), config.batch_size):
         x = train_data[order[i:i + config.batch_size]].to(device, non_blocking=True)
-        beta = beta_at(config, epoch + i / max(1, order.numel()))
+        beta = beta_at(config, step, steps_per_epoch)
+        capacity = capacity_at(config, step)
         with autocast:
             out = net(x, beta=beta, free_bits=config.free_bits)
+        loss = objective(out, beta, capacity)
         step += 1
-        values = torch.stack([out.loss, out.nll, out.kl]).detach().double().cpu()
+        values = torch.stack([loss, out.nll, out.kl]).detach().double().cpu()
         bad = _nonfinite_terms(values, world, device)
         if bad is None:
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             # Gradients (all-reduced across ranks by now) can overflow where the loss does
             # not; a step with them would make every weight NaN.
             bad = _nonfinite_gradient(model, config.grad_clip)
@@ -361,14 +511,16 @@ def _train_epoch(net: nn.Module, model: VAE, optimizer: torch.optim.Optimizer,
         optimizer.step()
         sums += values * x.shape[0]
         seen += x.shape[0]
-    return step, (sums / max(seen, 1)).tolist(), beta, skipped
+    means = (sums / seen).tolist() if seen else [math.nan] * 3
+    return step, means, beta, capacity, skipped
 
 
 def _save(out_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
-          history: list[EpochMetrics], config: TrainConfig, model_config: dict[str, Any]) -> None:
-    """The checkpoint after an epoch (written atomically): weights, optimizer, epochs done."""
+          history: list[EpochMetrics], files: dict[str, Any]) -> None:
+    """The checkpoint after an epoch (written atomically): weights, optimizer, epochs done, the
+    settings used (and the resume record, if any)."""
     state = {"epoch": history[-1].epoch, "history": [asdict(m) for m in history],
-             "train_config": asdict(config)}
+             **{k: v for k, v in files.items() if k != "model_config"}}
     ckpt_io.save(out_dir / CHECKPOINT_NAME,
-                 ckpt_io.Checkpoint(model_config, model.state_dict(), optimizer.state_dict(),
-                                    state))
+                 ckpt_io.Checkpoint(files["model_config"], model.state_dict(),
+                                    optimizer.state_dict(), state))

@@ -66,8 +66,8 @@ BAD_CALLS = [
     ("data_images_1d", lambda d: data.to_images(np.zeros(5), "src"), DataError, ["src", "(5,)"]),
     ("data_images_range", lambda d: data.to_images(np.full((3, 2, 2), 2.0), "src"), DataError,
      ["src", "[0, 1]"]),
-    ("data_images_bool", lambda d: data.to_images(np.zeros((3, 2, 2), bool), "src"), DataError,
-     ["src", "bool"]),
+    ("data_images_int64", lambda d: data.to_images(np.zeros((3, 2, 2), np.int64), "src"),
+     DataError, ["src", "int64", "pixel_max"]),
     ("data_idx_truncated", lambda d: data.read_idx(_write(d / "t-idx", bytes([0, 0, 8, 1, 0]))),
      DataError, ["t-idx", "truncated"]),
 ]

@@ -81,16 +81,16 @@ def test_train_a_vae_built_by_the_caller(digits, tmp_path):
         fv.train(nn.Linear(2, 2), train_x, val_x, config, progress=False)
 
 
-def test_kl_schedules():
+def test_kl_schedules():  # beta_at(config, step, steps per epoch): 4 steps an epoch here
     warm = TrainConfig(epochs=10, beta=2.0, warmup_epochs=4)
-    assert beta_at(warm, 0) == 0
-    assert beta_at(warm, 2) == 1.0
-    assert beta_at(warm, 8) == 2.0
+    assert beta_at(warm, 0, 4) == 0
+    assert beta_at(warm, 8, 4) == 1.0
+    assert beta_at(warm, 32, 4) == 2.0
     cyc = TrainConfig(epochs=10, beta=1.0, cycles=2)  # period 5: ramp over 2.5 epochs, hold
-    assert beta_at(cyc, 0) == 0
-    assert beta_at(cyc, 1.25) == 0.5
-    assert beta_at(cyc, 4) == 1.0
-    assert beta_at(cyc, 5) == 0  # the second cycle restarts
+    assert beta_at(cyc, 0, 4) == 0
+    assert beta_at(cyc, 5, 4) == 0.5
+    assert beta_at(cyc, 16, 4) == 1.0
+    assert beta_at(cyc, 20, 4) == 0  # the second cycle restarts
 
 
 def test_save_load_identical_outputs(tmp_path, trained, digits):
