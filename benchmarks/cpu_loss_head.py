@@ -3,8 +3,8 @@
 The loss head is ``sample_and_kl`` (z = mu + exp(logvar / 2) * eps and the KL to N(0, I)) plus
 ``bernoulli_nll`` of the decoder's logits, forward and backward, ``loss = mean(nll + kl)``, with
 ``z``'s gradient a fixed random tensor (what the decoder would send back): the ``loss_head``
-case of ``fastvae bench``. Default size: batch 4096, 784 pixels, latent 64 (SPEC §6: cpu >= 2x
-eager, and no slower than torch.compile).
+case of ``fastvae bench``. Default size: batch 4096, 784 pixels, latent 64 (the target of
+docs/performance.md: cpu >= 2x eager, and no slower than torch.compile).
 
     python benchmarks/cpu_loss_head.py [--batch 4096] [--pixels 784] [--rounds 9]
                                        [--threads N] [--isa auto|avx512|avx2|baseline]

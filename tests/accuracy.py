@@ -1,6 +1,6 @@
 """Error bounds of fastvae's results against the float64 oracle, for inputs of any magnitude.
 
-Shared by ``test_extremes`` (one element per sample, values at SPEC §5's limits) and
+Shared by ``test_extremes`` (one element per sample, values at the limits of docs/numerics.md) and
 ``test_properties`` (random shapes, strides, dtypes and values). A result is held to
 
     |actual - true| <= rtol * (|true| + slack) + tiny(dtype)

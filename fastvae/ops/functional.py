@@ -1,7 +1,7 @@
 """The public functions (``import fastvae as fv``): checks, canonical views, reductions.
 
-Conventions (SPEC §2): dimension 0 is the batch, every other dimension is the event and is
-summed. ``reduction="mean"`` is the batch mean of per-sample sums, ``"sum"`` the sum of
+Conventions (docs/conventions.md): dimension 0 is the batch, every other dimension is the event
+and is summed. ``reduction="mean"`` is the batch mean of per-sample sums, ``"sum"`` the sum of
 everything, ``"none"`` the per-sample values ``(B,)``. Losses of half-precision inputs come back
 in float32; gradients in each input's dtype.
 """

@@ -3,7 +3,7 @@
 Three uses, one set of formulas:
 
 * the test oracle (run in float64): ``gaussian_kl``, ``bernoulli_nll``, ... below are ordinary
-  differentiable torch code with the public signatures of SPEC §3;
+  differentiable torch code with the public signatures of ``fastvae.ops.functional``;
 * the ``"torch"`` backend of the custom ops: the ``*_fwd`` / ``*_bwd`` functions at the end take
   the canonical ``(B, N)`` views that every backend takes (see ``fastvae/ops/custom_ops.py``);
 * the baseline of the benchmarks.
@@ -303,7 +303,7 @@ def iwae_grad_parts(z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tens
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference ops (the oracle): plain differentiable torch, public signatures of SPEC §3
+# Reference ops (the oracle): plain differentiable torch, the signatures of ops.functional
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The ``fastvae`` command line end to end (issue 4)."""
+"""The ``fastvae`` command line end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input to every command of the ``fastvae`` CLI (issue 6, item 6): exit status 2, one line on
+"""Bad input to every command of the ``fastvae`` CLI: exit status 2, one line on
 stderr that names the culprit (the option, the file), no traceback, nothing trained or
 benchmarked, nothing written to ``--out``."""
 

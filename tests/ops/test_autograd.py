@@ -1,6 +1,6 @@
-"""Autograd and compiler integration (SPEC §2): gradcheck in float64, torch.library.opcheck on
-the fastvae::* custom ops, torch.compile(fullgraph=True) forward and backward, and re-tracing
-when the backend changes."""
+"""Autograd and compiler integration (docs/conventions.md): gradcheck in float64,
+torch.library.opcheck on the fastvae::* custom ops, torch.compile(fullgraph=True) forward and
+backward, and re-tracing when the backend changes."""
 
 from __future__ import annotations
 

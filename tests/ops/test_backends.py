@@ -1,4 +1,4 @@
-"""The backend API (SPEC §3 Backends) and the validation switch: fv.backends, set_backend,
+"""The backend API (docs/backends.md) and the validation switch: fv.backends, set_backend,
 use_backend, FASTVAE_BACKEND, "auto", set_validation / FASTVAE_VALIDATE."""
 
 from __future__ import annotations

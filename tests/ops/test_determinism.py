@@ -1,4 +1,4 @@
-"""Determinism (issue 6, item 4): the same inputs and seed give bitwise-identical outputs and
+"""Determinism (docs/backends.md): the same inputs and seed give bitwise-identical outputs and
 gradients, run after run, on every backend; on the cpu backend whatever the thread count; with
 ``torch.use_deterministic_algorithms(True)`` as without it. Reductions sum in a fixed order
 (partial sums per tile, then a fixed-order sum; no atomics), so there is no deterministic

@@ -13,7 +13,7 @@ NAN, INF = float("nan"), float("inf")
 
 
 # ---------------------------------------------------------------------------------------------
-# Empty inputs (SPEC §2): the right value, never a crash
+# Empty inputs (docs/conventions.md): the right value, never a crash
 # ---------------------------------------------------------------------------------------------
 
 EMPTY_LOSSES = {
@@ -67,7 +67,7 @@ def test_empty_samples(shape, backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# NaN and inf propagate (SPEC §2), sample by sample
+# NaN and inf propagate (docs/conventions.md), sample by sample
 # ---------------------------------------------------------------------------------------------
 
 PROPAGATION = {

@@ -1,4 +1,4 @@
-"""Extreme values (issue 6, item 2; SPEC §5), table-driven, on every backend and dtype.
+"""Extreme values (docs/numerics.md), table-driven, on every backend and dtype.
 
 Each row of ``TABLE`` is a column of samples (shape ``(n, 1)``: one element per sample, so every
 value is checked alone, through reduction ``"none"``). The float64 oracle runs on the very values
@@ -127,8 +127,8 @@ ALL = DTYPES
 HALF = (torch.float16, torch.bfloat16)
 
 TABLE = {
-    # KL: logvar from -100 to 88 (SPEC: -100 to 80 in fp32); 0.5 * (expm1(lv) - lv) down to
-    # 2.5e-17 at lv = 1e-8; float16 gradients overflow from lv = 12 on, float32 losses never.
+    # KL: logvar from -100 to 88 (beyond the -100..80 of the property tests);
+    # 0.5 * (expm1(lv) - lv) down to 2.5e-17 at lv = 1e-8; float16 gradients overflow from lv = 12 on, float32 losses never.
     "kl_logvar": ("kl", _product(mu=[0.0, 1.5], logvar=LOGVAR_RANGE), ALL),
     "kl_logvar_fp64_wide": ("kl", _product(mu=[0.0, -2.0], logvar=[-700.0, -300.0, 300.0,
                                                                     700.0]),

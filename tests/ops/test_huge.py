@@ -1,4 +1,4 @@
-"""Huge tensors (issue 6, item 3): every kernel indexes with 64-bit offsets.
+"""Huge tensors: every kernel indexes with 64-bit offsets.
 
 Two kinds of inputs past 2**31 elements that cost little memory:
 

@@ -1,4 +1,4 @@
-"""The drop-in identities of SPEC §3 on every backend, and the reference formulas (the oracle of
+"""The drop-in identities (README) on every backend, and the reference formulas (the oracle of
 the other tests) against torch's own distributions and losses."""
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def test_bernoulli_nll_is_bce_with_logits(shape, dtype, backend, device):
     theirs = _value_and_grads(
         F.binary_cross_entropy_with_logits(logits, target, reduction="sum"), (logits, target))
     _assert_same(ours, theirs, dtype)
-    # "mean" is the batch mean of per-sample sums (SPEC §2), not torch's mean over elements.
+    # "mean" is the batch mean of per-sample sums (docs/conventions.md), not torch's mean over
+    # elements.
     mean = fv.bernoulli_nll(logits, target)
     torch.testing.assert_close(mean, theirs[0] / shape[0], **IDENTITY_TOL[dtype])
 

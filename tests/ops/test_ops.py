@@ -129,7 +129,7 @@ def test_gradient_subsets(case, backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Extreme values (SPEC §5), float32
+# Extreme values (docs/numerics.md), float32
 # ---------------------------------------------------------------------------------------------
 
 # Under Triton's interpreter, numpy warns about the overflowing branch of a tl.where.

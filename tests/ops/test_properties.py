@@ -1,10 +1,10 @@
-"""Property-based tests (issue 6, item 1): every op on every backend against the float64 oracle.
+"""Property-based tests: every op on every backend against the float64 oracle.
 
 Hypothesis draws each example: the op's variant (prior, free bits, logvar kind, given or drawn
 noise, samples, likelihood), the dtype, a shape from 1-D to 5-D (empty batch or event, single
 elements, odd and prime sizes), a memory layout per input (contiguous, permuted, strided with an
 offset, expanded with stride 0 along some dimensions), the reduction, and values either ordinary
-or spanning SPEC §5's ranges (logits to +-1e4, logvar from -100 to 80; narrower where a float16
+or spanning wide ranges (logits to +-1e4, logvar from -100 to 80; narrower where a float16
 gradient would overflow -- the overflow itself is ``test_extremes``'s). Values come from a torch
 generator seeded by the example, so hypothesis shrinks shapes, layouts and choices, not digits.
 
@@ -120,7 +120,7 @@ def lay_out(values: torch.Tensor, layout: tuple):
     return values, lambda t: t
 
 
-# Value distributions by role. "wide" spans SPEC §5's ranges where the results fit the dtype's
+# Value distributions by role. "wide" spans wide ranges where the results fit the dtype's
 # gradients; float16 gets "narrow" limits (its gradients overflow beyond 65504).
 def draw_values(role: str, shape, g: torch.Generator, spread: str, dtype) -> torch.Tensor:
     half = dtype == torch.float16
@@ -217,7 +217,8 @@ def upstreams(outs, g: torch.Generator):
 
 
 def reduce_terms(terms: torch.Tensor, reduction: str, free_bits: float) -> torch.Tensor:
-    """The reduction of SPEC §2 (and free bits) of per-element terms, as fastvae.reference."""
+    """The reduction of docs/conventions.md (and free bits) of per-element terms, as the
+    reference computes it."""
     B = terms.shape[0]
     rows = terms.reshape(B, math.prod(terms.shape[1:]))
     if free_bits > 0:

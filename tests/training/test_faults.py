@@ -1,4 +1,4 @@
-"""Fault-safe training (issue 6, item 5): non-finite steps skipped or stopped as the user chose,
+"""Fault-safe training: non-finite steps skipped or stopped as the user chose,
 with a message naming the step and the term; checkpoints (and metrics) that a killed process
 never leaves half-written; the soft clamp of the log-variance. (The basics -- a NaN image
 stopping or skipping a step, a failing rename, the clamp itself -- are in test_vae.py.)"""
