@@ -128,7 +128,8 @@ HALF = (torch.float16, torch.bfloat16)
 
 TABLE = {
     # KL: logvar from -100 to 88 (beyond the -100..80 of the property tests);
-    # 0.5 * (expm1(lv) - lv) down to 2.5e-17 at lv = 1e-8; float16 gradients overflow from lv = 12 on, float32 losses never.
+    # 0.5 * (expm1(lv) - lv) down to 2.5e-17 at lv = 1e-8; float16 gradients overflow from
+    # lv = 12 on, float32 losses never.
     "kl_logvar": ("kl", _product(mu=[0.0, 1.5], logvar=LOGVAR_RANGE), ALL),
     "kl_logvar_fp64_wide": ("kl", _product(mu=[0.0, -2.0], logvar=[-700.0, -300.0, 300.0,
                                                                     700.0]),
