@@ -1,6 +1,7 @@
 """Random numbers (docs/random-numbers.md): Philox4x32-10 exactly as Triton computes it, the
 statistics of the noise, reproducibility under torch.manual_seed and explicit seeds, the same
-noise on every backend, and a backward that regenerates the forward's noise instead of storing it."""
+noise on every backend, and a backward that regenerates the forward's noise instead of storing
+it."""
 
 from __future__ import annotations
 
