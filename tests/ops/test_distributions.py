@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, loss_dtype, to_oracle
+from helpers import assert_close, loss_dtype, to_oracle
 from torch.distributions import (
     Distribution,
     Independent,

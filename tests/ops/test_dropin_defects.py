@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, loss_dtype, to_oracle
+from helpers import assert_close, loss_dtype, to_oracle
 
 import fastvae as fv
 from fastvae.ops import reference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, loss_dtype, to_oracle
+from helpers import assert_close, loss_dtype, to_oracle
 
 import fastvae as fv
 from fastvae.ops import reference
