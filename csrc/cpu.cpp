@@ -1,4 +1,5 @@
-// cpu.cpp -- the library's exported C functions (CPU side), argument checks, error messages,
+// cpu.cpp -- the library's exported C functions (CPU side), the op table's exports, the
+// argument checks of every call (against the op's line of FV_OPS in fastvae.h), error messages,
 // the thread pool, and the run-time choice of the CPU kernel set (baseline, AVX2 or AVX-512).
 #include <pthread.h>
 #include <stdarg.h>
@@ -42,96 +43,79 @@ int set_error(int code, const char* fmt, ...) {
 
 namespace {
 
-struct OpSpec {
-    const char* name;
-    uint8_t in_required, in_optional;    // bit i: in[i]
-    uint8_t out_required, out_optional;  // bit i: out[i]
-    int8_t sum_out;                      // index of the (B,)/(N,) sum output, or -1
-    bool has_reduce_dim;
-};
-
-constexpr OpSpec kSpecs[FV_OP_COUNT] = {
-    {"reparameterize_fwd", 0b00011, 0b00100, 0b0001, 0b0000, -1, false},
-    {"reparameterize_bwd", 0b00011, 0b00100, 0b0000, 0b0111, -1, false},
-    {"gaussian_kl_fwd", 0b00011, 0b01100, 0b0001, 0b0000, 0, true},
-    {"gaussian_kl_bwd", 0b00111, 0b11000, 0b0000, 0b1111, -1, true},
-    {"bernoulli_nll_fwd", 0b00011, 0b00000, 0b0001, 0b0000, 0, false},
-    {"bernoulli_nll_bwd", 0b00111, 0b00000, 0b0000, 0b0011, -1, false},
-    {"gaussian_nll_fwd", 0b00011, 0b00100, 0b0001, 0b0000, 0, false},
-    {"gaussian_nll_bwd", 0b00111, 0b01000, 0b0000, 0b0111, -1, false},
-    {"sample_and_kl_fwd", 0b00011, 0b00000, 0b0011, 0b0000, 1, true},
-    {"sample_and_kl_bwd", 0b01111, 0b00000, 0b0000, 0b0011, -1, true},
-    {"iwae_fwd", 0b001111, 0b000000, 0b0011, 0b0000, 0, false},
-    {"iwae_bwd", 0b111111, 0b000000, 0b0000, 0b1111, -1, false},
-};
-static_assert(FV_MAX_IN <= 8 && FV_MAX_OUT <= 8, "operand masks are 8 bits");
-
 bool valid_dtype(int32_t d) { return d >= FV_FLOAT32 && d <= FV_BFLOAT16; }
+
+// Bit i: operand i is present.
+unsigned present(const fv_tensor* t, int n) {
+    unsigned mask = 0;
+    for (int i = 0; i < n; ++i)
+        if (t[i].data != nullptr) mask |= 1u << i;
+    return mask;
+}
+
+// The inputs (or the outputs) of a call against the marks of their operand list.
+int check_operands(const OpSpec& s, bool outputs, const fv_tensor* t, int32_t compute) {
+    const Slots& slots = outputs ? s.out : s.in;
+    const char* list = outputs ? s.outputs : s.inputs;
+    const char* kind = outputs ? "output" : "input";
+    const int n = outputs ? FV_MAX_OUT : FV_MAX_IN;
+    for (int i = 0; i < n; ++i) {
+        const int len = i < slots.count ? slots.name_len[i] : 0;
+        const char* name = list + slots.name_at[i];
+        if (t[i].data == nullptr) {
+            if (bit(slots.required, i))
+                return set_error(FV_ERR_INVALID, "%s: %s %d (%.*s) is required", s.name, kind, i,
+                                 len, name);
+            continue;
+        }
+        if (i >= slots.count)
+            return set_error(FV_ERR_INVALID, "%s: %s %d is given, the op has %d %ss", s.name,
+                             kind, i, slots.count, kind);
+        if (!valid_dtype(t[i].dtype))
+            return set_error(FV_ERR_INVALID, "%s: %s %d (%.*s) has unknown dtype code %d",
+                             s.name, kind, i, len, name, t[i].dtype);
+        if (bit(slots.compute, i) && t[i].dtype != compute)
+            return set_error(FV_ERR_INVALID, "%s: %s %d (%.*s) has dtype code %d, not the "
+                             "compute dtype %d", s.name, kind, i, len, name, t[i].dtype, compute);
+    }
+    const unsigned given = present(t, n) & slots.together;
+    if (given != 0 && given != slots.together) {
+        const int first = __builtin_ctz(slots.together), last = 31 - __builtin_clz(slots.together);
+        const int from = slots.name_at[first], to = slots.name_at[last] + slots.name_len[last];
+        return set_error(FV_ERR_INVALID, "%s: give the %ss %.*s all or none", s.name, kind,
+                         to - from, list + from);
+    }
+    return FV_OK;
+}
 
 }  // namespace
 
 bool needs_noise(int32_t op, const fv_call& c) {
-    switch (op) {
-        case FV_OP_REPARAMETERIZE_FWD: return c.in[2].data == nullptr;
-        case FV_OP_REPARAMETERIZE_BWD: return c.in[2].data == nullptr && c.out[1].data != nullptr;
-        case FV_OP_SAMPLE_AND_KL_FWD: return true;
-        case FV_OP_SAMPLE_AND_KL_BWD: return c.out[1].data != nullptr;
-        default: return false;
-    }
+    const OpSpec& s = kOps[op];
+    return (present(c.out, FV_MAX_OUT) & s.out.noise) && !(present(c.in, FV_MAX_IN) & s.in.noise);
 }
 
 int validate_call(int32_t op, const fv_call* call) {
     if (op < 0 || op >= FV_OP_COUNT) return set_error(FV_ERR_INVALID, "unknown op code %d", op);
-    const OpSpec& s = kSpecs[op];
+    const OpSpec& s = kOps[op];
     if (call == nullptr) return set_error(FV_ERR_INVALID, "%s: call is NULL", s.name);
     const fv_call& c = *call;
     if (c.B < 1 || c.N < 1 || c.K < 1)
         return set_error(FV_ERR_INVALID, "%s: sizes must be >= 1 (B=%lld, N=%lld, K=%lld)",
                          s.name, static_cast<long long>(c.B), static_cast<long long>(c.N),
                          static_cast<long long>(c.K));
+    if (c.K != 1 && !(s.flags & FV_USES_K))
+        return set_error(FV_ERR_INVALID, "%s: K must be 1 (the op takes no samples), got %lld",
+                         s.name, static_cast<long long>(c.K));
     if (c.compute != FV_FLOAT32 && c.compute != FV_FLOAT64)
         return set_error(FV_ERR_INVALID, "%s: compute dtype %d is not float32/float64", s.name,
                          c.compute);
-    if (s.has_reduce_dim && c.reduce_dim != 0 && c.reduce_dim != 1)
+    if ((s.flags & FV_USES_REDUCE_DIM) && c.reduce_dim != 0 && c.reduce_dim != 1)
         return set_error(FV_ERR_INVALID, "%s: reduce_dim must be 0 or 1, got %d", s.name,
                          c.reduce_dim);
-    for (int i = 0; i < FV_MAX_IN; ++i) {
-        const bool present = c.in[i].data != nullptr;
-        if ((s.in_required >> i & 1) && !present)
-            return set_error(FV_ERR_INVALID, "%s: input %d is required", s.name, i);
-        if (present && !((s.in_required | s.in_optional) >> i & 1))
-            return set_error(FV_ERR_INVALID, "%s: input %d is not an operand", s.name, i);
-        if (present && !valid_dtype(c.in[i].dtype))
-            return set_error(FV_ERR_INVALID, "%s: input %d has unknown dtype code %d", s.name, i,
-                             c.in[i].dtype);
-    }
-    for (int i = 0; i < FV_MAX_OUT; ++i) {
-        const bool present = c.out[i].data != nullptr;
-        if ((s.out_required >> i & 1) && !present)
-            return set_error(FV_ERR_INVALID, "%s: output %d is required", s.name, i);
-        if (present && !((s.out_required | s.out_optional) >> i & 1))
-            return set_error(FV_ERR_INVALID, "%s: output %d is not an output", s.name, i);
-        if (present && !valid_dtype(c.out[i].dtype))
-            return set_error(FV_ERR_INVALID, "%s: output %d has unknown dtype code %d", s.name,
-                             i, c.out[i].dtype);
-    }
-    if (s.sum_out >= 0 && c.out[s.sum_out].dtype != c.compute)
-        return set_error(FV_ERR_INVALID, "%s: the sums output must have the compute dtype",
-                         s.name);
-    if (op == FV_OP_IWAE_FWD && c.out[1].dtype != c.compute)
-        return set_error(FV_ERR_INVALID, "%s: the log-weights output must have the compute "
-                         "dtype", s.name);
-    if (op == FV_OP_IWAE_BWD) {
-        for (int i = 0; i < 3; ++i)
-            if (c.in[i].dtype != c.compute)
-                return set_error(FV_ERR_INVALID, "%s: input %d (grad, ll, log_w) must have the "
-                                 "compute dtype", s.name, i);
-    }
-    if (op == FV_OP_GAUSSIAN_KL_FWD || op == FV_OP_GAUSSIAN_KL_BWD) {
-        const int pm = op == FV_OP_GAUSSIAN_KL_FWD ? 2 : 3;
-        if ((c.in[pm].data == nullptr) != (c.in[pm + 1].data == nullptr))
-            return set_error(FV_ERR_INVALID, "%s: give both prior tensors or neither", s.name);
-    }
+    int status = check_operands(s, false, c.in, c.compute);
+    if (status == FV_OK) status = check_operands(s, true, c.out, c.compute);
+    if (status != FV_OK) return status;
     if (needs_noise(op, c) && c.seed == nullptr)
         return set_error(FV_ERR_INVALID, "%s: the seed is required to draw noise", s.name);
     return FV_OK;
@@ -376,6 +360,50 @@ FV_API const char* fv_build_info(void) {
 }
 
 FV_API const char* fv_last_error(void) { return fv::g_error; }
+
+FV_API int32_t fv_op_count(void) { return FV_OP_COUNT; }
+
+FV_API const char* fv_op_name(int32_t op) {
+    return op >= 0 && op < FV_OP_COUNT ? fv::kOps[op].name : nullptr;
+}
+
+FV_API const char* fv_op_inputs(int32_t op) {
+    return op >= 0 && op < FV_OP_COUNT ? fv::kOps[op].inputs : nullptr;
+}
+
+FV_API const char* fv_op_outputs(int32_t op) {
+    return op >= 0 && op < FV_OP_COUNT ? fv::kOps[op].outputs : nullptr;
+}
+
+FV_API int32_t fv_op_flags(int32_t op) {
+    return op >= 0 && op < FV_OP_COUNT ? fv::kOps[op].flags : -1;
+}
+
+FV_API int64_t fv_layout(const char* name) {
+    struct Entry {
+        const char* name;
+        int64_t value;
+    };
+#define FV_FIELD(type, field) {#type "." #field, int64_t(offsetof(type, field))}
+    static const Entry kLayout[] = {
+        {"fv_call", sizeof(fv_call)},   {"fv_tensor", sizeof(fv_tensor)},
+        {"FV_MAX_IN", FV_MAX_IN},       {"FV_MAX_OUT", FV_MAX_OUT},
+        FV_FIELD(fv_tensor, data),      FV_FIELD(fv_tensor, stride),
+        FV_FIELD(fv_tensor, dtype),     FV_FIELD(fv_tensor, reserved),
+        FV_FIELD(fv_call, B),           FV_FIELD(fv_call, N),
+        FV_FIELD(fv_call, K),           FV_FIELD(fv_call, in),
+        FV_FIELD(fv_call, out),         FV_FIELD(fv_call, seed),
+        FV_FIELD(fv_call, scalar),      FV_FIELD(fv_call, reduce_dim),
+        FV_FIELD(fv_call, compute),     FV_FIELD(fv_call, n_threads),
+        FV_FIELD(fv_call, device),      FV_FIELD(fv_call, stream),
+        FV_FIELD(fv_call, workspace),   FV_FIELD(fv_call, workspace_bytes),
+    };
+#undef FV_FIELD
+    if (name == nullptr) return -1;
+    for (const Entry& e : kLayout)
+        if (strcmp(e.name, name) == 0) return e.value;
+    return -1;
+}
 
 FV_API const char* fv_cpu_isa(void) { return fv::cpu::isa().name; }
 

@@ -18,6 +18,9 @@
 //     elementwise over (b, j) with the samples in order inside (the sums over k);
 //   * launches go to the caller's stream (torch's current stream) on call->device; the seed is
 //     read from device memory by the kernels: no host sync, safe under CUDA-graph capture.
+//   * the operands' dtypes are checked, and the storage dtype picked, by the marks of the op's
+//     line of FV_OPS (fastvae.h, as kOps); an op of FV_OPS without a case in run_typed does not
+//     compile.
 #define FV_MATH_NAMESPACE cuda_math
 #include "fastvae_math.h"
 #include "internal.h"
@@ -780,68 +783,26 @@ int launch_sum(const Op& op, const fv_call& c, const fv_tensor& out, int reduce_
     return check_launch("the partial-sum kernel");
 }
 
-// Inputs in the compute dtype, by op: gradients of a sum, IWAE's ll and log-weights. Every
-// other operand and every gradient output has the storage dtype of the op's main input, but
-// for IWAE's log_px and its gradient (any dtype: any_dtype).
-bool is_sum_grad(int32_t op, int slot) {
-    switch (op) {
-        case FV_OP_GAUSSIAN_KL_BWD:
-        case FV_OP_BERNOULLI_NLL_BWD:
-        case FV_OP_GAUSSIAN_NLL_BWD: return slot == 0;
-        case FV_OP_SAMPLE_AND_KL_BWD: return slot == 1;
-        case FV_OP_IWAE_BWD: return slot <= 2;
-        default: return false;
-    }
-}
-
-int main_input(int32_t op) {
-    switch (op) {
-        case FV_OP_REPARAMETERIZE_BWD:
-        case FV_OP_GAUSSIAN_KL_BWD:
-        case FV_OP_BERNOULLI_NLL_BWD:
-        case FV_OP_GAUSSIAN_NLL_BWD:
-        case FV_OP_IWAE_FWD: return 1;
-        case FV_OP_SAMPLE_AND_KL_BWD: return 2;
-        case FV_OP_IWAE_BWD: return 3;
-        default: return 0;
-    }
-}
-
-// Outputs in the compute dtype: sums, IWAE's ll and log-weights.
-bool is_sum_output(int32_t op, int slot) {
-    switch (op) {
-        case FV_OP_GAUSSIAN_KL_FWD:
-        case FV_OP_BERNOULLI_NLL_FWD:
-        case FV_OP_GAUSSIAN_NLL_FWD: return slot == 0;
-        case FV_OP_SAMPLE_AND_KL_FWD: return slot == 1;
-        case FV_OP_IWAE_FWD: return slot <= 1;
-        default: return false;
-    }
-}
-
-bool any_dtype(int32_t op, bool output, int slot) {
-    return slot == 0 && ((op == FV_OP_IWAE_FWD && !output) || (op == FV_OP_IWAE_BWD && output));
-}
-
+// The dtypes of the operands, as the marks of the op's line of FV_OPS say: `#` the compute
+// dtype (validate_call checked those), `~` any float dtype, the others the storage dtype (that
+// of the main input `*`), which the compute dtype must go with.
 int check_dtypes(int32_t op, const fv_call& c) {
-    const int32_t storage = c.in[main_input(op)].dtype;
-    const bool f64 = c.compute == FV_FLOAT64;
-    if (f64 != (storage == FV_FLOAT64))
+    const OpSpec& s = kOps[op];
+    const int32_t storage = c.in[s.in.main].dtype;
+    if (c.compute != compute_dtype(storage))
         return set_error(FV_ERR_INVALID, "compute dtype %d does not go with storage dtype %d",
                          c.compute, storage);
     for (int i = 0; i < FV_MAX_IN; ++i) {
-        if (c.in[i].data == nullptr || any_dtype(op, false, i)) continue;
-        const int32_t want = is_sum_grad(op, i) ? c.compute : storage;
-        if (c.in[i].dtype != want)
+        if (c.in[i].data == nullptr || bit(s.in.compute | s.in.any, i)) continue;
+        if (c.in[i].dtype != storage)
             return set_error(FV_ERR_INVALID, "input %d has dtype code %d, the CUDA kernels "
-                             "expect %d", i, c.in[i].dtype, want);
+                             "expect %d", i, c.in[i].dtype, storage);
     }
     for (int i = 0; i < FV_MAX_OUT; ++i) {
-        if (c.out[i].data == nullptr || any_dtype(op, true, i)) continue;
-        const int32_t want = is_sum_output(op, i) ? c.compute : storage;
-        if (c.out[i].dtype != want)
+        if (c.out[i].data == nullptr || bit(s.out.compute | s.out.any, i)) continue;
+        if (c.out[i].dtype != storage)
             return set_error(FV_ERR_INVALID, "output %d has dtype code %d, the CUDA kernels "
-                             "expect %d", i, c.out[i].dtype, want);
+                             "expect %d", i, c.out[i].dtype, storage);
     }
     return FV_OK;
 }
@@ -879,12 +840,15 @@ int launch_iwae_fwd(const fv_call& c, cudaStream_t stream) {
     return check_launch("the IWAE log-sum-exp kernel");
 }
 
+// Every op of FV_OPS has a case here: a missing one is a compile error (-Werror=switch).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic error "-Wswitch"
 template <class T, class S>
 int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
     constexpr int E = int(16 / sizeof(S));
     const fv_tensor* in = c.in;
     const fv_tensor* out = c.out;
-    switch (op) {
+    switch (static_cast<fv_op>(op)) {
         case FV_OP_REPARAMETERIZE_FWD:
             return launch_elementwise<E>(
                 ReparameterizeFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
@@ -949,10 +913,10 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
                                  make_any_kb(out[0]), make_out<S>(out[1]), make_out<S>(out[2]),
                                  make_out<S>(out[3]), c.N, c.K, log_(T(c.K))},
                 c, st);
-        default:
-            return set_error(FV_ERR_INVALID, "unknown op code %d", op);
     }
+    return set_error(FV_ERR_INVALID, "unknown op code %d", op);
 }
+#pragma GCC diagnostic pop
 
 // Makes `device` current for the call and restores the caller's device afterwards.
 class DeviceGuard {
@@ -981,7 +945,7 @@ int run(int32_t op, const fv_call* call) {
     DeviceGuard guard(c.device);
     if (guard.status() != cudaSuccess) return cuda_error(guard.status(), "selecting the device");
     cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
-    switch (c.in[main_input(op)].dtype) {
+    switch (c.in[kOps[op].in.main].dtype) {
         case FV_FLOAT32: return run_typed<float, float>(op, c, stream);
         case FV_FLOAT64: return run_typed<double, double>(op, c, stream);
         case FV_FLOAT16: return run_typed<float, Half>(op, c, stream);
@@ -992,8 +956,8 @@ int run(int32_t op, const fv_call* call) {
 int64_t workspace_bytes(int32_t op, const fv_call* call) {
     if (call == nullptr || validate_call(op, call) != FV_OK) return 0;
     const fv_call& c = *call;
-    const int E = int(16 / dtype_size(c.in[main_input(op)].dtype));
-    const size_t compute_size = c.compute == FV_FLOAT64 ? 8 : 4;
+    const int E = int(16 / dtype_size(c.in[kOps[op].in.main].dtype));
+    const size_t compute_size = dtype_size(c.compute);
     switch (op) {
         case FV_OP_GAUSSIAN_KL_FWD:
         case FV_OP_SAMPLE_AND_KL_FWD: {

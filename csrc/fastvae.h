@@ -11,23 +11,8 @@
  * [2] along N; any value, 0 for broadcast operands). A loss gradient of shape (B,) or (N,) is
  * passed as a (B, N) view with stride 0 along the other dimension. Outputs: per-sample sums
  * (B,), or per-feature sums (N,), or gradients (B, N) / (K, B, N); an output with data == NULL
- * is not wanted and not computed. Inputs and outputs per op (in[] / out[]):
- *
- *   reparameterize_fwd   in: mu, logvar, eps|NULL             out: z (K,B,N)        K, seed
- *   reparameterize_bwd   in: grad_z (K,B,N), logvar, eps|NULL out: d_mu, d_logvar, d_eps
- *   gaussian_kl_fwd      in: mu, logvar, prior_mu|NULL, prior_logvar|NULL  out: kl  reduce_dim
- *   gaussian_kl_bwd      in: grad, mu, logvar, prior_mu|NULL, prior_logvar|NULL
- *                        out: d_mu, d_logvar, d_prior_mu, d_prior_logvar
- *   bernoulli_nll_fwd    in: logits, target                   out: nll (B,)
- *   bernoulli_nll_bwd    in: grad, logits, target             out: d_logits, d_target
- *   gaussian_nll_fwd     in: mean, target, logvar|NULL        out: nll (B,)   logvar_value
- *   gaussian_nll_bwd     in: grad, mean, target, logvar|NULL  out: d_mean, d_target, d_logvar
- *   sample_and_kl_fwd    in: mu, logvar                       out: z (B,N), kl   seed, reduce_dim
- *   sample_and_kl_bwd    in: grad_z, grad_kl, mu, logvar      out: d_mu, d_logvar   seed
- *   iwae_fwd             in: log_px (K,B), z (K,B,N), mu, logvar
- *                        out: ll (B,), log_w (K,B)                                  K
- *   iwae_bwd             in: grad (B,), ll (B,), log_w (K,B), z (K,B,N), mu, logvar
- *                        out: d_log_px (K,B), d_z (K,B,N), d_mu, d_logvar             K
+ * is not wanted and not computed. The operands of each op, in slot order, are in the list FV_OPS
+ * below.
  *
  * IWAE: a (K, B) tensor (log_px, log_w, d_log_px) is passed as a (K, B, N) view with stride 0
  * along N, and a (B,) input of iwae_bwd (grad, ll) as a (K, B, N) view with stride 0 along K
@@ -61,7 +46,7 @@
 extern "C" {
 #endif
 
-#define FV_ABI_VERSION 2  /* 2: FV_MAX_IN 6, the IWAE ops */
+#define FV_ABI_VERSION 3  /* 2: FV_MAX_IN 6, the IWAE ops; 3: the op table, fv_layout() */
 
 enum fv_dtype { FV_FLOAT32 = 0, FV_FLOAT64 = 1, FV_FLOAT16 = 2, FV_BFLOAT16 = 3 };
 
@@ -98,27 +83,81 @@ typedef struct fv_call {
     int64_t workspace_bytes;
 } fv_call;
 
-typedef enum fv_op {
-    FV_OP_REPARAMETERIZE_FWD = 0,
-    FV_OP_REPARAMETERIZE_BWD,
-    FV_OP_GAUSSIAN_KL_FWD,
-    FV_OP_GAUSSIAN_KL_BWD,
-    FV_OP_BERNOULLI_NLL_FWD,
-    FV_OP_BERNOULLI_NLL_BWD,
-    FV_OP_GAUSSIAN_NLL_FWD,
-    FV_OP_GAUSSIAN_NLL_BWD,
-    FV_OP_SAMPLE_AND_KL_FWD,
-    FV_OP_SAMPLE_AND_KL_BWD,
-    FV_OP_IWAE_FWD,
-    FV_OP_IWAE_BWD,
-    FV_OP_COUNT
-} fv_op;
+/* The ops: FV_OPS is the one list of them and of everything the library knows about their
+ * operands. The enum fv_op, the checks of every call (both backends), the CPU kernel table, the
+ * CUDA dtype rules and the table that fv_op_name() & co. export (which the Python loader checks
+ * against its own) are all made from it. A new op is one more line at the end (codes are
+ * positions: never reorder), plus what runs it: its CPU kernels (cpu_kernels.inc), its case in
+ * run_typed (cuda.cu) and its NativeBackend method (Python); a missing one fails to build or,
+ * for the method, to load.
+ *
+ *   X(CODE, name, "inputs", "outputs", uses)
+ *
+ * CODE gives FV_OP_CODE; `name` is the op's name, also that of its CPU kernels. The inputs and
+ * the outputs are operand names in slot order (in[0], in[1], ... / out[0], ...), separated by
+ * spaces, each followed by its marks:
+ *   ?   may be absent (data == NULL): an optional input; an output not wanted, so not computed
+ *   *   the main input: its dtype is the call's storage dtype (exactly one input has it)
+ *   #   has the compute dtype (sums, gradients of sums, IWAE's ll and log-weights); an operand
+ *       without # or ~ has the storage dtype (CUDA requires it; the CPU converts any float dtype)
+ *   ~   any float dtype (IWAE's log_px and its gradient)
+ *   !   an input: the noise, drawn from the seed where absent; an output: made from the noise.
+ *       A call needs the seed when it wants a ! output and does not give the ! input.
+ *   (a b)?  a and b are given together or not at all
+ * `uses`: which of K, reduce_dim and scalar the op reads, as FV_USES_* bits (0: none); an op
+ * without FV_USES_K is called with K = 1.
+ * Shapes (their layout in a call: above): (B, N) but for (K, B, N): eps, z, grad_z, d_eps of
+ * reparameterize, z and d_z of iwae; (K, B): log_px, log_w, d_log_px; the sums and their
+ * gradients (grad, grad_kl): (B,), or (N,) with reduce_dim 0. */
+#define FV_USES_K 1           /* call->K samples */
+#define FV_USES_REDUCE_DIM 2  /* call->reduce_dim */
+#define FV_USES_SCALAR 4      /* call->scalar: gaussian_nll's log-variance when logvar is absent */
+#define FV_DRAWS_NOISE 8      /* not in FV_OPS: fv_op_flags() adds it for an op with ! marks */
+
+#define FV_OPS(X)                                                                                  \
+    X(REPARAMETERIZE_FWD, reparameterize_fwd, "mu* logvar eps?!", "z!", FV_USES_K)                 \
+    X(REPARAMETERIZE_BWD, reparameterize_bwd, "grad_z logvar* eps?!", "d_mu? d_logvar?! d_eps?",   \
+      FV_USES_K)                                                                                   \
+    X(GAUSSIAN_KL_FWD, gaussian_kl_fwd, "mu* logvar (prior_mu prior_logvar)?", "kl#",              \
+      FV_USES_REDUCE_DIM)                                                                          \
+    X(GAUSSIAN_KL_BWD, gaussian_kl_bwd, "grad# mu* logvar (prior_mu prior_logvar)?",               \
+      "d_mu? d_logvar? d_prior_mu? d_prior_logvar?", FV_USES_REDUCE_DIM)                           \
+    X(BERNOULLI_NLL_FWD, bernoulli_nll_fwd, "logits* target", "nll#", 0)                           \
+    X(BERNOULLI_NLL_BWD, bernoulli_nll_bwd, "grad# logits* target", "d_logits? d_target?", 0)      \
+    X(GAUSSIAN_NLL_FWD, gaussian_nll_fwd, "mean* target logvar?", "nll#", FV_USES_SCALAR)          \
+    X(GAUSSIAN_NLL_BWD, gaussian_nll_bwd, "grad# mean* target logvar?",                            \
+      "d_mean? d_target? d_logvar?", FV_USES_SCALAR)                                               \
+    X(SAMPLE_AND_KL_FWD, sample_and_kl_fwd, "mu* logvar", "z! kl#", FV_USES_REDUCE_DIM)            \
+    X(SAMPLE_AND_KL_BWD, sample_and_kl_bwd, "grad_z grad_kl# mu* logvar", "d_mu? d_logvar?!",      \
+      FV_USES_REDUCE_DIM)                                                                          \
+    X(IWAE_FWD, iwae_fwd, "log_px~ z* mu logvar", "ll# log_w#", FV_USES_K)                         \
+    X(IWAE_BWD, iwae_bwd, "grad# ll# log_w# z* mu logvar", "d_log_px?~ d_z? d_mu? d_logvar?",      \
+      FV_USES_K)
+
+#define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
+typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;
+#undef FV_OP_ENUM_
+#define FV_OP_ONE_(CODE, name, inputs, outputs, uses) +1
+enum { FV_OP_COUNT = 0 FV_OPS(FV_OP_ONE_) };
+#undef FV_OP_ONE_
 
 /* Library facts. */
 FV_API int32_t fv_abi_version(void);
 FV_API int32_t fv_has_cuda(void);            /* 1 when the CUDA part was compiled in */
 FV_API const char* fv_build_info(void);      /* compiler, CUDA architectures, CPU kernels */
 FV_API const char* fv_last_error(void);      /* message of this thread's last failed call */
+
+/* The op table (FV_OPS): fv_op_count() ops, codes 0 .. count - 1. Out of range: NULL, -1. */
+FV_API int32_t fv_op_count(void);
+FV_API const char* fv_op_name(int32_t op);     /* e.g. "reparameterize_fwd" */
+FV_API const char* fv_op_inputs(int32_t op);   /* the operands as in FV_OPS: "mu* logvar eps?!" */
+FV_API const char* fv_op_outputs(int32_t op);
+FV_API int32_t fv_op_flags(int32_t op);        /* FV_USES_* bits, and FV_DRAWS_NOISE */
+
+/* The layout of this build's structs, for a loader to check its copy against: the sizeof of
+ * "fv_call" and "fv_tensor", the offsetof of a field named "fv_call.<field>" or
+ * "fv_tensor.<field>", the values of "FV_MAX_IN" and "FV_MAX_OUT"; -1 for any other name. */
+FV_API int64_t fv_layout(const char* name);
 
 /* CPU. fv_cpu_isa(): the kernel set in use ("avx512", "avx2" or "baseline"); fv_cpu_set_isa()
  * picks one ("auto" = the best this CPU runs) and returns 0, or -1 for a name this build or this

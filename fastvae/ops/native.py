@@ -7,10 +7,16 @@ or at ``$FASTVAE_NATIVE_LIB``; it is loaded lazily with ctypes, and its argument
 declared once. A missing, stale or broken library leaves the torch and triton backends working:
 ``unusable_reason`` says what is wrong, and asking for ``"cpu"``/``"cuda"`` raises that.
 
-Each backend method (the interface of ``fastvae/ops/custom_ops.py``) allocates its outputs
-with torch and fills one ``fv_call`` (see ``csrc/fastvae.h``): sizes, the operands as pointer +
-element strides + dtype code, the seed's address, the thread count (``torch.get_num_threads()``)
-or the CUDA device and torch's current stream on it.
+The library is the one source of the op table (``FV_OPS`` in ``csrc/fastvae.h``): ``OPS``, the
+op names in code order, is read from it. This side keeps only what ctypes needs, the layout of
+``fv_call`` and ``fv_tensor`` (``_Call``, ``_Tensor``), and the ops it implements (the methods of
+``NativeBackend``); on load both are checked against the library, which is refused, with the
+reason, when they differ.
+
+Each backend method (the interface of ``fastvae/ops/custom_ops.py``) allocates its outputs with torch and
+fills one ``fv_call`` (see ``csrc/fastvae.h``): sizes, the operands as pointer + element strides
++ dtype code, the seed's address, the thread count (``torch.get_num_threads()``) or the CUDA
+device and torch's current stream on it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 if sys.platform == "win32":
     LIB_NAME = "fastvae_native.dll"
@@ -35,13 +41,6 @@ elif sys.platform == "darwin":
 else:
     LIB_NAME = "libfastvae_native.so"
 
-# fv_op codes, in the order of csrc/fastvae.h.
-OPS = (
-    "reparameterize_fwd", "reparameterize_bwd", "gaussian_kl_fwd", "gaussian_kl_bwd",
-    "bernoulli_nll_fwd", "bernoulli_nll_bwd", "gaussian_nll_fwd", "gaussian_nll_bwd",
-    "sample_and_kl_fwd", "sample_and_kl_bwd", "iwae_fwd", "iwae_bwd",
-)
-_OP = {name: code for code, name in enumerate(OPS)}
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
@@ -54,13 +53,16 @@ class _Tensor(ctypes.Structure):
     )
 
 
+MAX_IN, MAX_OUT = 6, 4  # FV_MAX_IN, FV_MAX_OUT
+
+
 class _Call(ctypes.Structure):
     _fields_ = (
         ("B", ctypes.c_int64),
         ("N", ctypes.c_int64),
         ("K", ctypes.c_int64),
-        ("inputs", _Tensor * 6),
-        ("outputs", _Tensor * 4),
+        ("inputs", _Tensor * MAX_IN),
+        ("outputs", _Tensor * MAX_OUT),
         ("seed", ctypes.c_void_p),
         ("scalar", ctypes.c_double),
         ("reduce_dim", ctypes.c_int32),
@@ -73,6 +75,9 @@ class _Call(ctypes.Structure):
     )
 
 
+# The C names of the fields whose names differ here ("in" is a Python keyword).
+_C_FIELD_NAMES = {"inputs": "in", "outputs": "out"}
+
 _CALL_P = ctypes.POINTER(_Call)
 # name: (restype, argtypes) of every exported function.
 _SIGNATURES = {
@@ -80,6 +85,12 @@ _SIGNATURES = {
     "fv_has_cuda": (ctypes.c_int32, ()),
     "fv_build_info": (ctypes.c_char_p, ()),
     "fv_last_error": (ctypes.c_char_p, ()),
+    "fv_op_count": (ctypes.c_int32, ()),
+    "fv_op_name": (ctypes.c_char_p, (ctypes.c_int32,)),
+    "fv_op_inputs": (ctypes.c_char_p, (ctypes.c_int32,)),
+    "fv_op_outputs": (ctypes.c_char_p, (ctypes.c_int32,)),
+    "fv_op_flags": (ctypes.c_int32, (ctypes.c_int32,)),
+    "fv_layout": (ctypes.c_int64, (ctypes.c_char_p,)),
     "fv_cpu_isa": (ctypes.c_char_p, ()),
     "fv_cpu_isas": (ctypes.c_char_p, ()),
     "fv_cpu_set_isa": (ctypes.c_int32, (ctypes.c_char_p,)),
@@ -121,17 +132,78 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, (f"the native library {LIB_NAME} is not built (looked in {where}); "
                       "reinstall fastvae (pip install .) with a C++ compiler and CMake")
     try:
-        lib = ctypes.CDLL(str(path))
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
+        lib = _open(path)
+        _declare(lib, "fv_abi_version")
+        version = lib.fv_abi_version()
+        if version != ABI_VERSION:
+            return None, (f"the native library {path} has ABI version {version}, this fastvae "
+                          f"expects {ABI_VERSION}: rebuild it (pip install .)")
+        for name in _SIGNATURES:
+            _declare(lib, name)
     except (OSError, AttributeError) as e:
         return None, f"loading the native library {path} failed: {e}"
-    version = lib.fv_abi_version()
-    if version != ABI_VERSION:
-        return None, (f"the native library {path} has ABI version {version}, this fastvae "
-                      f"expects {ABI_VERSION}: rebuild it (pip install .)")
+    mismatch = _layout_mismatch(lib) or _ops_mismatch(lib)
+    if mismatch is not None:
+        return None, (f"the native library {path} does not match this fastvae ({mismatch}) "
+                      f"although both say ABI version {ABI_VERSION}: rebuild it (pip install .)")
     return lib, None
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    return ctypes.CDLL(str(path))
+
+
+def _declare(lib: ctypes.CDLL, name: str) -> None:
+    fn = getattr(lib, name)
+    fn.restype, fn.argtypes = _SIGNATURES[name]
+
+
+def _layout_mismatch(lib: ctypes.CDLL) -> str | None:
+    """How the library's fv_call and fv_tensor (sizes, field offsets, FV_MAX_IN/OUT) differ from
+    ``_Call`` and ``_Tensor``, or None."""
+    expected = {"fv_call": ctypes.sizeof(_Call), "fv_tensor": ctypes.sizeof(_Tensor),
+                "FV_MAX_IN": MAX_IN, "FV_MAX_OUT": MAX_OUT}
+    for struct, c_name in ((_Call, "fv_call"), (_Tensor, "fv_tensor")):
+        for field, _ in struct._fields_:
+            expected[f"{c_name}.{_C_FIELD_NAMES.get(field, field)}"] = getattr(struct, field).offset
+    diffs = []
+    for key, want in expected.items():
+        got = lib.fv_layout(key.encode())
+        if got != want:
+            diffs.append(f"{key}: {'unknown' if got < 0 else got} in the library, {want} here")
+    return "; ".join(diffs) or None
+
+
+def _library_ops(lib: ctypes.CDLL) -> tuple[str, ...]:
+    """The library's op names, in code order."""
+    return tuple(lib.fv_op_name(code).decode() for code in range(lib.fv_op_count()))
+
+
+def _ops_mismatch(lib: ctypes.CDLL) -> str | None:
+    """How the library's ops differ from those ``NativeBackend`` implements, or None."""
+    theirs = _library_ops(lib)
+    ours = _implemented_ops()
+    diffs = []
+    if len(set(theirs)) != len(theirs):
+        diffs.append(f"its op table names an op twice: {', '.join(theirs)}")
+    if extra := [op for op in theirs if op not in ours]:
+        diffs.append(f"ops unknown here: {', '.join(extra)}")
+    if missing := [op for op in ours if op not in theirs]:
+        diffs.append(f"ops it lacks: {', '.join(missing)}")
+    return "; ".join(diffs) or None
+
+
+def _implemented_ops() -> tuple[str, ...]:
+    """The ops this side implements: the ``*_fwd`` / ``*_bwd`` methods of ``NativeBackend``."""
+    return tuple(name for name in vars(NativeBackend) if name.endswith(("_fwd", "_bwd")))
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # OPS: the library's op names in code order (() when it cannot be loaded), read on use.
+    if name == "OPS":
+        lib, _ = load()
+        return () if lib is None else _library_ops(lib)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def unusable_reason(kind: str) -> str | None:
@@ -240,6 +312,7 @@ class NativeBackend:
         self._lib = lib
         self.kind = kind
         self._run = lib.fv_cpu_run if kind == "cpu" else lib.fv_cuda_run
+        self._codes = {name: code for code, name in enumerate(_library_ops(lib))}
 
     def _call(self, op: str, like: Tensor, inputs: Sequence[Tensor | None],
               outputs: Sequence[Tensor | None], *, K: int = 1, seed: Tensor | None = None,
@@ -259,7 +332,7 @@ class NativeBackend:
         call.scalar = scalar
         call.reduce_dim = reduce_dim
         call.compute = DTYPES[_compute_dtype(like.dtype)]
-        code = _OP[op]
+        code = self._codes[op]
         workspace = None
         if self.kind == "cpu":
             call.n_threads = torch.get_num_threads()
