@@ -29,7 +29,9 @@ from .ops.functional import (
     sample_and_kl,
     vae_loss,
 )
+from .ops.functional import continuous_bernoulli_nll
 from .ops.losses import BernoulliNLLLoss, GaussianKLLoss, GaussianNLLLoss
+from .ops.losses import ContinuousBernoulliNLLLoss
 from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
@@ -89,4 +91,6 @@ __all__ = [
     "use_backend",
     "vae_loss",
     "validation_enabled",
+    "continuous_bernoulli_nll",
+    "ContinuousBernoulliNLLLoss",
 ]

@@ -11,6 +11,7 @@ from .gaussian_nll import gaussian_nll_bwd, gaussian_nll_fwd
 from .iwae import iwae_bwd, iwae_fwd
 from .reparameterize import reparameterize_bwd, reparameterize_fwd
 from .sample_and_kl import sample_and_kl_bwd, sample_and_kl_fwd
+from .continuous_bernoulli_nll import continuous_bernoulli_nll_bwd, continuous_bernoulli_nll_fwd
 
 __all__ = [
     "bernoulli_nll_bwd",
@@ -25,4 +26,6 @@ __all__ = [
     "reparameterize_fwd",
     "sample_and_kl_bwd",
     "sample_and_kl_fwd",
+    "continuous_bernoulli_nll_bwd",
+    "continuous_bernoulli_nll_fwd",
 ]
