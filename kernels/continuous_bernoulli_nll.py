@@ -134,7 +134,7 @@ def _continuous_bernoulli_nll_fwd_kernel(
     partial_ptr, l_ptr, x_ptr,
     B, N, tiles_per_prog, n_split,
     s_l_b, s_l_n, s_x_b, s_x_n,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, F64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK_B, BLOCK_N], DTYPE)
@@ -143,7 +143,7 @@ def _continuous_bernoulli_nll_fwd_kernel(
                                           BLOCK_B, BLOCK_N)
         l = load(l_ptr, rows, cols, s_l_b, s_l_n, mask, DTYPE)
         x = load(x_ptr, rows, cols, s_x_b, s_x_n, mask, DTYPE)
-        nll = _cb_nll(l, x, DTYPE == tl.float64)
+        nll = _cb_nll(l, x, F64)
         acc += tl.where(mask, nll, 0.0)
     store_partial(partial_ptr, acc, pid, n_split, B, N, 1, BLOCK_B, BLOCK_N)
 
@@ -154,14 +154,14 @@ def _continuous_bernoulli_nll_bwd_kernel(
     B, N, n_col_tiles,
     s_l_b, s_l_n, s_x_b, s_x_n,
     NEED_L: tl.constexpr, NEED_X: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, F64: tl.constexpr,
 ):
     rows, cols, mask = elementwise_tile(tl.program_id(0), n_col_tiles, B, N, BLOCK_B, BLOCK_N)
     g = load(g_ptr, rows, cols, s_g_b, 0, mask, DTYPE)
     l = load(l_ptr, rows, cols, s_l_b, s_l_n, mask, DTYPE)
     if NEED_L:
         x = load(x_ptr, rows, cols, s_x_b, s_x_n, mask, DTYPE)
-        store(dl_ptr, rows, cols, N, g * _cb_grad_logits(l, x, DTYPE == tl.float64), mask)
+        store(dl_ptr, rows, cols, N, g * _cb_grad_logits(l, x, F64), mask)
     if NEED_X:
         store(dx_ptr, rows, cols, N, -g * l, mask)
 
@@ -175,7 +175,7 @@ def continuous_bernoulli_nll_fwd(logits: Tensor, target: Tensor) -> Tensor:
             red.partial, logits, target, B, N, red.tiles_per_prog, red.n_split,
             *strides(logits), *strides(target),
             BLOCK_B=t.block_b, BLOCK_N=t.block_n, DTYPE=compute_dtype(logits.dtype),
-            num_warps=t.num_warps,
+            F64=logits.dtype == torch.float64, num_warps=t.num_warps,
         )
     return red.result()
 
@@ -192,6 +192,7 @@ def continuous_bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
             *(o if o is not None else logits for o in outs),
             B, N, t.n_col_tiles, *strides(logits), *strides(target),
             NEED_L=needs[0], NEED_X=needs[1], BLOCK_B=t.block_b, BLOCK_N=t.block_n,
-            DTYPE=compute_dtype(logits.dtype), num_warps=t.num_warps,
+            DTYPE=compute_dtype(logits.dtype), F64=logits.dtype == torch.float64,
+            num_warps=t.num_warps,
         )
     return [o for o in outs if o is not None]

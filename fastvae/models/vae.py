@@ -1,10 +1,11 @@
 """A thin VAE around a user's encoder and decoder, every loss term and sample on the fused ops.
 
     encoder: x -> (mu, logvar), or one tensor whose last dimension holds [mu, logvar]
-    decoder: z -> logits (Bernoulli likelihood) or mean (Gaussian), of x's shape
+    decoder: z -> logits (Bernoulli likelihoods) or mean (Gaussian), of x's shape
 
-Likelihoods: ``"bernoulli"`` (logits), ``"gaussian"`` (fixed ``obs_logvar``), and
-``"gaussian_learned"`` (one learned log-variance shared by every pixel).
+Likelihoods: ``"bernoulli"`` (logits), ``"gaussian"`` (fixed ``obs_logvar``),
+``"gaussian_learned"`` (one learned log-variance shared by every pixel), and
+``"continuous_bernoulli"`` (logits; the normalized likelihood of intensities in [0, 1]).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import functional as F
+from ..ops import reference
 from ..ops.reference import kl_elementwise
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli")
 
 
 class VAEOutput(NamedTuple):
@@ -82,7 +84,10 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def mean_of(self, recon: Tensor) -> Tensor:
-        """The likelihood's mean from a decoder output: sigmoid(logits) or the mean itself."""
+        """The likelihood's mean from a decoder output: sigmoid(logits), the continuous
+        Bernoulli's mean ``1/2 + coth(l/2)/2 - 1/l`` (not sigmoid(l)), or the mean itself."""
+        if self.likelihood == "continuous_bernoulli":
+            return continuous_bernoulli_mean(recon)
         return torch.sigmoid(recon) if self.likelihood == "bernoulli" else recon
 
     def nll(self, recon: Tensor, x: Tensor, reduction: str = "mean") -> Tensor:
@@ -91,6 +96,8 @@ class VAE(nn.Module):
         x = x.to(recon.dtype)
         if self.likelihood == "bernoulli":
             return F.bernoulli_nll(recon, x, reduction=reduction)
+        if self.likelihood == "continuous_bernoulli":
+            return F.continuous_bernoulli_nll(recon, x, reduction=reduction)
         logvar = self.obs_logvar
         if isinstance(logvar, nn.Parameter):
             logvar = logvar.to(recon.dtype)
@@ -288,3 +295,11 @@ def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
         raise ValueError(f"arch must be 'mlp' or 'conv', got {arch!r}")
     return VAE(encoder, decoder, latent_dim, likelihood=likelihood, obs_logvar=obs_logvar,
                beta=beta, free_bits=free_bits, logvar_limit=logvar_limit)
+
+
+def continuous_bernoulli_mean(logits: Tensor) -> Tensor:
+    """Mean of the continuous Bernoulli with logits ``l``: ``1/2 + coth(l/2)/2 - 1/l`` (1/2 at
+    l = 0), which is d nll / dl at target 0; computed by the same cancellation-free forms,
+    in ``logits``' dtype."""
+    x = torch.zeros_like(logits, dtype=reference.compute_dtype(logits.dtype))
+    return reference.continuous_bernoulli_nll_grads(logits.to(x.dtype), x)[0].to(logits.dtype)

@@ -275,9 +275,9 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     """Negative ELBO ``nll(recon, x) + beta * gaussian_kl(mu, logvar)``.
 
     ``recon`` is logits for ``likelihood="bernoulli"`` and ``"continuous_bernoulli"``, and the
-    mean for ``"gaussian"`` (with ``obs_logvar`` as in ``gaussian_nll``). The argument order is the classic
-    ``loss_function(recon_x, x, mu, logvar)``. ``recon``/``x`` and ``mu``/``logvar`` pair up and
-    share the batch size.
+    mean for ``"gaussian"`` (with ``obs_logvar`` as in ``gaussian_nll``). The argument order is
+    the classic ``loss_function(recon_x, x, mu, logvar)``. ``recon``/``x`` and ``mu``/``logvar``
+    pair up and share the batch size.
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got "

@@ -261,6 +261,8 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
              free_bits: float = 0.0, reduction: str = "mean") -> Tensor:
     if likelihood == "bernoulli":
         nll = bernoulli_nll(recon, x, reduction=reduction)
+    elif likelihood == "continuous_bernoulli":
+        nll = continuous_bernoulli_nll(recon, x, reduction=reduction)
     else:
         nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
     return nll + beta * gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
@@ -448,7 +450,7 @@ def _cb_parts(logits: Tensor):
 def continuous_bernoulli_nll_elementwise(logits: Tensor, target: Tensor) -> Tensor:
     """-log CB(x | sigmoid(l)) = -log C(l) - x l + softplus(l), C(l) = l / tanh(l/2), per
     element, by the two cancellation-free forms above."""
-    small, l_small, t_large, u, v, q, e, n = _cb_parts(logits)
+    small, l_small, t_large, _, _, q, e, _ = _cb_parts(logits)
     value_small = l_small * (0.5 - target) + torch.log1p(q)
     a = torch.where(logits >= 0, 1.0 - target, target)
     ta = torch.where(a == 0, torch.zeros_like(a), t_large * a)
@@ -462,7 +464,7 @@ def continuous_bernoulli_nll_elementwise(logits: Tensor, target: Tensor) -> Tens
 def continuous_bernoulli_nll_grads(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """d nll / d (logits, target) = ((1/2 - x) + coth(l/2)/2 - 1/l, -l), in the two forms
     above."""
-    small, l_small, t_large, u, v, q, e, n = _cb_parts(logits)
+    small, _, t_large, u, v, q, e, n = _cb_parts(logits)
     d_small = (0.5 - target) + (0.5 * u) * _horner(v, CB_P[:n]) / (1.0 + q)
     a = torch.where(logits >= 0, 1.0 - target, target)
     d_large = torch.where(logits >= 0, 1.0, -1.0).to(logits.dtype) * (

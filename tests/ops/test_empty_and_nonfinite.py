@@ -24,6 +24,7 @@ EMPTY_LOSSES = {
     "gaussian_nll_logvar": lambda x, **kw: fv.gaussian_nll(x, x, x, **kw),
     "sample_and_kl": lambda x, **kw: fv.sample_and_kl(x, x, **kw)[1],
     "vae_loss": lambda x, **kw: fv.vae_loss(x, x, x, x, **kw),
+    "continuous_bernoulli_nll": lambda x, **kw: fv.continuous_bernoulli_nll(x, x, **kw),
 }
 
 
@@ -87,6 +88,10 @@ PROPAGATION = {
     "sample_and_kl_mu_nan": (lambda m, lv, x: fv.sample_and_kl(m, lv, seed=1,
                                                                reduction="none")[1], "m", NAN),
     "vae_recon_nan": (lambda m, lv, x: fv.vae_loss(m, x, m, lv, reduction="none"), "m", NAN),
+    "continuous_bernoulli_logits_nan": (
+        lambda m, lv, x: fv.continuous_bernoulli_nll(m, x, reduction="none"), "m", NAN),
+    "continuous_bernoulli_target_nan": (
+        lambda m, lv, x: fv.continuous_bernoulli_nll(m, x, reduction="none"), "x", NAN),
 }
 
 
