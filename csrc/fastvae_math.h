@@ -542,10 +542,10 @@ FV_HD T continuous_bernoulli_nll(T l, T x) {
     const T value_small = ls * (T(0.5) - x) + log1p_pos(q);
     const T e = exp_(-tb);
     const T a = l >= T(0) ? T(1) - x : x;
-    const T ta = a == T(0) ? T(0) : tb * a;
     const T log_term = -log_(tb) - e * (T(1) + e * (T(0.5) + e * (T(1.0 / 3.0) + T(0.25) * e)));
+    // An infinite logit: the limit, +inf below the hard target, -inf at it (not inf * 0).
     const T inf = T(__builtin_huge_val());
-    const T value_large = tb == inf ? (a > T(0) ? inf : -inf) : ta + log_term;
+    const T value_large = tb == inf ? (a > T(0) ? inf : -inf) : tb * a + log_term;
     return small ? value_small : value_large;
 }
 

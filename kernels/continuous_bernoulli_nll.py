@@ -105,10 +105,10 @@ def _cb_nll(l, x, F64: tl.constexpr):
     value_small = ls * (0.5 - x) + _log1p_pos(q)
     e = tl.exp(-tb)
     a = tl.where(l >= 0, 1.0 - x, x)
-    ta = tl.where(a == 0.0, 0.0, tb * a)
     log_term = -tl.log(tb) - e * (1.0 + e * (0.5 + e * (0.3333333333333333 + 0.25 * e)))
     inf = float("inf")
-    value_large = tl.where(tb == inf, tl.where(a > 0.0, inf, -inf), ta + log_term)
+    # An infinite logit: the limit, +inf below the hard target, -inf at it (not inf * 0).
+    value_large = tl.where(tb == inf, tl.where(a > 0.0, inf, -inf), tb * a + log_term)
     return tl.where(small, value_small, value_large)
 
 

@@ -453,11 +453,14 @@ def continuous_bernoulli_nll_elementwise(logits: Tensor, target: Tensor) -> Tens
     small, l_small, t_large, _, _, q, e, _ = _cb_parts(logits)
     value_small = l_small * (0.5 - target) + torch.log1p(q)
     a = torch.where(logits >= 0, 1.0 - target, target)
-    ta = torch.where(a == 0, torch.zeros_like(a), t_large * a)
-    log_term = -torch.log(t_large) - e * (1.0 + e * (0.5 + e * (1.0 / 3.0 + 0.25 * e)))
-    value_large = torch.where(torch.isinf(t_large),
+    # An infinite logit gives the limit, +inf below the hard target and -inf at it (never
+    # inf * 0 = nan: the finite branch sees t = 8 there).
+    infinite = torch.isinf(t_large)
+    t_finite = torch.where(infinite, CB_SWITCH, t_large)
+    log_term = -torch.log(t_finite) - e * (1.0 + e * (0.5 + e * (1.0 / 3.0 + 0.25 * e)))
+    value_large = torch.where(infinite,
                               torch.where(a > 0, math.inf, -math.inf).to(logits.dtype),
-                              ta + log_term)
+                              t_finite * a + log_term)
     return torch.where(small, value_small, value_large)
 
 
