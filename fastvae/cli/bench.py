@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributions import Bernoulli, Normal, kl_divergence
-from torch.distributions import ContinuousBernoulli
+from torch.distributions import Bernoulli, ContinuousBernoulli, Normal, kl_divergence
 
 import fastvae as fv
 

@@ -49,11 +49,11 @@ def _logit_grid(dtype: torch.dtype) -> list[float]:
     return [0.0] + [s * m for m in mags for s in (1.0, -1.0) if m > 0]
 
 
-def _textbook(l: float, x: float) -> tuple[float, float]:
+def _textbook(logit: float, x: float) -> tuple[float, float]:
     """-log CB(x | sigmoid(l)) and its l-derivative by mpmath, 60 digits plus what cancels."""
-    if l == 0:
+    if logit == 0:
         return 0.0, 0.5 - x
-    lm, xm = mpmath.mpf(l), mpmath.mpf(x)
+    lm, xm = mpmath.mpf(logit), mpmath.mpf(x)
     scale = int(mpmath.floor(mpmath.log10(abs(lm))))
     with mpmath.workdps(60 + 2 * abs(scale) + 10):  # the textbook form cancels both ways
         log_c = mpmath.log(lm / mpmath.tanh(lm / 2))
@@ -67,7 +67,7 @@ def _textbook(l: float, x: float) -> tuple[float, float]:
 def _grid(dtype: torch.dtype):
     """(logits, targets) as ``dtype`` holds them (float64 tensors) and the oracle's values and
     d/dlogits."""
-    logits = torch.tensor([l for l in _logit_grid(dtype) for _ in TARGETS], dtype=torch.float64)
+    logits = torch.tensor([v for v in _logit_grid(dtype) for _ in TARGETS], dtype=torch.float64)
     targets = torch.tensor(TARGETS * (logits.numel() // len(TARGETS)), dtype=torch.float64)
     logits, targets = logits.to(dtype).double(), targets.to(dtype).double()
     truth = [_textbook(a, b) for a, b in zip(logits.tolist(), targets.tolist(), strict=True)]
@@ -93,7 +93,8 @@ def measure(dtype: torch.dtype, device) -> tuple[float, float]:
     xf = targets.to(dtype).to(device).reshape(-1, 1).requires_grad_()
     out = fv.continuous_bernoulli_nll(lf, xf, reduction="none")
     g_l, g_x = torch.autograd.grad(out.sum(), (lf, xf))
-    assert out.dtype == loss_dtype(dtype) and g_l.dtype == dtype
+    assert out.dtype == loss_dtype(dtype)
+    assert g_l.dtype == dtype
     assert torch.equal(g_x.cpu().double().reshape(-1), -logits)  # d/dx = -l, exactly
     slack = accuracy.continuous_bernoulli_slack(logits, targets)
     compute = loss_dtype(dtype)
@@ -111,10 +112,14 @@ def test_against_mpmath(dtype, backend, device):
 
 def test_the_oracle_grid_covers_the_domain():
     logits = _grid(torch.float32)[0]
-    assert logits.min() <= -1e4 and logits.max() >= 1e4 and (logits == 0).any()
+    assert logits.min() <= -1e4
+    assert logits.max() >= 1e4
+    assert (logits == 0).any()
     small = logits.abs()[logits != 0]
-    assert small.min() < 1e-29 and ((small > 1e-7) & (small < 1e-5)).any()
-    assert (logits == 8.0).any() and ((logits > 7.999) & (logits < 8.0)).any()
+    assert small.min() < 1e-29
+    assert ((small > 1e-7) & (small < 1e-5)).any()
+    assert (logits == 8.0).any()
+    assert ((logits > 7.999) & (logits < 8.0)).any()
 
 
 def test_special_values():
@@ -160,10 +165,10 @@ def test_is_torch_distributions_where_that_is_accurate(reduction, backend, devic
 def test_torch_distributions_is_wrong_where_this_is_right(dtype, logit, backend, device):
     """At x = 0.3: torch's log_prob is off by 1e-4 to 10% (float32 at |l| >= 16 and near 0,
     float64 at |l| >= 40) against the mpmath oracle; this op is within a few ulps."""
-    l, x = torch.tensor([[logit]], dtype=dtype), torch.tensor([[0.3]], dtype=dtype)
-    true_value = _textbook(l.item(), x.item())[0]
-    theirs = -torch.distributions.ContinuousBernoulli(logits=l).log_prob(x).item()
-    ours = fv.continuous_bernoulli_nll(l.to(device), x.to(device), reduction="none").item()
+    lt, x = torch.tensor([[logit]], dtype=dtype), torch.tensor([[0.3]], dtype=dtype)
+    true_value = _textbook(lt.item(), x.item())[0]
+    theirs = -torch.distributions.ContinuousBernoulli(logits=lt).log_prob(x).item()
+    ours = fv.continuous_bernoulli_nll(lt.to(device), x.to(device), reduction="none").item()
     assert abs(theirs - true_value) > 1e-4 * abs(true_value)
     assert abs(ours - true_value) <= 4 * UNIT_ROUNDOFF[dtype] * abs(true_value)
 
@@ -180,9 +185,9 @@ def test_mean_is_the_distributions_mean(dtype):
     logits = [-1e4, -30.0, -8.0, -1.0, -1e-5, 0.0, 1e-5, 0.5, 7.9, 8.1, 100.0]
     got = continuous_bernoulli_mean(torch.tensor(logits, dtype=dtype))
     assert got.dtype == dtype
-    for l, m in zip(logits, got.tolist(), strict=True):
+    for logit, m in zip(logits, got.tolist(), strict=True):
         with mpmath.workdps(30):
-            lm = mpmath.mpf(l)
+            lm = mpmath.mpf(logit)
 
             def density(x, lm=lm):
                 if lm == 0:
@@ -193,6 +198,6 @@ def test_mean_is_the_distributions_mean(dtype):
                     log_p = (x - 1) * lm - mpmath.log1p(mpmath.exp(-lm))
                 return lm / mpmath.tanh(lm / 2) * mpmath.exp(log_p)
 
-            points = [0, 1] if abs(l) < 50 else [0, 1e-4, 1e-2, 0.99, 1 - 1e-4, 1]
+            points = [0, 1] if abs(logit) < 50 else [0, 1e-4, 1e-2, 0.99, 1 - 1e-4, 1]
             want = float(mpmath.quad(lambda x: x * density(x), points))
-        assert abs(m - want) <= 8 * UNIT_ROUNDOFF[dtype] * max(abs(want), 1e-300), (l, m, want)
+        assert abs(m - want) <= 8 * UNIT_ROUNDOFF[dtype] * max(abs(want), 1e-300), (logit, m, want)
