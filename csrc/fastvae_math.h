@@ -522,14 +522,8 @@ FV_HD T cb_series_p(T v) {
     return acc;
 }
 
-// log(1 + q) for q >= 0: log(w), w = 1 + q rounded, plus the rounding error of w over w
-// (w - 1 is exact for w >= 1), about 1 ulp with log_f32; the C library's log1p in double.
-FV_HD float log1p_pos(float q) {
-    const float w = 1.0f + q;
-    return log_f32(w) + (q - (w - 1.0f)) / w;
-}
-FV_HD double log1p_pos(double q) { return log1p_unit(q); }
-
+// One logarithm serves both forms: log(1 + q) below the switch, as log(w) of w = 1 + q rounded
+// plus the rounding error of w over w (w - 1 is exact for w >= 1; about 1 ulp), and log t above.
 template <class T>
 FV_HD T continuous_bernoulli_nll(T l, T x) {
     const T t = abs_(l);
@@ -539,10 +533,12 @@ FV_HD T continuous_bernoulli_nll(T l, T x) {
     const T u = T(0.5) * ls;
     const T v = u * u;
     const T q = v * cb_series_q(v);
-    const T value_small = ls * (T(0.5) - x) + log1p_pos(q);
+    const T w = T(1) + q;
+    const T lg = log_(small ? w : tb);
+    const T value_small = ls * (T(0.5) - x) + (lg + (q - (w - T(1))) / w);
     const T e = exp_(-tb);
     const T a = l >= T(0) ? T(1) - x : x;
-    const T log_term = -log_(tb) - e * (T(1) + e * (T(0.5) + e * (T(1.0 / 3.0) + T(0.25) * e)));
+    const T log_term = -lg - e * (T(1) + e * (T(0.5) + e * (T(1.0 / 3.0) + T(0.25) * e)));
     // An infinite logit: the limit, +inf below the hard target, -inf at it (not inf * 0).
     const T inf = T(__builtin_huge_val());
     const T value_large = tb == inf ? (a > T(0) ? inf : -inf) : tb * a + log_term;

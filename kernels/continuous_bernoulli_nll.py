@@ -9,7 +9,8 @@ computed without cancellation or overflow (the formulas of
     d/dl = (1/2 - x) + (u/2) P(v) / (1 + q)  for |l| < 8,
            sign(l) (a - (1/t - e^-t / (1 - e^-t)))  for |l| >= 8;   d/dx = -l.
 Q and P keep 11 terms in float32, 16 in float64. Forward sums over the event: (B,).
-No libdevice: log1p from ``tl.log`` with the rounding error of 1 + q added back.
+No libdevice: log1p from ``tl.log`` with the rounding error of 1 + q added back (one ``tl.log``
+serves both forms).
 """
 
 from __future__ import annotations
@@ -86,13 +87,6 @@ def _series_p(v, F64: tl.constexpr):
 
 
 @triton.jit
-def _log1p_pos(q):
-    """log(1 + q) for q >= 0: log(w) of w = 1 + q, plus the rounding error of w over w."""
-    w = 1.0 + q
-    return tl.log(w) + (q - (w - 1.0)) / w
-
-
-@triton.jit
 def _cb_nll(l, x, F64: tl.constexpr):
     t = tl.abs(l)
     small = t < SWITCH
@@ -102,10 +96,14 @@ def _cb_nll(l, x, F64: tl.constexpr):
     u = 0.5 * ls
     v = u * u
     q = v * _series_q(v, F64)
-    value_small = ls * (0.5 - x) + _log1p_pos(q)
+    # One logarithm for both forms: log1p(q) = log(w) + (rounding error of w = 1 + q) / w
+    # below the switch, log t above.
+    w = 1.0 + q
+    lg = tl.log(tl.where(small, w, tb))
+    value_small = ls * (0.5 - x) + (lg + (q - (w - 1.0)) / w)
     e = tl.exp(-tb)
     a = tl.where(l >= 0, 1.0 - x, x)
-    log_term = -tl.log(tb) - e * (1.0 + e * (0.5 + e * (0.3333333333333333 + 0.25 * e)))
+    log_term = -lg - e * (1.0 + e * (0.5 + e * (0.3333333333333333 + 0.25 * e)))
     inf = float("inf")
     # An infinite logit: the limit, +inf below the hard target, -inf at it (not inf * 0).
     value_large = tl.where(tb == inf, tl.where(a > 0.0, inf, -inf), tb * a + log_term)
