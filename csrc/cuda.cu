@@ -841,6 +841,47 @@ int launch_iwae_fwd(const fv_call& c, cudaStream_t stream) {
     return check_launch("the IWAE log-sum-exp kernel");
 }
 
+template <class T, class S, int E>
+struct ContinuousBernoulliNllFwd {
+    In<S> l, x;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j, T (&v)[E]) const {
+        T lv[E], xv[E];
+        load(l, 0, b, j, N, lv);
+        load(x, 0, b, j, N, xv);
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+            v[e] = j + e < N ? continuous_bernoulli_nll(lv[e], xv[e]) : T(0);
+    }
+};
+
+template <class T, class S, int E>
+struct ContinuousBernoulliNllBwd {
+    In<T> g;
+    In<S> l, x;
+    Out<S> dl, dx;
+    int64_t N;
+    __device__ void operator()(int64_t b, int64_t j) const {
+        T gv[E], lv[E];
+        load(g, 0, b, j, N, gv);
+        load(l, 0, b, j, N, lv);
+        if (dl.p) {
+            T xv[E], d[E];
+            load(x, 0, b, j, N, xv);
+#pragma unroll
+            for (int e = 0; e < E; ++e)
+                d[e] = continuous_bernoulli_grad_logits(gv[e], lv[e], xv[e]);
+            store(dl, 0, b, j, N, d);
+        }
+        if (dx.p) {
+            T d[E];
+#pragma unroll
+            for (int e = 0; e < E; ++e) d[e] = -gv[e] * lv[e];
+            store(dx, 0, b, j, N, d);
+        }
+    }
+};
+
 // Every op of FV_OPS has a case here: a missing one is a compile error (-Werror=switch).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic error "-Wswitch"
@@ -914,6 +955,16 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
                                  make_any_kb(out[0]), make_out<S>(out[1]), make_out<S>(out[2]),
                                  make_out<S>(out[3]), c.N, c.K, log_(T(c.K))},
                 c, st);
+        case FV_OP_CONTINUOUS_BERNOULLI_NLL_FWD:
+            return launch_sum<T, E>(
+                ContinuousBernoulliNllFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), c.N}, c,
+                out[0], 1, st);
+        case FV_OP_CONTINUOUS_BERNOULLI_NLL_BWD:
+            return launch_elementwise<E>(
+                ContinuousBernoulliNllBwd<T, S, E>{make_in<T>(in[0]), make_in<S>(in[1]),
+                                                   make_in<S>(in[2]), make_out<S>(out[0]),
+                                                   make_out<S>(out[1]), c.N},
+                c, st);
     }
     return set_error(FV_ERR_INVALID, "unknown op code %d", op);
 }
@@ -973,6 +1024,10 @@ int64_t workspace_bytes(int32_t op, const fv_call* call) {
         case FV_OP_IWAE_FWD: {
             DeviceGuard guard(c.device);
             return plan_iwae(c, E, compute_size).workspace_bytes;
+        }
+        case FV_OP_CONTINUOUS_BERNOULLI_NLL_FWD: {
+            DeviceGuard guard(c.device);
+            return plan_sum(c, E, compute_size, 1).workspace_bytes;
         }
         default: return 0;
     }

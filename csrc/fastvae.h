@@ -132,7 +132,10 @@ typedef struct fv_call {
       FV_USES_REDUCE_DIM)                                                                          \
     X(IWAE_FWD, iwae_fwd, "log_px~ z* mu logvar", "ll# log_w#", FV_USES_K)                         \
     X(IWAE_BWD, iwae_bwd, "grad# ll# log_w# z* mu logvar", "d_log_px?~ d_z? d_mu? d_logvar?",      \
-      FV_USES_K)
+      FV_USES_K)                                                                                   \
+    X(CONTINUOUS_BERNOULLI_NLL_FWD, continuous_bernoulli_nll_fwd, "logits* target", "nll#", 0)     \
+    X(CONTINUOUS_BERNOULLI_NLL_BWD, continuous_bernoulli_nll_bwd, "grad# logits* target",          \
+      "d_logits? d_target?", 0)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
 typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;

@@ -553,3 +553,117 @@ FV_HD uint16_t float_to_bf16_bits(float f) {
 
 }  // inline namespace FV_MATH_NAMESPACE
 }  // namespace fv
+
+// ---------------------------------------------------------------------------------------------
+// Continuous Bernoulli (appended)
+// ---------------------------------------------------------------------------------------------
+//
+// -log CB(x | sigmoid(l)) = -log C(l) - x l + softplus(l), C(l) = l / tanh(l/2), C(0) = 2, in
+// the two forms that do not cancel (those of fastvae.ops.reference; t = |l|, u = l/2, v = u^2):
+//   |l| < 8:  l (1/2 - x) + log1p(q),  q = sinh(u)/u - 1 = v Q(v),  Q(v) = sum v^(k-1)/(2k+1)!
+//   |l| >= 8: t a + (-log t + log1p(-e^-t)),  a = 1 - x (l >= 0) or x (l < 0)
+//   d/dl = (1/2 - x) + (u/2) P(v) / (1 + q),  P(v) = sum 2k v^(k-1)/(2k+1)!   (|l| < 8)
+//        = sign(l) (a - (1/t - e^-t / (1 - e^-t)))                             (|l| >= 8)
+// Q and P keep 16 terms in double, 11 in float (the first left out is below 2^-56 / 2^-28 of
+// the sum at |l| = 8). Branch-free: both forms are evaluated, each at logits it serves.
+
+namespace fv {
+inline namespace FV_MATH_NAMESPACE {
+
+constexpr double kCbSwitch = 8.0;
+
+template <class T>
+FV_HD T cb_series_q(T v) {
+    T acc;
+    if constexpr (sizeof(T) == 8) {
+        acc = T(1.151633562077195e-37);
+        acc = acc * v + T(1.216125041553518e-34);
+        acc = acc * v + T(1.1309962886447716e-31);
+        acc = acc * v + T(9.183689863795546e-29);
+        acc = acc * v + T(6.446950284384474e-26);
+        acc = acc * v + T(3.868170170630684e-23);
+    } else {
+        acc = T(3.868170170630684e-23);
+    }
+    acc = acc * v + T(1.9572941063391263e-20);
+    acc = acc * v + T(8.22063524662433e-18);
+    acc = acc * v + T(2.8114572543455206e-15);
+    acc = acc * v + T(7.647163731819816e-13);
+    acc = acc * v + T(1.6059043836821613e-10);
+    acc = acc * v + T(2.505210838544172e-08);
+    acc = acc * v + T(2.7557319223985893e-06);
+    acc = acc * v + T(0.0001984126984126984);
+    acc = acc * v + T(0.008333333333333333);
+    acc = acc * v + T(0.16666666666666666);
+    return acc;
+}
+
+template <class T>
+FV_HD T cb_series_p(T v) {
+    T acc;
+    if constexpr (sizeof(T) == 8) {
+        acc = T(3.685227398647024e-36);
+        acc = acc * v + T(3.6483751246605535e-33);
+        acc = acc * v + T(3.166789608205361e-30);
+        acc = acc * v + T(2.387759364586842e-27);
+        acc = acc * v + T(1.5472680682522736e-24);
+        acc = acc * v + T(8.509974375387505e-22);
+    } else {
+        acc = T(8.509974375387505e-22);
+    }
+    acc = acc * v + T(3.9145882126782523e-19);
+    acc = acc * v + T(1.4797143443923793e-16);
+    acc = acc * v + T(4.498331606952833e-14);
+    acc = acc * v + T(1.0706029224547743e-11);
+    acc = acc * v + T(1.9270852604185937e-09);
+    acc = acc * v + T(2.505210838544172e-07);
+    acc = acc * v + T(2.2045855379188714e-05);
+    acc = acc * v + T(0.0011904761904761906);
+    acc = acc * v + T(0.03333333333333333);
+    acc = acc * v + T(0.3333333333333333);
+    return acc;
+}
+
+// One logarithm serves both forms: log(1 + q) below the switch, as log(w) of w = 1 + q rounded
+// plus the rounding error of w over w (w - 1 is exact for w >= 1; about 1 ulp), and log t above.
+template <class T>
+FV_HD T continuous_bernoulli_nll(T l, T x) {
+    const T t = abs_(l);
+    const bool small = t < T(kCbSwitch);
+    const T ls = small ? l : T(0);
+    const T tb = small ? T(kCbSwitch) : t;
+    const T u = T(0.5) * ls;
+    const T v = u * u;
+    const T q = v * cb_series_q(v);
+    const T w = T(1) + q;
+    const T lg = log_(small ? w : tb);
+    const T value_small = ls * (T(0.5) - x) + (lg + (q - (w - T(1))) / w);
+    const T e = exp_(-tb);
+    const T a = l >= T(0) ? T(1) - x : x;
+    const T log_term = -lg - e * (T(1) + e * (T(0.5) + e * (T(1.0 / 3.0) + T(0.25) * e)));
+    // An infinite logit: the limit, +inf below the hard target, -inf at it (not inf * 0).
+    const T inf = T(__builtin_huge_val());
+    const T value_large = tb == inf ? (a > T(0) ? inf : -inf) : tb * a + log_term;
+    return small ? value_small : value_large;
+}
+
+// d nll / dl times the upstream gradient g;  d nll / dx = -g l.
+template <class T>
+FV_HD T continuous_bernoulli_grad_logits(T g, T l, T x) {
+    const T t = abs_(l);
+    const bool small = t < T(kCbSwitch);
+    const T ls = small ? l : T(0);
+    const T tb = small ? T(kCbSwitch) : t;
+    const T u = T(0.5) * ls;
+    const T v = u * u;
+    const T q = v * cb_series_q(v);
+    const T d_small = (T(0.5) - x) + (T(0.5) * u) * cb_series_p(v) / (T(1) + q);
+    const T e = exp_(-tb);
+    const T a = l >= T(0) ? T(1) - x : x;
+    const T d = a - (T(1) / tb - e / (T(1) - e));
+    const T d_large = l >= T(0) ? d : -d;
+    return g * (small ? d_small : d_large);
+}
+
+}  // inline namespace FV_MATH_NAMESPACE
+}  // namespace fv

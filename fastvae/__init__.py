@@ -23,6 +23,7 @@ from .ops.backends import backends, get_backend, set_backend, use_backend
 from .ops.distributions import DiagonalGaussianDistribution, DiagonalNormal
 from .ops.functional import (
     bernoulli_nll,
+    continuous_bernoulli_nll,
     gaussian_kl,
     gaussian_kl_per_dim,
     gaussian_nll,
@@ -31,7 +32,12 @@ from .ops.functional import (
     sample_and_kl,
     vae_loss,
 )
-from .ops.losses import BernoulliNLLLoss, GaussianKLLoss, GaussianNLLLoss
+from .ops.losses import (
+    BernoulliNLLLoss,
+    ContinuousBernoulliNLLLoss,
+    GaussianKLLoss,
+    GaussianNLLLoss,
+)
 from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
@@ -71,6 +77,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "VAE",
     "BernoulliNLLLoss",
+    "ContinuousBernoulliNLLLoss",
     "DiagonalGaussianDistribution",
     "DiagonalNormal",
     "GaussianKLLoss",
@@ -83,6 +90,7 @@ __all__ = [
     "backends",
     "bernoulli_nll",
     "build_vae",
+    "continuous_bernoulli_nll",
     "gaussian_kl",
     "gaussian_kl_per_dim",
     "gaussian_nll",

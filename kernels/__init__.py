@@ -6,6 +6,7 @@ that to run the kernels on CPU tensors.
 """
 
 from .bernoulli_nll import bernoulli_nll_bwd, bernoulli_nll_fwd
+from .continuous_bernoulli_nll import continuous_bernoulli_nll_bwd, continuous_bernoulli_nll_fwd
 from .gaussian_kl import gaussian_kl_bwd, gaussian_kl_fwd
 from .gaussian_nll import gaussian_nll_bwd, gaussian_nll_fwd
 from .iwae import iwae_bwd, iwae_fwd
@@ -15,6 +16,8 @@ from .sample_and_kl import sample_and_kl_bwd, sample_and_kl_fwd
 __all__ = [
     "bernoulli_nll_bwd",
     "bernoulli_nll_fwd",
+    "continuous_bernoulli_nll_bwd",
+    "continuous_bernoulli_nll_fwd",
     "gaussian_kl_bwd",
     "gaussian_kl_fwd",
     "gaussian_nll_bwd",

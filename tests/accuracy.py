@@ -115,3 +115,25 @@ def iwae_slack(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, grad: Tens
     scaled = (z - mu).abs() * torch.exp(-logvar)  # |s| e^(-lv/2)
     return {"value": w_err, "log_px": a.reshape(log_px.shape), "z": a * (scaled + z.abs()),
             "mu": (a * scaled).sum(0), "logvar": (a * 0.5 * (1 + diff2)).sum(0)}
+
+
+def continuous_bernoulli_slack(logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """The value is formed as l (1/2 - x) + log(sinh(u)/u) (u = l/2) or as |l| a + f(|l|),
+    f(t) = log((1 - e^-t)/t) <= 0, a = 1 - x (l >= 0) or x: it may cancel the two terms of
+    either, so its slack is the smaller sum of their sizes. Likewise d/dl, formed as
+    (1/2 - x) + D(l), D = coth(l/2)/2 - 1/l, or as sign(l) (a - (1/t - e^-t/(1 - e^-t)))."""
+    t = logits.abs()
+    u = 0.5 * t
+    big = u > 1
+    ub, us = torch.where(big, u, 2.0), torch.where(big, 0.5, u)
+    log_sinhc = torch.where(big, ub - torch.log(2 * ub) + torch.log1p(-torch.exp(-2 * ub)),
+                            torch.where(us == 0, 0.0, torch.log(torch.sinh(us) / us)))
+    a = torch.where(logits >= 0, 1 - target, target)
+    value = torch.minimum((logits * (0.5 - target)).abs() + log_sinhc,
+                          t * a + (log_sinhc - u).abs())
+    lb = torch.where(t > 1e-3, logits, 1.0)
+    d = torch.where(t > 1e-3, 0.5 / torch.tanh(0.5 * lb) - 1 / lb, logits / 12).abs()
+    tb = torch.where(t > 1e-3, t, 1.0)
+    rest = torch.where(t > 1e-3, (1 / tb - torch.exp(-tb) / -torch.expm1(-tb)).abs(), 0.5)
+    grad = torch.minimum((0.5 - target).abs() + d, a + rest)
+    return {"value": value, "logits": grad, "target": torch.zeros_like(logits)}

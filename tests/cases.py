@@ -135,6 +135,13 @@ CASES = {
         {"recon": ("full", "logits"), "x": ("full", "unit"), **VAE_INPUTS},
         lambda api, x, r, d: api.vae_loss(**x, free_bits=0.2, reduction=r),
         reductions=("mean", "sum")),
+    "continuous_bernoulli": Case(
+        {"logits": ("full", "logits"), "target": ("full", "unit")},
+        lambda api, x, r, d: api.continuous_bernoulli_nll(**x, reduction=r)),
+    "vae_continuous_bernoulli": Case(
+        {"recon": ("full", "logits"), "x": ("full", "unit"), **VAE_INPUTS},
+        lambda api, x, r, d: api.vae_loss(**x, likelihood="continuous_bernoulli", beta=0.5,
+                                          reduction=r)),
 }
 
 

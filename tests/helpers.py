@@ -115,11 +115,15 @@ class Oracle:
         per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         return _reduce(_per_sample(per_element), reduction)
 
+    continuous_bernoulli_nll = staticmethod(reference.continuous_bernoulli_nll)
+
     @staticmethod
     def vae_loss(recon, x, mu, logvar, *, likelihood="bernoulli", obs_logvar=0.0, beta=1.0,
                  free_bits=0.0, reduction="mean"):
         if likelihood == "bernoulli":
             nll = Oracle.bernoulli_nll(recon, x, reduction=reduction)
+        elif likelihood == "continuous_bernoulli":
+            nll = Oracle.continuous_bernoulli_nll(recon, x, reduction=reduction)
         else:
             nll = Oracle.gaussian_nll(recon, x, obs_logvar, reduction=reduction)
         kl = Oracle.gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)

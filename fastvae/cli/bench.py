@@ -4,8 +4,9 @@ For each op, direction (forward, forward+backward), size and implementation: the
 the bytes the op must move (each input read once, each output written once; for backward the
 upstream gradient read and each input gradient written once; noise is generated, never read),
 the achieved GB/s, the percentage of the device-to-device copy bandwidth measured in the same
-run, the speed ratio against eager PyTorch and against ``torch.compile`` of it, and (GPU) the
-peak memory the call allocates beyond its inputs.
+run, the speed ratio against eager PyTorch and against ``torch.compile`` of it, (GPU) the
+peak memory the call allocates beyond its inputs, and (forward+backward) the bytes autograd
+saves for backward (the distinct storages packed by ``saved_tensors_hooks``, inputs included).
 
 Implementations: ``eager`` is what a user writes in plain PyTorch; ``distributions`` the same
 with ``torch.distributions``; ``compile`` is ``torch.compile`` of ``eager``; ``fastvae:<b>``
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributions import Bernoulli, Normal, kl_divergence
+from torch.distributions import Bernoulli, ContinuousBernoulli, Normal, kl_divergence
 
 import fastvae as fv
 
@@ -108,6 +109,8 @@ class Op:
     impls: dict[str, Callable]  # "eager", "distributions" (optional), "fastvae"
     # bytes moved, in units of (B * N * itemsize), forward and backward: (fwd, bwd)
     traffic: tuple[float, float]
+    # (B, N) sizes per device type when --sizes is not given (None: DEFAULT_SIZES)
+    sizes: dict[str, list[tuple[int, int]]] | None = None
 
 
 def _make_reparameterize(B, N, dtype, device):
@@ -132,6 +135,22 @@ def _make_bernoulli(B, N, dtype, device):
 def _make_gaussian(B, N, dtype, device):
     mean, x = _pixel_inputs(B, N, dtype, device)
     return Inputs((mean,), (x,), (None,))
+
+
+def _make_continuous_bernoulli(B, N, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    logits = (2.0 * torch.randn(B, N, generator=g)).to(device, dtype)
+    x = torch.rand(B, N, generator=g).to(device, dtype)  # intensities in [0, 1]
+    return Inputs((_leaf(logits),), (x,), (None,))
+
+
+def _eager_continuous_bernoulli(logits, x):
+    return -ContinuousBernoulli(logits=logits).log_prob(x).sum() / logits.shape[0]
+
+
+# Image sizes (B x 3 x 32 x 32, B x 3 x 64 x 64) and, on a GPU, 1024 x 65536 (67M elements).
+IMAGE_SIZES = {"cpu": [(16, 3 * 32 * 32), (8, 3 * 64 * 64)],
+               "cuda": [(16, 3 * 32 * 32), (8, 3 * 64 * 64), (1024, 65536)]}
 
 
 def _make_loss_head(B, N, dtype, device):
@@ -173,6 +192,10 @@ OPS: dict[str, Op] = {op.name: op for op in [
        # per pixel: fwd logits, x; bwd logits, x -> dlogits. The latent part (B x 64: 3 fwd,
        # 5 bwd) is added in op_bytes.
        traffic=(2, 3)),
+    Op("continuous_bernoulli_nll", _make_continuous_bernoulli,
+       {"eager": _eager_continuous_bernoulli,
+        "fastvae": lambda lg, x: fv.continuous_bernoulli_nll(lg, x)},
+       traffic=(2, 3), sizes=IMAGE_SIZES),  # fwd: logits, x; bwd: logits, x -> dlogits
 ]}
 
 
@@ -236,6 +259,22 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
     dst = torch.empty_like(src)
     seconds = time_fn(lambda: dst.copy_(src), device)
     return 2 * nbytes / seconds
+
+
+def saved_for_backward(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves for backward during one forward call of
+    ``fn`` (inputs it saves included), kept until the output is dropped."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
 
 
 def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -308,6 +347,14 @@ def make_runner(case: Case, device: torch.device) -> Callable[[], object]:
     return run_backward
 
 
+def make_forward(case: Case, device: torch.device) -> Callable[[], object]:
+    """One forward call of a case with autograd recording (for ``saved_for_backward``)."""
+    op = OPS[case.op]
+    inputs = op.make(case.batch, case.features, getattr(torch, case.dtype), device)
+    fn = _call_fn(op, case.impl)
+    return lambda: fn(*inputs.leaves, *inputs.consts)
+
+
 def implementations(op: Op, device: torch.device, backends: Sequence[str] | None,
                     with_compile: bool = True) -> list[str]:
     impls = ["eager"] + (["distributions"] if "distributions" in op.impls else [])
@@ -344,6 +391,7 @@ class Row:
     vs_eager: float | None = None
     vs_compile: float | None = None
     peak_extra_mb: float | None = None
+    saved_mb: float | None = None  # saved for backward (fwd+bwd rows)
 
 
 def device_name(device: torch.device) -> str:
@@ -360,7 +408,8 @@ def device_name(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
-def run_report(device: torch.device, *, ops: Sequence[str], sizes: Sequence[tuple[int, int]],
+def run_report(device: torch.device, *, ops: Sequence[str],
+               sizes: Sequence[tuple[int, int]] | None,
                dtypes: Sequence[str], backends: Sequence[str] | None,
                directions: Sequence[str], with_compile: bool = True,
                log: Callable[[str], None] = print,
@@ -373,7 +422,7 @@ def run_report(device: torch.device, *, ops: Sequence[str], sizes: Sequence[tupl
     rows: list[Row] = []
     for op_name in ops:
         op = OPS[op_name]
-        for B, N in sizes:
+        for B, N in sizes or (op.sizes or DEFAULT_SIZES)[device.type]:
             for dtype in dtypes:
                 itemsize = getattr(torch, dtype).itemsize
                 for direction in directions:
@@ -391,10 +440,14 @@ def run_report(device: torch.device, *, ops: Sequence[str], sizes: Sequence[tupl
                     group = []
                     for impl, seconds in times.items():
                         peak = peak_extra_memory(runners[impl], device)
+                        saved = (saved_for_backward(make_forward(
+                            Case(op_name, direction, impl, B, N, dtype), device))
+                            if direction == "fwd+bwd" else None)
                         group.append(Row(op_name, direction, impl, B, N, dtype, seconds * 1e3,
                                          nbytes, nbytes / seconds / 1e9,
                                          100 * nbytes / seconds / bandwidth,
-                                         peak_extra_mb=None if peak is None else peak / 2**20))
+                                         peak_extra_mb=None if peak is None else peak / 2**20,
+                                         saved_mb=None if saved is None else saved / 2**20))
                     for r in group:
                         r.vs_eager = times["eager"] / (r.ms / 1e3) if "eager" in times else None
                         r.vs_compile = (times["compile"] / (r.ms / 1e3) if "compile" in times
@@ -407,7 +460,8 @@ def run_report(device: torch.device, *, ops: Sequence[str], sizes: Sequence[tupl
 
 
 HEADER = (f"{'op':15s} {'dir':7s} {'impl':16s} {'size':>12s} {'dtype':8s} {'ms':>9s} "
-          f"{'GB/s':>8s} {'%copy':>6s} {'x eager':>8s} {'x compile':>9s} {'peak MB':>8s}")
+          f"{'GB/s':>8s} {'%copy':>6s} {'x eager':>8s} {'x compile':>9s} {'peak MB':>8s} "
+          f"{'saved MB':>8s}")
 
 
 def format_row(r: Row) -> str:
@@ -415,9 +469,10 @@ def format_row(r: Row) -> str:
         return f"{v:.2f}" if v is not None else "-"
 
     peak = f"{r.peak_extra_mb:.1f}" if r.peak_extra_mb is not None else "-"
+    saved = f"{r.saved_mb:.2f}" if r.saved_mb is not None else "-"
     return (f"{r.op:15s} {r.direction:7s} {r.impl:16s} {f'{r.batch}x{r.features}':>12s} "
             f"{r.dtype:8s} {r.ms:9.3f} {r.gb_per_s:8.2f} {r.pct_copy_bw:6.1f} "
-            f"{ratio(r.vs_eager):>8s} {ratio(r.vs_compile):>9s} {peak:>8s}")
+            f"{ratio(r.vs_eager):>8s} {ratio(r.vs_compile):>9s} {peak:>8s} {saved:>8s}")
 
 
 def write_results(rows: list[Row], bandwidth: float, device: torch.device, out_dir: Path,
@@ -619,7 +674,7 @@ def run_command(args: argparse.Namespace) -> int:
                 raise UsageError(f"--backends: {b!r} cannot run here: {reason}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out: {args.out} exists and is not a directory")
-    sizes = args.sizes or DEFAULT_SIZES[device.type]
+    sizes = args.sizes  # None: each op's default sizes
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     print(f"fastvae bench on {device_name(device)}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; backends {', '.join(backends or fv.backends())}")

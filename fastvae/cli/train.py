@@ -59,7 +59,8 @@ def add_parser(sub) -> None:
     p.add_argument("--hidden", type=int_list, default=None,
                    help="hidden sizes (mlp) or channels (conv), e.g. 256,256")
     p.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
-    p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "gaussian_learned"),
+    p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "gaussian_learned",
+                                            "continuous_bernoulli"),
                    default="bernoulli")
     p.add_argument("--obs-logvar", type=finite_float, default=None,
                    help="log-variance of the Gaussian likelihood (initial value if learned); "

@@ -3,11 +3,12 @@
     encoder: x -> (mu, logvar), or one moments tensor holding both on dim 1:
              (B, 2 * C, *spatial) for a latent (C, *spatial) (the latent-diffusion layout;
              (B, 2 * D) for a flat latent), or (B, 2 * numel) flat for any latent shape
-    decoder: z -> logits (Bernoulli likelihood) or mean (Gaussian), of x's shape
+    decoder: z -> logits (Bernoulli likelihoods) or mean (Gaussian), of x's shape
 
-Likelihoods: ``"bernoulli"`` (logits), ``"gaussian"`` (fixed ``obs_logvar``), and
+Likelihoods: ``"bernoulli"`` (logits), ``"gaussian"`` (fixed ``obs_logvar``),
 ``"gaussian_learned"`` (one learned log-variance shared by every pixel, bounded below by
-``min_obs_var``).
+``min_obs_var``), and ``"continuous_bernoulli"`` (logits; the normalized likelihood of
+intensities in [0, 1]).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import functional as F
+from ..ops import reference
 from ..ops.losses import soft_min_logvar
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli")
 
 
 class VAEOutput(NamedTuple):
@@ -107,7 +109,10 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def mean_of(self, recon: Tensor) -> Tensor:
-        """The likelihood's mean from a decoder output: sigmoid(logits) or the mean itself."""
+        """The likelihood's mean from a decoder output: sigmoid(logits), the continuous
+        Bernoulli's mean ``1/2 + coth(l/2)/2 - 1/l`` (not sigmoid(l)), or the mean itself."""
+        if self.likelihood == "continuous_bernoulli":
+            return continuous_bernoulli_mean(recon)
         return torch.sigmoid(recon) if self.likelihood == "bernoulli" else recon
 
     def nll(self, recon: Tensor, x: Tensor, reduction: str = "mean") -> Tensor:
@@ -116,6 +121,8 @@ class VAE(nn.Module):
         round it)."""
         if self.likelihood == "bernoulli":
             return F.bernoulli_nll(recon, x, reduction=reduction)
+        if self.likelihood == "continuous_bernoulli":
+            return F.continuous_bernoulli_nll(recon, x, reduction=reduction)
         logvar = self.obs_logvar
         if isinstance(logvar, nn.Parameter):
             # a float32 parameter meets a bfloat16 mean under autocast: compute in float32
@@ -377,3 +384,11 @@ def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
                 beta=beta, free_bits=free_bits, logvar_limit=logvar_limit)
     model.build_config = config
     return model
+
+
+def continuous_bernoulli_mean(logits: Tensor) -> Tensor:
+    """Mean of the continuous Bernoulli with logits ``l``: ``1/2 + coth(l/2)/2 - 1/l`` (1/2 at
+    l = 0), which is d nll / dl at target 0; computed by the same cancellation-free forms,
+    in ``logits``' dtype."""
+    x = torch.zeros_like(logits, dtype=reference.compute_dtype(logits.dtype))
+    return reference.continuous_bernoulli_nll_grads(logits.to(x.dtype), x)[0].to(logits.dtype)

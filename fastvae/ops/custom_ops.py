@@ -22,6 +22,8 @@ The backend interface (``fastvae.ops.reference``, ``fastvae.kernels``, ``fastvae
     sample_and_kl_bwd(grad_z, grad_kl, mu, logvar, seed, reduce_dim, needs[2]) -> grads
     iwae_fwd(log_px (K, B), z (K, B, N), mu, logvar) -> (ll (B,), log_weights (K, B))
     iwae_bwd(grad, ll, log_weights, log_px, z, mu, logvar, needs[4]) -> grads
+    continuous_bernoulli_nll_fwd(logits, target) -> (B,)
+    continuous_bernoulli_nll_bwd(grad, logits, target, needs[2]) -> grads
 
 Backends see B >= 1 and N >= 1 (empty inputs are answered here), a prior given as both
 tensors or neither, ``seed`` as an int64 tensor of one element on the tensors' device, and
@@ -449,3 +451,44 @@ def _iwae_grad(ctx, grad, _grad_log_w):
 
 iwae_log_likelihood.register_autograd(_iwae_grad, setup_context=_iwae_setup)
 _AUTOGRAD[iwae_log_likelihood] = (_iwae_setup, _iwae_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# continuous_bernoulli_nll
+# ---------------------------------------------------------------------------------------------
+
+
+@_custom_op("continuous_bernoulli_nll")
+def continuous_bernoulli_nll(logits: Tensor, target: Tensor, backend: str) -> Tensor:
+    if logits.numel() == 0:
+        return logits.new_zeros(logits.shape[:1], dtype=out_dtype(logits.dtype))
+    return implementation(backend).continuous_bernoulli_nll_fwd(logits, target)
+
+
+@continuous_bernoulli_nll.register_fake
+def _(logits, target, backend):
+    return logits.new_empty(logits.shape[:1], dtype=out_dtype(logits.dtype))
+
+
+@_custom_op("continuous_bernoulli_nll_backward")
+def continuous_bernoulli_nll_backward(grad: Tensor, logits: Tensor, target: Tensor, backend: str,
+                                      needs: list[bool]) -> list[Tensor]:
+    if logits.numel() == 0:
+        return _empty_grads(needs, (logits, target))
+    return implementation(backend).continuous_bernoulli_nll_bwd(grad, logits, target, needs)
+
+
+@continuous_bernoulli_nll_backward.register_fake
+def _(grad, logits, target, backend, needs):
+    return _fake_grads(needs, (logits, target))
+
+
+def _continuous_bernoulli_nll_grad(ctx, grad):
+    needs = list(ctx.needs_input_grad[:2])
+    grads = call(continuous_bernoulli_nll_backward, grad, *ctx.saved_tensors, ctx.backend, needs)
+    return *_place(grads, needs), None
+
+
+continuous_bernoulli_nll.register_autograd(_continuous_bernoulli_nll_grad,
+                                           setup_context=_bernoulli_nll_setup)
+_AUTOGRAD[continuous_bernoulli_nll] = (_bernoulli_nll_setup, _continuous_bernoulli_nll_grad)

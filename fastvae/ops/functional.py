@@ -19,6 +19,7 @@ from .backends import resolve
 
 __all__ = [
     "bernoulli_nll",
+    "continuous_bernoulli_nll",
     "gaussian_kl",
     "gaussian_kl_per_dim",
     "gaussian_nll",
@@ -317,7 +318,7 @@ def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_b
     return z, _reduce(kl, reduction)
 
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
 
 
 def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
@@ -325,15 +326,16 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
              free_bits: float = 0.0, reduction: str = "mean") -> Tensor:
     """Negative ELBO ``nll(recon, x) + beta * gaussian_kl(mu, logvar)``.
 
-    ``recon`` is logits for ``likelihood="bernoulli"`` and the mean for ``"gaussian"`` (with
-    ``obs_logvar`` as in ``gaussian_nll``). The argument order is the classic
-    ``loss_function(recon_x, x, mu, logvar)``. ``recon``/``x`` and ``mu``/``logvar`` pair up and
-    share the batch size. ``x`` may have another floating dtype than ``recon`` (under
-    ``torch.autocast`` the decoder returns bfloat16 logits for float32 data): both compute in
-    their common dtype, as in ``bernoulli_nll``; ``mu`` and ``logvar`` share one dtype.
+    ``recon`` is logits for ``likelihood="bernoulli"`` and ``"continuous_bernoulli"``, and the
+    mean for ``"gaussian"`` (with ``obs_logvar`` as in ``gaussian_nll``). The argument order is
+    the classic ``loss_function(recon_x, x, mu, logvar)``. ``recon``/``x`` and ``mu``/``logvar``
+    pair up and share the batch size. ``x`` may have another floating dtype than ``recon``
+    (under ``torch.autocast`` the decoder returns bfloat16 logits for float32 data): both
+    compute in their common dtype, as in ``bernoulli_nll``; ``mu`` and ``logvar`` share one dtype.
     """
     if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
+        raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got "
+                         f"{likelihood!r}")
     beta = check.number("beta", beta)
     # Every check before any kernel runs, in this function's own argument names.
     check.tensor("recon", recon)
@@ -358,6 +360,9 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     if likelihood == "bernoulli":
         check.unit_interval("x", x)
         nll = bernoulli_nll(recon, x, reduction=reduction)
+    elif likelihood == "continuous_bernoulli":
+        check.unit_interval("x", x)
+        nll = continuous_bernoulli_nll(recon, x, reduction=reduction)
     else:
         nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
     return nll + beta * gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
@@ -393,3 +398,32 @@ def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: T
     ll, _ = _ops.call(_ops.iwae_log_likelihood, log_px_given_z, _rows(z, K, B, N),
                       _rows(mu, B, N), _rows(logvar, B, N), backend)
     return ll
+
+
+def continuous_bernoulli_nll(logits: Tensor, target: Tensor, *,
+                             reduction: str = "mean") -> Tensor:
+    """``-log CB(target | sigmoid(logits))``, the continuous Bernoulli (Loaiza-Ganem &
+    Cunningham 2019), summed over the event: the normalized likelihood of targets in [0, 1].
+
+    Per element ``-log C(l) - x * l + softplus(l)`` with ``C(l) = l / tanh(l / 2)``
+    (``C(0) = 2``), i.e. ``bernoulli_nll(l, x) - log C(l)``. Exact for every finite logit: a
+    series for ``|l| < 8`` (``l * (1/2 - x) + log(sinh(l/2) / (l/2))``), logarithms of
+    ``|l|`` beyond, without overflow or cancellation; gradients likewise
+    (``d/dl = 1/2 - x + coth(l/2)/2 - 1/l``, ``d/dx = -l``). The value is in nats and may be
+    negative (a density). ``logits`` and ``target``: equal shapes and dtypes; targets in
+    [0, 1] (checked only with validation on). Returns ``(B,)`` for ``"none"``, else a scalar;
+    float32 (float64 for float64 inputs). Raises ``TypeError`` for non-float or mixed dtypes,
+    ``ValueError`` for mismatched shapes or devices, a 0-d input or an unknown reduction.
+    """
+    check.tensor("logits", logits)
+    check.tensor("target", target)
+    check.batched("logits", logits)
+    check.pair("target", target, "logits", logits)
+    reduction = check.reduction(reduction)
+    check.finite(logits=logits, target=target)
+    check.unit_interval("target", target)
+    backend = resolve(logits.device)
+    B, N = _batch_and_event(logits)
+    per_sample = _ops.call(_ops.continuous_bernoulli_nll, _rows(logits, B, N),
+                           _rows(target, B, N), backend)
+    return _reduce(per_sample, reduction)

@@ -108,5 +108,13 @@ class GaussianKLLoss(_Loss):
         return f"reduction={self.reduction!r}, free_bits={self.free_bits}"
 
 
-__all__ = ["BernoulliNLLLoss", "GaussianKLLoss", "GaussianNLLLoss"]
+class ContinuousBernoulliNLLLoss(_Loss):
+    """``loss(logits, target)``: ``fastvae.continuous_bernoulli_nll`` (sum over the event, then
+    the reduction over the batch)."""
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return F.continuous_bernoulli_nll(logits, target, reduction=self.reduction)
+
+
+__all__ = ["BernoulliNLLLoss", "ContinuousBernoulliNLLLoss", "GaussianKLLoss", "GaussianNLLLoss"]
 

@@ -455,3 +455,17 @@ class NativeBackend:
                   _samples_view(log_w.to(dtype), N), z, mu, logvar)
         self._call("iwae_bwd", mu, inputs, (_samples_view(outs[0], N), *outs[1:]), K=K)
         return _present(outs)
+
+    # -- continuous_bernoulli_nll -----------------------------------------------------------
+
+    def continuous_bernoulli_nll_fwd(self, logits, target):
+        nll = self._sum_out(logits, 1)
+        self._call("continuous_bernoulli_nll_fwd", logits, (logits, target), (nll,))
+        return nll
+
+    def continuous_bernoulli_nll_bwd(self, grad, logits, target, needs):
+        B, N = logits.shape
+        g = _rows_view(grad, 1, B, N, _compute_dtype(logits.dtype))
+        outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
+        self._call("continuous_bernoulli_nll_bwd", logits, (g, logits, target), outs)
+        return _present(outs)

@@ -377,6 +377,8 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
              free_bits: float = 0.0, reduction: str = "mean") -> Tensor:
     if likelihood == "bernoulli":
         nll = bernoulli_nll(recon, x, reduction=reduction)
+    elif likelihood == "continuous_bernoulli":
+        nll = continuous_bernoulli_nll(recon, x, reduction=reduction)
     else:
         nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
     return nll + beta * gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
@@ -506,3 +508,98 @@ def iwae_bwd(grad: Tensor, out: Tensor, log_w: Tensor, log_px: Tensor, z: Tensor
     grads = [a, d_z, d_mu.sum(0), (a3 * d_lv).sum(0)]
     like = (log_px, z, mu, logvar)
     return [g.to(t.dtype) for g, t, need in zip(grads, like, needs, strict=True) if need]
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous Bernoulli (appended: the per-element formulas, the reference op, the backend)
+# ---------------------------------------------------------------------------------------------
+
+# -log CB(x | sigmoid(l)) = -[log C(l) + x l - softplus(l)], C(l) = l / tanh(l/2), C(0) = 2
+# (Loaiza-Ganem & Cunningham 2019), in the two forms that do not cancel (t = |l|, u = l/2):
+#
+#   |l| < 8:  l (1/2 - x) + log(sinh(u) / u)            (symmetric: odd part + even part)
+#             log(sinh(u) / u) = log1p(q),  q = sinh(u)/u - 1 = v Q(v),  v = u^2,
+#             Q(v) = sum_{k>=1} v^(k-1) / (2k+1)!        (entire; positive terms)
+#   |l| >= 8: t a + log((1 - e^-t) / t),  a = 1 - x for l >= 0, x below
+#             log((1 - e^-t) / t) = -log t + log1p(-e^-t) (e^-t <= 3.4e-4: four terms)
+#
+# Both are exact rewritings (softplus(l) - x l = t a + log1p(e^-t), and the log1p(e^-t) of
+# log C cancels it). The switch at 8 balances what each form cancels against the result:
+# the symmetric form cancels l (1/2 - x) against log(sinh u / u) for x near 0 or 1, the other
+# t a against the log for x near 1/2; at 8 either loses at most a factor of 2.
+# Derivatives: d/dl = (1/2 - x) + D(l), D(l) = coth(l/2)/2 - 1/l = (u/2) P(v) / (1 + q) with
+# P(v) = sum_{k>=1} 2k v^(k-1) / (2k+1)! (q'(u) = u P(v)), and for |l| >= 8
+# d/dl = sign(l) (a - (1/t - e^-t / (1 - e^-t)));  d/dx = -l.
+CB_SWITCH = 8.0
+# Terms of Q and P kept per compute dtype: the first one left out is below 2^-56 (float64),
+# 2^-28 (float32) of the sum at v = 16 (|l| = 8).
+CB_TERMS = {torch.float64: 16, torch.float32: 11}
+CB_Q = [1.0 / math.factorial(2 * k + 1) for k in range(1, 17)]
+CB_P = [2.0 * k / math.factorial(2 * k + 1) for k in range(1, 17)]
+
+
+def _horner(v: Tensor, coefficients: list[float]) -> Tensor:
+    acc = torch.full_like(v, coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        acc = acc * v + c
+    return acc
+
+
+def _cb_parts(logits: Tensor):
+    """The pieces both forms share; each branch sees only the logits it serves (so that
+    autograd through the unselected branch meets no inf or nan)."""
+    t = logits.abs()
+    small = t < CB_SWITCH
+    n = CB_TERMS[compute_dtype(logits.dtype)]
+    l_small = torch.where(small, logits, torch.zeros_like(logits))
+    t_large = torch.where(small, torch.full_like(t, CB_SWITCH), t)
+    u = 0.5 * l_small
+    v = u * u
+    q = v * _horner(v, CB_Q[:n])
+    e = torch.exp(-t_large)
+    return small, l_small, t_large, u, v, q, e, n
+
+
+def continuous_bernoulli_nll_elementwise(logits: Tensor, target: Tensor) -> Tensor:
+    """-log CB(x | sigmoid(l)) = -log C(l) - x l + softplus(l), C(l) = l / tanh(l/2), per
+    element, by the two cancellation-free forms above."""
+    small, l_small, t_large, _, _, q, e, _ = _cb_parts(logits)
+    value_small = l_small * (0.5 - target) + torch.log1p(q)
+    a = torch.where(logits >= 0, 1.0 - target, target)
+    # An infinite logit gives the limit, +inf below the hard target and -inf at it (never
+    # inf * 0 = nan: the finite branch sees t = 8 there).
+    infinite = torch.isinf(t_large)
+    t_finite = torch.where(infinite, CB_SWITCH, t_large)
+    log_term = -torch.log(t_finite) - e * (1.0 + e * (0.5 + e * (1.0 / 3.0 + 0.25 * e)))
+    value_large = torch.where(infinite,
+                              torch.where(a > 0, math.inf, -math.inf).to(logits.dtype),
+                              t_finite * a + log_term)
+    return torch.where(small, value_small, value_large)
+
+
+def continuous_bernoulli_nll_grads(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """d nll / d (logits, target) = ((1/2 - x) + coth(l/2)/2 - 1/l, -l), in the two forms
+    above."""
+    small, _, t_large, u, v, q, e, n = _cb_parts(logits)
+    d_small = (0.5 - target) + (0.5 * u) * _horner(v, CB_P[:n]) / (1.0 + q)
+    a = torch.where(logits >= 0, 1.0 - target, target)
+    d_large = torch.where(logits >= 0, 1.0, -1.0).to(logits.dtype) * (
+        a - (1.0 / t_large - e / (1.0 - e)))
+    return torch.where(small, d_small, d_large), -logits
+
+
+def continuous_bernoulli_nll(logits: Tensor, target: Tensor, *,
+                             reduction: str = "mean") -> Tensor:
+    return _reduce(_per_sample(continuous_bernoulli_nll_elementwise(_up(logits), _up(target))),
+                   reduction)
+
+
+def continuous_bernoulli_nll_fwd(logits: Tensor, target: Tensor) -> Tensor:
+    return continuous_bernoulli_nll_elementwise(_up(logits), _up(target)).sum(1)
+
+
+def continuous_bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
+                                 needs: list[bool]) -> list[Tensor]:
+    g = grad.unsqueeze(1)
+    grads = continuous_bernoulli_nll_grads(_up(logits), _up(target))
+    return _cast_needed(tuple(g * d for d in grads), needs, logits)

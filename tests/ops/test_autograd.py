@@ -100,6 +100,9 @@ def _opcheck_samples(backend: str, device: torch.device):
         ("sample_and_kl_backward", _ops.sample_and_kl_backward,
          (t(B, N, grad=False), t(B, grad=False), d["mu"], d["lv"], seed, 1, backend,
           [True, True])),
+        ("continuous_bernoulli_nll", _ops.continuous_bernoulli_nll, (logits, target, backend)),
+        ("continuous_bernoulli_nll_backward", _ops.continuous_bernoulli_nll_backward,
+         (t(B, grad=False), d["logits"], d["target"], backend, [True, True])),
     ]
 
 
@@ -116,7 +119,7 @@ def test_opcheck(sample, backend, device):
 def test_every_foundation_op_is_opchecked():
     ops = {op._qualname for _, op, _ in _opcheck_samples("torch", torch.device("cpu"))}
     foundation = {"reparameterize", "gaussian_kl", "bernoulli_nll", "gaussian_nll",
-                  "sample_and_kl"}
+                  "sample_and_kl", "continuous_bernoulli_nll"}
     assert ops == {f"fastvae::{n}{s}" for n in foundation for s in ("", "_backward")}
 
 
@@ -134,6 +137,7 @@ def _loss_head(recon, x, mu, logvar, prior_mu, obs_logvar, eps):
                                                              free_bits=0.1)
     loss = loss + fv.gaussian_nll(recon, x, obs_logvar, reduction="sum")
     loss = loss + fv.vae_loss(recon, x, mu, logvar, likelihood="gaussian", beta=0.5)
+    loss = loss + fv.continuous_bernoulli_nll(recon, x)
     return loss + (z * z).mean() + zs.square().sum() * 0.01 + z_eps.sum() * 0.1
 
 

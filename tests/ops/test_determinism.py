@@ -72,7 +72,8 @@ def test_bitwise_identical_runs(case, backend, device):
 
 @pytest.mark.parametrize("case", ["kl_prior", "kl_free_bits", "bernoulli", "gaussian_nll_element",
                                   "reparameterize_samples", "sample_and_kl",
-                                  "sample_and_kl_free_bits", "vae_gaussian"])
+                                  "sample_and_kl_free_bits", "vae_gaussian",
+                                  "continuous_bernoulli"])
 def test_bitwise_identical_across_thread_counts(case):
     """The cpu backend splits the work over torch.get_num_threads() threads; the result does not
     depend on how many (a half-precision and a broadcast layout too)."""

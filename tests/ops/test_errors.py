@@ -33,6 +33,23 @@ BAD_INPUTS = [
     ("kl_0d", lambda: fv.gaussian_kl(scalar, scalar), ValueError, ["mu"]),
     ("bernoulli_target_shape", lambda: fv.bernoulli_nll(a, t(3, 5)), ValueError,
      ["target", "logits"]),
+    ("continuous_bernoulli_target_shape", lambda: fv.continuous_bernoulli_nll(a, t(3, 5)),
+     ValueError, ["target", "logits"]),
+    ("continuous_bernoulli_0d", lambda: fv.continuous_bernoulli_nll(scalar, scalar), ValueError,
+     ["logits"]),
+    ("continuous_bernoulli_reduction",
+     lambda: fv.continuous_bernoulli_nll(a, b, reduction="elementwise"), ValueError,
+     ["reduction"]),
+    ("continuous_bernoulli_int_target", lambda: fv.continuous_bernoulli_nll(a, i34), TypeError,
+     ["target"]),
+    ("continuous_bernoulli_mixed", lambda: fv.continuous_bernoulli_nll(a.half(), b), TypeError,
+     ["target"]),
+    ("continuous_bernoulli_device", lambda: fv.continuous_bernoulli_nll(a, meta), ValueError,
+     ["target"]),
+    ("module_continuous_bernoulli_forward_shape",
+     lambda: fv.ContinuousBernoulliNLLLoss()(a, t(3, 5)), ValueError, ["target"]),
+    ("vae_unknown_likelihood", lambda: fv.vae_loss(a, b, a, b, likelihood="beta"), ValueError,
+     ["likelihood", "continuous_bernoulli"]),
     ("bernoulli_target_broadcast", lambda: fv.bernoulli_nll(a, t(4)), ValueError, ["target"]),
     ("bernoulli_0d", lambda: fv.bernoulli_nll(scalar, scalar), ValueError, ["logits"]),
     ("gaussian_nll_target_shape", lambda: fv.gaussian_nll(a, t(3, 1)), ValueError, ["target"]),
@@ -214,6 +231,6 @@ def test_bad_input_table_is_complete():
     ids = [i for i, *_ in BAD_INPUTS]
     assert len(ids) == len(set(ids))
     for op in ("kl", "bernoulli", "gaussian_nll", "reparameterize", "sample_and_kl", "vae",
-               "iwae"):
+               "iwae", "continuous_bernoulli"):
         kinds = {e for i, _, e, _ in BAD_INPUTS if i.startswith(op)}
         assert kinds == {ValueError, TypeError}, f"{op}: {kinds}"

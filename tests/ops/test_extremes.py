@@ -116,6 +116,10 @@ OPS = {
                                                          reduction="none"),
                         _sample_and_kl_slack, samples=(0,), noisy=True),
     "iwae": Op(("log_px", "z", "mu", "logvar"), _iwae_call, _iwae_slack),
+    "continuous_bernoulli": Op(("logits", "target"),
+                               lambda api, x: (api.continuous_bernoulli_nll(
+                                   x["logits"], x["target"], reduction="none"),),
+                               _loss_slack(accuracy.continuous_bernoulli_slack)),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +170,13 @@ TABLE = {
     "iwae_logvar": ("iwae", _product(log_px0=[-3.0], log_px1=[-1.0], z0=[0.5], z1=[-1.0],
                                      mu=[0.0, 2.0], logvar=[-100.0, -30.0, 0.0, 30.0, 80.0]),
                     ALL),
+    # Continuous Bernoulli: logits to +-1e4 through 0 (1e-30 ... 1e-3: the series' own
+    # scale), on both sides of the switch of forms at |l| = 8, against hard, soft and
+    # near-1/2 targets.
+    "continuous_bernoulli": ("continuous_bernoulli",
+                             _product(logits=[*LOGITS, -1e-30, 1e-30, -7.99, 7.99, -8.0, 8.0,
+                                              8.01, -30.0, 3.0],
+                                      target=[*TARGETS, 0.5, 0.5009765625]), ALL),
 }
 
 
@@ -253,6 +264,7 @@ CLEAN = {
     "sample_and_kl": {"mu": [0.5, -1.0, 2.0], "logvar": [0.3, -2.0, 1.0]},
     "iwae": {"log_px0": [-3.0, -1.0, -2.0], "log_px1": [-1.0, -2.0, -4.0], "z0": [0.5, 0.1, 1.0],
              "z1": [-1.0, 0.2, 0.0], "mu": [0.5, -1.0, 2.0], "logvar": [0.3, -2.0, 1.0]},
+    "continuous_bernoulli": {"logits": [0.5, -3.0, 12.0], "target": [0.0, 1.0, 0.25]},
 }
 NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 

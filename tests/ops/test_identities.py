@@ -203,3 +203,23 @@ def test_reference_expm1mx_is_accurate_in_float32():
                         x32.double() ** 2 / 2 * (1 + x32.double() / 3 + x32.double() ** 2 / 12),
                         torch.expm1(x32.double()) - x32.double())
     torch.testing.assert_close(reference.expm1mx(x32).double(), exact, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_continuous_bernoulli_nll_is_torch_distributions(reduction, backend, device):
+    """fv.continuous_bernoulli_nll == -ContinuousBernoulli(logits=l).log_prob(x) summed over the
+    event, values and gradients, in float64 for |l| <= 10 (where torch's is accurate)."""
+    g = torch.Generator().manual_seed(3)
+    logits = (3.0 * torch.randn(6, 17, generator=g, dtype=torch.float64)).clamp(-10, 10)
+    target = torch.rand(6, 17, generator=g, dtype=torch.float64)
+    target[:, ::3] = target[:, ::3].round()
+    leaves = [t.to(device).requires_grad_() for t in (logits, target)]
+    ours = fv.continuous_bernoulli_nll(*leaves, reduction=reduction)
+    dist = torch.distributions.ContinuousBernoulli(logits=leaves[0], validate_args=False)
+    theirs = -dist.log_prob(leaves[1]).sum(1)
+    theirs = theirs.sum() if reduction == "sum" else theirs
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    upstream = torch.ones_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, leaves, upstream),
+                    torch.autograd.grad(theirs, leaves, upstream), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)

@@ -98,3 +98,12 @@ def test_training_with_the_modules(backend, device):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
         optimizer.step()
     assert loss_at(0).item() < start - 0.5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_continuous_bernoulli_module(reduction, backend, device):
+    logits, target = _t(5, 8, scale=3.0, device=device), _t(5, 8, unit=True, device=device)
+    loss = fv.ContinuousBernoulliNLLLoss(reduction=reduction)
+    assert repr(loss) == f"ContinuousBernoulliNLLLoss(reduction={reduction!r})"
+    _same(loss(logits, target),
+          fv.continuous_bernoulli_nll(logits, target, reduction=reduction), (logits, target))

@@ -281,6 +281,9 @@ def _cases(geometry, dtype, g):
     yield "gaussian_nll_fwd", (mu, x, None, -1.25), False
     yield "gaussian_nll_bwd", (g_rows, mu, x, plv, 0.0, [True, True, True]), False
     yield "gaussian_nll_bwd", (g_rows, mu, x, None, 0.75, [True, False, False]), False
+    yield "continuous_bernoulli_nll_fwd", (logits, x), False
+    yield "continuous_bernoulli_nll_bwd", (g_rows, logits, x, [True, True]), False
+    yield "continuous_bernoulli_nll_bwd", (g_rows, logits, x, [True, False]), False
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -306,7 +309,7 @@ def _grad_inputs(op, args):
         like = [mu, lv, eps if eps is not None else mu]
     elif op == "gaussian_kl_bwd":
         like, needs = [args[1]] * 4, args[6]
-    elif op == "bernoulli_nll_bwd":
+    elif op in ("bernoulli_nll_bwd", "continuous_bernoulli_nll_bwd"):
         like, needs = [args[1]] * 2, args[3]
     elif op == "gaussian_nll_bwd":
         like, needs = [args[1]] * 3, args[5]

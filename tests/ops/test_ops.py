@@ -99,7 +99,7 @@ def test_values_and_grads(case, geometry, reduction, dtype, backend, device):
 # ---------------------------------------------------------------------------------------------
 
 SUBSET_CASES = ("kl_prior", "bernoulli", "gaussian_nll_element", "reparameterize_eps",
-                "reparameterize_seed", "sample_and_kl")
+                "reparameterize_seed", "sample_and_kl", "continuous_bernoulli")
 
 
 @pytest.mark.parametrize("case", SUBSET_CASES)

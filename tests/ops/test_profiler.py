@@ -24,7 +24,8 @@ def _every_op(device):
     z_sample, kl = fv.sample_and_kl(mu, logvar, seed=1)
     losses = (fv.reparameterize(mu, logvar, seed=2).sum(), fv.gaussian_kl(mu, logvar),
               fv.bernoulli_nll(logits, target), fv.gaussian_nll(logits, target, 0.5),
-              z_sample.sum() + kl, fv.iwae_log_likelihood(log_px, z, mu, logvar).sum())
+              z_sample.sum() + kl, fv.iwae_log_likelihood(log_px, z, mu, logvar).sum(),
+              fv.continuous_bernoulli_nll(logits, target))
     torch.stack(losses).sum().backward()
 
 

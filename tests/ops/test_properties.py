@@ -734,3 +734,37 @@ def test_every_backend_has_a_budget():
     for name in fv.backends():
         assert name in EXAMPLES
         assert name in MAX_NUMEL
+
+
+# ---------------------------------------------------------------------------------------------
+# continuous_bernoulli_nll
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def continuous_bernoulli_examples(draw, max_numel):
+    return _common(draw, max_numel, ("logits", "target"), "continuous_bernoulli",
+                   ("none", "mean", "sum"))
+
+
+def continuous_bernoulli_body(ex: Example, device):
+    shape = ex.shape
+    inputs = build(ex, {"logits": ("logits", shape, shape), "target": ("unit", shape, shape)},
+                   device)
+    out = fv.continuous_bernoulli_nll(**_views(inputs), reduction=ex.reduction)
+    expected = Oracle.continuous_bernoulli_nll(**inputs.full, reduction=ex.reduction)
+    ups, ups64 = upstreams([out], torch.Generator().manual_seed(ex.seed + 1))
+    full = {k: v.detach() for k, v in inputs.full.items()}
+    terms = reference.continuous_bernoulli_nll_elementwise(full["logits"], full["target"])
+    slack = accuracy.continuous_bernoulli_slack(full["logits"], full["target"])
+    checker = Checker(ex, inputs)
+    value_slack = checker.loss_part(terms, slack.pop("value"), slack, ups64[0],
+                                    reduction=ex.reduction)
+    checker.check_output(0, out, expected, value_slack, _loss_dtype_for(ex),
+                         _n_summed(shape, ex.reduction))
+    checker.check_grads(_grads([out], inputs, ups), _oracle_grads([expected], inputs, ups64))
+
+
+def test_continuous_bernoulli_nll(backend, device):
+    run_property(backend, continuous_bernoulli_examples,
+                 lambda ex: continuous_bernoulli_body(ex, device))

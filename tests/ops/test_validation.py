@@ -37,6 +37,15 @@ INVALID_DATA = [
     ("vae_x_above_1", lambda: fv.vae_loss(a, with_value(target01, 2.0), a, b), ["x"]),
     ("vae_recon_nan", lambda: fv.vae_loss(with_value(a, NAN), target01, a, b), ["recon"]),
     ("vae_logvar_nan", lambda: fv.vae_loss(a, target01, a, with_value(b, NAN)), ["logvar"]),
+    ("continuous_bernoulli_logits_inf",
+     lambda: fv.continuous_bernoulli_nll(with_value(a, INF), b), ["logits"]),
+    ("continuous_bernoulli_target_above_1",
+     lambda: fv.continuous_bernoulli_nll(a, with_value(b, 1.5)), ["target"]),
+    ("continuous_bernoulli_target_below_0",
+     lambda: fv.continuous_bernoulli_nll(a, with_value(b, -0.1)), ["target"]),
+    ("vae_continuous_bernoulli_x_above_1",
+     lambda: fv.vae_loss(a, with_value(b, 2.0), a, b, likelihood="continuous_bernoulli"),
+     ["x"]),
 ]
 
 

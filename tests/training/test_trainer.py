@@ -29,7 +29,7 @@ def test_training_lowers_the_negative_elbo(digits, trained):
     assert [m.epoch for m in trained.history] == list(range(1, 7))
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian", "gaussian_learned"])
+@pytest.mark.parametrize("likelihood", ["gaussian", "gaussian_learned", "continuous_bernoulli"])
 def test_gaussian_likelihoods_train(digits, likelihood):
     train_x, val_x = digits
     config = dict(DIGITS_CONFIG, likelihood=likelihood, obs_logvar=-2.0)
