@@ -677,11 +677,16 @@ def print_table(title: str, rows: list[Row]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _short_name(mangled: str) -> str:
-    name = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip() \
-        if shutil.which("c++filt") else mangled
-    name = re.sub(r"\(anonymous namespace\)::|fv::gpu::|fv::|^void ", "", name)
-    return re.sub(r"\(.*\)$", "", name)
+def _short_names(mangled: list[str]) -> list[str]:
+    """Demangled (c++filt, when present), without namespaces and parameter lists."""
+    names = mangled
+    if shutil.which("c++filt"):
+        res = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True,
+                             text=True)
+        names = res.stdout.splitlines() if res.returncode == 0 else mangled
+    return [re.sub(r"\(.*\)$", "",
+                   re.sub(r"\(anonymous namespace\)::|fv::gpu::|fv::|^void ", "", name))
+            for name in names]
 
 
 def check_cuda(archs: list[int]) -> tuple[int, list[Row]]:
@@ -694,32 +699,40 @@ def check_cuda(archs: list[int]) -> tuple[int, list[Row]]:
     t0 = time.perf_counter()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-O3", "-std=c++17", "-Xcompiler=-fno-math-errno", *gencode,
+        # the flags of the CMake build (Release, CUDA_STANDARD 17)
+        cmd = [nvcc, "-O3", "-DNDEBUG", "-std=c++17", "-Xcompiler=-fno-math-errno", *gencode,
                "-Xptxas", "-v", "-c", str(ROOT / "csrc" / "cuda.cu"), "-o", f"{tmp}/cuda.o"]
         res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         print(f"FAIL nvcc csrc/cuda.cu:\n{res.stdout}{res.stderr}")
         return 1, []
-    rows = []
-    blocks = re.split(r"(?=ptxas info\s+: Compiling entry function)", res.stdout + res.stderr)
-    for block in blocks:
-        m = re.search(r"Compiling entry function '(\w+)' for 'sm_(\d+)a?'", block)
-        if not m:
-            continue
-        st = parse_ptxas(block)
-        name = _short_name(m.group(1))
-        rows.append(Row(int(m.group(2)), name, 1, st["regs"],
-                        max(st["spill_st"], st["spill_ld"]), st["smem"]))
-    print(f"nvcc csrc/cuda.cu for sm_{', sm_'.join(map(str, archs))}: {len(rows)} kernels, "
+    found = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)a?'(.*?)(?=ptxas info\s+: "
+                       r"Compiling entry function|\Z)", res.stdout + res.stderr, re.S)
+    rows: dict[tuple[int, str], Row] = {}
+    for (_, arch, log), name in zip(found, _short_names([f[0] for f in found]), strict=True):
+        st = parse_ptxas(log)
+        # one row per kernel template and functor (elementwise_kernel / GaussianNllBwd), the
+        # worst of its instantiations (dtypes, vector widths)
+        family = re.sub(r"<\d+, (?:\w+, )?(\w+)<.*", r" / \1", name)
+        row = rows.setdefault((int(arch), family), Row(int(arch), family))
+        row.n += 1
+        spill = max(st["spill_st"], st["spill_ld"])
+        if (spill, st["regs"]) > (row.spill, row.regs):
+            row.worst = name
+        row.regs, row.spill = max(row.regs, st["regs"]), max(row.spill, spill)
+        row.smem = max(row.smem, st["smem"])
+    n = len(found)
+    print(f"nvcc csrc/cuda.cu for sm_{', sm_'.join(map(str, archs))}: {n} kernels, "
           f"{time.perf_counter() - t0:.1f} s")
-    return 0, sorted(rows, key=lambda r: (r.arch, -r.spill, -r.regs, r.kernel))
+    return 0, sorted(rows.values(), key=lambda r: (r.arch, r.kernel))
 
 
 def print_cuda_table(rows: list[Row]) -> None:
-    print("\nCUDA C++ kernels (csrc/cuda.cu, nvcc -Xptxas -v), most spill first")
-    print(f"{'arch':6} {'regs':>5} {'spill B':>8} {'smem B':>7}  kernel")
+    print("\nCUDA C++ kernels (csrc/cuda.cu, nvcc -Xptxas -v): worst instantiation per kernel")
+    print(f"{'arch':6} {'kernel':42} {'inst':>4} {'regs':>5} {'spill B':>8} {'smem B':>7}  worst")
     for r in rows:
-        print(f"sm_{r.arch:<3} {r.regs:5} {r.spill:8} {r.smem:7}  {r.kernel}")
+        print(f"sm_{r.arch:<3} {r.kernel:42} {r.n:4} {r.regs:5} {r.spill:8} {r.smem:7}  "
+              f"{r.worst}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_nvcc:
         cuda_failures, cuda_rows = check_cuda(archs)
         failures += cuda_failures
-        print_cuda_table([r for r in cuda_rows if r.spill] or cuda_rows[:5])
+        print_cuda_table(cuda_rows)
     print(f"\n{'FAILED' if failures else 'OK'}: {failures} failure(s), "
           f"{time.perf_counter() - t0:.1f} s in all")
     return 1 if failures else 0
