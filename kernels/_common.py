@@ -158,9 +158,10 @@ class Tiling:
 
 
 # Elements per tile. On a GPU: 1024 with 8 warps, 4 elements per thread (one 16-byte vector of
-# float32). ptxas -v (sm_80, sm_90): at most 64 registers per thread in every kernel but IWAE's
-# float64 ones (<= 90), no spills, in float32 and float64 alike; 4096 elements (16 per thread)
-# took 100-255 registers, 1 block of 8 warps per SM, and spilled. Triton's interpreter pays
+# float32). ptxas -v (sm_80, sm_90, scripts/check_triton_compile.py): 53-126 registers at most
+# per kernel (the most: IWAE, float64), no spill at realistic shapes in any dtype; 4096 elements
+# (16 per thread) took 171-255, one 8-warp block per SM, and spilled up to 632 B. Triton's
+# interpreter pays
 # ~2 ms per program and vectorizes inside one, so on CPU tensors it gets few, large tiles.
 _TILE_ELEMS_GPU = 1024
 _WARPS_GPU = 8
