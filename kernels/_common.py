@@ -161,8 +161,8 @@ class Tiling:
 # float32). ptxas -v (sm_80, sm_90, scripts/check_triton_compile.py): 53-126 registers at most
 # per kernel (the most: IWAE, float64), no spill at realistic shapes in any dtype; 4096 elements
 # (16 per thread) took 171-255, one 8-warp block per SM, and spilled up to 632 B. Triton's
-# interpreter pays
-# ~2 ms per program and vectorizes inside one, so on CPU tensors it gets few, large tiles.
+# interpreter pays ~2 ms per program and vectorizes inside one, so on CPU tensors it gets few,
+# large tiles.
 _TILE_ELEMS_GPU = 1024
 _WARPS_GPU = 8
 _TILE_ELEMS_INTERPRETER = 16384
