@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +53,9 @@ def _expm1_tail(x, DTYPE: tl.constexpr):
     (the next term is below 0.1 ulp), k = 2..18 in float64."""
     # DTYPE first: a tl.constexpr compares by value, tl.float64 == constexpr is False.
     if DTYPE == tl.float64:  # noqa: SIM300
-        acc = 1.5619206968586225e-16
-        acc = acc * x + 2.8114572543455206e-15
+        # Every float64 constant meets x first (c * x takes x's dtype): a bare acc = c would be
+        # a float32 scalar, rounded before it reaches x.
+        acc = 1.5619206968586225e-16 * x + 2.8114572543455206e-15
         acc = acc * x + 4.779477332387385e-14
         acc = acc * x + 7.647163731819816e-13
         acc = acc * x + 1.1470745597729725e-11
@@ -266,18 +269,35 @@ class Tiling:
     n_row_tiles: int
     n_col_tiles: int
 
+    @property
+    def grid(self) -> tuple[int]:
+        """One program per tile (elementwise kernels)."""
+        return (self.n_row_tiles * self.n_col_tiles,)
 
-# Elements per tile. Triton's interpreter pays ~2 ms per program and vectorizes inside one, so
-# on CPU tensors it gets few, large tiles.
-_TILE_ELEMS_GPU = 4096
+
+# Elements per tile. On a GPU: 1024 with 8 warps, 4 elements per thread (one 16-byte vector of
+# float32). ptxas -v (sm_80, sm_90, scripts/check_triton_compile.py): 53-126 registers at most
+# per kernel (the most: IWAE, float64), no spill at realistic shapes in any dtype; 4096 elements
+# (16 per thread) took 171-255, one 8-warp block per SM, and spilled up to 632 B. Triton's
+# interpreter pays ~2 ms per program and vectorizes inside one, so on CPU tensors it gets few,
+# large tiles.
+_TILE_ELEMS_GPU = 1024
+_WARPS_GPU = 8
 _TILE_ELEMS_INTERPRETER = 16384
 
 
+def interpreted(device: torch.device) -> bool:
+    """Whether Triton runs ``device``'s tensors under its interpreter (CPU tensors) rather than
+    compiled for a GPU (every other device: ``cuda``, and ``meta`` in the offline compile check,
+    which must see exactly the GPU's launch configuration)."""
+    return device.type == "cpu"
+
+
 def tiling(B: int, N: int, device: torch.device) -> Tiling:
-    target = _TILE_ELEMS_INTERPRETER if device.type == "cpu" else _TILE_ELEMS_GPU
+    target = _TILE_ELEMS_INTERPRETER if interpreted(device) else _TILE_ELEMS_GPU
     block_n = min(triton.next_power_of_2(N), target)
     block_b = min(triton.next_power_of_2(B), max(1, target // block_n))
-    num_warps = 8 if block_b * block_n >= 4096 else 4
+    num_warps = _WARPS_GPU if block_b * block_n >= _TILE_ELEMS_GPU else 4
     return Tiling(block_b, block_n, num_warps, triton.cdiv(B, block_b), triton.cdiv(N, block_n))
 
 
@@ -290,7 +310,7 @@ def split(n_outer: int, n_inner: int, device: torch.device) -> tuple[int, int]:
     """How a reduction spreads its ``n_inner`` tiles per output block over programs:
     returns ``(n_split, tiles_per_prog)``. Enough programs to fill the GPU; one per output
     block under the interpreter."""
-    if device.type == "cpu":
+    if interpreted(device):
         return 1, n_inner
     target_programs = 4 * _sm_count(device.index if device.index is not None else 0)
     n_split = max(1, min(n_inner, math.ceil(target_programs / n_outer)))
@@ -328,3 +348,71 @@ class Reduction:
         if self.n_split == 1:
             return self.partial.view(-1)
         return self.partial.sum(self.reduce_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------
+
+
+class TritonKernelError(RuntimeError):
+    """A Triton kernel failed for one call: to compile for the GPU (``stage == "compile"``),
+    to launch (``"launch"``), or under Triton's interpreter (``"run"``).
+
+    The message names the op, the backend (``"triton"``), the kernel and the specialization
+    Triton compiles for: every tensor argument's dtype (and a pointer not 16-byte aligned),
+    every integer argument's value (Triton specializes on 1, multiples of 16 and >= 2**31),
+    the ``tl.constexpr`` flags, tile sizes and ``num_warps``. The original exception is the
+    ``__cause__``. fastvae never falls back to another backend when this happens.
+    """
+
+    def __init__(self, message: str, op: str, kernel: str, stage: str):
+        super().__init__(message)
+        self.op = op
+        self.kernel = kernel
+        self.stage = stage
+
+
+def _compile_stage(e: BaseException) -> bool:
+    """Whether ``e`` was raised while compiling: by Triton's compiler (front end, passes, ptxas,
+    loading the binary, all under ``triton/compiler/``), not while binding or launching."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    return (isinstance(e, (CompilationError, OutOfResources, PTXASError))
+            or any("/triton/compiler/" in frame.filename.replace("\\", "/")
+                   for frame in traceback.extract_tb(e.__traceback__)))
+
+
+def describe_launch(kernel, args: tuple, meta: dict) -> str:
+    """The specialization of one launch, in words (for error messages)."""
+    parts = []
+    for name, value in zip(inspect.signature(kernel.fn).parameters, args, strict=False):
+        if isinstance(value, torch.Tensor):
+            misaligned = value.data_ptr() % 16 != 0
+            parts.append(f"{name}: {str(value.dtype).removeprefix('torch.')}"
+                         f"{' (not 16-byte aligned)' if misaligned else ''}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{name}={value!r}")
+    parts += [f"{name}={getattr(value, '__name__', value)}" for name, value in meta.items()]
+    return ", ".join(parts)
+
+
+def launch(op: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``; a failure raises :class:`TritonKernelError` naming the
+    op (``"fastvae::<name>"``), the backend and the specialization, with the cause chained."""
+    try:
+        kernel[grid](*args, **meta)
+    except Exception as e:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is not None and interpreted(device):
+            stage, what = "run", "failed under Triton's interpreter"
+        elif _compile_stage(e):
+            stage, what = "compile", "failed to compile"
+        else:
+            stage, what = "launch", "failed to launch"
+        raise TritonKernelError(
+            f"{op} (backend 'triton'): kernel {kernel.fn.__name__} {what} on {device} for "
+            f"grid {tuple(grid)} and specialization "
+            f"{describe_launch(kernel, args, meta)}: {type(e).__name__}: {e}",
+            op, kernel.fn.__name__, stage) from e

@@ -21,6 +21,7 @@ from ._common import (
     bernoulli_nll,
     compute_dtype,
     elementwise_tile,
+    launch,
     load,
     on_device,
     reduction_tile,
@@ -72,7 +73,7 @@ def bernoulli_nll_fwd(logits: Tensor, target: Tensor) -> Tensor:
     red = Reduction(B, N, 1, logits.device, logits.dtype)
     t = red.t
     with on_device(logits):
-        _bernoulli_nll_fwd_kernel[red.grid](
+        launch("fastvae::bernoulli_nll", _bernoulli_nll_fwd_kernel, red.grid,
             red.partial, logits, target, B, N, red.tiles_per_prog, red.n_split,
             *strides(logits), *strides(target),
             BLOCK_B=t.block_b, BLOCK_N=t.block_n, DTYPE=compute_dtype(logits.dtype),
@@ -88,7 +89,7 @@ def bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
             for need in needs]
     t = tiling(B, N, logits.device)
     with on_device(logits):
-        _bernoulli_nll_bwd_kernel[(t.n_row_tiles * t.n_col_tiles,)](
+        launch("fastvae::bernoulli_nll_backward", _bernoulli_nll_bwd_kernel, t.grid,
             grad, grad.stride(0), logits, target,
             *(o if o is not None else logits for o in outs),
             B, N, t.n_col_tiles, *strides(logits), *strides(target),

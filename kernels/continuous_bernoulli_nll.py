@@ -24,6 +24,7 @@ from ._common import (
     Reduction,
     compute_dtype,
     elementwise_tile,
+    launch,
     load,
     on_device,
     reduction_tile,
@@ -169,7 +170,8 @@ def continuous_bernoulli_nll_fwd(logits: Tensor, target: Tensor) -> Tensor:
     red = Reduction(B, N, 1, logits.device, logits.dtype)
     t = red.t
     with on_device(logits):
-        _continuous_bernoulli_nll_fwd_kernel[red.grid](
+        launch("fastvae::continuous_bernoulli_nll", _continuous_bernoulli_nll_fwd_kernel,
+               red.grid,
             red.partial, logits, target, B, N, red.tiles_per_prog, red.n_split,
             *strides(logits), *strides(target),
             BLOCK_B=t.block_b, BLOCK_N=t.block_n, DTYPE=compute_dtype(logits.dtype),
@@ -185,7 +187,8 @@ def continuous_bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
             for need in needs]
     t = tiling(B, N, logits.device)
     with on_device(logits):
-        _continuous_bernoulli_nll_bwd_kernel[(t.n_row_tiles * t.n_col_tiles,)](
+        launch("fastvae::continuous_bernoulli_nll_backward",
+               _continuous_bernoulli_nll_bwd_kernel, (t.n_row_tiles * t.n_col_tiles,),
             grad, grad.stride(0), logits, target,
             *(o if o is not None else logits for o in outs),
             B, N, t.n_col_tiles, *strides(logits), *strides(target),

@@ -24,6 +24,7 @@ from ._common import (
     elementwise_tile,
     half_expm1,
     half_expm1mx,
+    launch,
     load,
     on_device,
     quarter_scale,
@@ -111,7 +112,7 @@ def gaussian_kl_fwd(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
     red = Reduction(B, N, reduce_dim, mu.device, mu.dtype)
     t = red.t
     with on_device(mu):
-        _gaussian_kl_fwd_kernel[red.grid](
+        launch("fastvae::gaussian_kl", _gaussian_kl_fwd_kernel, red.grid,
             red.partial, mu, logvar, prior_mu if has_prior else mu,
             prior_logvar if has_prior else mu,
             B, N, red.tiles_per_prog, red.n_split,
@@ -133,7 +134,7 @@ def gaussian_kl_bwd(grad: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor |
             for need in needs]
     t = tiling(B, N, mu.device)
     with on_device(mu):
-        _gaussian_kl_bwd_kernel[(t.n_row_tiles * t.n_col_tiles,)](
+        launch("fastvae::gaussian_kl_backward", _gaussian_kl_bwd_kernel, t.grid,
             grad_2d, *grad_2d.stride(),
             mu, logvar, prior_mu if has_prior else mu, prior_logvar if has_prior else mu,
             *(o if o is not None else mu for o in outs),

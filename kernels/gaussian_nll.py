@@ -21,6 +21,7 @@ from ._common import (
     Reduction,
     compute_dtype,
     elementwise_tile,
+    launch,
     load,
     on_device,
     quarter_scale,
@@ -33,7 +34,7 @@ from ._common import (
     tiling,
 )
 
-LOG_2PI = 1.8378770664093453
+LOG_2PI = tl.constexpr(1.8378770664093453)  # log(2 pi); a plain global is a NameError in @jit code
 
 
 @triton.jit
@@ -106,7 +107,7 @@ def gaussian_nll_fwd(mean: Tensor, target: Tensor, logvar: Tensor | None,
     red = Reduction(B, N, 1, mean.device, mean.dtype)
     t = red.t
     with on_device(mean):
-        _gaussian_nll_fwd_kernel[red.grid](
+        launch("fastvae::gaussian_nll", _gaussian_nll_fwd_kernel, red.grid,
             red.partial, mean, target, mean if logvar is None else logvar, float(logvar_value),
             B, N, red.tiles_per_prog, red.n_split,
             *strides(mean), *strides(target), *strides(logvar),
@@ -124,7 +125,7 @@ def gaussian_nll_bwd(grad: Tensor, mean: Tensor, target: Tensor, logvar: Tensor 
             for need in needs]
     t = tiling(B, N, mean.device)
     with on_device(mean):
-        _gaussian_nll_bwd_kernel[(t.n_row_tiles * t.n_col_tiles,)](
+        launch("fastvae::gaussian_nll_backward", _gaussian_nll_bwd_kernel, t.grid,
             grad, grad.stride(0), mean, target, mean if logvar is None else logvar,
             float(logvar_value), *(o if o is not None else mean for o in outs),
             B, N, t.n_col_tiles, *strides(mean), *strides(target), *strides(logvar),

@@ -34,6 +34,7 @@ from ._common import (
     expm1_neg_small,
     iwae_grad_parts,
     iwae_term,
+    launch,
     load,
     on_device,
     quarter_scale,
@@ -187,7 +188,7 @@ def iwae_fwd(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
         pmax = torch.empty((n_chunks, B), dtype=dtype, device=z.device)
         psum = torch.empty_like(pmax)
     with on_device(z):
-        _iwae_fwd_kernel[(t.n_row_tiles, n_chunks)](
+        launch("fastvae::iwae_log_likelihood", _iwae_fwd_kernel, (t.n_row_tiles, n_chunks),
             out, log_w, pmax, psum, log_px, z, mu, logvar, B, N, K, k_per_prog, t.n_col_tiles,
             *log_px.stride(), *z.stride(), *mu.stride(), *logvar.stride(),
             FINAL=final, BLOCK_B=t.block_b, BLOCK_N=t.block_n, DTYPE=compute_dtype(z.dtype),
@@ -195,7 +196,8 @@ def iwae_fwd(log_px: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
         )
         if not final:
             block = min(triton.next_power_of_2(B), 1024)
-            _iwae_merge_kernel[(triton.cdiv(B, block),)](
+            launch("fastvae::iwae_log_likelihood", _iwae_merge_kernel,
+                   (triton.cdiv(B, block),),
                 out, pmax, psum, B, K, n_chunks, BLOCK=block, DTYPE=compute_dtype(z.dtype),
                 num_warps=4,
             )
@@ -219,7 +221,7 @@ def iwae_bwd(grad: Tensor, out: Tensor, log_w: Tensor, log_px: Tensor, z: Tensor
     targets = [*outs[:2], *(p if p is not None else o
                             for p, o in zip(partials, outs[2:], strict=True))]
     with on_device(z):
-        _iwae_bwd_kernel[(n_tiles, n_chunks)](
+        launch("fastvae::iwae_log_likelihood_backward", _iwae_bwd_kernel, (n_tiles, n_chunks),
             grad, grad.stride(0), out, log_w, z, mu, logvar,
             *(o if o is not None else z for o in targets),
             B, N, K, k_per_prog, t.n_col_tiles,

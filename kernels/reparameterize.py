@@ -20,6 +20,7 @@ from torch import Tensor
 from ._common import (
     compute_dtype,
     elementwise_tile,
+    launch,
     load,
     on_device,
     std_times,
@@ -101,7 +102,7 @@ def reparameterize_fwd(mu: Tensor, logvar: Tensor, eps: Tensor | None, seed: Ten
     z = torch.empty((n_samples, B, N), dtype=mu.dtype, device=mu.device)
     t = tiling(B, N, mu.device)
     with on_device(mu):
-        _reparameterize_fwd_kernel[(t.n_row_tiles * t.n_col_tiles,)](
+        launch("fastvae::reparameterize", _reparameterize_fwd_kernel, t.grid,
             z, mu, logvar, mu if eps is None else eps, mu if seed is None else seed,
             B, N, n_samples, t.n_col_tiles,
             *strides(mu), *strides(logvar), *_eps_strides(eps),
@@ -121,7 +122,7 @@ def reparameterize_bwd(grad_z: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor |
             for shape, dtype, need in zip(shapes, dtypes, needs, strict=True)]
     t = tiling(B, N, mu.device)
     with on_device(mu):
-        _reparameterize_bwd_kernel[(t.n_row_tiles * t.n_col_tiles,)](
+        launch("fastvae::reparameterize_backward", _reparameterize_bwd_kernel, t.grid,
             grad_z, logvar, mu if eps is None else eps, mu if seed is None else seed,
             *(o if o is not None else mu for o in outs),
             B, N, K, t.n_col_tiles,

@@ -22,6 +22,7 @@ from ._common import (
     elementwise_tile,
     half_expm1,
     half_expm1mx,
+    launch,
     load,
     on_device,
     reduction_tile,
@@ -87,7 +88,7 @@ def sample_and_kl_fwd(mu: Tensor, logvar: Tensor, seed: Tensor,
     red = Reduction(B, N, reduce_dim, mu.device, mu.dtype)
     t = red.t
     with on_device(mu):
-        _sample_and_kl_fwd_kernel[red.grid](
+        launch("fastvae::sample_and_kl", _sample_and_kl_fwd_kernel, red.grid,
             z, red.partial, mu, logvar, seed, B, N, red.tiles_per_prog, red.n_split,
             *strides(mu), *strides(logvar),
             REDUCE_DIM=reduce_dim, BLOCK_B=t.block_b, BLOCK_N=t.block_n,
@@ -104,7 +105,7 @@ def sample_and_kl_bwd(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tenso
             for t, need in zip((mu, logvar), needs, strict=True)]
     t = tiling(B, N, mu.device)
     with on_device(mu):
-        _sample_and_kl_bwd_kernel[(t.n_row_tiles * t.n_col_tiles,)](
+        launch("fastvae::sample_and_kl_backward", _sample_and_kl_bwd_kernel, t.grid,
             grad_z, gkl, mu, logvar, seed, *(o if o is not None else mu for o in outs),
             B, N, t.n_col_tiles,
             *grad_z.stride(), *gkl.stride(), *strides(mu), *strides(logvar),
