@@ -51,7 +51,8 @@ def kl_tile(mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, mask,
         plv = load(plv_ptr, rows, cols, s_plv_b, s_plv_n, mask, DTYPE)
         return mu - pm, 0.5 * lv - 0.5 * plv, quarter_scale(plv, DTYPE)
     else:
-        return mu, 0.5 * lv, 1.0
+        # q = 1 in the compute dtype: a bare 1.0 would make q * SQRT_HALF a float32 constant
+        return mu, 0.5 * lv, tl.cast(1.0, DTYPE)
 
 
 @triton.jit
