@@ -26,7 +26,7 @@ tl = pytest.importorskip("triton.language")
 
 from fastvae.kernels import _common, bernoulli_nll  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 needs_interpreter = pytest.mark.skipif(
     "triton" not in fv.backends() or torch.cuda.is_available(),
     reason="runs the Triton backend under its interpreter on CPU tensors")
