@@ -22,6 +22,7 @@ from .ops import reference
 from .ops.backends import backends, get_backend, set_backend, use_backend
 from .ops.functional import (
     bernoulli_nll,
+    discretized_mix_logistic_nll,
     gaussian_kl,
     gaussian_nll,
     iwae_log_likelihood,
@@ -76,6 +77,7 @@ __all__ = [
     "backends",
     "bernoulli_nll",
     "build_vae",
+    "discretized_mix_logistic_nll",
     "gaussian_kl",
     "gaussian_nll",
     "get_backend",

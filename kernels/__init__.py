@@ -6,6 +6,7 @@ the kernels on CPU tensors.
 """
 
 from .bernoulli_nll import bernoulli_nll_bwd, bernoulli_nll_fwd
+from .dmol import discretized_mix_logistic_nll_bwd, discretized_mix_logistic_nll_fwd
 from .gaussian_kl import gaussian_kl_bwd, gaussian_kl_fwd
 from .gaussian_nll import gaussian_nll_bwd, gaussian_nll_fwd
 from .iwae import iwae_bwd, iwae_fwd
@@ -15,6 +16,8 @@ from .sample_and_kl import sample_and_kl_bwd, sample_and_kl_fwd
 __all__ = [
     "bernoulli_nll_bwd",
     "bernoulli_nll_fwd",
+    "discretized_mix_logistic_nll_bwd",
+    "discretized_mix_logistic_nll_fwd",
     "gaussian_kl_bwd",
     "gaussian_kl_fwd",
     "gaussian_nll_bwd",

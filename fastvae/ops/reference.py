@@ -482,8 +482,8 @@ def _dmol_channel_terms(centered: Tensor, log_s: Tensor, xe: Tensor, n_bins: int
       highest bin  log sigmoid(-b)               d/dc = -e^-s sigmoid(b),  d/ds = b sigmoid(b)
       inner bins   log(sigmoid(a) - sigmoid(b))
                    = log sigmoid(a) + log sigmoid(-b) + log(-expm1(-d))  (no cancellation),
-                   d/dc = -e^-s sigmoid(-a) sigmoid(-b) expm1(a + b)
-                   (= e^-s (sigmoid(-a) - sigmoid(b)), formed without subtracting),
+                   d/dc = e^-s (sigmoid(-a) - sigmoid(b)), for |a + b| < 1 as
+                   -e^-s sigmoid(-a) sigmoid(-b) expm1(a + b) (no cancellation),
                    d/ds = -(a sigmoid(-a) - b sigmoid(b) + d / expm1(d))
       fallback     (bin probability below 1e-5): log sigmoid(m) + log sigmoid(-m) - s
                    - log((n_bins - 1) / 2),   d/dc = -e^-s tanh(m / 2),  d/ds = m tanh(m / 2) - 1
@@ -510,7 +510,13 @@ def _dmol_channel_terms(centered: Tensor, log_s: Tensor, xe: Tensor, n_bins: int
     sig_ma, sig_b = torch.sigmoid(-a), torch.sigmoid(b)
     t_half = torch.tanh(0.5 * m)
     d_over = torch.where(d > 0, d / torch.expm1(d), torch.ones_like(d))
-    dc_delta = -inv_s * sig_ma * torch.sigmoid(-b) * torch.expm1(a + b)
+    # sigmoid(-a) - sigmoid(b) cancels only near a + b = 0: there as the product (a + b small,
+    # no overflow), elsewhere directly (the two terms differ by a factor >= 1.6)
+    apb = a + b
+    near = apb.abs() < 1.0
+    dc_delta = inv_s * torch.where(
+        near, -sig_ma * torch.sigmoid(-b) * torch.expm1(torch.where(near, apb, 0.0)),
+        sig_ma - sig_b)
     ds_delta = -(a * sig_ma - b * sig_b + d_over)
     dc = torch.where(low, inv_s * sig_ma, torch.where(
         high, -inv_s * sig_b, torch.where(use_delta, dc_delta, -inv_s * t_half)))
@@ -553,7 +559,6 @@ def discretized_mix_logistic_nll_bwd(grad: Tensor, params: Tensor, x: Tensor, n_
     lse, joint, log_w, dc, ds, raw_ls, raw_coeffs, xv = _dmol_forward_parts(
         params, x, M, n_bins, True)
     B, P, S = params.shape
-    C = xv.shape[1]
     g = grad.to(lse.dtype)[:, None, None]
     r = torch.exp(joint - lse.unsqueeze(1))  # (B, M, S)
     d_logits = g * (torch.exp(log_w) - r)
