@@ -23,6 +23,7 @@ from .ops.backends import backends, get_backend, set_backend, use_backend
 from .ops.functional import (
     bernoulli_nll,
     discretized_mix_logistic_nll,
+    discretized_mix_logistic_sample,
     gaussian_kl,
     gaussian_nll,
     iwae_log_likelihood,
@@ -78,6 +79,7 @@ __all__ = [
     "bernoulli_nll",
     "build_vae",
     "discretized_mix_logistic_nll",
+    "discretized_mix_logistic_sample",
     "gaussian_kl",
     "gaussian_nll",
     "get_backend",

@@ -73,7 +73,10 @@ def _channel(centered, log_s, xc, h, log_2h, log_half_bins, GRADS: tl.constexpr)
         t_half = _tanh(0.5 * m)
         em = expm1(d)
         d_over = tl.where(d > 0.0, d / tl.where(d > 0.0, em, 1.0), 1.0)
-        dc_delta = -inv_s * sig_ma * _sigmoid(-b) * expm1(a + b)
+        apb = a + b
+        near = tl.abs(apb) < 1.0
+        dc_delta = inv_s * tl.where(near, -sig_ma * _sigmoid(-b) * expm1(tl.where(near, apb, 0.0)),
+                                    sig_ma - sig_b)
         ds_delta = -(a * sig_ma - b * sig_b + d_over)
         dc = tl.where(low, inv_s * sig_ma, tl.where(
             high, -inv_s * sig_b, tl.where(use_delta, dc_delta, -inv_s * t_half)))
@@ -197,7 +200,8 @@ def _launch(params: Tensor, x: Tensor, n_mixtures: int, n_bins: int, partial, gr
             S, n_tiles, *params.stride(), *x.stride(), h, math.log(2.0 * h),
             math.log((n_bins - 1) / 2.0),
             M=n_mixtures, C=C, J=2 if C == 1 else 3, P=params.shape[1],
-            BACKWARD=d_params is not params, BLOCK_M=block_m, BLOCK_S=block_s, DTYPE=compute_dtype(params.dtype),
+            BACKWARD=d_params is not params, BLOCK_M=block_m, BLOCK_S=block_s,
+            DTYPE=compute_dtype(params.dtype),
             num_warps=4 if block_m * block_s <= 1024 else 8,
         )
     return n_tiles

@@ -403,3 +403,65 @@ def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
     per_sample = _ops.call(_ops.discretized_mix_logistic_nll, params.reshape(B, params.shape[1], S),
                            x.reshape(B, C, S), n_mixtures, n_bins, backend)
     return _reduce(per_sample, reduction)
+
+
+def discretized_mix_logistic_sample(params: Tensor, *, n_mixtures: int, n_bins: int = 256,
+                                    most_likely: bool = False,
+                                    generator: torch.Generator | None = None) -> Tensor:
+    """Images from the discretized mixture of logistics of ``params`` (the layout of
+    ``discretized_mix_logistic_nll``; C = 3 when dim 1 holds 10 M values, C = 1 for 3 M).
+
+    Per pixel, as PixelCNN++: a component k ~ softmax(pi) (Gumbel-max), then channel by channel
+    ``x_c = mu'_ck + e^(s_ck) (log u - log(1 - u))``, u ~ U(1e-5, 1 - 1e-5), with mu' coupled to
+    the channels already drawn; each value clamped to [-1, 1] and rounded to the grid of
+    ``n_bins`` levels. ``most_likely=True``: the most probable component and its mode (u = 1/2,
+    x_c = mu'_ck) instead, deterministic. Returns ``(B, C, *spatial)`` in ``params``' dtype,
+    values in [-1, 1] on the grid. ``generator`` drives the draws.
+    """
+    check.tensor("params", params)
+    for name, value, low in (("n_mixtures", n_mixtures, 1), ("n_bins", n_bins, 2)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if params.dim() < 2 or params.shape[1] not in (3 * n_mixtures, 10 * n_mixtures):
+        raise ValueError(f"params must have shape (B, 3 M or 10 M, *spatial) with "
+                         f"M = n_mixtures = {n_mixtures}, got {tuple(params.shape)}")
+    M = n_mixtures
+    C = 1 if params.shape[1] == 3 * M else 3
+    J = 2 if C == 1 else 3
+    p = params.detach().float() if params.dtype != torch.float64 else params.detach()
+    B, spatial = p.shape[0], p.shape[2:]
+    body = p[:, M:].reshape(B, C, J, M, *spatial)
+    logits = p[:, :M]
+
+    def uniform(shape):
+        u = torch.rand(shape, dtype=p.dtype, device=p.device, generator=generator)
+        return u * (1 - 2e-5) + 1e-5
+
+    if most_likely:
+        k = logits.argmax(1, keepdim=True)
+    else:
+        gumbel = -torch.log(-torch.log(uniform(logits.shape)))
+        k = (logits + gumbel).argmax(1, keepdim=True)
+
+    def pick(t):  # (B, M, *spatial) -> (B, *spatial) at the chosen component
+        return t.gather(1, k).squeeze(1)
+
+    h = 2.0 / (n_bins - 1)
+    xs: list[Tensor] = []
+    for c in range(C):
+        mu = pick(body[:, c, 0])
+        if C == 3 and c == 1:
+            mu = mu + torch.tanh(pick(body[:, 0, 2])) * xs[0]
+        if C == 3 and c == 2:
+            mu = mu + torch.tanh(pick(body[:, 1, 2])) * xs[0] + \
+                torch.tanh(pick(body[:, 2, 2])) * xs[1]
+        value = mu
+        if not most_likely:
+            u = uniform(mu.shape)
+            log_s = torch.clamp_min(pick(body[:, c, 1]), -7.0)
+            value = mu + torch.exp(log_s) * (torch.log(u) - torch.log1p(-u))
+        value = torch.round((value.clamp(-1.0, 1.0) + 1.0) / h) * h - 1.0
+        xs.append(value)
+    return torch.stack(xs, 1).to(params.dtype)

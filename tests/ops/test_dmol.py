@@ -271,3 +271,50 @@ def test_validation_rejects_x_off_range():
         fv.discretized_mix_logistic_nll(P3, X3 + 2, n_mixtures=2)
     with pytest.raises(ValueError, match="non-finite"):
         fv.discretized_mix_logistic_nll(P3 * float("nan"), X3, n_mixtures=2)
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_sample_is_on_the_grid_and_follows_the_mixture(C):
+    """Samples lie on the grid in [-1, 1]; the most likely value is deterministic; a sharp
+    single-component mixture samples its mean's bin; sample frequencies match exp(-nll)."""
+    M, n_bins = 2, 5
+    gen = torch.Generator().manual_seed(9)
+    params = make_params(3, C, M, (4,), gen=gen, dtype=torch.float32)
+    y = fv.discretized_mix_logistic_sample(params, n_mixtures=M, n_bins=n_bins, generator=gen)
+    assert y.shape == (3, C, 4)
+    k = (y + 1) * (n_bins - 1) / 2
+    assert torch.equal(k, k.round())
+    assert y.abs().max() <= 1
+    a = fv.discretized_mix_logistic_sample(params, n_mixtures=M, most_likely=True)
+    assert torch.equal(a, fv.discretized_mix_logistic_sample(params, n_mixtures=M,
+                                                             most_likely=True))
+    # frequencies of one pixel's values against the probabilities
+    one = params[:1, :, :1].double()
+    draws = fv.discretized_mix_logistic_sample(one.expand(20000, -1, -1), n_mixtures=M,
+                                               n_bins=n_bins, generator=gen)
+    grid = _grid_pixels(C, n_bins, torch.float64)
+    probs = torch.exp(-fv.discretized_mix_logistic_nll(
+        one.expand(grid.shape[0], -1, -1), grid, n_mixtures=M, n_bins=n_bins, reduction="none"))
+    freq = (draws.unsqueeze(1) == grid.unsqueeze(0)).all(-1).all(-1).double().mean(0)
+    assert (freq - probs).abs().max() < 0.02
+
+
+def test_vae_with_dmol_likelihood_trains():
+    torch.manual_seed(0)
+    model = fv.build_vae((1, 8, 8), 4, arch="conv", likelihood="dmol", n_mixtures=3, n_bins=17)
+    x = torch.randint(0, 17, (16, 1, 8, 8)).float() / 16
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        out = model(x, seed=0)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert out.recon.shape == (16, 9, 8, 8)
+    r = model.reconstruct(x)
+    assert r.shape == x.shape
+    assert torch.equal(r * 16, (r * 16).round())
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        fv.build_vae((2, 8, 8), 4, likelihood="dmol")
