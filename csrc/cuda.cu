@@ -915,7 +915,7 @@ struct DmolBwd {
         const T x2 = C == 3 ? d.xv(2, b, j) : T(0);
         for (int64_t k = 0; k < M; ++k) {
             const T l = d.param(k, b, j);
-            T t = l - log_norm, dc[3], ds[3];
+            T t = l, dc[3], ds[3];  // lse is that of the unnormalized joint
             for (int ch = 0; ch < C; ++ch) {
                 T raw;
                 const T mu = d.coupled(ch, k, b, j, x0, x1, raw);

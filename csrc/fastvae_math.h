@@ -520,7 +520,11 @@ FV_HD DmolTerm<T> dmol_channel(T c, T s, T x, const DmolBins<T>& k) {
         const T sig_ma = sigmoid_(-a), sig_b = sigmoid_(b);
         const T t_half = dmol_tanh(T(0.5) * m);
         const T d_over = d > T(0) ? d / expm1_(d) : T(1);
-        const T dc_delta = -inv_s * sig_ma * sigmoid_(-b) * expm1_(a + b);
+        // sigmoid(-a) - sigmoid(b): as a product where it cancels (|a + b| < 1), else directly
+        const T apb = a + b;
+        const bool near = apb < T(1) && apb > T(-1);
+        const T dc_delta =
+            inv_s * (near ? -sig_ma * sigmoid_(-b) * expm1_(near ? apb : T(0)) : sig_ma - sig_b);
         const T ds_delta = -(a * sig_ma - b * sig_b + d_over);
         r.dc = low ? inv_s * sig_ma : high ? -inv_s * sig_b : use_delta ? dc_delta : -inv_s * t_half;
         r.ds = low ? -a * sig_ma : high ? b * sig_b : use_delta ? ds_delta : m * t_half - T(1);
