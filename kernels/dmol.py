@@ -1,11 +1,13 @@
 """Discretized mixture of logistics NLL (PixelCNN++): fused Triton kernels and launchers.
 
 Views: ``params`` (B, P, S), ``x`` (B, C, S) with S pixels, any strides (the layout of dim 1 is
-in ``fastvae/ops/reference.py``). One program owns ``BLOCK_S`` pixels of one sample and keeps the
-``M x C`` terms of each pixel in registers as ``(BLOCK_M, BLOCK_S)`` tiles (M and C are
-constexpr); it reads ``params`` and ``x`` once. The forward writes one partial sum per program
-(summed in order by the launcher: deterministic); the backward recomputes everything from
-``params`` and ``x`` and writes d params. The per-channel formulas and their derivatives are those
+in ``fastvae/ops/reference.py``). One program owns ``BLOCK_S`` consecutive pixels of the
+flattened (B, S) grid (so one image of few pixels, or many images of one pixel, fill a program
+alike) and keeps the ``M x C`` terms of each pixel in registers as ``(BLOCK_M, BLOCK_S)`` tiles
+(M and C are constexpr); it reads ``params`` and ``x`` once. The forward writes each pixel's
+NLL (B x S values, 1 / P of the parameters' size), summed per sample by the launcher in a fixed
+order (deterministic); the backward recomputes everything from ``params`` and ``x`` and writes
+d params. The per-channel formulas and their derivatives are those
 of ``reference._dmol_channel_terms``.
 """
 
@@ -88,83 +90,81 @@ def _channel(centered, log_s, xc, h, log_2h, log_half_bins, GRADS: tl.constexpr)
 
 
 @triton.jit
-def _load_param(p_ptr, j, k, s, s_p_n, s_p_s, mask, DTYPE: tl.constexpr):
-    """Rows j + k (a (BLOCK_M,) index) of params at pixels s: a (BLOCK_M, BLOCK_S) tile."""
-    return tl.load(p_ptr + (j + k)[:, None] * s_p_n + s[None, :] * s_p_s, mask=mask,
+def _load_param(p_ptr, j, k, pix, s_p_n, mask, DTYPE: tl.constexpr):
+    """Rows j + k (a (BLOCK_M,) index) of params at the pixels of offsets ``pix``: a
+    (BLOCK_M, BLOCK_S) tile."""
+    return tl.load(p_ptr + (j + k)[:, None] * s_p_n + pix[None, :], mask=mask,
                    other=0.0).to(DTYPE)
 
 
 @triton.jit
-def _coupled(p_ptr, c, k, s, s_p_n, s_p_s, mask, x0, x1, M: tl.constexpr, C: tl.constexpr,
+def _coupled(p_ptr, c, k, pix, s_p_n, mask, x0, x1, M: tl.constexpr, C: tl.constexpr,
              J: tl.constexpr, DTYPE: tl.constexpr):
-    """mu' and the log-scale (floored) of channel c (a compile-time value), and its raw
+    """mu' and the floored log-scale of channel c (a compile-time value), and the raw
     log-scale."""
     base = M + c * J * M
-    mean = _load_param(p_ptr, base, k, s, s_p_n, s_p_s, mask, DTYPE)
-    raw_ls = _load_param(p_ptr, base + M, k, s, s_p_n, s_p_s, mask, DTYPE)
+    mean = _load_param(p_ptr, base, k, pix, s_p_n, mask, DTYPE)
+    raw_ls = _load_param(p_ptr, base + M, k, pix, s_p_n, mask, DTYPE)
     if C == 3:
         if c == 1:
-            a0 = _load_param(p_ptr, M + 2 * M, k, s, s_p_n, s_p_s, mask, DTYPE)
+            a0 = _load_param(p_ptr, 3 * M, k, pix, s_p_n, mask, DTYPE)
             mean = mean + _tanh(a0) * x0[None, :]
         if c == 2:
-            a1 = _load_param(p_ptr, M + 3 * M + 2 * M, k, s, s_p_n, s_p_s, mask, DTYPE)
-            a2 = _load_param(p_ptr, M + 6 * M + 2 * M, k, s, s_p_n, s_p_s, mask, DTYPE)
+            a1 = _load_param(p_ptr, 6 * M, k, pix, s_p_n, mask, DTYPE)
+            a2 = _load_param(p_ptr, 9 * M, k, pix, s_p_n, mask, DTYPE)
             mean = mean + _tanh(a1) * x0[None, :] + _tanh(a2) * x1[None, :]
     return mean, tl.maximum(raw_ls, -7.0), raw_ls
 
 
 @triton.jit
 def _dmol_kernel(
-    p_ptr, x_ptr, partial_ptr, g_ptr, dp_ptr,
-    S, n_tiles, s_p_b, s_p_n, s_p_s, s_x_b, s_x_c, s_x_s, h, log_2h, log_half_bins,
+    p_ptr, x_ptr, nll_ptr, g_ptr, dp_ptr,
+    B, S, s_p_b, s_p_n, s_p_s, s_x_b, s_x_c, s_x_s, h, log_2h, log_half_bins,
     M: tl.constexpr, C: tl.constexpr, J: tl.constexpr, P: tl.constexpr,
-    BACKWARD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, DTYPE: tl.constexpr,
+    BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // n_tiles).to(tl.int64)
-    tile = pid % n_tiles
-    s = tile.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    i = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    imask = i < B * S
+    b = i // S
+    s = i % S
     k = tl.arange(0, BLOCK_M)
-    smask = s < S
-    kmask = k < M
-    mask = kmask[:, None] & smask[None, :]
-    p_ptr += b * s_p_b
-    x_ptr += b * s_x_b
-    x0 = tl.load(x_ptr + s * s_x_s, mask=smask, other=0.0).to(DTYPE)
+    mask = (k < M)[:, None] & imask[None, :]
+    pix = b * s_p_b + s * s_p_s
+    xpix = b * s_x_b + s * s_x_s
+    x0 = tl.load(x_ptr + xpix, mask=imask, other=0.0).to(DTYPE)
     x1 = x0
     if C == 3:
-        x1 = tl.load(x_ptr + s_x_c + s * s_x_s, mask=smask, other=0.0).to(DTYPE)
-    logits = _load_param(p_ptr, 0, k, s, s_p_n, s_p_s, mask, DTYPE)
+        x1 = tl.load(x_ptr + s_x_c + xpix, mask=imask, other=0.0).to(DTYPE)
+    logits = _load_param(p_ptr, 0, k, pix, s_p_n, mask, DTYPE)
     logits = tl.where(mask, logits, -float("inf"))
     lmax = tl.max(logits, 0)
-    log_norm = lmax + tl.log(tl.sum(tl.exp(logits - lmax[None, :]), 0))
+    lmax = tl.where(imask, lmax, 0.0)
+    log_norm = lmax + tl.log(tl.sum(tl.where(mask, tl.exp(logits - lmax[None, :]), 0.0), 0))
+    log_norm = tl.where(imask, log_norm, 0.0)
     joint = logits - log_norm[None, :]
     for c in tl.static_range(C):
-        xc = tl.load(x_ptr + c * s_x_c + s * s_x_s, mask=smask, other=0.0).to(DTYPE)
-        mean, log_s, raw_ls = _coupled(p_ptr, c, k, s, s_p_n, s_p_s, mask, x0, x1, M, C, J, DTYPE)
+        xc = tl.load(x_ptr + c * s_x_c + xpix, mask=imask, other=0.0).to(DTYPE)
+        mean, log_s, raw_ls = _coupled(p_ptr, c, k, pix, s_p_n, mask, x0, x1, M, C, J, DTYPE)
         value, _, _ = _channel(xc[None, :] - mean, log_s, xc[None, :], h, log_2h,
                                log_half_bins, False)
         joint += value
     joint = tl.where(mask, joint, -float("inf"))
     jmax = tl.max(joint, 0)
     jmax_safe = tl.where(jmax == -float("inf"), 0.0, jmax)
-    lse = jmax_safe + tl.log(tl.sum(tl.exp(joint - jmax_safe[None, :]), 0))
+    lse = jmax_safe + tl.log(tl.sum(tl.where(mask, tl.exp(joint - jmax_safe[None, :]), 0.0), 0))
     if not BACKWARD:
-        tl.store(partial_ptr + b * n_tiles + tile, -tl.sum(tl.where(smask, lse, 0.0), 0))
+        tl.store(nll_ptr + i, -lse, mask=imask)
     else:
-        g = tl.load(g_ptr + b).to(DTYPE)
-        r = tl.exp(joint - lse[None, :])
-        gr = g * r
-        dp_ptr += b * P * S
+        g = tl.load(g_ptr + b, mask=imask, other=0.0).to(DTYPE)
+        gr = g[None, :] * tl.exp(joint - lse[None, :])
         out_ty = dp_ptr.dtype.element_ty
-        offs = k[:, None] * S + s[None, :]
-        tl.store(dp_ptr + offs, (g * tl.exp(logits - log_norm[None, :]) - gr).to(out_ty),
-                 mask=mask)
+        offs = k[:, None] * S + (b * (P * S) + s)[None, :]
+        d_logits = g[None, :] * tl.exp(logits - log_norm[None, :]) - gr
+        tl.store(dp_ptr + offs, d_logits.to(out_ty), mask=mask)
         for c in tl.static_range(C):
-            xc = tl.load(x_ptr + c * s_x_c + s * s_x_s, mask=smask, other=0.0).to(DTYPE)
-            mean, log_s, raw_ls = _coupled(p_ptr, c, k, s, s_p_n, s_p_s, mask, x0, x1, M, C,
-                                           J, DTYPE)
+            xc = tl.load(x_ptr + c * s_x_c + xpix, mask=imask, other=0.0).to(DTYPE)
+            mean, log_s, raw_ls = _coupled(p_ptr, c, k, pix, s_p_n, mask, x0, x1, M, C, J,
+                                           DTYPE)
             _, dc, ds = _channel(xc[None, :] - mean, log_s, xc[None, :], h, log_2h,
                                  log_half_bins, True)
             d_mean = gr * dc
@@ -174,53 +174,45 @@ def _dmol_kernel(
             tl.store(dp_ptr + (base + M) * S + offs, d_ls.to(out_ty), mask=mask)
             if C == 3:
                 if c == 1:
-                    a0 = _load_param(p_ptr, 3 * M, k, s, s_p_n, s_p_s, mask, DTYPE)
+                    a0 = _load_param(p_ptr, 3 * M, k, pix, s_p_n, mask, DTYPE)
                     tl.store(dp_ptr + 3 * M * S + offs,
                              (d_mean * x0[None, :] * _sech2(a0)).to(out_ty), mask=mask)
                 if c == 2:
-                    a1 = _load_param(p_ptr, 6 * M, k, s, s_p_n, s_p_s, mask, DTYPE)
-                    a2 = _load_param(p_ptr, 9 * M, k, s, s_p_n, s_p_s, mask, DTYPE)
+                    a1 = _load_param(p_ptr, 6 * M, k, pix, s_p_n, mask, DTYPE)
+                    a2 = _load_param(p_ptr, 9 * M, k, pix, s_p_n, mask, DTYPE)
                     tl.store(dp_ptr + 6 * M * S + offs,
                              (d_mean * x0[None, :] * _sech2(a1)).to(out_ty), mask=mask)
                     tl.store(dp_ptr + 9 * M * S + offs,
                              (d_mean * x1[None, :] * _sech2(a2)).to(out_ty), mask=mask)
 
 
-def _launch(params: Tensor, x: Tensor, n_mixtures: int, n_bins: int, partial, grad, d_params):
-    B, _, S = params.shape
+def _launch(params: Tensor, x: Tensor, n_mixtures: int, n_bins: int, nll: Tensor,
+            grad: Tensor | None, d_params: Tensor | None) -> None:
+    B, P, S = params.shape
     C = x.shape[1]
     block_m = triton.next_power_of_2(n_mixtures)
-    target = 8192 if params.device.type == "cpu" else 2048
-    block_s = max(1, min(triton.next_power_of_2(S), target // block_m))
-    n_tiles = triton.cdiv(S, block_s)
+    # Triton's interpreter pays per program: few, wide ones on CPU tensors.
+    target = 16384 if params.device.type == "cpu" else 1024
+    block_s = max(16, min(triton.next_power_of_2(B * S), target // block_m))
     h = 1.0 / (n_bins - 1)
     with on_device(params):
-        _dmol_kernel[(B * n_tiles,)](
-            params, x, partial, grad, d_params,
-            S, n_tiles, *params.stride(), *x.stride(), h, math.log(2.0 * h),
+        _dmol_kernel[(triton.cdiv(B * S, block_s),)](
+            params, x, nll, nll if grad is None else grad,
+            params if d_params is None else d_params,
+            B, S, *params.stride(), *x.stride(), h, math.log(2.0 * h),
             math.log((n_bins - 1) / 2.0),
-            M=n_mixtures, C=C, J=2 if C == 1 else 3, P=params.shape[1],
-            BACKWARD=d_params is not params, BLOCK_M=block_m, BLOCK_S=block_s,
-            DTYPE=compute_dtype(params.dtype),
+            M=n_mixtures, C=C, J=2 if C == 1 else 3, P=P, BACKWARD=d_params is not None,
+            BLOCK_M=block_m, BLOCK_S=block_s, DTYPE=compute_dtype(params.dtype),
             num_warps=4 if block_m * block_s <= 1024 else 8,
         )
-    return n_tiles
-
-
-def _n_tiles(params: Tensor, n_mixtures: int) -> int:
-    block_m = triton.next_power_of_2(n_mixtures)
-    target = 8192 if params.device.type == "cpu" else 2048
-    S = params.shape[2]
-    return triton.cdiv(S, max(1, min(triton.next_power_of_2(S), target // block_m)))
 
 
 def discretized_mix_logistic_nll_fwd(params: Tensor, x: Tensor, n_mixtures: int,
                                      n_bins: int) -> Tensor:
-    B = params.shape[0]
-    partial = torch.empty((B, _n_tiles(params, n_mixtures)),
-                          dtype=torch_compute_dtype(params.dtype), device=params.device)
-    _launch(params, x, n_mixtures, n_bins, partial, partial, params)
-    return partial.sum(1) if partial.shape[1] > 1 else partial.view(-1)
+    B, _, S = params.shape
+    nll = torch.empty((B, S), dtype=torch_compute_dtype(params.dtype), device=params.device)
+    _launch(params, x, n_mixtures, n_bins, nll, None, None)
+    return nll.sum(1)
 
 
 def discretized_mix_logistic_nll_bwd(grad: Tensor, params: Tensor, x: Tensor, n_mixtures: int,
