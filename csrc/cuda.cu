@@ -1029,6 +1029,7 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
         case FV_OP_DMOL_NLL_FWD:
             return launch_sum<T, 1>(DmolFwd<T, S>{make_dmol<T, S>(c, 0)}, c, out[0], 1, st);
         case FV_OP_DMOL_NLL_BWD:
+            if (out[0].data == nullptr) return FV_OK;  // no gradient wanted
             return launch_elementwise<1>(
                 DmolBwd<T, S>{make_dmol<T, S>(c, 1), make_in<T>(in[0]), make_out<S>(out[0])}, c,
                 st);

@@ -142,7 +142,7 @@ typedef struct fv_call {
     X(DMOL_NLL_FWD, discretized_mix_logistic_nll_fwd, "params* x_r# (x_g x_b)?#", "nll#",          \
       FV_USES_K | FV_USES_SCALAR)                                                                  \
     X(DMOL_NLL_BWD, discretized_mix_logistic_nll_bwd, "grad# params* x_r# (x_g x_b)?#",            \
-      "d_params", FV_USES_K | FV_USES_SCALAR)
+      "d_params?", FV_USES_K | FV_USES_SCALAR)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
 typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;
