@@ -882,6 +882,119 @@ struct ContinuousBernoulliNllBwd {
     }
 };
 
+// Discretized mixture of logistics: one thread per pixel (b, j), the mixtures and channels in
+// a loop (the formulas of fastvae_math.h's dmol_channel); params is a (P, B, N) view.
+template <class T, class S>
+struct Dmol {
+    In<S> p;
+    In<T> x[3];
+    int64_t M;
+    int C;
+    DmolBins<T> bins;
+
+    __device__ T param(int64_t row, int64_t b, int64_t j) const {
+        return from_storage<T>(p.p[row * p.sk + b * p.sb + j * p.sn]);
+    }
+    __device__ T xv(int ch, int64_t b, int64_t j) const {
+        return x[ch].p[b * x[ch].sb + j * x[ch].sn];
+    }
+    // mu' of channel ch, mixture k; raw log-scale in raw.
+    __device__ T coupled(int ch, int64_t k, int64_t b, int64_t j, T x0, T x1, T& raw) const {
+        const int64_t J = C == 1 ? 2 : 3, base = M + ch * J * M;
+        T mu = param(base + k, b, j);
+        if (C == 3 && ch == 1) mu += dmol_tanh(param(3 * M + k, b, j)) * x0;
+        if (C == 3 && ch == 2)
+            mu += dmol_tanh(param(6 * M + k, b, j)) * x0 + dmol_tanh(param(9 * M + k, b, j)) * x1;
+        raw = param(base + M + k, b, j);
+        return mu;
+    }
+    // The logits' log-normalizer and the joint's log-sum-exp at pixel (b, j).
+    __device__ void prepare(int64_t b, int64_t j, T& log_norm, T& lse) const {
+        const T x0 = xv(0, b, j), x1 = C == 3 ? xv(1, b, j) : T(0);
+        T m1 = -T(__builtin_huge_val()), r1 = T(0), m2 = m1, r2 = T(0);
+        for (int64_t k = 0; k < M; ++k) {
+            const T l = param(k, b, j);
+            iwae_lse_step(m1, r1, l);
+            T t = l;
+            for (int ch = 0; ch < C; ++ch) {
+                T raw;
+                const T mu = coupled(ch, k, b, j, x0, x1, raw);
+                const T xc = ch == 0 ? x0 : ch == 1 ? x1 : xv(2, b, j);
+                t += dmol_channel<T, false>(xc - mu, raw > T(-7) ? raw : T(-7), xc, bins).value;
+            }
+            iwae_lse_step(m2, r2, t);
+        }
+        log_norm = m1 + log_(r1);
+        lse = m2 + log_(r2);
+    }
+};
+
+template <class T, class S>
+struct DmolFwd {
+    Dmol<T, S> d;
+    __device__ void operator()(int64_t b, int64_t j, T (&v)[1]) const {
+        T log_norm, lse;
+        d.prepare(b, j, log_norm, lse);
+        v[0] = log_norm - lse;
+    }
+};
+
+template <class T, class S>
+struct DmolBwd {
+    Dmol<T, S> d;
+    In<T> g;
+    Out<S> dp;
+    __device__ void put(int64_t row, int64_t b, int64_t j, T v) const {
+        dp.p[row * dp.sk + b * dp.sb + j * dp.sn] = ToStorage<S>::cvt(v);
+    }
+    __device__ void operator()(int64_t b, int64_t j) const {
+        T log_norm, lse;
+        d.prepare(b, j, log_norm, lse);
+        const T gv = g.p[b * g.sb + j * g.sn];
+        const int C = d.C;
+        const int64_t M = d.M, J = C == 1 ? 2 : 3;
+        const T x0 = d.xv(0, b, j), x1 = C == 3 ? d.xv(1, b, j) : T(0);
+        const T x2 = C == 3 ? d.xv(2, b, j) : T(0);
+        for (int64_t k = 0; k < M; ++k) {
+            const T l = d.param(k, b, j);
+            T t = l, dc[3], ds[3];  // lse is that of the unnormalized joint
+            for (int ch = 0; ch < C; ++ch) {
+                T raw;
+                const T mu = d.coupled(ch, k, b, j, x0, x1, raw);
+                const T xc = ch == 0 ? x0 : ch == 1 ? x1 : x2;
+                const DmolTerm<T> term =
+                    dmol_channel<T, true>(xc - mu, raw > T(-7) ? raw : T(-7), xc, d.bins);
+                t += term.value;
+                dc[ch] = term.dc;
+                ds[ch] = raw >= T(-7) ? term.ds : T(0);
+            }
+            const T gr = gv * exp_(t - lse);
+            put(k, b, j, gv * exp_(l - log_norm) - gr);
+            for (int ch = 0; ch < C; ++ch) {
+                const int64_t base = M + ch * J * M;
+                put(base + k, b, j, gr * dc[ch]);
+                put(base + M + k, b, j, -gr * ds[ch]);
+            }
+            if (C == 3) {
+                put(3 * M + k, b, j, gr * dc[1] * x0 * dmol_sech2(d.param(3 * M + k, b, j)));
+                put(6 * M + k, b, j, gr * dc[2] * x0 * dmol_sech2(d.param(6 * M + k, b, j)));
+                put(9 * M + k, b, j, gr * dc[2] * x1 * dmol_sech2(d.param(9 * M + k, b, j)));
+            }
+        }
+    }
+};
+
+template <class T, class S>
+Dmol<T, S> make_dmol(const fv_call& c, int first) {
+    Dmol<T, S> d;
+    d.p = make_in<S>(c.in[first]);
+    for (int ch = 0; ch < 3; ++ch) d.x[ch] = make_in<T>(c.in[first + 1 + ch]);
+    d.M = c.K;
+    d.C = c.in[first + 2].data ? 3 : 1;
+    d.bins = dmol_bins<T>(c.scalar);
+    return d;
+}
+
 // Every op of FV_OPS has a case here: a missing one is a compile error (-Werror=switch).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic error "-Wswitch"
@@ -965,6 +1078,13 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
                                                    make_in<S>(in[2]), make_out<S>(out[0]),
                                                    make_out<S>(out[1]), c.N},
                 c, st);
+        case FV_OP_DMOL_NLL_FWD:
+            return launch_sum<T, 1>(DmolFwd<T, S>{make_dmol<T, S>(c, 0)}, c, out[0], 1, st);
+        case FV_OP_DMOL_NLL_BWD:
+            if (out[0].data == nullptr) return FV_OK;  // no gradient wanted
+            return launch_elementwise<1>(
+                DmolBwd<T, S>{make_dmol<T, S>(c, 1), make_in<T>(in[0]), make_out<S>(out[0])}, c,
+                st);
     }
     return set_error(FV_ERR_INVALID, "unknown op code %d", op);
 }
@@ -1028,6 +1148,10 @@ int64_t workspace_bytes(int32_t op, const fv_call* call) {
         case FV_OP_CONTINUOUS_BERNOULLI_NLL_FWD: {
             DeviceGuard guard(c.device);
             return plan_sum(c, E, compute_size, 1).workspace_bytes;
+        }
+        case FV_OP_DMOL_NLL_FWD: {
+            DeviceGuard guard(c.device);
+            return plan_sum(c, 1, compute_size, 1).workspace_bytes;
         }
         default: return 0;
     }

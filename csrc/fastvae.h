@@ -25,6 +25,12 @@
  * a[k,b] = grad[b] exp(log_w[k,b] - ll[b] - log K): d_log_px = a, d_z = a (s e^(-lv/2) - z),
  * d_mu = -sum_k a s e^(-lv/2), d_logvar = sum_k a (1 - s^2) / 2, summed over k in order.
  *
+ * Discretized mixture of logistics: N is the pixels, K the mixtures M, scalar the bin count;
+ * params (and d_params, written in full) is a (P, B, N) view whose stride[0] steps along its
+ * P = M (1 + 3C) (C = 3) or 3M (C = 1) parameter rows, laid out as fastvae/ops/reference.py
+ * says; x_r, x_g, x_b are the channels of x, (B, N) views in the compute dtype (x_g and x_b
+ * absent for C = 1); grad (backward) is the (B,) loss gradient as a (B, N) view.
+ *
  * The prior is both tensors or neither. Noise element (k, b, j) is tl.randn(seed, (k*B + b)*N
  * + j), seed read from memory on the call's device (so CUDA launches never sync the host).
  * Compute happens in `compute` (FV_FLOAT32, or FV_FLOAT64 for float64 inputs); sums come
@@ -135,7 +141,11 @@ typedef struct fv_call {
       FV_USES_K)                                                                                   \
     X(CONTINUOUS_BERNOULLI_NLL_FWD, continuous_bernoulli_nll_fwd, "logits* target", "nll#", 0)     \
     X(CONTINUOUS_BERNOULLI_NLL_BWD, continuous_bernoulli_nll_bwd, "grad# logits* target",          \
-      "d_logits? d_target?", 0)
+      "d_logits? d_target?", 0)                                                                    \
+    X(DMOL_NLL_FWD, discretized_mix_logistic_nll_fwd, "params* x_r# (x_g x_b)?#", "nll#",          \
+      FV_USES_K | FV_USES_SCALAR)                                                                  \
+    X(DMOL_NLL_BWD, discretized_mix_logistic_nll_bwd, "grad# params* x_r# (x_g x_b)?#",            \
+      "d_params?", FV_USES_K | FV_USES_SCALAR)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
 typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;

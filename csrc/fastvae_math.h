@@ -667,3 +667,105 @@ FV_HD T continuous_bernoulli_grad_logits(T g, T l, T x) {
 
 }  // inline namespace FV_MATH_NAMESPACE
 }  // namespace fv
+
+// ---------------------------------------------------------------------------------------------
+// Discretized mixture of logistics (PixelCNN++): one channel's log bin probability and its
+// derivatives (the formulas of reference._dmol_channel_terms). Appended after the other ops.
+// ---------------------------------------------------------------------------------------------
+
+namespace fv {
+inline namespace FV_MATH_NAMESPACE {
+
+// expm1(x): the series (accurate for |x| <= 1, see expm1_tail) inside (-1, 1), exp(x) - 1
+// beyond, where nothing cancels.
+template <class T>
+FV_HD T expm1_(T x) {
+    const T series = x + x * x * expm1_tail(x);
+    const T direct = exp_(x) - T(1);
+    return (x < T(1) && x > T(-1)) ? series : direct;
+}
+
+// sigmoid(l) from t = exp(-|l|): 1 / (1 + t) for l >= 0, t / (1 + t) below (no overflow).
+template <class T>
+FV_HD T sigmoid_(T l) {
+    const T t = exp_(-abs_(l));
+    const T r = T(1) / (T(1) + t);
+    return l >= T(0) ? r : t * r;
+}
+
+template <class T>
+FV_HD T dmol_log_sigmoid(T u) {
+    return (u < T(0) ? u : T(0)) - log1p_unit(exp_(-abs_(u)));
+}
+
+// tanh(u) = sign(u) (1 - e^(-2|u|)) / (1 + e^(-2|u|)), the numerator by expm1 (no cancellation)
+template <class T>
+FV_HD T dmol_tanh(T u) {
+    const T e = exp_(T(-2) * abs_(u));
+    const T t = -expm1_(T(-2) * abs_(u)) / (T(1) + e);
+    return u < T(0) ? -t : t;
+}
+
+// 1 - tanh(u)^2 = 4 e^(-2|u|) / (1 + e^(-2|u|))^2
+template <class T>
+FV_HD T dmol_sech2(T u) {
+    const T e = exp_(T(-2) * abs_(u));
+    return T(4) * e / ((T(1) + e) * (T(1) + e));
+}
+
+// The constants of one call: h = 1 / (n_bins - 1), log(2h), log((n_bins - 1) / 2).
+template <class T>
+struct DmolBins {
+    T h, log_2h, log_half_bins;
+};
+
+template <class T>
+FV_HD DmolBins<T> dmol_bins(double n_bins) {
+    const double h = 1.0 / (n_bins - 1.0);
+    return {T(h), T(::log(2.0 * h)), T(::log((n_bins - 1.0) / 2.0))};
+}
+
+template <class T>
+struct DmolTerm {
+    T value, dc, ds;  // log P(bin); its derivatives by c = x - mu' and by the log-scale s
+};
+
+// log P(bin of x) for one channel and mixture: centered c = x - mu', log-scale s (floored).
+// Lowest bin (x < -1 + h): log sigmoid(a); highest (x > 1 - h): log sigmoid(-b); else
+// log(sigmoid(a) - sigmoid(b)) = log sigmoid(a) + log sigmoid(-b) + log(-expm1(-d)) unless
+// below log(1e-5), then the mid-bin density log sigmoid(m) + log sigmoid(-m) - s
+// - log((n_bins - 1) / 2); a = e^-s (c + h), b = e^-s (c - h), m = e^-s c, d = 2 h e^-s.
+template <class T, bool kGrads>
+FV_HD DmolTerm<T> dmol_channel(T c, T s, T x, const DmolBins<T>& k) {
+    const T inv_s = exp_(-s);
+    const T a = inv_s * (c + k.h), b = inv_s * (c - k.h), m = inv_s * c;
+    const T log_d = k.log_2h - s;
+    const T d = exp_(log_d);
+    const T ratio = d > T(0) ? -expm1_(-d) / d : T(1);
+    const T ls_a = dmol_log_sigmoid(a), ls_mb = dmol_log_sigmoid(-b);
+    const T log_delta = ls_a + ls_mb + log_d + log_(ratio);
+    const T log_mid = dmol_log_sigmoid(m) + dmol_log_sigmoid(-m) - s - k.log_half_bins;
+    const bool low = x < T(-1) + k.h, high = x > T(1) - k.h;
+    const bool use_delta = log_delta > T(-11.512925464970229);  // log(1e-5)
+    DmolTerm<T> r;
+    r.value = low ? ls_a : high ? ls_mb : use_delta ? log_delta : log_mid;
+    if (kGrads) {
+        const T sig_ma = sigmoid_(-a), sig_b = sigmoid_(b);
+        const T t_half = dmol_tanh(T(0.5) * m);
+        const T d_over = d > T(0) ? d / expm1_(d) : T(1);
+        // sigmoid(-a) - sigmoid(b): as a product where it cancels (|a + b| < 1), else directly
+        const T apb = a + b;
+        const bool near = apb < T(1) && apb > T(-1);
+        const T dc_delta =
+            inv_s * (near ? -sig_ma * sigmoid_(-b) * expm1_(near ? apb : T(0)) : sig_ma - sig_b);
+        const T ds_delta = -(a * sig_ma - b * sig_b + d_over);
+        r.dc = low ? inv_s * sig_ma : high ? -inv_s * sig_b : use_delta ? dc_delta : -inv_s * t_half;
+        r.ds = low ? -a * sig_ma : high ? b * sig_b : use_delta ? ds_delta : m * t_half - T(1);
+    } else {
+        r.dc = r.ds = T(0);
+    }
+    return r;
+}
+
+}  // namespace FV_MATH_NAMESPACE
+}  // namespace fv

@@ -24,6 +24,8 @@ from .ops.distributions import DiagonalGaussianDistribution, DiagonalNormal
 from .ops.functional import (
     bernoulli_nll,
     continuous_bernoulli_nll,
+    discretized_mix_logistic_nll,
+    discretized_mix_logistic_sample,
     gaussian_kl,
     gaussian_kl_per_dim,
     gaussian_nll,
@@ -91,6 +93,8 @@ __all__ = [
     "bernoulli_nll",
     "build_vae",
     "continuous_bernoulli_nll",
+    "discretized_mix_logistic_nll",
+    "discretized_mix_logistic_sample",
     "gaussian_kl",
     "gaussian_kl_per_dim",
     "gaussian_nll",

@@ -100,6 +100,13 @@ def half_expm1mx(d, hd, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def expm1(x):
+    """expm1(x) in x's dtype: the series inside (-1, 1), where exp(x) - 1 cancels, else that."""
+    small = tl.abs(x) < 1.0
+    return tl.where(small, x + x * x * _expm1_tail(x, x.dtype), tl.exp(x) - 1.0)
+
+
+@triton.jit
 def expm1_neg_small(lv, DTYPE: tl.constexpr):
     """expm1(-lv), accurate for |lv| < 1 (anything beyond)."""
     x = -lv

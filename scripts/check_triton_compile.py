@@ -383,6 +383,20 @@ def _iwae_bwd(K, p):
     K.iwae_bwd(grad, out, log_w, log_px, z, mu, lv, list(p["needs"]))
 
 
+def _dmol(K, p):
+    """The discretized mixture of logistics on (B, P, S) parameters and (B, C, S) pixels."""
+    B, S = p["shape"]
+    C, M = p["channels"], p["mixtures"]
+    P = M * (3 if C == 1 else 1 + 3 * C)
+    params = operand(B * P, S, p["dtype"], p["layout"]).view(B, P, S)
+    x = operand(B * C, S, p["dtype"], "contiguous").view(B, C, S)
+    if p["backward"]:
+        grad = per_sample(B, out_dtype(p["dtype"]), "contiguous")
+        K.discretized_mix_logistic_nll_bwd(grad, params, x, M, 256)
+    else:
+        K.discretized_mix_logistic_nll_fwd(params, x, M, 256)
+
+
 def _common_axes(**extra) -> dict:
     return {"dtype": DTYPES, "shape": SHAPES, "layout": LAYOUTS, **extra}
 
@@ -421,6 +435,14 @@ FAMILIES = (
            _sample_and_kl_fwd),
     Family("sample_and_kl_bwd", _common_axes(reduce_dim=(1, 0), needs=subsets(2), grad=GRADS),
            ("reduce_dim", "needs"), _sample_and_kl_bwd, needs="needs"),
+    Family("discretized_mix_logistic_nll_fwd",
+           {"dtype": DTYPES, "shape": ((16, 1024), (8, 4096)), "layout": ("contiguous",),
+            "channels": (3, 1), "mixtures": (10, 1), "backward": (False,)},
+           ("channels", "mixtures"), _dmol),
+    Family("discretized_mix_logistic_nll_bwd",
+           {"dtype": DTYPES, "shape": ((16, 1024), (8, 4096)), "layout": ("contiguous",),
+            "channels": (3, 1), "mixtures": (10, 1), "backward": (True,)},
+           ("channels", "mixtures"), _dmol),
     Family("iwae_fwd",
            _common_axes(K=(16, 1, 3), z=("contiguous", "broadcast"),
                         lpx_dtype=(None, torch.float32, torch.float16, torch.float64)),

@@ -159,6 +159,29 @@ def _make_loss_head(B, N, dtype, device):
     return Inputs((*lat.leaves, logits), (x,), (None, *lat.out_grads))
 
 
+DMOL_MIXTURES = 10  # the DMoL cases: B images of 3 channels, N pixels (H * W flattened)
+
+
+def _make_dmol(B, N, dtype, device):
+    from ..ops.reference import dmol_params_per_mixture
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    M, C = DMOL_MIXTURES, 3
+    params = torch.randn(B, dmol_params_per_mixture(C) * M, N, generator=g)
+    params[:, M:].view(B, C, 3, M, N)[:, :, 1] -= 3.0  # log-scales around -3
+    k = torch.randint(0, 256, (B, C, N), generator=g)
+    x = k.float() * (2.0 / 255.0) - 1.0
+    return Inputs((_leaf(params.to(device, dtype)),), (x.to(device, dtype),), (None,))
+
+
+def _eager_dmol(params, x):
+    """The PixelCNN++ loss as plain PyTorch (fastvae's float64 oracle, run in the inputs'
+    dtype)."""
+    from ..ops.reference import discretized_mix_logistic_nll
+
+    return discretized_mix_logistic_nll(params, x, n_mixtures=DMOL_MIXTURES)
+
+
 OPS: dict[str, Op] = {op.name: op for op in [
     Op("reparameterize", _make_reparameterize,
        {"eager": _eager_sample,
@@ -196,6 +219,11 @@ OPS: dict[str, Op] = {op.name: op for op in [
        {"eager": _eager_continuous_bernoulli,
         "fastvae": lambda lg, x: fv.continuous_bernoulli_nll(lg, x)},
        traffic=(2, 3), sizes=IMAGE_SIZES),  # fwd: logits, x; bwd: logits, x -> dlogits
+    Op("dmol_nll", _make_dmol,
+       {"eager": _eager_dmol,
+        "fastvae": lambda p, x: fv.discretized_mix_logistic_nll(p, x, n_mixtures=DMOL_MIXTURES)},
+       # per pixel: fwd 10 M params + 3 x; bwd those again + 10 M d params
+       traffic=(10 * DMOL_MIXTURES + 3, 20 * DMOL_MIXTURES + 3)),
 ]}
 
 
@@ -620,7 +648,9 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="roofline report of every op, backend and size",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated: {', '.join(OPS)}")
+    p.add_argument("--ops", default=",".join(op for op in OPS if op != "dmol_nll"),
+                   help=f"comma-separated: {', '.join(OPS)} (dmol_nll: not by default; its "
+                        "sizes are B x pixels of 3-channel images, e.g. 16x1024,8x4096)")
     p.add_argument("--sizes", type=_sizes, default=None,
                    help="BxN list, e.g. 64x784,4096x784 (default depends on the device)")
     p.add_argument("--dtypes", default="float32", help="e.g. float32,bfloat16")

@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
                    help="hidden sizes (mlp) or channels (conv), e.g. 256,256")
     p.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "gaussian_learned",
-                                            "continuous_bernoulli"),
+                                            "continuous_bernoulli", "dmol"),
                    default="bernoulli")
     p.add_argument("--obs-logvar", type=finite_float, default=None,
                    help="log-variance of the Gaussian likelihood (initial value if learned); "
@@ -95,6 +95,11 @@ def add_parser(sub) -> None:
     p.add_argument("--iwae-samples", type=non_negative_int, default=1000,
                    help="K of the final IWAE log-likelihood (0: skip)")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop")
+    p.add_argument("--mixtures", type=positive_int, default=10,
+                   help="mixture components M of --likelihood dmol")
+    p.add_argument("--bins", type=positive_int, default=None,
+                   help="levels of the pixel grid for --likelihood dmol (default: 17 for the "
+                        "digits, whose values are 0..16 / 16; else 256)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--no-images", action="store_true", help="skip the PNG grids")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -205,6 +210,11 @@ def _model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dic
                                    else GAUSSIAN_OBS_LOGVAR if args.likelihood == "gaussian"
                                    else 0.0),
                     "logvar_limit": args.logvar_limit}
+    if args.likelihood == "dmol":
+        bins = args.bins or (17 if args.data == "digits" else 256)
+        if bins < 2:
+            raise UsageError(f"--bins must be >= 2, got {bins}")
+        model_config |= {"n_mixtures": args.mixtures, "n_bins": bins}
     try:
         build_vae(**model_config)
     except (ValueError, RuntimeError) as e:

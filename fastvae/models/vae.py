@@ -7,8 +7,10 @@
 
 Likelihoods: ``"bernoulli"`` (logits), ``"gaussian"`` (fixed ``obs_logvar``),
 ``"gaussian_learned"`` (one learned log-variance shared by every pixel, bounded below by
-``min_obs_var``), and ``"continuous_bernoulli"`` (logits; the normalized likelihood of
-intensities in [0, 1]).
+``min_obs_var``), ``"continuous_bernoulli"`` (logits; the normalized likelihood of
+intensities in [0, 1]), and ``"dmol"``: the discretized mixture of logistics of PixelCNN++
+(decoder output ``(B, M (1 + 3C), H, W)``, or ``3M`` channels for C = 1; ``x`` in [0, 1] on the
+grid of ``n_bins`` levels, scaled to [-1, 1]).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..ops import functional as F
 from ..ops import reference
 from ..ops.losses import soft_min_logvar
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli", "dmol")
 
 
 class VAEOutput(NamedTuple):
@@ -53,7 +55,7 @@ class VAE(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_shape: int | Sequence[int],
                  *, likelihood: str = "bernoulli", obs_logvar: float = 0.0, beta: float = 1.0,
                  free_bits: float = 0.0, logvar_limit: float | None = None,
-                 min_obs_var: float = 1e-6) -> None:
+                 min_obs_var: float = 1e-6, n_mixtures: int = 10, n_bins: int = 256) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, "
@@ -72,6 +74,7 @@ class VAE(nn.Module):
             raise ValueError(f"min_obs_var must be finite and >= 0, got {min_obs_var}")
         self.min_obs_var = float(min_obs_var)
         self.obs_logvar: float | nn.Parameter = float(obs_logvar)
+        self.n_mixtures, self.n_bins = int(n_mixtures), int(n_bins)
         if likelihood == "gaussian_learned":
             self.obs_logvar = nn.Parameter(torch.tensor(float(obs_logvar)))
 
@@ -110,9 +113,14 @@ class VAE(nn.Module):
 
     def mean_of(self, recon: Tensor) -> Tensor:
         """The likelihood's mean from a decoder output: sigmoid(logits), the continuous
-        Bernoulli's mean ``1/2 + coth(l/2)/2 - 1/l`` (not sigmoid(l)), or the mean itself."""
+        Bernoulli's mean ``1/2 + coth(l/2)/2 - 1/l`` (not sigmoid(l)), or the mean itself; for
+        ``"dmol"`` the mode of the most probable component, in [0, 1]."""
         if self.likelihood == "continuous_bernoulli":
             return continuous_bernoulli_mean(recon)
+        if self.likelihood == "dmol":
+            return (F.discretized_mix_logistic_sample(recon, n_mixtures=self.n_mixtures,
+                                                      n_bins=self.n_bins, most_likely=True)
+                    + 1.0) / 2.0
         return torch.sigmoid(recon) if self.likelihood == "bernoulli" else recon
 
     def nll(self, recon: Tensor, x: Tensor, reduction: str = "mean") -> Tensor:
@@ -123,6 +131,9 @@ class VAE(nn.Module):
             return F.bernoulli_nll(recon, x, reduction=reduction)
         if self.likelihood == "continuous_bernoulli":
             return F.continuous_bernoulli_nll(recon, x, reduction=reduction)
+        if self.likelihood == "dmol":
+            return F.discretized_mix_logistic_nll(recon, 2.0 * x - 1.0, n_mixtures=self.n_mixtures,
+                                                  n_bins=self.n_bins, reduction=reduction)
         logvar = self.obs_logvar
         if isinstance(logvar, nn.Parameter):
             # a float32 parameter meets a bfloat16 mean under autocast: compute in float32
@@ -361,27 +372,39 @@ def conv_decoder(latent_dim: int, output_shape: Sequence[int],
 def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
               hidden: Sequence[int] | None = None, likelihood: str = "bernoulli",
               obs_logvar: float = 0.0, beta: float = 1.0, free_bits: float = 0.0,
-              logvar_limit: float | None = None) -> VAE:
+              logvar_limit: float | None = None, n_mixtures: int = 10,
+              n_bins: int = 256) -> VAE:
     """A VAE with the ready-made MLP (``arch="mlp"``) or convolutional (``"conv"``) networks.
-    Its arguments are kept as ``model.build_config``, from which ``load_vae`` rebuilds it."""
+    Its arguments are kept as ``model.build_config``, from which ``load_vae`` rebuilds it.
+    ``likelihood="dmol"``: (C, H, W) inputs with C = 1 or 3, the decoder outputs the mixture's
+    ``M (1 + 3C)`` (C = 3) or ``3M`` (C = 1) parameter maps, ``M = n_mixtures``."""
     config = {"input_shape": list(input_shape), "latent_dim": latent_dim, "arch": arch,
               "hidden": None if hidden is None else list(hidden), "likelihood": likelihood,
               "obs_logvar": obs_logvar, "beta": beta, "free_bits": free_bits,
               "logvar_limit": logvar_limit}
+    output_shape = tuple(input_shape)
+    if likelihood == "dmol":
+        if len(input_shape) != 3 or input_shape[0] not in (1, 3):
+            raise ValueError(f"likelihood 'dmol' needs (C, H, W) inputs with C = 1 or 3, got "
+                             f"{tuple(input_shape)}")
+        per = 3 if input_shape[0] == 1 else 1 + 3 * input_shape[0]
+        output_shape = (n_mixtures * per, *input_shape[1:])
+        config.update(n_mixtures=n_mixtures, n_bins=n_bins)
     if arch == "mlp":
         hidden = tuple(hidden or (256, 256))
         encoder = mlp_encoder(input_shape, latent_dim, hidden)
-        decoder = mlp_decoder(latent_dim, input_shape, tuple(reversed(hidden)))
+        decoder = mlp_decoder(latent_dim, output_shape, tuple(reversed(hidden)))
     elif arch == "conv":
         if len(input_shape) != 3:
             raise ValueError(f"arch 'conv' needs (C, H, W) inputs, got {tuple(input_shape)}")
         channels = tuple(hidden or (32, 64))
         encoder = conv_encoder(input_shape, latent_dim, channels)
-        decoder = conv_decoder(latent_dim, input_shape, tuple(reversed(channels)))
+        decoder = conv_decoder(latent_dim, output_shape, tuple(reversed(channels)))
     else:
         raise ValueError(f"arch must be 'mlp' or 'conv', got {arch!r}")
     model = VAE(encoder, decoder, latent_dim, likelihood=likelihood, obs_logvar=obs_logvar,
-                beta=beta, free_bits=free_bits, logvar_limit=logvar_limit)
+                beta=beta, free_bits=free_bits, logvar_limit=logvar_limit, n_mixtures=n_mixtures,
+                n_bins=n_bins)
     model.build_config = config
     return model
 

@@ -492,3 +492,60 @@ def _continuous_bernoulli_nll_grad(ctx, grad):
 continuous_bernoulli_nll.register_autograd(_continuous_bernoulli_nll_grad,
                                            setup_context=_bernoulli_nll_setup)
 _AUTOGRAD[continuous_bernoulli_nll] = (_bernoulli_nll_setup, _continuous_bernoulli_nll_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# discretized_mix_logistic_nll
+# ---------------------------------------------------------------------------------------------
+# Backend interface (views: params (B, P, S), x (B, C, S); S pixels, P = M (1 + 3C) or 3M):
+#   discretized_mix_logistic_nll_fwd(params, x, n_mixtures, n_bins) -> (B,)
+#   discretized_mix_logistic_nll_bwd(grad, params, x, n_mixtures, n_bins) -> d_params (B, P, S)
+# No gradient flows to x (data on the bin grid).
+
+
+@_custom_op("discretized_mix_logistic_nll")
+def discretized_mix_logistic_nll(params: Tensor, x: Tensor, n_mixtures: int, n_bins: int,
+                                 backend: str) -> Tensor:
+    if params.numel() == 0:
+        return params.new_zeros(params.shape[:1], dtype=out_dtype(params.dtype))
+    return implementation(backend).discretized_mix_logistic_nll_fwd(params, x, n_mixtures,
+                                                                    n_bins)
+
+
+@discretized_mix_logistic_nll.register_fake
+def _(params, x, n_mixtures, n_bins, backend):
+    return params.new_empty(params.shape[:1], dtype=out_dtype(params.dtype))
+
+
+@_custom_op("discretized_mix_logistic_nll_backward")
+def discretized_mix_logistic_nll_backward(grad: Tensor, params: Tensor, x: Tensor,
+                                          n_mixtures: int, n_bins: int,
+                                          backend: str) -> Tensor:
+    if params.numel() == 0:
+        return torch.zeros_like(params, memory_format=torch.contiguous_format)
+    return implementation(backend).discretized_mix_logistic_nll_bwd(grad, params, x, n_mixtures,
+                                                                    n_bins)
+
+
+@discretized_mix_logistic_nll_backward.register_fake
+def _(grad, params, x, n_mixtures, n_bins, backend):
+    return torch.empty_like(params, memory_format=torch.contiguous_format)
+
+
+def _dmol_setup(ctx, inputs, output):
+    params, x, n_mixtures, n_bins, backend = inputs
+    ctx.save_for_backward(params, x)
+    ctx.n_mixtures, ctx.n_bins, ctx.backend = n_mixtures, n_bins, backend
+
+
+def _dmol_grad(ctx, grad):
+    params, x = ctx.saved_tensors
+    d_params = None
+    if ctx.needs_input_grad[0]:
+        d_params = call(discretized_mix_logistic_nll_backward, grad, params, x, ctx.n_mixtures,
+                        ctx.n_bins, ctx.backend)
+    return d_params, None, None, None, None
+
+
+discretized_mix_logistic_nll.register_autograd(_dmol_grad, setup_context=_dmol_setup)
+_AUTOGRAD[discretized_mix_logistic_nll] = (_dmol_setup, _dmol_grad)

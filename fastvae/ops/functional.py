@@ -20,6 +20,7 @@ from .backends import resolve
 __all__ = [
     "bernoulli_nll",
     "continuous_bernoulli_nll",
+    "discretized_mix_logistic_nll",
     "gaussian_kl",
     "gaussian_kl_per_dim",
     "gaussian_nll",
@@ -418,12 +419,138 @@ def continuous_bernoulli_nll(logits: Tensor, target: Tensor, *,
     check.tensor("logits", logits)
     check.tensor("target", target)
     check.batched("logits", logits)
-    check.pair("target", target, "logits", logits)
+    check.observation("target", target, "logits", logits)
     reduction = check.reduction(reduction)
     check.finite(logits=logits, target=target)
     check.unit_interval("target", target)
+    logits, target = _promote(logits, target)
     backend = resolve(logits.device)
     B, N = _batch_and_event(logits)
     per_sample = _ops.call(_ops.continuous_bernoulli_nll, _rows(logits, B, N),
                            _rows(target, B, N), backend)
     return _reduce(per_sample, reduction)
+
+
+def _dmol_check(params: Tensor, x: Tensor, n_mixtures: object, n_bins: object) -> None:
+    """The shape and argument checks of the discretized mixture of logistics."""
+    check.tensor("params", params)
+    check.tensor("x", x)
+    check.same_device("x", x, "params", params)
+    for name, value, low in (("n_mixtures", n_mixtures, 1), ("n_bins", n_bins, 2)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if x.dim() < 2 or x.shape[1] not in (1, 3):
+        raise ValueError(f"x must have shape (B, C, *spatial) with C = 1 or 3, got "
+                         f"{tuple(x.shape)}")
+    C = x.shape[1]
+    P = n_mixtures * (3 if C == 1 else 1 + 3 * C)
+    layout = "M logits, means, log-scales" if C == 1 else \
+        "M logits, then per channel M means, M log-scales, M coefficients"
+    expected = (x.shape[0], P, *x.shape[2:])
+    if tuple(params.shape) != expected:
+        raise ValueError(f"params must have shape {expected} for x of shape {tuple(x.shape)} "
+                         f"and n_mixtures={n_mixtures} ({layout}), got {tuple(params.shape)}")
+
+
+def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
+                                 n_bins: int = 256, reduction: str = "mean") -> Tensor:
+    """Discretized mixture of logistics NLL (PixelCNN++, Salimans et al. 2017), in nats, summed
+    over the pixels: one fused pass forward, one backward that recomputes from the inputs.
+
+    ``x``: ``(B, C, *spatial)`` with C = 1 or 3, values on the grid of ``n_bins`` levels of
+    [-1, 1] (``-1 + 2 k / (n_bins - 1)``), any float dtype. ``params``: ``(B, P, *spatial)``,
+    P = M (1 + 3 C) for C = 3 and 3 M for C = 1, laid out on dim 1 as PixelCNN++ and VDVAE do: M
+    mixture logits pi, then per channel M means mu, M log-scales s and (C = 3) M coefficients a.
+    Per pixel, with s floored at -7, h = 1 / (n_bins - 1) and the channels coupled
+    autoregressively (mu'_R = mu_R, mu'_G = mu_G + tanh(a_0) x_R,
+    mu'_B = mu_B + tanh(a_1) x_R + tanh(a_2) x_G):
+
+        P_k(x_c) = sigmoid((x_c - mu'_ck + h) / e^s) - sigmoid((x_c - mu'_ck - h) / e^s)
+
+    with the tails at the edges (x_c = -1: the CDF at -1 + h; x_c = 1: one minus the CDF at
+    1 - h) and, for an inner bin of probability below 1e-5, the mid-bin density times the bin
+    width, pdf(x_c) * 2h. ``nll = -sum_pixels logsumexp_k (log_softmax(pi)_k + sum_c log
+    P_k(x_c))``: the probabilities of all ``n_bins ** C`` values of a pixel sum to 1.
+
+    Returns ``(B,)`` for ``reduction="none"``, else a scalar; float32 (float64 for float64
+    ``params``). The gradient flows to ``params`` only. Raises TypeError for non-float tensors or
+    non-int ``n_mixtures``/``n_bins``, ValueError for shapes that do not match this layout,
+    ``n_mixtures < 1``, ``n_bins < 2``, tensors on two devices, or (validation on) non-finite
+    values or ``x`` outside [-1, 1].
+    """
+    _dmol_check(params, x, n_mixtures, n_bins)
+    reduction = check.reduction(reduction)
+    check.finite(params=params, x=x)
+    if check.validation_enabled() and not torch.compiler.is_compiling() \
+            and not bool(((x >= -1) & (x <= 1)).all()):
+        raise ValueError("x must lie in [-1, 1] (validation is on)")
+    backend = resolve(params.device)
+    B, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    per_sample = _ops.call(_ops.discretized_mix_logistic_nll, params.reshape(B, params.shape[1], S),
+                           x.reshape(B, C, S), n_mixtures, n_bins, backend)
+    return _reduce(per_sample, reduction)
+
+
+def discretized_mix_logistic_sample(params: Tensor, *, n_mixtures: int, n_bins: int = 256,
+                                    most_likely: bool = False,
+                                    generator: torch.Generator | None = None) -> Tensor:
+    """Images from the discretized mixture of logistics of ``params`` (the layout of
+    ``discretized_mix_logistic_nll``; C = 3 when dim 1 holds 10 M values, C = 1 for 3 M).
+
+    Per pixel, as PixelCNN++: a component k ~ softmax(pi) (Gumbel-max), then channel by channel
+    ``x_c = mu'_ck + e^(s_ck) (log u - log(1 - u))``, u ~ U(1e-5, 1 - 1e-5), with mu' coupled to
+    the channels already drawn; each value clamped to [-1, 1] and rounded to the grid of
+    ``n_bins`` levels. ``most_likely=True``: the most probable component and its mode (u = 1/2,
+    x_c = mu'_ck) instead, deterministic. Returns ``(B, C, *spatial)`` in ``params``' dtype,
+    values in [-1, 1] on the grid. ``generator`` drives the draws.
+    """
+    check.tensor("params", params)
+    for name, value, low in (("n_mixtures", n_mixtures, 1), ("n_bins", n_bins, 2)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if params.dim() < 2 or params.shape[1] not in (3 * n_mixtures, 10 * n_mixtures):
+        raise ValueError(f"params must have shape (B, 3 M or 10 M, *spatial) with "
+                         f"M = n_mixtures = {n_mixtures}, got {tuple(params.shape)}")
+    M = n_mixtures
+    C = 1 if params.shape[1] == 3 * M else 3
+    J = 2 if C == 1 else 3
+    p = params.detach().float() if params.dtype != torch.float64 else params.detach()
+    B, spatial = p.shape[0], p.shape[2:]
+    body = p[:, M:].reshape(B, C, J, M, *spatial)
+    logits = p[:, :M]
+
+    def uniform(shape):
+        u = torch.rand(shape, dtype=p.dtype, device=p.device, generator=generator)
+        return u * (1 - 2e-5) + 1e-5
+
+    if most_likely:
+        k = logits.argmax(1, keepdim=True)
+    else:
+        gumbel = -torch.log(-torch.log(uniform(logits.shape)))
+        k = (logits + gumbel).argmax(1, keepdim=True)
+
+    def pick(t):  # (B, M, *spatial) -> (B, *spatial) at the chosen component
+        return t.gather(1, k).squeeze(1)
+
+    h = 2.0 / (n_bins - 1)
+    xs: list[Tensor] = []
+    for c in range(C):
+        mu = pick(body[:, c, 0])
+        if C == 3 and c == 1:
+            mu = mu + torch.tanh(pick(body[:, 0, 2])) * xs[0]
+        if C == 3 and c == 2:
+            mu = mu + torch.tanh(pick(body[:, 1, 2])) * xs[0] + \
+                torch.tanh(pick(body[:, 2, 2])) * xs[1]
+        value = mu
+        if not most_likely:
+            u = uniform(mu.shape)
+            log_s = torch.clamp_min(pick(body[:, c, 1]), -7.0)
+            value = mu + torch.exp(log_s) * (torch.log(u) - torch.log1p(-u))
+        value = torch.round((value.clamp(-1.0, 1.0) + 1.0) / h) * h - 1.0
+        xs.append(value)
+    return torch.stack(xs, 1).to(params.dtype)

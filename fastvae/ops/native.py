@@ -469,3 +469,29 @@ class NativeBackend:
         outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
         self._call("continuous_bernoulli_nll_bwd", logits, (g, logits, target), outs)
         return _present(outs)
+
+    # -- discretized_mix_logistic_nll --------------------------------------------------------
+    # params (B, P, S) goes as a (P, B, S) view (stride[0] along its rows), x as one (B, S)
+    # view per channel in the compute dtype, K = the mixtures, scalar = the bin count.
+
+    def _dmol_operands(self, params, x):
+        dtype = _compute_dtype(params.dtype)
+        x = x.to(dtype)
+        channels = [x[:, c] for c in range(x.shape[1])]
+        return (params.transpose(0, 1), *channels), params[:, 0]
+
+    def discretized_mix_logistic_nll_fwd(self, params, x, n_mixtures, n_bins):
+        operands, like = self._dmol_operands(params, x)
+        nll = self._sum_out(like, 1)
+        self._call("discretized_mix_logistic_nll_fwd", like, operands, (nll,), K=n_mixtures,
+                   scalar=float(n_bins))
+        return nll
+
+    def discretized_mix_logistic_nll_bwd(self, grad, params, x, n_mixtures, n_bins):
+        operands, like = self._dmol_operands(params, x)
+        B, _, S = params.shape
+        g = _rows_view(grad, 1, B, S, _compute_dtype(params.dtype))
+        d_params = torch.empty(params.shape, dtype=params.dtype, device=params.device)
+        self._call("discretized_mix_logistic_nll_bwd", like, (g, *operands),
+                   (d_params.transpose(0, 1),), K=n_mixtures, scalar=float(n_bins))
+        return d_params

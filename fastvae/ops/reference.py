@@ -603,3 +603,186 @@ def continuous_bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
     g = grad.unsqueeze(1)
     grads = continuous_bernoulli_nll_grads(_up(logits), _up(target))
     return _cast_needed(tuple(g * d for d in grads), needs, logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Discretized mixture of logistics (PixelCNN++, Salimans et al. 2017; VDVAE's layout)
+# ---------------------------------------------------------------------------------------------
+#
+# Canonical views of the backend interface: ``params`` (B, P, S) and ``x`` (B, C, S), with S the
+# number of pixels (the spatial dimensions flattened), C in {1, 3} and P = M (1 + 3 C) for C = 3,
+# 3 M for C = 1. Layout of dim 1 of ``params`` (channel-major blocks of M):
+#   [0, M)                          mixture logits pi_k
+#   M + c J M + j M + k             channel c, j = 0 mean, 1 log-scale, 2 coefficient (C = 3)
+# with J = 3 for C = 3 and J = 2 for C = 1. The coefficient of channel block 0 couples G to R,
+# that of block 1 B to R, that of block 2 B to G:
+#   mu'_R = mu_R,  mu'_G = mu_G + tanh(a_0) x_R,  mu'_B = mu_B + tanh(a_1) x_R + tanh(a_2) x_G.
+
+DMOL_LOG_SCALE_MIN = -7.0
+DMOL_MIN_BIN_PROB = 1e-5
+
+
+def dmol_params_per_mixture(n_channels: int) -> int:
+    """Parameters per mixture component: 1 logit + (mean, log-scale[, coefficient]) per channel."""
+    return 3 if n_channels == 1 else 1 + 3 * n_channels
+
+
+def _dmol_split(params: Tensor, C: int, M: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(B, P, S) -> logits (B, M, S), means, raw log-scales, raw coefficients (B, C, M, S)."""
+    B, _, S = params.shape
+    J = 2 if C == 1 else 3
+    body = params[:, M:].reshape(B, C, J, M, S)
+    return params[:, :M], body[:, :, 0], body[:, :, 1], (body[:, :, 2] if J == 3 else None)
+
+
+def _dmol_coupled_means(means: Tensor, coeffs: Tensor | None, x: Tensor) -> Tensor:
+    """mu' of every channel: (B, C, M, S) from means, tanh'd coefficients and x (B, C, S)."""
+    if coeffs is None:
+        return means
+    xr, xg = x[:, 0:1], x[:, 1:2]
+    return torch.stack((means[:, 0], means[:, 1] + coeffs[:, 0] * xr,
+                        means[:, 2] + coeffs[:, 1] * xr + coeffs[:, 2] * xg), 1)
+
+
+def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
+                                 n_bins: int = 256, reduction: str = "mean") -> Tensor:
+    """The oracle: PixelCNN++'s formula transcribed as written (CDF differences by subtraction,
+    ``log(max(delta, 1e-12))``), run in the compute dtype. ``params`` (B, P, *spatial), ``x``
+    (B, C, *spatial) on the bin grid of [-1, 1]; returns per-sample NLL in nats, reduced."""
+    B, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    M = n_mixtures
+    p = _up(params).reshape(B, params.shape[1], S)
+    xv = _up(x).reshape(B, C, S)
+    logits, means, raw_ls, raw_coeffs = _dmol_split(p, C, M)
+    log_s = torch.clamp_min(raw_ls, DMOL_LOG_SCALE_MIN)
+    coeffs = None if raw_coeffs is None else torch.tanh(raw_coeffs)
+    xe = xv.unsqueeze(2)  # (B, C, 1, S)
+    centered = xe - _dmol_coupled_means(means, coeffs, xv)
+    inv_s = torch.exp(-log_s)
+    h = 1.0 / (n_bins - 1)
+    plus_in = inv_s * (centered + h)
+    min_in = inv_s * (centered - h)
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - torch.nn.functional.softplus(plus_in)
+    log_one_minus_cdf_min = -torch.nn.functional.softplus(min_in)
+    mid_in = inv_s * centered
+    log_pdf_mid = mid_in - log_s - 2.0 * torch.nn.functional.softplus(mid_in)
+    inner = torch.where(cdf_delta > DMOL_MIN_BIN_PROB,
+                        torch.log(torch.clamp_min(cdf_delta, 1e-12)),
+                        log_pdf_mid - math.log((n_bins - 1) / 2.0))
+    log_probs = torch.where(xe < -1.0 + h, log_cdf_plus,
+                            torch.where(xe > 1.0 - h, log_one_minus_cdf_min, inner))
+    joint = log_probs.sum(1) + torch.log_softmax(logits, 1)  # (B, M, S)
+    return _reduce(-torch.logsumexp(joint, 1).sum(1), reduction)
+
+
+def _log_sigmoid(u: Tensor) -> Tensor:
+    """log sigmoid(u) = -softplus(-u) = min(u, 0) - log1p(exp(-|u|))."""
+    return torch.clamp_max(u, 0) - torch.log1p(torch.exp(-u.abs()))
+
+
+def _dmol_channel_terms(centered: Tensor, log_s: Tensor, xe: Tensor, n_bins: int,
+                        grads: bool):
+    """Per channel and mixture: log P(bin) (the stable form) and, with ``grads``, its
+    derivatives by ``centered`` = x - mu' and by the (floored) log-scale s.
+
+    With a = e^-s (c + h), b = e^-s (c - h), m = e^-s c, d = a - b = 2 h e^-s:
+      lowest bin   log sigmoid(a)                d/dc = e^-s sigmoid(-a),  d/ds = -a sigmoid(-a)
+      highest bin  log sigmoid(-b)               d/dc = -e^-s sigmoid(b),  d/ds = b sigmoid(b)
+      inner bins   log(sigmoid(a) - sigmoid(b))
+                   = log sigmoid(a) + log sigmoid(-b) + log(-expm1(-d))  (no cancellation),
+                   d/dc = e^-s (sigmoid(-a) - sigmoid(b)), for |a + b| < 1 as
+                   -e^-s sigmoid(-a) sigmoid(-b) expm1(a + b) (no cancellation),
+                   d/ds = -(a sigmoid(-a) - b sigmoid(b) + d / expm1(d))
+      fallback     (bin probability below 1e-5): log sigmoid(m) + log sigmoid(-m) - s
+                   - log((n_bins - 1) / 2),   d/dc = -e^-s tanh(m / 2),  d/ds = m tanh(m / 2) - 1
+    log(-expm1(-d)) is written log(d) + log(-expm1(-d) / d) with log d = log(2 h) - s, so that
+    a tiny scale (d underflowing) stays finite.
+    """
+    h = 1.0 / (n_bins - 1)
+    inv_s = torch.exp(-log_s)
+    a = inv_s * (centered + h)
+    b = inv_s * (centered - h)
+    m = inv_s * centered
+    log_d = math.log(2.0 * h) - log_s
+    d = torch.exp(log_d)
+    ratio = torch.where(d > 0, -torch.expm1(-d) / d, torch.ones_like(d))
+    ls_a, ls_mb = _log_sigmoid(a), _log_sigmoid(-b)
+    log_delta = ls_a + ls_mb + log_d + torch.log(ratio)
+    log_mid = _log_sigmoid(m) + _log_sigmoid(-m) - log_s - math.log((n_bins - 1) / 2.0)
+    low, high = xe < -1.0 + h, xe > 1.0 - h
+    use_delta = log_delta > math.log(DMOL_MIN_BIN_PROB)
+    value = torch.where(low, ls_a, torch.where(high, ls_mb,
+                                               torch.where(use_delta, log_delta, log_mid)))
+    if not grads:
+        return value, None, None
+    sig_ma, sig_b = torch.sigmoid(-a), torch.sigmoid(b)
+    t_half = torch.tanh(0.5 * m)
+    d_over = torch.where(d > 0, d / torch.expm1(d), torch.ones_like(d))
+    # sigmoid(-a) - sigmoid(b) cancels only near a + b = 0: there as the product (a + b small,
+    # no overflow), elsewhere directly (the two terms differ by a factor >= 1.6)
+    apb = a + b
+    near = apb.abs() < 1.0
+    dc_delta = inv_s * torch.where(
+        near, -sig_ma * torch.sigmoid(-b) * torch.expm1(torch.where(near, apb, 0.0)),
+        sig_ma - sig_b)
+    ds_delta = -(a * sig_ma - b * sig_b + d_over)
+    dc = torch.where(low, inv_s * sig_ma, torch.where(
+        high, -inv_s * sig_b, torch.where(use_delta, dc_delta, -inv_s * t_half)))
+    ds = torch.where(low, -a * sig_ma, torch.where(
+        high, b * sig_b, torch.where(use_delta, ds_delta, m * t_half - 1.0)))
+    return value, dc, ds
+
+
+def _dmol_forward_parts(params: Tensor, x: Tensor, M: int, n_bins: int, grads: bool):
+    C = x.shape[1]
+    p, xv = _up(params), _up(x).to(compute_dtype(params.dtype))
+    logits, means, raw_ls, raw_coeffs = _dmol_split(p, C, M)
+    log_s = torch.clamp_min(raw_ls, DMOL_LOG_SCALE_MIN)
+    coeffs = None if raw_coeffs is None else torch.tanh(raw_coeffs)
+    xe = xv.unsqueeze(2)
+    centered = xe - _dmol_coupled_means(means, coeffs, xv)
+    value, dc, ds = _dmol_channel_terms(centered, log_s, xe, n_bins, grads)
+    log_w = torch.log_softmax(logits, 1)
+    joint = value.sum(1) + log_w  # (B, M, S)
+    lse = torch.logsumexp(joint, 1)  # (B, S)
+    return lse, joint, log_w, dc, ds, raw_ls, raw_coeffs, xv
+
+
+def discretized_mix_logistic_nll_fwd(params: Tensor, x: Tensor, n_mixtures: int,
+                                     n_bins: int) -> Tensor:
+    """Per-sample NLL (B,) from ``params`` (B, P, S) and ``x`` (B, C, S)."""
+    lse = _dmol_forward_parts(params, x, n_mixtures, n_bins, False)[0]
+    return -lse.sum(1)
+
+
+def discretized_mix_logistic_nll_bwd(grad: Tensor, params: Tensor, x: Tensor, n_mixtures: int,
+                                     n_bins: int) -> Tensor:
+    """d (sum_b grad_b nll_b) / d params, (B, P, S) contiguous in ``params``' dtype.
+
+    With r_k = softmax_k(log pi_k + sum_c L_ck) (the responsibilities) and g = grad_b:
+    d/d logit_k = g (softmax(pi)_k - r_k); d/d mu_ck = g r_k dL_ck/dc; d/d raw log-scale =
+    -g r_k dL_ck/ds where the raw value is >= -7 (0 below, the floor); d/d a (coefficient
+    block 0, 1, 2) = d/d mu_(G, B, B) times x_(R, R, G) times sech^2(a)."""
+    M = n_mixtures
+    lse, joint, log_w, dc, ds, raw_ls, raw_coeffs, xv = _dmol_forward_parts(
+        params, x, M, n_bins, True)
+    B, P, S = params.shape
+    g = grad.to(lse.dtype)[:, None, None]
+    r = torch.exp(joint - lse.unsqueeze(1))  # (B, M, S)
+    d_logits = g * (torch.exp(log_w) - r)
+    rc = (g * r).unsqueeze(1)  # (B, 1, M, S)
+    d_means = rc * dc
+    d_ls = torch.where(raw_ls >= DMOL_LOG_SCALE_MIN, -rc * ds, torch.zeros_like(ds))
+    parts = [d_means, d_ls]
+    if raw_coeffs is not None:
+        # sech^2(a) = 4 e^(-2|a|) / (1 + e^(-2|a|))^2 (no 1 - tanh^2 cancellation)
+        e = torch.exp(-2.0 * raw_coeffs.abs())
+        sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
+        xr, xg = xv[:, 0:1], xv[:, 1:2]
+        d_coeffs = torch.stack((d_means[:, 1] * xr, d_means[:, 2] * xr, d_means[:, 2] * xg), 1)
+        parts.append(d_coeffs * sech2)
+    body = torch.stack(parts, 2).reshape(B, P - M, S)  # (B, C, J, M, S) -> channel-major
+    out = torch.cat((d_logits, body), 1)
+    return out.to(params.dtype).contiguous()

@@ -118,3 +118,15 @@ def test_torchrun_trains_with_ddp_on_two_cpu_processes(tmp_path):
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert len(history) == 2
     assert history[-1]["val_elbo"] > history[0]["val_elbo"] - 1.0
+
+
+def test_train_with_the_dmol_likelihood(tmp_path, capsys):
+    """``--likelihood dmol`` on the digits: 17 bins (their levels 0..16), M mixtures."""
+    out = tmp_path / "run"
+    code = main(["train", "--epochs", "1", "--out", str(out), "--iwae-samples", "10",
+                 "--no-progress", "--hidden", "32", "--likelihood", "dmol", "--mixtures", "3"])
+    assert code == 0
+    assert "dmol likelihood" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} >= EXPECTED_FILES
+    config = json.loads((out / "metrics.json").read_text())["model_config"]
+    assert (config["n_mixtures"], config["n_bins"]) == (3, 17)

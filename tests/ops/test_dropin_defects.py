@@ -72,6 +72,9 @@ def test_targets_of_another_dtype(backend, device, param_dtype, target_dtype):
         ("gaussian_nll", lambda p, t: fv.gaussian_nll(p[0], t, p[1], reduction="none"),
          (mean, obs_logvar),
          lambda p, t: reference.gaussian_nll(p[0], t, p[1], reduction="none")),
+        ("continuous_bernoulli_nll",
+         lambda p, t: fv.continuous_bernoulli_nll(p[0], t, reduction="none"), (logits,),
+         lambda p, t: reference.continuous_bernoulli_nll(p[0], t, reduction="none")),
     ):
         out = fn(params, target)
         assert out.dtype == loss_dtype(common), name

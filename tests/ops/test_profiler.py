@@ -26,6 +26,9 @@ def _every_op(device):
               fv.bernoulli_nll(logits, target), fv.gaussian_nll(logits, target, 0.5),
               z_sample.sum() + kl, fv.iwae_log_likelihood(log_px, z, mu, logvar).sum(),
               fv.continuous_bernoulli_nll(logits, target))
+    params = leaf(2, 6, 3)  # discretized mixture of logistics: M = 2, C = 1, 3 pixels
+    x = torch.randint(0, 256, (2, 1, 3), generator=g).to(device) * (2.0 / 255.0) - 1.0
+    losses = (*losses, fv.discretized_mix_logistic_nll(params, x, n_mixtures=2))
     torch.stack(losses).sum().backward()
 
 

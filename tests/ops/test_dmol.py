@@ -1,0 +1,320 @@
+"""The discretized mixture of logistics: values and gradients against the float64 oracle on
+every backend and dtype, gradcheck, opcheck, torch.compile, the argument checks, and the
+property that proves the formula: the probabilities of all bins of a pixel sum to 1."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import assert_close, dtype_id
+
+import fastvae as fv
+from fastvae.ops import custom_ops as _ops
+from fastvae.ops import reference
+
+# (C, M, n_bins, spatial)
+CONFIGS = {
+    "rgb": (3, 4, 256, (3, 5)),
+    "gray": (1, 3, 256, (4, 4)),
+    "rgb_coarse": (3, 2, 8, (7,)),
+    "gray_two_bins": (1, 5, 2, (2, 3)),
+    "one_mixture": (3, 1, 17, (2, 2)),
+}
+
+
+def make_params(B: int, C: int, M: int, spatial, *, gen: torch.Generator,
+                dtype=torch.float64) -> torch.Tensor:
+    """Parameters that reach every branch: logits N(0, 2), means U(-1.4, 1.4), log-scales
+    U(-8, 1) (some below the floor of -7), coefficients N(0, 1.5)."""
+    J = 2 if C == 1 else 3
+    logits = torch.randn(B, M, *spatial, generator=gen) * 2
+    means = torch.rand(B, C, M, *spatial, generator=gen) * 2.8 - 1.4
+    log_s = torch.rand(B, C, M, *spatial, generator=gen) * 9 - 8
+    parts = [means, log_s]
+    if J == 3:
+        parts.append(torch.randn(B, C, M, *spatial, generator=gen) * 1.5)
+    body = torch.stack(parts, 2).reshape(B, C * J * M, *spatial)
+    return torch.cat((logits, body), 1).to(dtype)
+
+
+def make_x(B: int, C: int, n_bins: int, spatial, *, gen: torch.Generator,
+           dtype=torch.float64) -> torch.Tensor:
+    """Values on the bin grid, the edges included."""
+    k = torch.randint(0, n_bins, (B, C, *spatial), generator=gen)
+    k.view(-1)[:2] = torch.tensor([0, n_bins - 1])
+    return (k.double() * (2.0 / (n_bins - 1)) - 1.0).to(dtype)
+
+
+# The oracle forms each bin's probability as a difference of CDFs, which loses up to
+# eps / 1e-5 relative (the smallest inner bin it keeps): 2e-11 in float64, amplified up to
+# e^7 in the gradient of a sharp component. Float64 results are held to that, not to 1e-10.
+FLOAT64_TOL = dict(rtol=1e-8, atol=1e-9)
+
+
+def check(actual, expected, dtype=None, msg=""):
+    if (dtype or actual.dtype) == torch.float64:
+        scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+        torch.testing.assert_close(actual.detach().cpu(), expected.detach().cpu(),
+                                   rtol=FLOAT64_TOL["rtol"], atol=FLOAT64_TOL["atol"] * scale,
+                                   msg=lambda m: f"{msg}\n{m}")
+    else:
+        assert_close(actual, expected, dtype=dtype, msg=msg)
+
+
+def oracle(params, x, M, n_bins, reduction="none"):
+    return reference.discretized_mix_logistic_nll(params.double(), x.double(), n_mixtures=M,
+                                                  n_bins=n_bins, reduction=reduction)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_value_and_gradient(config, backend, device, dtype):
+    C, M, n_bins, spatial = CONFIGS[config]
+    gen = torch.Generator().manual_seed(1)
+    params = make_params(3, C, M, spatial, gen=gen).to(dtype)
+    x = make_x(3, C, n_bins, spatial, gen=gen).to(dtype)
+    grad = torch.randn(3, generator=gen, dtype=torch.float64)
+    p64 = params.double().requires_grad_()
+    expected = oracle(p64, x, M, n_bins)
+    (expected_grad,) = torch.autograd.grad((expected * grad).sum(), p64)
+    p = params.to(device).requires_grad_()
+    nll = fv.discretized_mix_logistic_nll(p, x.to(device), n_mixtures=M, n_bins=n_bins,
+                                          reduction="none")
+    assert nll.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    (got_grad,) = torch.autograd.grad((nll * grad.to(device, nll.dtype)).sum(), p)
+    assert got_grad.dtype == dtype
+    check(nll, expected, dtype=nll.dtype, msg="nll")
+    check(got_grad, expected_grad, msg="d params")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "expanded_batch",
+                                    "sliced"])
+def test_layouts_and_reductions(layout, reduction, backend, device):
+    """Any strides (channels-last params, a params row broadcast over the batch, a slice of a
+    bigger tensor); every reduction."""
+    C, M, n_bins = 3, 3, 256
+    gen = torch.Generator().manual_seed(2)
+    B, H, W = 4, 3, 5
+    params = make_params(B, C, M, (H, W), gen=gen, dtype=torch.float32)
+    x = make_x(B, C, n_bins, (H, W), gen=gen, dtype=torch.float32)
+    if layout == "channels_last":
+        params = params.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "expanded_batch":
+        params = params[:1].expand(B, -1, -1, -1)
+    elif layout == "sliced":
+        big = make_params(B, C, M, (H, 2 * W), gen=gen, dtype=torch.float32)
+        params = big[..., ::2]
+    leaf = params.detach().to(device).requires_grad_()
+    nll = fv.discretized_mix_logistic_nll(leaf, x.to(device), n_mixtures=M, reduction=reduction)
+    p64 = params.double().requires_grad_()
+    expected = oracle(p64, x, M, n_bins, reduction)
+    assert_close(nll, expected, dtype=torch.float32)
+    (got,) = torch.autograd.grad(nll.sum(), leaf)
+    (want,) = torch.autograd.grad(expected.sum(), p64)
+    assert_close(got, want)
+
+
+def _grid_pixels(C: int, n_bins: int, dtype) -> torch.Tensor:
+    """Every value of one pixel, (n_bins ** C, C, 1)."""
+    levels = torch.arange(n_bins, dtype=torch.float64) * (2.0 / (n_bins - 1)) - 1.0
+    grid = torch.tensor(list(itertools.product(range(n_bins), repeat=C)))
+    return levels[grid].unsqueeze(-1).to(dtype)
+
+
+@pytest.mark.parametrize(("C", "n_bins"), [(1, 256), (3, 32), (1, 2), (3, 5)])
+def test_bin_probabilities_sum_to_one(C, n_bins, backend, device):
+    """exp(-nll) over every value of a pixel sums to 1, for parameters from sharp (log-scale
+    at the floor) to flat ones, means inside and outside [-1, 1], and coupled channels.
+
+    Exactly 1 (to rounding) where no bin takes the mid-bin fallback: the CDF differences
+    telescope (flat components). Where some do (sharp components, in their tails), the formula
+    itself is off by the fallback's midpoint error, less than the mass of those bins (each
+    below 1e-5): 1e-5 then."""
+    M = 3
+    gen = torch.Generator().manual_seed(3)
+    x = _grid_pixels(C, n_bins, torch.float64).to(device)
+    n_values = x.shape[0]
+    sets = make_params(6, C, M, (1,), gen=gen)
+    J = 2 if C == 1 else 3
+    body = sets[:, M:].view(6, C, J, M, 1)
+    body[0, :, 1] = -7.5  # every scale at the floor
+    body[1, :, 1] = 1.0   # flat: no bin falls back
+    body[1, :, 0] = body[1, :, 0].clamp(-1, 1)
+    body[2, :, 0] = 3.0   # means far outside the range
+    for s in range(sets.shape[0]):
+        for dtype in (torch.float64, torch.float32):
+            params = sets[s:s + 1].to(device, dtype).expand(n_values, -1, -1)
+            nll = fv.discretized_mix_logistic_nll(params, x.to(dtype), n_mixtures=M,
+                                                  n_bins=n_bins, reduction="none")
+            total = torch.exp(-nll.double()).sum().item()
+            exact = s == 1
+            tol = (1e-12 if exact else 1e-5) if dtype == torch.float64 else 5e-5
+            assert abs(total - 1.0) < tol, f"set {s}, {dtype_id(dtype)}: sum = {total!r}"
+
+
+def test_gradcheck(backend, device):
+    C, M, n_bins = 3, 2, 16
+    gen = torch.Generator().manual_seed(4)
+    params = make_params(2, C, M, (2, 3), gen=gen).to(device).requires_grad_()
+    # log-scales away from the floor, where the function is not differentiable
+    with torch.no_grad():
+        params[:, M:].view(2, C, 3, M, 2, 3)[:, :, 1].clamp_(min=-6.5)
+    x = make_x(2, C, n_bins, (2, 3), gen=gen).to(device)
+    assert torch.autograd.gradcheck(
+        lambda p: fv.discretized_mix_logistic_nll(p, x, n_mixtures=M, n_bins=n_bins,
+                                                  reduction="none"), (params,))
+
+
+def test_opcheck(backend, device):
+    gen = torch.Generator().manual_seed(5)
+    params = make_params(2, 3, 2, (5,), gen=gen, dtype=torch.float32).to(device)
+    x = make_x(2, 3, 256, (5,), gen=gen, dtype=torch.float32).to(device)
+    torch.library.opcheck(_ops.discretized_mix_logistic_nll,
+                          (params.requires_grad_(), x, 2, 256, backend))
+    grad = torch.randn(2, generator=gen).to(device)
+    torch.library.opcheck(_ops.discretized_mix_logistic_nll_backward,
+                          (grad, params.detach(), x, 2, 256, backend))
+
+
+def test_compile_fullgraph(backend, device):
+    C, M = 1, 3
+    gen = torch.Generator().manual_seed(6)
+    params = make_params(3, C, M, (4, 4), gen=gen, dtype=torch.float32).to(device)
+    x = make_x(3, C, 17, (4, 4), gen=gen, dtype=torch.float32).to(device)
+
+    def loss(p):
+        return fv.discretized_mix_logistic_nll(p, x, n_mixtures=M, n_bins=17) * 2.0
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        p = params.clone().requires_grad_()
+        value = fn(p)
+        value.backward()
+        results.append((value.detach(), p.grad))
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_x_gets_no_gradient_and_empty_inputs(backend, device):
+    gen = torch.Generator().manual_seed(7)
+    params = make_params(2, 1, 2, (3,), gen=gen, dtype=torch.float32).to(device)
+    x = make_x(2, 1, 256, (3,), gen=gen, dtype=torch.float32).to(device).requires_grad_()
+    p = params.requires_grad_()
+    fv.discretized_mix_logistic_nll(p, x, n_mixtures=2).backward()
+    assert x.grad is None
+    assert p.grad is not None
+    empty_p = torch.zeros(0, 6, 3, device=device, requires_grad=True)
+    out = fv.discretized_mix_logistic_nll(empty_p, torch.zeros(0, 1, 3, device=device),
+                                          n_mixtures=2, reduction="sum")
+    out.backward()
+    assert out.item() == 0
+    assert empty_p.grad.shape == empty_p.shape
+    no_pixels = fv.discretized_mix_logistic_nll(torch.zeros(2, 6, 0, device=device),
+                                                torch.zeros(2, 1, 0, device=device),
+                                                n_mixtures=2, reduction="none")
+    assert no_pixels.tolist() == [0.0, 0.0]
+
+
+def test_mixed_x_dtype(backend, device):
+    """x may have its own float dtype: a float32 grid with bfloat16 parameters."""
+    gen = torch.Generator().manual_seed(8)
+    params = make_params(2, 3, 2, (4,), gen=gen, dtype=torch.bfloat16).to(device)
+    x = make_x(2, 3, 256, (4,), gen=gen, dtype=torch.float32).to(device)
+    nll = fv.discretized_mix_logistic_nll(params, x, n_mixtures=2, reduction="none")
+    assert_close(nll, oracle(params, x, 2, 256), dtype=torch.float32)
+
+
+P3 = torch.zeros(2, 20, 4, 4)  # M = 2, C = 3
+X3 = torch.zeros(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize(("call", "error", "words"), [
+    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=3), ValueError,
+     ["params", "(2, 30, 4, 4)"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3[:, :, :2], X3, n_mixtures=2), ValueError,
+     ["params"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3[:1], X3, n_mixtures=2), ValueError, ["params"]),
+    (lambda: fv.discretized_mix_logistic_nll(torch.zeros(2, 14, 4), torch.zeros(2, 2, 4),
+                                             n_mixtures=2), ValueError, ["C = 1 or 3"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3[:, 0], X3[:, 0, 0], n_mixtures=2), ValueError,
+     ["x"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=0), ValueError, ["n_mixtures"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2, n_bins=1), ValueError,
+     ["n_bins"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2.0), TypeError,
+     ["n_mixtures"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2, n_bins=True), TypeError,
+     ["n_bins"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3.long(), X3, n_mixtures=2), TypeError,
+     ["params"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3, X3.to(torch.uint8), n_mixtures=2), TypeError,
+     ["x"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3, X3.to("meta"), n_mixtures=2), ValueError,
+     ["x", "device"]),
+    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2, reduction="avg"),
+     ValueError, ["reduction"]),
+], ids=["mixtures", "spatial", "batch", "channels", "no_channels", "zero_mixtures", "one_bin",
+        "float_mixtures", "bool_bins", "int_params", "uint8_x", "device", "reduction"])
+def test_bad_arguments(call, error, words, spy):
+    with pytest.raises(error) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert spy == []
+
+
+def test_validation_rejects_x_off_range():
+    fv.set_validation(True)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        fv.discretized_mix_logistic_nll(P3, X3 + 2, n_mixtures=2)
+    with pytest.raises(ValueError, match="non-finite"):
+        fv.discretized_mix_logistic_nll(P3 * float("nan"), X3, n_mixtures=2)
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_sample_is_on_the_grid_and_follows_the_mixture(C):
+    """Samples lie on the grid in [-1, 1]; the most likely value is deterministic; a sharp
+    single-component mixture samples its mean's bin; sample frequencies match exp(-nll)."""
+    M, n_bins = 2, 5
+    gen = torch.Generator().manual_seed(9)
+    params = make_params(3, C, M, (4,), gen=gen, dtype=torch.float32)
+    y = fv.discretized_mix_logistic_sample(params, n_mixtures=M, n_bins=n_bins, generator=gen)
+    assert y.shape == (3, C, 4)
+    k = (y + 1) * (n_bins - 1) / 2
+    assert torch.equal(k, k.round())
+    assert y.abs().max() <= 1
+    a = fv.discretized_mix_logistic_sample(params, n_mixtures=M, most_likely=True)
+    assert torch.equal(a, fv.discretized_mix_logistic_sample(params, n_mixtures=M,
+                                                             most_likely=True))
+    # frequencies of one pixel's values against the probabilities
+    one = params[:1, :, :1].double()
+    draws = fv.discretized_mix_logistic_sample(one.expand(20000, -1, -1), n_mixtures=M,
+                                               n_bins=n_bins, generator=gen)
+    grid = _grid_pixels(C, n_bins, torch.float64)
+    probs = torch.exp(-fv.discretized_mix_logistic_nll(
+        one.expand(grid.shape[0], -1, -1), grid, n_mixtures=M, n_bins=n_bins, reduction="none"))
+    freq = (draws.unsqueeze(1) == grid.unsqueeze(0)).all(-1).all(-1).double().mean(0)
+    assert (freq - probs).abs().max() < 0.02
+
+
+def test_vae_with_dmol_likelihood_trains():
+    torch.manual_seed(0)
+    model = fv.build_vae((1, 8, 8), 4, arch="conv", likelihood="dmol", n_mixtures=3, n_bins=17)
+    x = torch.randint(0, 17, (16, 1, 8, 8)).float() / 16
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        out = model(x, seed=0)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert out.recon.shape == (16, 9, 8, 8)
+    r = model.reconstruct(x)
+    assert r.shape == x.shape
+    assert torch.equal(r * 16, (r * 16).round())
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        fv.build_vae((2, 8, 8), 4, likelihood="dmol")
