@@ -111,6 +111,8 @@ TRAIN = [
     ("beta_shape_unknown", ["--beta-shape", "cubic"], ["--beta-shape", "'cubic'"]),
     ("capacity_negative", ["--capacity", "-1"], ["--capacity"]),
     ("capacity_steps_negative", ["--capacity-steps", "-1"], ["--capacity-steps"]),
+    ("mixtures_zero", ["--likelihood", "dmol", "--mixtures", "0"], ["--mixtures", ">= 1"]),
+    ("bins_one", ["--likelihood", "dmol", "--bins", "1"], ["--bins", ">= 2"]),
     ("pixel_max_zero", ["--data", "{d}/flat.npz", "--pixel-max", "0"], ["--pixel-max", "> 0"]),
     ("pixel_max_with_digits", ["--pixel-max", "255"], ["pixel_max", "data files"]),
     ("key_unknown", ["--data", "{d}/flat.npz", "--key", "nope"], ["flat.npz", "'nope'", "x"]),
