@@ -225,16 +225,9 @@ def _free_bits_total(per_dim_sum: Tensor, B: int, free_bits: float, reduction: s
     return torch.clamp_min(per_dim_sum / B, free_bits).sum()
 
 
-def bernoulli_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
-    """``-log Bernoulli(target | sigmoid(logits))``, summed over the event.
-
-    Per element ``max(l, 0) - l * x + log1p(exp(-|l|))``: stable for any finite logits;
-    targets in [0, 1], continuous allowed (as ``binary_cross_entropy_with_logits``).
-    ``logits`` and ``target``: equal shapes; a target of another floating dtype computes in the
-    common dtype (``torch.promote_types``: bfloat16 logits and a float32 target compute in
-    float32, the target never rounded), the gradient of ``logits`` in its own dtype. Returns
-    ``(B,)`` for ``"none"``, else a scalar; float32 (float64 for float64 inputs).
-    """
+def _logits_likelihood(op, logits: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """A likelihood of (logits, target in [0, 1]) through custom op ``op``: the checks (the
+    target an observation, promoted with the logits), canonical rows, the reduction."""
     check.tensor("logits", logits)
     check.tensor("target", target)
     check.batched("logits", logits)
@@ -245,8 +238,21 @@ def bernoulli_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") ->
     logits, target = _promote(logits, target)
     backend = resolve(logits.device)
     B, N = _batch_and_event(logits)
-    per_sample = _ops.call(_ops.bernoulli_nll, _rows(logits, B, N), _rows(target, B, N), backend)
+    per_sample = _ops.call(op, _rows(logits, B, N), _rows(target, B, N), backend)
     return _reduce(per_sample, reduction)
+
+
+def bernoulli_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    """``-log Bernoulli(target | sigmoid(logits))``, summed over the event.
+
+    Per element ``max(l, 0) - l * x + log1p(exp(-|l|))``: stable for any finite logits;
+    targets in [0, 1], continuous allowed (as ``binary_cross_entropy_with_logits``).
+    ``logits`` and ``target``: equal shapes; a target of another floating dtype computes in the
+    common dtype (``torch.promote_types``: bfloat16 logits and a float32 target compute in
+    float32, the target never rounded), the gradient of ``logits`` in its own dtype. Returns
+    ``(B,)`` for ``"none"``, else a scalar; float32 (float64 for float64 inputs).
+    """
+    return _logits_likelihood(_ops.bernoulli_nll, logits, target, reduction)
 
 
 def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
@@ -411,24 +417,13 @@ def continuous_bernoulli_nll(logits: Tensor, target: Tensor, *,
     series for ``|l| < 8`` (``l * (1/2 - x) + log(sinh(l/2) / (l/2))``), logarithms of
     ``|l|`` beyond, without overflow or cancellation; gradients likewise
     (``d/dl = 1/2 - x + coth(l/2)/2 - 1/l``, ``d/dx = -l``). The value is in nats and may be
-    negative (a density). ``logits`` and ``target``: equal shapes and dtypes; targets in
-    [0, 1] (checked only with validation on). Returns ``(B,)`` for ``"none"``, else a scalar;
-    float32 (float64 for float64 inputs). Raises ``TypeError`` for non-float or mixed dtypes,
-    ``ValueError`` for mismatched shapes or devices, a 0-d input or an unknown reduction.
+    negative (a density). ``logits`` and ``target``: equal shapes; a target of another floating
+    dtype computes in the common dtype, as in ``bernoulli_nll``; targets in [0, 1] (checked
+    only with validation on). Returns ``(B,)`` for ``"none"``, else a scalar; float32 (float64
+    for float64 inputs). Raises ``TypeError`` for non-float inputs, ``ValueError`` for
+    mismatched shapes or devices, a 0-d input or an unknown reduction.
     """
-    check.tensor("logits", logits)
-    check.tensor("target", target)
-    check.batched("logits", logits)
-    check.observation("target", target, "logits", logits)
-    reduction = check.reduction(reduction)
-    check.finite(logits=logits, target=target)
-    check.unit_interval("target", target)
-    logits, target = _promote(logits, target)
-    backend = resolve(logits.device)
-    B, N = _batch_and_event(logits)
-    per_sample = _ops.call(_ops.continuous_bernoulli_nll, _rows(logits, B, N),
-                           _rows(target, B, N), backend)
-    return _reduce(per_sample, reduction)
+    return _logits_likelihood(_ops.continuous_bernoulli_nll, logits, target, reduction)
 
 
 def _dmol_check(params: Tensor, x: Tensor, n_mixtures: object, n_bins: object) -> None:
