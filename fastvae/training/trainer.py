@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import json
 import math
@@ -329,29 +330,38 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
 
-    bar = _progress_bar(config, start_epoch) if progress and rank == 0 else None
-    t_start = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
-        t_epoch = time.perf_counter()
-        step, train_means, beta, capacity, skipped = _train_epoch(
-            net, model, optimizer, train_data, config, epoch, step, steps_per_epoch, device)
-        val = evaluate(model, val_data) if rank == 0 else {}
-        metrics = EpochMetrics(
-            epoch=epoch + 1, step=step, beta=beta, train_loss=train_means[0],
-            train_nll=train_means[1], train_kl=train_means[2],
-            val_elbo=val.get("elbo", math.nan), val_nll=val.get("nll", math.nan),
-            val_kl=val.get("kl", math.nan), active_units=val.get("active_units", 0),
-            skipped_steps=skipped, seconds=time.perf_counter() - t_epoch,
-            lr=optimizer.param_groups[0]["lr"],
-            capacity=math.nan if capacity is None else capacity)
-        history.append(metrics)
+    try:
+        bar = _progress_bar(config, start_epoch) if progress and rank == 0 else None
+        t_start = time.perf_counter()
+        for epoch in range(start_epoch, config.epochs):
+            t_epoch = time.perf_counter()
+            step, train_means, beta, capacity, skipped = _train_epoch(
+                net, model, optimizer, train_data, config, epoch, step, steps_per_epoch, device)
+            val = evaluate(model, val_data) if rank == 0 else {}
+            metrics = EpochMetrics(
+                epoch=epoch + 1, step=step, beta=beta, train_loss=train_means[0],
+                train_nll=train_means[1], train_kl=train_means[2],
+                val_elbo=val.get("elbo", math.nan), val_nll=val.get("nll", math.nan),
+                val_kl=val.get("kl", math.nan), active_units=val.get("active_units", 0),
+                skipped_steps=skipped, seconds=time.perf_counter() - t_epoch,
+                lr=optimizer.param_groups[0]["lr"],
+                capacity=math.nan if capacity is None else capacity)
+            history.append(metrics)
+            if bar is not None:
+                _show(bar, metrics)
+            if out_path is not None:
+                _save(out_path, model, optimizer, history, files)
+                _write_metrics(out_path, history, files)
         if bar is not None:
-            _show(bar, metrics)
-        if out_path is not None:
-            _save(out_path, model, optimizer, history, files)
-            _write_metrics(out_path, history, files)
-    if bar is not None:
-        bar.close()
+            bar.close()
+    finally:
+        if world > 1:
+            # DistributedDataParallel's reducer stays reachable through reference cycles. Left
+            # to the interpreter's exit, after the caller's destroy_process_group, freeing it
+            # aborts the process ("terminate called without an active exception"), now and
+            # then: free it here, while the process group lives.
+            del net
+            gc.collect()
 
     result = TrainResult(model, history, resumed=files.get("resumed"))
     if rank == 0:
