@@ -417,13 +417,13 @@ FV_HD T iwae_term(T z, T mu, T lv, T q) {
 // (start: -inf), `r` the running sum of exp(w - m) (start: 0). The maximum propagates NaN; a
 // term equal to the maximum is exactly 1 whatever the maximum, so that all log-weights -inf
 // give -inf and a +inf one gives +inf, never exp(inf - inf) = NaN (kernels/iwae.py's guards).
+// One exp per step: of exp(m - max) and exp(w - max), one is exactly 1.
 template <class T>
 FV_HD void iwae_lse_step(T& m, T& r, T w) {
-    const T new_max = (w > m || w != w) ? w : m;
-    const T rescale = m == new_max ? T(1) : exp_(m - new_max);
-    const T term = w == new_max ? T(1) : exp_(w - new_max);
-    r = r * rescale + term;
-    m = new_max;
+    const bool up = w > m || w != w;  // w is the new maximum
+    const T e = w == m ? T(1) : exp_(up ? m - w : w - m);
+    r = up ? r * e + T(1) : r + e;
+    m = up ? w : m;
 }
 
 // ll = logsumexp_k w - log K from the final state of iwae_lse_step.
@@ -676,33 +676,19 @@ FV_HD T continuous_bernoulli_grad_logits(T g, T l, T x) {
 namespace fv {
 inline namespace FV_MATH_NAMESPACE {
 
-// expm1(x): the series (accurate for |x| <= 1, see expm1_tail) inside (-1, 1), exp(x) - 1
-// beyond, where nothing cancels.
+// expm1(x) for |x| <= 1 by its series (see expm1_tail): no exp, no cancellation.
 template <class T>
-FV_HD T expm1_(T x) {
-    const T series = x + x * x * expm1_tail(x);
-    const T direct = exp_(x) - T(1);
-    return (x < T(1) && x > T(-1)) ? series : direct;
+FV_HD T expm1_series(T x) {
+    return x + x * x * expm1_tail(x);
 }
 
-// sigmoid(l) from t = exp(-|l|): 1 / (1 + t) for l >= 0, t / (1 + t) below (no overflow).
-template <class T>
-FV_HD T sigmoid_(T l) {
-    const T t = exp_(-abs_(l));
-    const T r = T(1) / (T(1) + t);
-    return l >= T(0) ? r : t * r;
-}
-
-template <class T>
-FV_HD T dmol_log_sigmoid(T u) {
-    return (u < T(0) ? u : T(0)) - log1p_unit(exp_(-abs_(u)));
-}
-
-// tanh(u) = sign(u) (1 - e^(-2|u|)) / (1 + e^(-2|u|)), the numerator by expm1 (no cancellation)
+// tanh(u) = sign(u) (1 - e) / (1 + e), e = e^(-2|u|): one exp; 1 - e by the series where it
+// would cancel (|2u| < 1).
 template <class T>
 FV_HD T dmol_tanh(T u) {
-    const T e = exp_(T(-2) * abs_(u));
-    const T t = -expm1_(T(-2) * abs_(u)) / (T(1) + e);
+    const T v = T(-2) * abs_(u);
+    const T e = exp_(v);
+    const T t = -(v > T(-1) ? expm1_series(v) : e - T(1)) / (T(1) + e);
     return u < T(0) ? -t : t;
 }
 
@@ -713,16 +699,16 @@ FV_HD T dmol_sech2(T u) {
     return T(4) * e / ((T(1) + e) * (T(1) + e));
 }
 
-// The constants of one call: h = 1 / (n_bins - 1), log(2h), log((n_bins - 1) / 2).
+// The constants of one call: h = 1 / (n_bins - 1), 2h, log(2h), log((n_bins - 1) / 2).
 template <class T>
 struct DmolBins {
-    T h, log_2h, log_half_bins;
+    T h, two_h, log_2h, log_half_bins;
 };
 
 template <class T>
 FV_HD DmolBins<T> dmol_bins(double n_bins) {
     const double h = 1.0 / (n_bins - 1.0);
-    return {T(h), T(::log(2.0 * h)), T(::log((n_bins - 1.0) / 2.0))};
+    return {T(h), T(2.0 * h), T(::log(2.0 * h)), T(::log((n_bins - 1.0) / 2.0))};
 }
 
 template <class T>
@@ -730,37 +716,54 @@ struct DmolTerm {
     T value, dc, ds;  // log P(bin); its derivatives by c = x - mu' and by the log-scale s
 };
 
-// log P(bin of x) for one channel and mixture: centered c = x - mu', log-scale s (floored).
-// Lowest bin (x < -1 + h): log sigmoid(a); highest (x > 1 - h): log sigmoid(-b); else
-// log(sigmoid(a) - sigmoid(b)) = log sigmoid(a) + log sigmoid(-b) + log(-expm1(-d)) unless
-// below log(1e-5), then the mid-bin density log sigmoid(m) + log sigmoid(-m) - s
-// - log((n_bins - 1) / 2); a = e^-s (c + h), b = e^-s (c - h), m = e^-s c, d = 2 h e^-s.
+// log P(bin of x) for one channel and mixture: centered c = x - mu', log-scale s (floored at
+// -7, so that e^-s <= e^7). With a = e^-s (c + h), b = e^-s (c - h), m = e^-s c,
+// d = a - b = 2 h e^-s:
+//   lowest bin (x < -1 + h)   log sigmoid(a)
+//   highest bin (x > 1 - h)   log sigmoid(-b)
+//   inner bins                log(sigmoid(a) - sigmoid(b))
+//                             = log sigmoid(a) + log sigmoid(-b) + log(-expm1(-d)),
+//   unless that is below log(1e-5): the mid-bin density
+//                             log sigmoid(m) + log sigmoid(-m) - s - log((n_bins - 1) / 2).
+// log(-expm1(-d)) is log(2h) - s + log(ratio), ratio = -expm1(-d) / d, so that a tiny d stays
+// finite. Every exp is shared: with t_u = e^-|u|, log sigmoid(u) = min(u, 0) - log1p(t_u),
+// sigmoid(-u) = t_u / (1 + t_u) for u >= 0 (1 / (1 + t_u) below), tanh(|m| / 2) =
+// -expm1(-|m|) / (1 + t_m), d / expm1(d) = e^-d / ratio. The gradient's
+// sigmoid(-a) - sigmoid(b) is -sigmoid(-a) sigmoid(-b) expm1(a + b) where it would cancel
+// (|a + b| < 1). Ten transcendentals per term for the value, none more for the derivatives.
 template <class T, bool kGrads>
 FV_HD DmolTerm<T> dmol_channel(T c, T s, T x, const DmolBins<T>& k) {
     const T inv_s = exp_(-s);
     const T a = inv_s * (c + k.h), b = inv_s * (c - k.h), m = inv_s * c;
-    const T log_d = k.log_2h - s;
-    const T d = exp_(log_d);
-    const T ratio = d > T(0) ? -expm1_(-d) / d : T(1);
-    const T ls_a = dmol_log_sigmoid(a), ls_mb = dmol_log_sigmoid(-b);
-    const T log_delta = ls_a + ls_mb + log_d + log_(ratio);
-    const T log_mid = dmol_log_sigmoid(m) + dmol_log_sigmoid(-m) - s - k.log_half_bins;
+    const T d = k.two_h * inv_s;
+    const T e_md = exp_(-d);
+    const T ratio = d > T(0) ? -(d < T(1) ? expm1_series(-d) : e_md - T(1)) / d : T(1);
+    const T t_a = exp_(-abs_(a)), t_b = exp_(-abs_(b)), t_m = exp_(-abs_(m));
+    const T l1p_a = log1p_unit(t_a), l1p_b = log1p_unit(t_b);
+    const T ls_a = (a < T(0) ? a : T(0)) - l1p_a;     // log sigmoid(a)
+    const T ls_mb = (b > T(0) ? -b : T(0)) - l1p_b;   // log sigmoid(-b)
+    const T log_delta = ls_a + ls_mb + (k.log_2h - s) + log_(ratio);
+    const T log_mid = -abs_(m) - T(2) * log1p_unit(t_m) - s - k.log_half_bins;
     const bool low = x < T(-1) + k.h, high = x > T(1) - k.h;
     const bool use_delta = log_delta > T(-11.512925464970229);  // log(1e-5)
     DmolTerm<T> r;
     r.value = low ? ls_a : high ? ls_mb : use_delta ? log_delta : log_mid;
     if (kGrads) {
-        const T sig_ma = sigmoid_(-a), sig_b = sigmoid_(b);
-        const T t_half = dmol_tanh(T(0.5) * m);
-        const T d_over = d > T(0) ? d / expm1_(d) : T(1);
-        // sigmoid(-a) - sigmoid(b): as a product where it cancels (|a + b| < 1), else directly
+        const T r_a = T(1) / (T(1) + t_a), r_b = T(1) / (T(1) + t_b);
+        const T sig_ma = a >= T(0) ? t_a * r_a : r_a;   // sigmoid(-a)
+        const T sig_b = b >= T(0) ? r_b : t_b * r_b;    // sigmoid(b)
+        const T sig_mb = b >= T(0) ? t_b * r_b : r_b;   // sigmoid(-b)
+        const T am = abs_(m);
+        const T tanh_half =
+            -(am < T(1) ? expm1_series(-am) : t_m - T(1)) / (T(1) + t_m) * (m < T(0) ? T(-1) : T(1));
         const T apb = a + b;
-        const bool near = apb < T(1) && apb > T(-1);
+        const bool near = abs_(apb) < T(1);
         const T dc_delta =
-            inv_s * (near ? -sig_ma * sigmoid_(-b) * expm1_(near ? apb : T(0)) : sig_ma - sig_b);
-        const T ds_delta = -(a * sig_ma - b * sig_b + d_over);
-        r.dc = low ? inv_s * sig_ma : high ? -inv_s * sig_b : use_delta ? dc_delta : -inv_s * t_half;
-        r.ds = low ? -a * sig_ma : high ? b * sig_b : use_delta ? ds_delta : m * t_half - T(1);
+            inv_s * (near ? -sig_ma * sig_mb * expm1_series(near ? apb : T(0)) : sig_ma - sig_b);
+        const T ds_delta = -(a * sig_ma - b * sig_b + e_md / ratio);
+        r.dc = low ? inv_s * sig_ma : high ? -inv_s * sig_b
+             : use_delta ? dc_delta : -inv_s * tanh_half;
+        r.ds = low ? -a * sig_ma : high ? b * sig_b : use_delta ? ds_delta : m * tanh_half - T(1);
     } else {
         r.dc = r.ds = T(0);
     }
