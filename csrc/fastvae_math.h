@@ -682,21 +682,31 @@ FV_HD T expm1_series(T x) {
     return x + x * x * expm1_tail(x);
 }
 
-// tanh(u) = sign(u) (1 - e) / (1 + e), e = e^(-2|u|): one exp; 1 - e by the series where it
-// would cancel (|2u| < 1).
+// A coupling coefficient's tanh(u) and its derivative 1 - tanh(u)^2 from one exp,
+// e = e^(-2|u|): tanh(u) = sign(u) (1 - e) / (1 + e), 1 - e by the series where it would cancel
+// (|2u| < 1); 1 - tanh(u)^2 = 4 e / (1 + e)^2 (no cancellation as |tanh| nears 1).
 template <class T>
-FV_HD T dmol_tanh(T u) {
+struct DmolCoupling {
+    T tanh, sech2;
+};
+
+template <class T>
+FV_HD DmolCoupling<T> dmol_coupling(T u) {
     const T v = T(-2) * abs_(u);
     const T e = exp_(v);
-    const T t = -(v > T(-1) ? expm1_series(v) : e - T(1)) / (T(1) + e);
-    return u < T(0) ? -t : t;
+    const T r = T(1) / (T(1) + e);
+    const T t = -(v > T(-1) ? expm1_series(v) : e - T(1)) * r;
+    return {u < T(0) ? -t : t, T(4) * e * r * r};
 }
 
-// 1 - tanh(u)^2 = 4 e^(-2|u|) / (1 + e^(-2|u|))^2
+template <class T>
+FV_HD T dmol_tanh(T u) {
+    return dmol_coupling(u).tanh;
+}
+
 template <class T>
 FV_HD T dmol_sech2(T u) {
-    const T e = exp_(T(-2) * abs_(u));
-    return T(4) * e / ((T(1) + e) * (T(1) + e));
+    return dmol_coupling(u).sech2;
 }
 
 // The constants of one call: h = 1 / (n_bins - 1), 2h, log(2h), log((n_bins - 1) / 2).
