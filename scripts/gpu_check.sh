@@ -13,9 +13,10 @@
 #   tests          the GPU-relevant tests (-k "triton or cuda or gpu": the tests parametrized
 #                  over those backends and the gpu-marked ones), no --maxfail, SIGINT at the
 #                  bound so that the summary and junit.xml are still written
-#   bench          fastvae bench: the loss head and its two ops, then one op of each other
-#                  family, at 4096x784 and 65536x1024 (64 Mi elements), fwd+bwd, float32,
-#                  against eager and torch.compile; results written after each case
+#   bench          fastvae bench: the loss head, the DMoL and continuous Bernoulli likelihoods,
+#                  then one op of each other family, at each op's GPU sizes (up to 64 Mi
+#                  elements; DMoL 16x3x256x256), fwd+bwd, float32, against eager and
+#                  torch.compile; results written after each case
 # Everything lands in $OUT (at most 8 files, 2 levels): check.log (this script's output, the
 # build's included), smoke.txt, tests.log, junit.xml, bench.log, results/results.{json,csv}
 # and results/roofline.png. The summary is printed last. Exit status 0 when every phase is ok.
@@ -156,8 +157,10 @@ if [ $DRY = 1 ]; then
     BENCH=(--device cpu --ops loss_head,bernoulli_nll --sizes 64x784 --no-compile
            --backends cpu,triton,torch)
 else
-    BENCH=(--ops loss_head,bernoulli_nll,sample_and_kl,reparameterize,gaussian_kl,gaussian_nll
-           --sizes 4096x784,65536x1024)
+    # each op's GPU sizes: 64x784, 4096x784, 65536x1024 (64 Mi elements); the likelihoods of
+    # images at 16x3x32x32 and 8x3x64x64, then 1024x65536 (continuous Bernoulli) and
+    # 16x3x256x256 with 10 mixtures (DMoL, 105 M parameter elements)
+    BENCH=(--ops loss_head,dmol_nll,continuous_bernoulli_nll,bernoulli_nll,sample_and_kl,reparameterize,gaussian_kl,gaussian_nll)
 fi
 phase bench "$(bound 150 5)" "$PY" -m fastvae bench "${BENCH[@]}" --directions fwd+bwd \
     --dtypes float32 --no-train-step --out "$OUT/results" > "$OUT/bench.log" 2>&1

@@ -39,7 +39,7 @@ from fastvae.ops import backends  # noqa: E402
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("contiguous", "strided", "broadcast", "variant")
 OPS = ("reparameterize", "gaussian_kl", "bernoulli_nll", "gaussian_nll", "sample_and_kl",
-       "iwae_log_likelihood")
+       "iwae_log_likelihood", "continuous_bernoulli_nll", "discretized_mix_logistic_nll")
 NOISY = ("reparameterize", "sample_and_kl")  # noise agrees across backends to float32 only
 
 
@@ -132,6 +132,27 @@ class Case:
                 z = leaf(K, B, N)
             log_px = leaf(K, B, scale=3.0, shift=-20.0)
             self.call = lambda: fv.iwae_log_likelihood(log_px, z, mu, lv)
+        elif op == "continuous_bernoulli_nll":
+            if variant:  # logits far out (|l| up to ~40, the series and the tails), summed
+                logits, x = leaf(B, N, scale=15.0), unit()
+                self.call = lambda: fv.continuous_bernoulli_nll(logits, x, reduction="sum")
+            else:
+                logits, x = pair(scale=2.0), unit()
+                self.call = lambda: fv.continuous_bernoulli_nll(logits, x, reduction="none")
+        elif op == "discretized_mix_logistic_nll":
+            # x on the bin grid, edges included; variant: one channel and 32 bins
+            M, C, bins = (2, 1, 32) if variant else (3, 3, 256)
+            P = M * (1 + 3 * C) if C == 3 else 3 * M
+            k = torch.randint(0, bins, (B, C, N), generator=g, dtype=torch.float64)
+            x = (k * (2.0 / (bins - 1)) - 1.0).to(dtype).to(device)
+            if layout == "strided":  # params as a channels-last-like view
+                params = target(base(B, N, P, scale=1.5).transpose(1, 2))
+            elif layout == "broadcast":  # one image's parameters for the whole batch
+                params = target(base(1, P, N, scale=1.5).expand(B, P, N))
+            else:
+                params = leaf(B, P, N, scale=1.5)
+            self.call = lambda: fv.discretized_mix_logistic_nll(
+                params, x, n_mixtures=M, n_bins=bins, reduction="none")
         else:
             raise ValueError(op)
         # Upstream gradients: one per output, drawn once (float32/64 like the outputs).

@@ -160,6 +160,9 @@ def _make_loss_head(B, N, dtype, device):
 
 
 DMOL_MIXTURES = 10  # the DMoL cases: B images of 3 channels, N pixels (H * W flattened)
+# 16 x 3 x 32 x 32, 8 x 3 x 64 x 64; on a GPU also 16 x 3 x 256 x 256 (105 M parameter elements)
+DMOL_SIZES = {"cpu": [(16, 32 * 32), (8, 64 * 64)],
+              "cuda": [(16, 32 * 32), (8, 64 * 64), (16, 256 * 256)]}
 
 
 def _make_dmol(B, N, dtype, device):
@@ -223,7 +226,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
        {"eager": _eager_dmol,
         "fastvae": lambda p, x: fv.discretized_mix_logistic_nll(p, x, n_mixtures=DMOL_MIXTURES)},
        # per pixel: fwd 10 M params + 3 x; bwd those again + 10 M d params
-       traffic=(10 * DMOL_MIXTURES + 3, 20 * DMOL_MIXTURES + 3)),
+       traffic=(10 * DMOL_MIXTURES + 3, 20 * DMOL_MIXTURES + 3), sizes=DMOL_SIZES),
 ]}
 
 
