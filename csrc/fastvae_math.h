@@ -740,7 +740,7 @@ struct DmolTerm {
 // sigmoid(-u) = t_u / (1 + t_u) for u >= 0 (1 / (1 + t_u) below), tanh(|m| / 2) =
 // -expm1(-|m|) / (1 + t_m), d / expm1(d) = e^-d / ratio. The gradient's
 // sigmoid(-a) - sigmoid(b) is -sigmoid(-a) sigmoid(-b) expm1(a + b) where it would cancel
-// (|a + b| < 1). Ten transcendentals per term for the value, none more for the derivatives.
+// (|a + b| < 1). Nine exp/log per term for the value, none more for the derivatives.
 template <class T, bool kGrads>
 FV_HD DmolTerm<T> dmol_channel(T c, T s, T x, const DmolBins<T>& k) {
     const T inv_s = exp_(-s);
