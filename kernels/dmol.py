@@ -30,8 +30,12 @@ from ._common import (
     torch_compute_dtype,
 )
 
-LOG_SCALE_MIN = -7.0
-LOG_MIN_BIN_PROB = math.log(1e-5)
+# Every constant of the kernels is a tl.constexpr (or a literal operand of an arithmetic op),
+# never a Python float kernel argument: the GPU compiler passes a float argument as float32, so
+# a float64 kernel would compute with it rounded (h = 1/255 off by 6e-8 relative). A constexpr
+# meets its float64 operand unrounded; the bin constants specialize the kernel per n_bins.
+LOG_SCALE_MIN = tl.constexpr(-7.0)
+LOG_MIN_BIN_PROB = tl.constexpr(math.log(1e-5))
 
 
 @triton.jit
@@ -59,23 +63,24 @@ def _sech2(u):
 
 
 @triton.jit
-def _channel(centered, log_s, xc, h, log_2h, log_half_bins, GRADS: tl.constexpr):
+def _channel(centered, log_s, xc, H: tl.constexpr, LOG_2H: tl.constexpr,
+             LOG_HALF_BINS: tl.constexpr, GRADS: tl.constexpr):
     """log P(bin) of one channel for every mixture, and (GRADS) its derivatives by
     centered = x - mu' and by the log-scale."""
     inv_s = tl.exp(-log_s)
-    a = inv_s * (centered + h)
-    b = inv_s * (centered - h)
+    a = inv_s * (centered + H)
+    b = inv_s * (centered - H)
     m = inv_s * centered
-    log_d = log_2h - log_s
+    log_d = LOG_2H - log_s
     d = tl.exp(log_d)
     ratio = tl.where(d > 0.0, -expm1(-d) / tl.where(d > 0.0, d, 1.0), 1.0)
     ls_a = _log_sigmoid(a)
     ls_mb = _log_sigmoid(-b)
     log_delta = ls_a + ls_mb + log_d + tl.log(ratio)
-    log_mid = _log_sigmoid(m) + _log_sigmoid(-m) - log_s - log_half_bins
-    low = xc < -1.0 + h
-    high = xc > 1.0 - h
-    use_delta = log_delta > -11.512925464970229  # log(1e-5)
+    log_mid = _log_sigmoid(m) + _log_sigmoid(-m) - log_s - LOG_HALF_BINS
+    low = xc < -1.0 + H
+    high = xc > 1.0 - H
+    use_delta = log_delta > LOG_MIN_BIN_PROB
     value = tl.where(low, ls_a, tl.where(high, ls_mb, tl.where(use_delta, log_delta, log_mid)))
     if GRADS:
         sig_ma = _sigmoid(-a)
@@ -121,13 +126,14 @@ def _coupled(p_ptr, c, k, pix, s_p_n, mask, x0, x1, M: tl.constexpr, C: tl.const
             a1 = _load_param(p_ptr, 6 * M, k, pix, s_p_n, mask, DTYPE)
             a2 = _load_param(p_ptr, 9 * M, k, pix, s_p_n, mask, DTYPE)
             mean = mean + _tanh(a1) * x0[None, :] + _tanh(a2) * x1[None, :]
-    return mean, tl.maximum(raw_ls, -7.0), raw_ls
+    return mean, tl.maximum(raw_ls, LOG_SCALE_MIN), raw_ls
 
 
 @triton.jit
 def _dmol_kernel(
     p_ptr, x_ptr, nll_ptr, g_ptr, dp_ptr,
-    B, S, s_p_b, s_p_n, s_p_s, s_x_b, s_x_c, s_x_s, h, log_2h, log_half_bins,
+    B, S, s_p_b, s_p_n, s_p_s, s_x_b, s_x_c, s_x_s,
+    H: tl.constexpr, LOG_2H: tl.constexpr, LOG_HALF_BINS: tl.constexpr,
     M: tl.constexpr, C: tl.constexpr, J: tl.constexpr, P: tl.constexpr,
     BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, DTYPE: tl.constexpr,
 ):
@@ -153,8 +159,8 @@ def _dmol_kernel(
     for c in tl.static_range(C):
         xc = tl.load(x_ptr + c * s_x_c + xpix, mask=imask, other=0.0).to(DTYPE)
         mean, log_s, raw_ls = _coupled(p_ptr, c, k, pix, s_p_n, mask, x0, x1, M, C, J, DTYPE)
-        value, _, _ = _channel(xc[None, :] - mean, log_s, xc[None, :], h, log_2h,
-                               log_half_bins, False)
+        value, _, _ = _channel(xc[None, :] - mean, log_s, xc[None, :], H, LOG_2H,
+                               LOG_HALF_BINS, False)
         joint += value
     joint = tl.where(mask, joint, -float("inf"))
     jmax = tl.max(joint, 0)
@@ -173,10 +179,10 @@ def _dmol_kernel(
             xc = tl.load(x_ptr + c * s_x_c + xpix, mask=imask, other=0.0).to(DTYPE)
             mean, log_s, raw_ls = _coupled(p_ptr, c, k, pix, s_p_n, mask, x0, x1, M, C, J,
                                            DTYPE)
-            _, dc, ds = _channel(xc[None, :] - mean, log_s, xc[None, :], h, log_2h,
-                                 log_half_bins, True)
+            _, dc, ds = _channel(xc[None, :] - mean, log_s, xc[None, :], H, LOG_2H,
+                                 LOG_HALF_BINS, True)
             d_mean = gr * dc
-            d_ls = tl.where(raw_ls >= -7.0, -gr * ds, 0.0)
+            d_ls = tl.where(raw_ls >= LOG_SCALE_MIN, -gr * ds, 0.0)
             base = M + c * J * M
             tl.store(dp_ptr + base * S + offs, d_mean.to(out_ty), mask=mask)
             tl.store(dp_ptr + (base + M) * S + offs, d_ls.to(out_ty), mask=mask)
@@ -208,8 +214,8 @@ def _launch(params: Tensor, x: Tensor, n_mixtures: int, n_bins: int, nll: Tensor
                _dmol_kernel, (triton.cdiv(B * S, block_s),),
             params, x, nll, nll if grad is None else grad,
             params if d_params is None else d_params,
-            B, S, *params.stride(), *x.stride(), h, math.log(2.0 * h),
-            math.log((n_bins - 1) / 2.0),
+            B, S, *params.stride(), *x.stride(),
+            H=h, LOG_2H=math.log(2.0 * h), LOG_HALF_BINS=math.log((n_bins - 1) / 2.0),
             M=n_mixtures, C=C, J=2 if C == 1 else 3, P=P, BACKWARD=d_params is not None,
             BLOCK_M=block_m, BLOCK_S=block_s, DTYPE=compute_dtype(params.dtype),
             num_warps=4 if block_m * block_s <= 1024 else 8,

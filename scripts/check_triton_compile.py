@@ -41,7 +41,8 @@ Part 2, CUDA C++ (``csrc/cuda.cu``): nvcc ``-Xptxas -v`` for each arch, same tab
 ``--no-nvcc``; an error when nvcc is missing otherwise.
 
 Also a failure: a float64 kernel whose PTX holds a float32-rounded constant (a Python float
-that became a float32 scalar before meeting a float64 operand).
+that became a float32 scalar before meeting a float64 operand) or takes a float32 parameter (a
+Python float kernel argument, which Triton passes as float32).
 
 Exit status 1 on any compile error, grid overflow or missing tool. Cost (2 cores, triton 3.9):
 the default set is ~980 distinct kernels for sm_80 + sm_90, ~255 CPU-seconds cold, compiled in
@@ -574,6 +575,19 @@ def rounded_constants(ptx: str) -> list[float]:
     return sorted(out)
 
 
+_F64_ARITHMETIC = re.compile(r"^\s*(?:add|sub|mul|fma|div)(?:\.rn)?\.f64\b", re.M)
+
+
+def float32_params(ptx: str) -> list[str]:
+    """The float32 parameters that a kernel computing in float64 reads: Python float kernel
+    arguments, which Triton passes as float32 (rounded) whatever the kernel's dtype. A float64
+    kernel takes its constants as ``tl.constexpr`` (or as tensors) instead."""
+    if not _F64_ARITHMETIC.search(ptx):
+        return []
+    read = set(re.findall(r"ld\.param\.\w+\s+%\w+,\s*\[(\w+)\]", ptx))
+    return [name for name in re.findall(r"\.param \.f32 (\w+)", ptx) if name in read]
+
+
 def spec_of(launch: Launch) -> str:
     """The constexpr part of a launch (tile, warps, flags), short."""
     m = launch.meta
@@ -658,6 +672,10 @@ def compile_share(full: bool, only: str, archs: list[int], share: int,
                 out.append(dict(arch=arch, case=launch.case, detail="",
                                 error=f"{launch.kernel}: float64 constants rounded to float32: "
                                       f"{rounded}"))
+            if params := float32_params(ptx):
+                out.append(dict(arch=arch, case=launch.case, detail="",
+                                error=f"{launch.kernel}: float32 parameters of a float64 kernel "
+                                      f"(Python float arguments, rounded): {params}"))
             try:
                 stats = ptxas_stats(ptx, cmd, cache)
             except RuntimeError as e:
