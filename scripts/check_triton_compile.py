@@ -393,9 +393,9 @@ def _dmol(K, p):
     x = operand(B * C, S, p["dtype"], "contiguous").view(B, C, S)
     if p["backward"]:
         grad = per_sample(B, out_dtype(p["dtype"]), "contiguous")
-        K.discretized_mix_logistic_nll_bwd(grad, params, x, M, 256)
+        K.discretized_mix_logistic_nll_bwd(grad, params, x, M, p["n_bins"])
     else:
-        K.discretized_mix_logistic_nll_fwd(params, x, M, 256)
+        K.discretized_mix_logistic_nll_fwd(params, x, M, p["n_bins"])
 
 
 def _common_axes(**extra) -> dict:
@@ -438,11 +438,11 @@ FAMILIES = (
            ("reduce_dim", "needs"), _sample_and_kl_bwd, needs="needs"),
     Family("discretized_mix_logistic_nll_fwd",
            {"dtype": DTYPES, "shape": ((16, 1024), (8, 4096)), "layout": ("contiguous",),
-            "channels": (3, 1), "mixtures": (10, 1), "backward": (False,)},
+            "channels": (3, 1), "mixtures": (10, 1), "n_bins": (256, 2), "backward": (False,)},
            ("channels", "mixtures"), _dmol),
     Family("discretized_mix_logistic_nll_bwd",
            {"dtype": DTYPES, "shape": ((16, 1024), (8, 4096)), "layout": ("contiguous",),
-            "channels": (3, 1), "mixtures": (10, 1), "backward": (True,)},
+            "channels": (3, 1), "mixtures": (10, 1), "n_bins": (256, 2), "backward": (True,)},
            ("channels", "mixtures"), _dmol),
     Family("iwae_fwd",
            _common_axes(K=(16, 1, 3), z=("contiguous", "broadcast"),
@@ -591,7 +591,8 @@ def float32_params(ptx: str) -> list[str]:
 def spec_of(launch: Launch) -> str:
     """The constexpr part of a launch (tile, warps, flags), short."""
     m = launch.meta
-    tile = f"{m.get('BLOCK_B', '?')}x{m.get('BLOCK_N', '?')}/w{m.get('num_warps', 4)}"
+    tile = (f"{m['BLOCK_S']}" if "BLOCK_S" in m else
+            f"{m.get('BLOCK_B', '?')}x{m.get('BLOCK_N', '?')}") + f"/w{m.get('num_warps', 4)}"
     flags = " ".join(f"{k}" for k, v in m.items()
                      if k.isupper() and not k.startswith("BLOCK") and k != "DTYPE" and v is True)
     return f"{tile} {flags}".strip()

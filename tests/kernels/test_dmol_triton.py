@@ -75,3 +75,26 @@ def test_float64_matches_reference_to_rounding(gpu_scalars, C, M, n_bins, sharp)
     torch.testing.assert_close(nll.cpu(), want, rtol=1e-13, atol=0)
     scale = want_d.abs().max().item()
     torch.testing.assert_close(d_params.cpu(), want_d, rtol=1e-11, atol=1e-13 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_mixtures_with_logit_minus_inf_drop_out(dtype):
+    """A mixture of logit -inf has weight 0, also as the first term of the log-sum-exps over the
+    mixtures (an empty running sum): values and gradients are the reference's, finite."""
+    M = 3
+    params, x = _inputs(2, 3, M, 6, 256, seed=7, sharp=False)
+    params[0, 0, :3] = -float("inf")   # the first mixture
+    params[1, M - 1, 2:] = -float("inf")   # the last
+    params[1, 0, 0] = params[1, 1, 0] = -float("inf")  # all but one
+    params, x = params.to(dtype), x.to(dtype)
+    grad = torch.tensor([0.7, -1.3], dtype=torch.float64, device=DEVICE)
+    nll = dmol.discretized_mix_logistic_nll_fwd(params, x, M, 256)
+    d_params = dmol.discretized_mix_logistic_nll_bwd(grad, params, x, M, 256)
+    cpu_p, cpu_x = params.cpu().double(), x.cpu().double()
+    want = reference.discretized_mix_logistic_nll_fwd(cpu_p, cpu_x, M, 256)
+    want_d = reference.discretized_mix_logistic_nll_bwd(grad.cpu(), cpu_p, cpu_x, M, 256)
+    assert torch.isfinite(d_params).all()
+    rtol = 1e-13 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(nll.cpu().double(), want, rtol=rtol, atol=0)
+    torch.testing.assert_close(d_params.cpu().double(), want_d, rtol=rtol * 100,
+                               atol=rtol * want_d.abs().max().item())
