@@ -3,12 +3,15 @@
 Views: ``params`` (B, P, S), ``x`` (B, C, S) with S pixels, any strides (the layout of dim 1 is
 in ``fastvae/ops/reference.py``). One program owns ``BLOCK_S`` consecutive pixels of the
 flattened (B, S) grid (so one image of few pixels, or many images of one pixel, fill a program
-alike) and keeps the ``M x C`` terms of each pixel in registers as ``(BLOCK_M, BLOCK_S)`` tiles
-(M and C are constexpr); it reads ``params`` and ``x`` once. The forward writes each pixel's
-NLL (B x S values, 1 / P of the parameters' size), summed per sample by the launcher in a fixed
-order (deterministic); the backward recomputes everything from ``params`` and ``x`` and writes
-d params. The per-channel formulas and their derivatives are those
-of ``reference._dmol_channel_terms``.
+alike), one pixel per thread on a GPU, and loops over the M mixtures (M, C and the bin constants
+are constexpr): each pass over the mixtures reads the pixel's parameters once and keeps only
+running log-sum-exps (no M-wide tile: no padding of M to a power of two, a few dozen live values
+per pixel). The forward makes one pass and writes each pixel's NLL (B x S values, 1 / P of the
+parameters' size), summed per sample by the launcher in a fixed order (deterministic). The
+backward saves nothing: a first pass gives the two log-sum-exps, a second recomputes each
+mixture's terms with their derivatives (cheaper on a GPU than keeping M x C terms per pixel)
+and writes d params. The per-channel formulas and their derivatives are those of
+``reference._dmol_channel_terms``, with the exponentials shared (see ``_channel``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from ._common import (
     compute_dtype,
-    expm1,
+    expm1_neg_small,
     interpreted,
     launch,
     log1p_unit,
@@ -30,63 +33,96 @@ from ._common import (
     torch_compute_dtype,
 )
 
-LOG_SCALE_MIN = -7.0
-LOG_MIN_BIN_PROB = math.log(1e-5)
+# Every constant of the kernels is a tl.constexpr (or a literal operand of an arithmetic op),
+# never a Python float kernel argument: the GPU compiler passes a float argument as float32, so
+# a float64 kernel would compute with it rounded (h = 1/255 off by 6e-8 relative). A constexpr
+# meets its float64 operand unrounded; the bin constants specialize the kernel per n_bins.
+LOG_SCALE_MIN = tl.constexpr(-7.0)
+LOG_MIN_BIN_PROB = tl.constexpr(math.log(1e-5))
 
 
 @triton.jit
-def _log_sigmoid(u):
-    return tl.where(u < 0.0, u, 0.0) - log1p_unit(tl.exp(-tl.abs(u)))
+def _lse_step(mx, sm, v):
+    """One more term v of an online log-sum-exp kept as (max, sum of e^(term - max)), with one
+    exp: sm e^(mx - v) + 1 when v is the new max, sm + e^(v - mx) otherwise. A term of -inf adds
+    nothing (also to an empty sum, where v - mx would be NaN); NaN propagates."""
+    up = v > mx
+    e = tl.exp(tl.where(up, mx - v, v - mx))
+    e = tl.where(v == -float("inf"), 0.0, e)
+    return tl.maximum(mx, v), tl.where(up, sm * e + 1.0, sm + e)
 
 
 @triton.jit
-def _sigmoid(u):
-    e = tl.exp(-tl.abs(u))
-    return tl.where(u >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+def _tanh_e(u, DTYPE: tl.constexpr):
+    """tanh(u) and e = e^(-2|u|), one exp: tanh|u| = -expm1(-2|u|) / (1 + e), the expm1 by its
+    series below 1 and e - 1 beyond; sech^2(u) = 4 e / (1 + e)^2 from the same e."""
+    au = 2.0 * tl.abs(u)
+    e = tl.exp(-au)
+    em = tl.where(au < 1.0, expm1_neg_small(tl.minimum(au, 1.0), DTYPE), e - 1.0)
+    t = -em / (1.0 + e)
+    return tl.where(u < 0.0, -t, t), e
 
 
 @triton.jit
-def _tanh(u):
-    e = tl.exp(-2.0 * tl.abs(u))
-    t = -expm1(-2.0 * tl.abs(u)) / (1.0 + e)
-    return tl.where(u < 0.0, -t, t)
-
-
-@triton.jit
-def _sech2(u):
-    e = tl.exp(-2.0 * tl.abs(u))
+def _sech2(e):
+    """sech^2(u) from e = e^(-2|u|) (no 1 - tanh^2 cancellation)."""
     return 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
 @triton.jit
-def _channel(centered, log_s, xc, h, log_2h, log_half_bins, GRADS: tl.constexpr):
-    """log P(bin) of one channel for every mixture, and (GRADS) its derivatives by
-    centered = x - mu' and by the log-scale."""
+def _channel(xc, mean, raw_ls, H: tl.constexpr, LOG_2H: tl.constexpr,
+             LOG_HALF_BINS: tl.constexpr, GRADS: tl.constexpr, DTYPE: tl.constexpr):
+    """log P(bin) of one channel and mixture at pixel value ``xc`` (mean ``mean`` = mu', raw
+    log-scale ``raw_ls``) and (GRADS) its derivatives by centered = x - mu' and by the floored
+    log-scale s.
+
+    Five exps and four logs, shared by the value and the derivatives: with t_u = e^-|u| for
+    u = a, b, m, log sigmoid(u) = min(u, 0) - log1p(t_u), sigmoid(-a) = t_a / (1 + t_a) (a >= 0)
+    or 1 / (1 + t_a), likewise sigmoid(+-b); log sigmoid(m) + log sigmoid(-m) = -|m| -
+    2 log1p(t_m); tanh(|m| / 2) = -expm1(-|m|) / (1 + t_m); d = 2 h e^-s (no exp), expm1(-d) by
+    its series below 1 and e^-d - 1 beyond, d / expm1(d) = e^-d / ratio with ratio =
+    -expm1(-d) / d. expm1(a + b) is needed only for |a + b| < 1: its series, no exp."""
+    log_s = tl.maximum(raw_ls, LOG_SCALE_MIN)
     inv_s = tl.exp(-log_s)
-    a = inv_s * (centered + h)
-    b = inv_s * (centered - h)
+    centered = xc - mean
+    a = inv_s * (centered + H)
+    b = inv_s * (centered - H)
     m = inv_s * centered
-    log_d = log_2h - log_s
-    d = tl.exp(log_d)
-    ratio = tl.where(d > 0.0, -expm1(-d) / tl.where(d > 0.0, d, 1.0), 1.0)
-    ls_a = _log_sigmoid(a)
-    ls_mb = _log_sigmoid(-b)
-    log_delta = ls_a + ls_mb + log_d + tl.log(ratio)
-    log_mid = _log_sigmoid(m) + _log_sigmoid(-m) - log_s - log_half_bins
-    low = xc < -1.0 + h
-    high = xc > 1.0 - h
-    use_delta = log_delta > -11.512925464970229  # log(1e-5)
+    d = inv_s * (2.0 * H)
+    t_a = tl.exp(-tl.abs(a))
+    t_b = tl.exp(-tl.abs(b))
+    t_m = tl.exp(-tl.abs(m))
+    e_d = tl.exp(-d)
+    ls_a = tl.minimum(a, 0.0) - log1p_unit(t_a)  # log sigmoid(a)
+    ls_mb = tl.minimum(-b, 0.0) - log1p_unit(t_b)  # log sigmoid(-b)
+    small_d = d < 1.0
+    em_d = tl.where(small_d, expm1_neg_small(tl.minimum(d, 1.0), DTYPE), e_d - 1.0)
+    ratio = tl.where(d > 0.0, -em_d / tl.where(d > 0.0, d, 1.0), 1.0)
+    # log(sigmoid(a) - sigmoid(b)) = log sigmoid(a) + log sigmoid(-b) + log(-expm1(-d)), the
+    # last as log d + log(ratio), log d = log(2h) - s: finite where d underflows
+    log_delta = ls_a + ls_mb + (LOG_2H - log_s) + tl.log(ratio)
+    log_mid = -tl.abs(m) - 2.0 * log1p_unit(t_m) - log_s - LOG_HALF_BINS
+    low = xc < -1.0 + H
+    high = xc > 1.0 - H
+    use_delta = log_delta > LOG_MIN_BIN_PROB
     value = tl.where(low, ls_a, tl.where(high, ls_mb, tl.where(use_delta, log_delta, log_mid)))
     if GRADS:
-        sig_ma = _sigmoid(-a)
-        sig_b = _sigmoid(b)
-        t_half = _tanh(0.5 * m)
-        em = expm1(d)
-        d_over = tl.where(d > 0.0, d / tl.where(d > 0.0, em, 1.0), 1.0)
+        q_a = 1.0 / (1.0 + t_a)
+        q_b = 1.0 / (1.0 + t_b)
+        sig_ma = tl.where(a >= 0.0, t_a * q_a, q_a)  # sigmoid(-a)
+        sig_b = tl.where(b >= 0.0, q_b, t_b * q_b)  # sigmoid(b)
+        sig_mb = tl.where(b >= 0.0, t_b * q_b, q_b)  # sigmoid(-b)
+        am = tl.abs(m)
+        em_m = tl.where(am < 1.0, expm1_neg_small(tl.minimum(am, 1.0), DTYPE), t_m - 1.0)
+        th = -em_m / (1.0 + t_m)
+        t_half = tl.where(m < 0.0, -th, th)  # tanh(m / 2)
+        d_over = tl.where(small_d, 1.0 + em_d, e_d) / ratio  # d / expm1(d)
+        # sigmoid(-a) - sigmoid(b) cancels only near a + b = 0: there -sigmoid(-a)
+        # sigmoid(-b) expm1(a + b) (series), elsewhere directly (the terms differ by >= 1.6x)
         apb = a + b
         near = tl.abs(apb) < 1.0
-        dc_delta = inv_s * tl.where(near, -sig_ma * _sigmoid(-b) * expm1(tl.where(near, apb, 0.0)),
-                                    sig_ma - sig_b)
+        em_apb = expm1_neg_small(-tl.where(near, apb, 0.0), DTYPE)  # expm1(a + b)
+        dc_delta = inv_s * tl.where(near, -sig_ma * sig_mb * em_apb, sig_ma - sig_b)
         ds_delta = -(a * sig_ma - b * sig_b + d_over)
         dc = tl.where(low, inv_s * sig_ma, tl.where(
             high, -inv_s * sig_b, tl.where(use_delta, dc_delta, -inv_s * t_half)))
@@ -98,129 +134,167 @@ def _channel(centered, log_s, xc, h, log_2h, log_half_bins, GRADS: tl.constexpr)
 
 
 @triton.jit
-def _load_param(p_ptr, j, k, pix, s_p_n, mask, DTYPE: tl.constexpr):
-    """Rows j + k (a (BLOCK_M,) index) of params at the pixels of offsets ``pix``: a
-    (BLOCK_M, BLOCK_S) tile."""
-    return tl.load(p_ptr + (j + k)[:, None] * s_p_n + pix[None, :], mask=mask,
-                   other=0.0).to(DTYPE)
+def _row(p_ptr, r, s_n, pix, imask, DTYPE: tl.constexpr):
+    """Row r of params (channel index on dim 1) at the pixels ``pix``, in the compute dtype."""
+    return tl.load(p_ptr + r * s_n + pix, mask=imask, other=0.0).to(DTYPE)
 
 
 @triton.jit
-def _coupled(p_ptr, c, k, pix, s_p_n, mask, x0, x1, M: tl.constexpr, C: tl.constexpr,
-             J: tl.constexpr, DTYPE: tl.constexpr):
-    """mu' and the floored log-scale of channel c (a compile-time value), and the raw
-    log-scale."""
-    base = M + c * J * M
-    mean = _load_param(p_ptr, base, k, pix, s_p_n, mask, DTYPE)
-    raw_ls = _load_param(p_ptr, base + M, k, pix, s_p_n, mask, DTYPE)
-    if C == 3:
-        if c == 1:
-            a0 = _load_param(p_ptr, 3 * M, k, pix, s_p_n, mask, DTYPE)
-            mean = mean + _tanh(a0) * x0[None, :]
-        if c == 2:
-            a1 = _load_param(p_ptr, 6 * M, k, pix, s_p_n, mask, DTYPE)
-            a2 = _load_param(p_ptr, 9 * M, k, pix, s_p_n, mask, DTYPE)
-            mean = mean + _tanh(a1) * x0[None, :] + _tanh(a2) * x1[None, :]
-    return mean, tl.maximum(raw_ls, -7.0), raw_ls
-
-
-@triton.jit
-def _dmol_kernel(
-    p_ptr, x_ptr, nll_ptr, g_ptr, dp_ptr,
-    B, S, s_p_b, s_p_n, s_p_s, s_x_b, s_x_c, s_x_s, h, log_2h, log_half_bins,
-    M: tl.constexpr, C: tl.constexpr, J: tl.constexpr, P: tl.constexpr,
-    BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, DTYPE: tl.constexpr,
-):
+def _pixels(x_ptr, B, S, s_p_b, s_p_s, s_x_b, s_x_c, s_x_s, C: tl.constexpr,
+            BLOCK_S: tl.constexpr, DTYPE: tl.constexpr):
+    """This program's pixels: flat index i, sample b, pixel s, mask, params offset, x values
+    (x1 = x2 = x0 for C = 1)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     imask = i < B * S
     b = i // S
     s = i % S
-    k = tl.arange(0, BLOCK_M)
-    mask = (k < M)[:, None] & imask[None, :]
-    pix = b * s_p_b + s * s_p_s
     xpix = b * s_x_b + s * s_x_s
     x0 = tl.load(x_ptr + xpix, mask=imask, other=0.0).to(DTYPE)
     x1 = x0
+    x2 = x0
     if C == 3:
         x1 = tl.load(x_ptr + s_x_c + xpix, mask=imask, other=0.0).to(DTYPE)
-    logits = _load_param(p_ptr, 0, k, pix, s_p_n, mask, DTYPE)
-    logits = tl.where(mask, logits, -float("inf"))
-    lmax = tl.max(logits, 0)
-    lmax = tl.where(imask, lmax, 0.0)
-    log_norm = lmax + tl.log(tl.sum(tl.where(mask, tl.exp(logits - lmax[None, :]), 0.0), 0))
-    log_norm = tl.where(imask, log_norm, 0.0)
-    joint = logits - log_norm[None, :]
-    for c in tl.static_range(C):
-        xc = tl.load(x_ptr + c * s_x_c + xpix, mask=imask, other=0.0).to(DTYPE)
-        mean, log_s, raw_ls = _coupled(p_ptr, c, k, pix, s_p_n, mask, x0, x1, M, C, J, DTYPE)
-        value, _, _ = _channel(xc[None, :] - mean, log_s, xc[None, :], h, log_2h,
-                               log_half_bins, False)
-        joint += value
-    joint = tl.where(mask, joint, -float("inf"))
-    jmax = tl.max(joint, 0)
-    jmax_safe = tl.where(jmax == -float("inf"), 0.0, jmax)
-    lse = jmax_safe + tl.log(tl.sum(tl.where(mask, tl.exp(joint - jmax_safe[None, :]), 0.0), 0))
-    if not BACKWARD:
-        tl.store(nll_ptr + i, -lse, mask=imask)
-    else:
-        g = tl.load(g_ptr + b, mask=imask, other=0.0).to(DTYPE)
-        gr = g[None, :] * tl.exp(joint - lse[None, :])
-        out_ty = dp_ptr.dtype.element_ty
-        offs = k[:, None] * S + (b * (P * S) + s)[None, :]
-        d_logits = g[None, :] * tl.exp(logits - log_norm[None, :]) - gr
-        tl.store(dp_ptr + offs, d_logits.to(out_ty), mask=mask)
-        for c in tl.static_range(C):
-            xc = tl.load(x_ptr + c * s_x_c + xpix, mask=imask, other=0.0).to(DTYPE)
-            mean, log_s, raw_ls = _coupled(p_ptr, c, k, pix, s_p_n, mask, x0, x1, M, C, J,
-                                           DTYPE)
-            _, dc, ds = _channel(xc[None, :] - mean, log_s, xc[None, :], h, log_2h,
-                                 log_half_bins, True)
-            d_mean = gr * dc
-            d_ls = tl.where(raw_ls >= -7.0, -gr * ds, 0.0)
-            base = M + c * J * M
-            tl.store(dp_ptr + base * S + offs, d_mean.to(out_ty), mask=mask)
-            tl.store(dp_ptr + (base + M) * S + offs, d_ls.to(out_ty), mask=mask)
-            if C == 3:
-                if c == 1:
-                    a0 = _load_param(p_ptr, 3 * M, k, pix, s_p_n, mask, DTYPE)
-                    tl.store(dp_ptr + 3 * M * S + offs,
-                             (d_mean * x0[None, :] * _sech2(a0)).to(out_ty), mask=mask)
-                if c == 2:
-                    a1 = _load_param(p_ptr, 6 * M, k, pix, s_p_n, mask, DTYPE)
-                    a2 = _load_param(p_ptr, 9 * M, k, pix, s_p_n, mask, DTYPE)
-                    tl.store(dp_ptr + 6 * M * S + offs,
-                             (d_mean * x0[None, :] * _sech2(a1)).to(out_ty), mask=mask)
-                    tl.store(dp_ptr + 9 * M * S + offs,
-                             (d_mean * x1[None, :] * _sech2(a2)).to(out_ty), mask=mask)
+        x2 = tl.load(x_ptr + s_x_c + (s_x_c + xpix), mask=imask, other=0.0).to(DTYPE)
+    return i, b, s, imask, b * s_p_b + s * s_p_s, x0, x1, x2
 
 
-def _launch(params: Tensor, x: Tensor, n_mixtures: int, n_bins: int, nll: Tensor,
-            grad: Tensor | None, d_params: Tensor | None) -> None:
+@triton.jit
+def _log_sums(p_ptr, s_n, pix, imask, x0, x1, x2, H: tl.constexpr, LOG_2H: tl.constexpr,
+              LOG_HALF_BINS: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
+              BLOCK_S: tl.constexpr, DTYPE: tl.constexpr):
+    """log sum_k e^(logit_k) and log sum_k e^(logit_k + sum_c L_ck) of every pixel: one pass
+    over the mixtures, online log-sum-exps. Rows of params for mixture k: the logit k; channel
+    c's mean, log-scale (and, C = 3, coefficient) (3c + 1) M + k, (3c + 2) M + k, (3c + 3) M + k
+    (C = 1: M + k, 2M + k)."""
+    l_max = tl.full([BLOCK_S], -float("inf"), DTYPE)
+    l_sum = tl.zeros([BLOCK_S], DTYPE)
+    j_max = tl.full([BLOCK_S], -float("inf"), DTYPE)
+    j_sum = tl.zeros([BLOCK_S], DTYPE)
+    for k in range(M):
+        logit = _row(p_ptr, k, s_n, pix, imask, DTYPE)
+        v, _, _ = _channel(x0, _row(p_ptr, M + k, s_n, pix, imask, DTYPE),
+                           _row(p_ptr, 2 * M + k, s_n, pix, imask, DTYPE),
+                           H, LOG_2H, LOG_HALF_BINS, False, DTYPE)
+        if C == 3:
+            t0, _ = _tanh_e(_row(p_ptr, 3 * M + k, s_n, pix, imask, DTYPE), DTYPE)
+            v1, _, _ = _channel(x1, _row(p_ptr, 4 * M + k, s_n, pix, imask, DTYPE) + t0 * x0,
+                                _row(p_ptr, 5 * M + k, s_n, pix, imask, DTYPE),
+                                H, LOG_2H, LOG_HALF_BINS, False, DTYPE)
+            t1, _ = _tanh_e(_row(p_ptr, 6 * M + k, s_n, pix, imask, DTYPE), DTYPE)
+            t2, _ = _tanh_e(_row(p_ptr, 9 * M + k, s_n, pix, imask, DTYPE), DTYPE)
+            mean2 = _row(p_ptr, 7 * M + k, s_n, pix, imask, DTYPE) + t1 * x0 + t2 * x1
+            v2, _, _ = _channel(x2, mean2, _row(p_ptr, 8 * M + k, s_n, pix, imask, DTYPE),
+                                H, LOG_2H, LOG_HALF_BINS, False, DTYPE)
+            v = v + v1 + v2
+        l_max, l_sum = _lse_step(l_max, l_sum, logit)
+        j_max, j_sum = _lse_step(j_max, j_sum, logit + v)
+    return l_max + tl.log(l_sum), j_max + tl.log(j_sum)
+
+
+@triton.jit
+def _dmol_fwd_kernel(
+    p_ptr, x_ptr, nll_ptr, B, S, s_p_b, s_p_n, s_p_s, s_x_b, s_x_c, s_x_s,
+    H: tl.constexpr, LOG_2H: tl.constexpr, LOG_HALF_BINS: tl.constexpr,
+    M: tl.constexpr, C: tl.constexpr, BLOCK_S: tl.constexpr, DTYPE: tl.constexpr,
+):
+    i, _b, _s, imask, pix, x0, x1, x2 = _pixels(x_ptr, B, S, s_p_b, s_p_s, s_x_b, s_x_c,
+                                                s_x_s, C, BLOCK_S, DTYPE)
+    log_norm, lse = _log_sums(p_ptr, tl.cast(s_p_n, tl.int64), pix, imask, x0, x1, x2, H,
+                              LOG_2H, LOG_HALF_BINS, M, C, BLOCK_S, DTYPE)
+    tl.store(nll_ptr + i, log_norm - lse, mask=imask)
+
+
+@triton.jit
+def _dmol_bwd_kernel(
+    p_ptr, x_ptr, g_ptr, dp_ptr, B, S, s_p_b, s_p_n, s_p_s, s_x_b, s_x_c, s_x_s,
+    H: tl.constexpr, LOG_2H: tl.constexpr, LOG_HALF_BINS: tl.constexpr,
+    M: tl.constexpr, C: tl.constexpr, P: tl.constexpr, BLOCK_S: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
+    """d params (B, P, S) contiguous: with r_k = e^(logit_k + sum_c L_ck - lse), d logit_k =
+    g (softmax_k - r_k), d mu_ck = g r_k dL/dc, d raw log-scale = -g r_k dL/ds above the floor,
+    d coefficient = d mu of the coupled channel times x of the coupling one times sech^2."""
+    _i, b, s, imask, pix, x0, x1, x2 = _pixels(x_ptr, B, S, s_p_b, s_p_s, s_x_b, s_x_c, s_x_s,
+                                               C, BLOCK_S, DTYPE)
+    s_n = tl.cast(s_p_n, tl.int64)
+    log_norm, lse = _log_sums(p_ptr, s_n, pix, imask, x0, x1, x2, H, LOG_2H, LOG_HALF_BINS,
+                              M, C, BLOCK_S, DTYPE)
+    g = tl.load(g_ptr + b, mask=imask, other=0.0).to(DTYPE)
+    out_ty = dp_ptr.dtype.element_ty
+    S64 = tl.cast(S, tl.int64)
+    out = dp_ptr + (b * P * S64 + s)
+    for k in range(M):
+        logit = _row(p_ptr, k, s_n, pix, imask, DTYPE)
+        ls0 = _row(p_ptr, M + M + k, s_n, pix, imask, DTYPE)
+        v, dc0, ds0 = _channel(x0, _row(p_ptr, M + k, s_n, pix, imask, DTYPE), ls0,
+                               H, LOG_2H, LOG_HALF_BINS, True, DTYPE)
+        if C == 3:
+            t0, e0 = _tanh_e(_row(p_ptr, 3 * M + k, s_n, pix, imask, DTYPE), DTYPE)
+            ls1 = _row(p_ptr, 5 * M + k, s_n, pix, imask, DTYPE)
+            v1, dc1, ds1 = _channel(x1, _row(p_ptr, 4 * M + k, s_n, pix, imask, DTYPE) + t0 * x0,
+                                    ls1, H, LOG_2H, LOG_HALF_BINS, True, DTYPE)
+            t1, e1 = _tanh_e(_row(p_ptr, 6 * M + k, s_n, pix, imask, DTYPE), DTYPE)
+            t2, e2 = _tanh_e(_row(p_ptr, 9 * M + k, s_n, pix, imask, DTYPE), DTYPE)
+            ls2 = _row(p_ptr, 8 * M + k, s_n, pix, imask, DTYPE)
+            mean2 = _row(p_ptr, 7 * M + k, s_n, pix, imask, DTYPE) + t1 * x0 + t2 * x1
+            v2, dc2, ds2 = _channel(x2, mean2, ls2, H, LOG_2H, LOG_HALF_BINS, True, DTYPE)
+            v = v + v1 + v2
+        gr = g * tl.exp(logit + v - lse)
+        tl.store(out + k * S64, (g * tl.exp(logit - log_norm) - gr).to(out_ty), mask=imask)
+        tl.store(out + (M + k) * S64, (gr * dc0).to(out_ty), mask=imask)
+        tl.store(out + (2 * M + k) * S64,
+                 tl.where(ls0 >= LOG_SCALE_MIN, -gr * ds0, 0.0).to(out_ty), mask=imask)
+        if C == 3:
+            d_mean1 = gr * dc1
+            d_mean2 = gr * dc2
+            tl.store(out + (3 * M + k) * S64, (d_mean1 * x0 * _sech2(e0)).to(out_ty),
+                     mask=imask)
+            tl.store(out + (4 * M + k) * S64, d_mean1.to(out_ty), mask=imask)
+            tl.store(out + (5 * M + k) * S64,
+                     tl.where(ls1 >= LOG_SCALE_MIN, -gr * ds1, 0.0).to(out_ty), mask=imask)
+            tl.store(out + (6 * M + k) * S64, (d_mean2 * x0 * _sech2(e1)).to(out_ty),
+                     mask=imask)
+            tl.store(out + (7 * M + k) * S64, d_mean2.to(out_ty), mask=imask)
+            tl.store(out + (8 * M + k) * S64,
+                     tl.where(ls2 >= LOG_SCALE_MIN, -gr * ds2, 0.0).to(out_ty), mask=imask)
+            tl.store(out + (9 * M + k) * S64, (d_mean2 * x1 * _sech2(e2)).to(out_ty),
+                     mask=imask)
+
+
+# Pixels per program on a GPU: one per thread, 4 warps. Under Triton's interpreter (CPU
+# tensors) a program costs ~2 ms whatever its size: few, wide ones.
+_BLOCK_S_GPU = 128
+_WARPS_GPU = 4
+_BLOCK_S_INTERPRETER = 16384
+
+
+def _launch(params: Tensor, x: Tensor, n_mixtures: int, n_bins: int, out: Tensor,
+            grad: Tensor | None) -> None:
+    """The forward (``grad`` None: per-pixel NLL into ``out`` (B, S)) or the backward (d params
+    into ``out`` (B, P, S))."""
     B, P, S = params.shape
     C = x.shape[1]
-    block_m = triton.next_power_of_2(n_mixtures)
-    # Triton's interpreter pays per program: few, wide ones on CPU tensors.
-    target = 16384 if interpreted(params.device) else 1024
-    block_s = max(16, min(triton.next_power_of_2(B * S), target // block_m))
+    target = _BLOCK_S_INTERPRETER if interpreted(params.device) else _BLOCK_S_GPU
+    block_s = max(16, min(triton.next_power_of_2(B * S), target))
     h = 1.0 / (n_bins - 1)
+    meta = dict(H=h, LOG_2H=math.log(2.0 * h), LOG_HALF_BINS=math.log((n_bins - 1) / 2.0),
+                M=n_mixtures, C=C, BLOCK_S=block_s,
+                DTYPE=compute_dtype(params.dtype), num_warps=_WARPS_GPU)
+    grid = (triton.cdiv(B * S, block_s),)
     with on_device(params):
-        launch("fastvae::discretized_mix_logistic_nll" + ("_backward" if grad is not None else ""),
-               _dmol_kernel, (triton.cdiv(B * S, block_s),),
-            params, x, nll, nll if grad is None else grad,
-            params if d_params is None else d_params,
-            B, S, *params.stride(), *x.stride(), h, math.log(2.0 * h),
-            math.log((n_bins - 1) / 2.0),
-            M=n_mixtures, C=C, J=2 if C == 1 else 3, P=P, BACKWARD=d_params is not None,
-            BLOCK_M=block_m, BLOCK_S=block_s, DTYPE=compute_dtype(params.dtype),
-            num_warps=4 if block_m * block_s <= 1024 else 8,
-        )
+        if grad is None:
+            launch("fastvae::discretized_mix_logistic_nll", _dmol_fwd_kernel, grid,
+                   params, x, out, B, S, *params.stride(), *x.stride(), **meta)
+        else:
+            launch("fastvae::discretized_mix_logistic_nll_backward", _dmol_bwd_kernel, grid,
+                   params, x, grad, out, B, S, *params.stride(), *x.stride(), P=P, **meta)
 
 
 def discretized_mix_logistic_nll_fwd(params: Tensor, x: Tensor, n_mixtures: int,
                                      n_bins: int) -> Tensor:
     B, _, S = params.shape
     nll = torch.empty((B, S), dtype=torch_compute_dtype(params.dtype), device=params.device)
-    _launch(params, x, n_mixtures, n_bins, nll, None, None)
+    _launch(params, x, n_mixtures, n_bins, nll, None)
     return nll.sum(1)
 
 
@@ -228,5 +302,5 @@ def discretized_mix_logistic_nll_bwd(grad: Tensor, params: Tensor, x: Tensor, n_
                                      n_bins: int) -> Tensor:
     d_params = torch.empty(params.shape, dtype=params.dtype, device=params.device)
     grad = grad.to(torch_compute_dtype(params.dtype)).contiguous()
-    _launch(params, x, n_mixtures, n_bins, grad, grad, d_params)
+    _launch(params, x, n_mixtures, n_bins, d_params, grad)
     return d_params

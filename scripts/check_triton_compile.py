@@ -41,7 +41,8 @@ Part 2, CUDA C++ (``csrc/cuda.cu``): nvcc ``-Xptxas -v`` for each arch, same tab
 ``--no-nvcc``; an error when nvcc is missing otherwise.
 
 Also a failure: a float64 kernel whose PTX holds a float32-rounded constant (a Python float
-that became a float32 scalar before meeting a float64 operand).
+that became a float32 scalar before meeting a float64 operand) or takes a float32 parameter (a
+Python float kernel argument, which Triton passes as float32).
 
 Exit status 1 on any compile error, grid overflow or missing tool. Cost (2 cores, triton 3.9):
 the default set is ~980 distinct kernels for sm_80 + sm_90, ~255 CPU-seconds cold, compiled in
@@ -392,9 +393,9 @@ def _dmol(K, p):
     x = operand(B * C, S, p["dtype"], "contiguous").view(B, C, S)
     if p["backward"]:
         grad = per_sample(B, out_dtype(p["dtype"]), "contiguous")
-        K.discretized_mix_logistic_nll_bwd(grad, params, x, M, 256)
+        K.discretized_mix_logistic_nll_bwd(grad, params, x, M, p["n_bins"])
     else:
-        K.discretized_mix_logistic_nll_fwd(params, x, M, 256)
+        K.discretized_mix_logistic_nll_fwd(params, x, M, p["n_bins"])
 
 
 def _common_axes(**extra) -> dict:
@@ -437,11 +438,11 @@ FAMILIES = (
            ("reduce_dim", "needs"), _sample_and_kl_bwd, needs="needs"),
     Family("discretized_mix_logistic_nll_fwd",
            {"dtype": DTYPES, "shape": ((16, 1024), (8, 4096)), "layout": ("contiguous",),
-            "channels": (3, 1), "mixtures": (10, 1), "backward": (False,)},
+            "channels": (3, 1), "mixtures": (10, 1), "n_bins": (256, 2), "backward": (False,)},
            ("channels", "mixtures"), _dmol),
     Family("discretized_mix_logistic_nll_bwd",
            {"dtype": DTYPES, "shape": ((16, 1024), (8, 4096)), "layout": ("contiguous",),
-            "channels": (3, 1), "mixtures": (10, 1), "backward": (True,)},
+            "channels": (3, 1), "mixtures": (10, 1), "n_bins": (256, 2), "backward": (True,)},
            ("channels", "mixtures"), _dmol),
     Family("iwae_fwd",
            _common_axes(K=(16, 1, 3), z=("contiguous", "broadcast"),
@@ -574,10 +575,24 @@ def rounded_constants(ptx: str) -> list[float]:
     return sorted(out)
 
 
+_F64_ARITHMETIC = re.compile(r"^\s*(?:add|sub|mul|fma|div)(?:\.rn)?\.f64\b", re.M)
+
+
+def float32_params(ptx: str) -> list[str]:
+    """The float32 parameters that a kernel computing in float64 reads: Python float kernel
+    arguments, which Triton passes as float32 (rounded) whatever the kernel's dtype. A float64
+    kernel takes its constants as ``tl.constexpr`` (or as tensors) instead."""
+    if not _F64_ARITHMETIC.search(ptx):
+        return []
+    read = set(re.findall(r"ld\.param\.\w+\s+%\w+,\s*\[(\w+)\]", ptx))
+    return [name for name in re.findall(r"\.param \.f32 (\w+)", ptx) if name in read]
+
+
 def spec_of(launch: Launch) -> str:
     """The constexpr part of a launch (tile, warps, flags), short."""
     m = launch.meta
-    tile = f"{m.get('BLOCK_B', '?')}x{m.get('BLOCK_N', '?')}/w{m.get('num_warps', 4)}"
+    tile = (f"{m['BLOCK_S']}" if "BLOCK_S" in m else
+            f"{m.get('BLOCK_B', '?')}x{m.get('BLOCK_N', '?')}") + f"/w{m.get('num_warps', 4)}"
     flags = " ".join(f"{k}" for k, v in m.items()
                      if k.isupper() and not k.startswith("BLOCK") and k != "DTYPE" and v is True)
     return f"{tile} {flags}".strip()
@@ -658,6 +673,10 @@ def compile_share(full: bool, only: str, archs: list[int], share: int,
                 out.append(dict(arch=arch, case=launch.case, detail="",
                                 error=f"{launch.kernel}: float64 constants rounded to float32: "
                                       f"{rounded}"))
+            if params := float32_params(ptx):
+                out.append(dict(arch=arch, case=launch.case, detail="",
+                                error=f"{launch.kernel}: float32 parameters of a float64 kernel "
+                                      f"(Python float arguments, rounded): {params}"))
             try:
                 stats = ptxas_stats(ptx, cmd, cache)
             except RuntimeError as e:
