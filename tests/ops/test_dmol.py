@@ -1,9 +1,10 @@
 """The discretized mixture of logistics: the property that proves the formula (the
-probabilities of all bins of a pixel sum to 1), channels-last inputs, an x of another dtype, the
-argument checks, sampling and the VAE. Values and gradients against the float64 oracle on every
+probabilities of all bins of a pixel sum to 1), channels-last inputs, an x of another dtype,
+sampling and the VAE. Values and gradients against the float64 oracle on every
 geometry, layout, reduction, dtype and backend, gradcheck, opcheck, torch.compile, determinism
 and the gradient subsets are rows of the shared tables (tests/cases.py: "dmol", "dmol_gray",
-"dmol_two_bins")."""
+"dmol_two_bins"); the argument checks are rows of test_errors.py, the data checks of
+test_validation.py."""
 
 from __future__ import annotations
 
@@ -112,53 +113,6 @@ def test_mixed_x_dtype(backend, device):
     x = make_x(2, 3, 256, (4,), gen=gen, dtype=torch.float32).to(device)
     nll = fv.discretized_mix_logistic_nll(params, x, n_mixtures=2, reduction="none")
     assert_close(nll, oracle(params, x, 2, 256), dtype=torch.float32)
-
-
-P3 = torch.zeros(2, 20, 4, 4)  # M = 2, C = 3
-X3 = torch.zeros(2, 3, 4, 4)
-
-
-@pytest.mark.parametrize(("call", "error", "words"), [
-    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=3), ValueError,
-     ["params", "(2, 30, 4, 4)"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3[:, :, :2], X3, n_mixtures=2), ValueError,
-     ["params"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3[:1], X3, n_mixtures=2), ValueError, ["params"]),
-    (lambda: fv.discretized_mix_logistic_nll(torch.zeros(2, 14, 4), torch.zeros(2, 2, 4),
-                                             n_mixtures=2), ValueError, ["C = 1 or 3"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3[:, 0], X3[:, 0, 0], n_mixtures=2), ValueError,
-     ["x"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=0), ValueError, ["n_mixtures"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2, n_bins=1), ValueError,
-     ["n_bins"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2.0), TypeError,
-     ["n_mixtures"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2, n_bins=True), TypeError,
-     ["n_bins"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3.long(), X3, n_mixtures=2), TypeError,
-     ["params"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3, X3.to(torch.uint8), n_mixtures=2), TypeError,
-     ["x"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3, X3.to("meta"), n_mixtures=2), ValueError,
-     ["x", "device"]),
-    (lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2, reduction="avg"),
-     ValueError, ["reduction"]),
-], ids=["mixtures", "spatial", "batch", "channels", "no_channels", "zero_mixtures", "one_bin",
-        "float_mixtures", "bool_bins", "int_params", "uint8_x", "device", "reduction"])
-def test_bad_arguments(call, error, words, spy):
-    with pytest.raises(error) as info:
-        call()
-    for word in words:
-        assert word in str(info.value), str(info.value)
-    assert spy == []
-
-
-def test_validation_rejects_x_off_range():
-    fv.set_validation(True)
-    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        fv.discretized_mix_logistic_nll(P3, X3 + 2, n_mixtures=2)
-    with pytest.raises(ValueError, match="non-finite"):
-        fv.discretized_mix_logistic_nll(P3 * float("nan"), X3, n_mixtures=2)
 
 
 @pytest.mark.parametrize("C", [1, 3])
