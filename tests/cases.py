@@ -112,7 +112,7 @@ def dmol_inputs(C: int, M: int, n_bins: int) -> Callable:
 
 # The argument (x - mu' +- h) e^-s of a component rounds, in the compute dtype, to about
 # 4 u (|x| + |mu'| + the coupling terms) e^-s absolute: up to 1e-3 in float32 at the sharpest
-# scale (e^-s = e^7), and the gradient follows it (4e-4 relative seen, 1e-3 allowed). The
+# scale (e^-s = e^7), and the gradient follows it (6e-4 relative seen, 1e-3 allowed). The
 # float64 oracle forms each inner bin's probability as a difference of CDFs, which loses up
 # to eps / 1e-5 relative (the smallest inner bin it keeps), amplified up to e^7 in the
 # gradient of a sharp component.
