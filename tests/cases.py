@@ -44,7 +44,8 @@ def _round(value: float, dtype: torch.dtype) -> float:
 class Case:
     """One op variant. ``inputs``: name -> (kind, distribution); kinds: "full" (the geometry's
     shape and layout), "latent" ((B, 4), the geometry's layout), "feature" (the event shape),
-    "scalar" (0-d), "samples" ((K, *shape), contiguous)."""
+    "scalar" (0-d), "samples" ((K, *shape), contiguous), "generated" (made by ``generate``
+    from the geometry's shape, in the geometry's layout)."""
 
     inputs: dict[str, tuple[str, str]]
     call: Callable  # (api, inputs, reduction, dtype) -> Tensor | tuple[Tensor, ...]
@@ -52,6 +53,13 @@ class Case:
     samples: tuple[int, ...] = ()  # outputs in the input dtype (the rest are losses)
     noisy: bool = False  # samples drawn from the RNG
     noisy_grads: tuple[str, ...] = ()  # gradients that depend on the noise
+    constants: tuple[str, ...] = ()  # inputs that get no gradient (they never require grad)
+    # (geometry shape, generator) -> float64 tensors by name: inputs with a structure of their
+    # own (the "generated" ones).
+    generate: Callable[[tuple[int, ...], torch.Generator], dict[str, torch.Tensor]] | None = None
+    # The least tolerance (rtol, atol) per dtype, where the op's conditioning or the oracle's
+    # own formula loses more than the dtype's rounding (helpers.tolerance's ``floor``).
+    least_tol: dict[torch.dtype, dict[str, float]] | None = None
 
 
 KL_INPUTS = {"mu": ("full", "normal"), "logvar": ("full", "logvar")}
@@ -61,6 +69,62 @@ VAE_INPUTS = {"mu": ("latent", "normal"), "logvar": ("latent", "logvar")}
 
 def _tensor_seed(x):
     return torch.tensor(SEED, device=x["mu"].device)
+
+
+def dmol_inputs(C: int, M: int, n_bins: int) -> Callable:
+    """The ``generate`` of a discretized mixture of logistics with C channels and M mixtures:
+    for a geometry (B, *event), ``x`` (B, C, *event) on the grid of ``n_bins`` levels of
+    [-1, 1] (both edges included) and ``params`` (B, M (1 + 3 C) or 3 M, *event) in its
+    layout (M logits, then per channel M means, M log-scales[, M coefficients]).
+
+    The values reach every branch, in the range where float32 is accurate to its rounding:
+    logits N(0, 2), log-scales U(-8, 1) (some below the floor of -7, none within 0.05 of it,
+    where the gradient jumps), coefficients N(0, 1.5), and each mean placed so that x lies
+    N(0, 6) scales from the component's coupled mean. Sharp components then put some inner
+    bins below the fallback's 1e-5 and flat ones many, while every log-probability stays
+    moderate (its float32 rounding, amplified in the mixture's responsibilities, stays below
+    the tolerance: the far tails are test_extremes' rows)."""
+
+    def generate(shape: tuple[int, ...], g: torch.Generator) -> dict[str, torch.Tensor]:
+        B, event = shape[0], tuple(shape[1:])
+        d = torch.float64
+        k = torch.randint(0, n_bins, (B, C, *event), generator=g)
+        k.view(-1)[:2] = torch.tensor([0, n_bins - 1])[:k.numel()]
+        x = k.to(d) * (2.0 / (n_bins - 1)) - 1.0
+        logits = 2 * torch.randn(B, M, *event, generator=g, dtype=d)
+        log_s = 9 * torch.rand(B, C, M, *event, generator=g, dtype=d) - 8
+        log_s = torch.where((log_s + 7).abs() < 0.05, log_s - 0.1, log_s)
+        z = 6 * torch.randn(B, C, M, *event, generator=g, dtype=d)
+        xs = x.unsqueeze(2)  # (B, C, 1, *event)
+        means = xs - torch.exp(log_s.clamp_min(-7)) * z
+        parts = [means, log_s]
+        if C == 3:
+            coeffs = 1.5 * torch.randn(B, C, M, *event, generator=g, dtype=d)
+            t = torch.tanh(coeffs)
+            means[:, 1] -= t[:, 0] * xs[:, 0]
+            means[:, 2] -= t[:, 1] * xs[:, 0] + t[:, 2] * xs[:, 1]
+            parts.append(coeffs)
+        body = torch.stack(parts, 2).reshape(B, C * len(parts) * M, *event)
+        return {"params": torch.cat((logits, body), 1), "x": x}
+
+    return generate
+
+
+# The argument (x - mu' +- h) e^-s of a component rounds, in the compute dtype, to about
+# 4 u (|x| + |mu'| + the coupling terms) e^-s absolute: up to 1e-3 in float32 at the sharpest
+# scale (e^-s = e^7), and the gradient follows it (6e-4 relative seen, 1e-3 allowed). The
+# float64 oracle forms each inner bin's probability as a difference of CDFs, which loses up
+# to eps / 1e-5 relative (the smallest inner bin it keeps), amplified up to e^7 in the
+# gradient of a sharp component.
+DMOL_TOL = {torch.float32: dict(rtol=1e-3, atol=1e-6), torch.float64: dict(rtol=1e-8, atol=1e-9)}
+
+
+def _dmol_case(C: int, M: int, n_bins: int) -> Case:
+    return Case({"params": ("generated", "dmol"), "x": ("generated", "dmol")},
+                lambda api, x, r, d: api.discretized_mix_logistic_nll(
+                    **x, n_mixtures=M, n_bins=n_bins, reduction=r),
+                constants=("x",), generate=dmol_inputs(C, M, n_bins),
+                least_tol=DMOL_TOL)
 
 
 CASES = {
@@ -142,6 +206,12 @@ CASES = {
         {"recon": ("full", "logits"), "x": ("full", "unit"), **VAE_INPUTS},
         lambda api, x, r, d: api.vae_loss(**x, likelihood="continuous_bernoulli", beta=0.5,
                                           reduction=r)),
+    # RGB, 256 levels: channels coupled through the coefficients, inner bins, both fallbacks.
+    "dmol": _dmol_case(3, 2, 256),
+    # Grey, 5 levels: wide bins, most of them at an edge.
+    "dmol_gray": _dmol_case(1, 3, 5),
+    # One component, two levels: every value is an edge (tail masses only).
+    "dmol_two_bins": _dmol_case(3, 1, 2),
 }
 
 
@@ -190,14 +260,21 @@ def make_inputs(case: Case, shape, layout, dtype, device, g):
     B = shape[0]
     shapes = {"full": shape, "latent": (B, LATENT), "feature": shape[1:], "scalar": (),
               "samples": (K, *shape)}
+    generated = case.generate(shape, g) if case.generate is not None else {}
     leaves, views, bshapes = {}, {}, {}
     for name, (kind, distribution) in case.inputs.items():
-        base = draw(distribution, shapes[kind], g).to(dtype)
-        leaf, view = layout_view(base, layout if kind in ("full", "latent") else "contiguous")
-        leaves[name] = leaf.to(device).requires_grad_()
+        base = generated[name] if kind == "generated" else draw(distribution, shapes[kind], g)
+        own_layout = kind in ("full", "latent", "generated")
+        leaf, view = layout_view(base.to(dtype), layout if own_layout else "contiguous")
+        leaves[name] = leaf.to(device).requires_grad_(name not in case.constants)
         views[name] = view
-        bshapes[name] = shape if kind in ("feature", "scalar") else shapes[kind]
+        bshapes[name] = shape if kind in ("feature", "scalar") else tuple(base.shape)
     return leaves, views, bshapes
+
+
+def differentiable(case: Case, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The leaves that get gradients (all but the case's constants)."""
+    return {n: t for n, t in leaves.items() if n not in case.constants}
 
 
 def as_tuple(out):

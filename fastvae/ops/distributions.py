@@ -35,6 +35,20 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _in_layout_of(z: Tensor, like: Tensor) -> Tensor:
+    """``z`` (``like``'s shape) laid out in memory as torch's elementwise ops lay out a result
+    computed from ``like``: dimensions ordered by ``like``'s strides, outermost first (a
+    channels-last ``like`` gives a channels-last result). A copy only where the order differs
+    from ``z``'s."""
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # stable: ties in order
+    order = [d for d in order if like.shape[d] != 1] + [d for d in order if like.shape[d] == 1]
+    if all(z.shape[d] == 1 for d in range(z.dim())) or order == sorted(order) \
+            or z.permute(order).is_contiguous():
+        return z
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return z.permute(order).contiguous().permute(inverse)
+
+
 class DiagonalGaussianDistribution:
     """The diagonal-Gaussian posterior of latent-diffusion / diffusers autoencoders, on the
     fused ops: ``posterior = DiagonalGaussianDistribution(moments)``.
@@ -96,19 +110,23 @@ class DiagonalGaussianDistribution:
 
     def sample(self, generator: torch.Generator | None = None, *,
                eps: Tensor | None = None) -> Tensor:
-        """``mean + std * eps`` (``mean``'s shape and dtype), differentiable in the moments.
-        ``eps`` given: used as is (``mean``'s shape and dtype); else Philox normals keyed by a
-        draw from ``generator``. Deterministic: ``mean``."""
+        """``mean + std * eps`` (``mean``'s shape, dtype and memory layout: channels-last
+        moments give a channels-last sample, as ``mean + std * torch.randn_like(mean)``),
+        differentiable in the moments. ``eps`` given: used as is (``mean``'s shape and dtype);
+        else Philox normals keyed by a draw from ``generator`` (element i of the sample gets
+        normal i in ``mean``'s logical order, whatever the layout). Deterministic: ``mean``."""
         if self.deterministic:
             return self.mean + 0.0 if eps is None else self.mean + 0.0 * eps
         if eps is not None:
             if generator is not None:
                 raise ValueError("eps is given: generator must be None")
-            return F.reparameterize(self.mean, self.logvar, eps=eps)
-        if generator is not None and generator.device.type != self.mean.device.type:
+            z = F.reparameterize(self.mean, self.logvar, eps=eps)
+        elif generator is not None and generator.device.type != self.mean.device.type:
             seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator)
-            return F.reparameterize(self.mean, self.logvar, seed=seed.to(self.mean.device))
-        return F.reparameterize(self.mean, self.logvar, generator=generator)
+            z = F.reparameterize(self.mean, self.logvar, seed=seed.to(self.mean.device))
+        else:
+            z = F.reparameterize(self.mean, self.logvar, generator=generator)
+        return _in_layout_of(z, self.mean)
 
     def mode(self) -> Tensor:
         return self.mean
@@ -136,6 +154,7 @@ class DiagonalGaussianDistribution:
         ``dims`` in float32 (float64)."""
         if self.deterministic:
             return self._zeros()
+        _check_broadcast("sample", sample, "mean", self.mean)
         ndim = self.mean.dim()
         try:
             reduced = sorted({d % ndim for d in dims})
@@ -207,6 +226,7 @@ class DiagonalNormal(Distribution):
                  validate_args: bool | None = None) -> None:
         if isinstance(event_dims, bool) or not isinstance(event_dims, int) or event_dims < 0:
             raise ValueError(f"event_dims must be an int >= 0, got {event_dims!r}")
+        _check_broadcast("loc", loc, "logvar", logvar)
         self.loc, self.logvar = torch.distributions.utils.broadcast_all(loc, logvar)
         shape = self.loc.shape
         if event_dims > len(shape):
@@ -279,6 +299,8 @@ class DiagonalNormal(Distribution):
         ``broadcast(value.shape, batch_shape + event_shape)[:-event_dims]``."""
         if self._validate_args:
             self._validate_sample(value)
+        _check_broadcast("value", value, "the distribution (batch_shape + event_shape)",
+                         self.loc)
         shape = torch.broadcast_shapes(value.shape, self.loc.shape)
         outer = shape[:len(shape) - self.event_dims]
         x = value.expand(shape).reshape(-1, *self.event_shape)
@@ -296,9 +318,21 @@ class DiagonalNormal(Distribution):
         return h.expand(math.prod(self.batch_shape)).reshape(self.batch_shape)
 
 
+def _check_broadcast(name: str, a: Tensor | float, other: str, b: Tensor | float) -> None:
+    """ValueError naming both shapes where ``a`` and ``b`` do not broadcast (torch raises a
+    RuntimeError from deep inside)."""
+    shape_a, shape_b = (tuple(t.shape) if isinstance(t, Tensor) else () for t in (a, b))
+    try:
+        torch.broadcast_shapes(shape_a, shape_b)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {shape_a} does not broadcast with {other} of shape "
+                         f"{shape_b}") from None
+
+
 def _kl_rows(p_loc: Tensor, p_logvar: Tensor, q_loc: Tensor, q_logvar: Tensor,
              event_shape: torch.Size) -> Tensor:
     """``KL(N(p) || N(q))`` summed over the event, over the broadcast batch."""
+    _check_broadcast("KL divergence: p (batch_shape + event_shape)", p_loc, "q", q_loc)
     shape = torch.broadcast_shapes(p_loc.shape, p_logvar.shape, q_loc.shape, q_logvar.shape)
     dtype = torch.promote_types(torch.promote_types(p_loc.dtype, p_logvar.dtype),
                                 torch.promote_types(q_loc.dtype, q_logvar.dtype))

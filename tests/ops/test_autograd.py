@@ -41,9 +41,12 @@ def test_gradcheck(case, geometry, backend, device):
         x = {n: views[n](t) for n, t in zip(names, tensors, strict=True)}
         return spec.call(fv, x, reduction, torch.float64)
 
-    # The full Jacobian on the small shape; a random projection of it (fast mode) on the other.
+    # The full Jacobian on the small shape; a random projection of it (fast mode) on the other,
+    # and for inputs of more than 48 elements (the mixture of logistics' parameters: its full
+    # gradient is compared with the float64 oracle's in test_ops).
+    numel = sum(t.numel() for t in leaves.values() if t.requires_grad)
     assert torch.autograd.gradcheck(fn, tuple(leaves.values()), eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=geometry != "small")
+                                    fast_mode=geometry != "small" or numel > 48)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +72,7 @@ def _opcheck_samples(backend: str, device: torch.device):
                                           logits=logits, target=target).items()}
     # An expanded (stride-0) prior, as gaussian_kl passes a per-feature one.
     pm_row = t(1, N).expand(B, N)
+    pixels = (torch.randint(0, 256, (B, 3, N), generator=g) / 127.5 - 1).double().to(device)
     return [
         ("reparameterize_eps", _ops.reparameterize, (mu, lv, eps, None, 1, backend)),
         ("reparameterize_seed", _ops.reparameterize, (mu, lv, None, seed, 1, backend)),
@@ -103,6 +107,11 @@ def _opcheck_samples(backend: str, device: torch.device):
         ("continuous_bernoulli_nll", _ops.continuous_bernoulli_nll, (logits, target, backend)),
         ("continuous_bernoulli_nll_backward", _ops.continuous_bernoulli_nll_backward,
          (t(B, grad=False), d["logits"], d["target"], backend, [True, True])),
+        # (B, M (1 + 3 C), S) parameters of M = 2 components, x (B, C = 3, S) on the grid
+        ("discretized_mix_logistic_nll", _ops.discretized_mix_logistic_nll,
+         (t(B, 20, N), pixels, 2, 256, backend)),
+        ("discretized_mix_logistic_nll_backward", _ops.discretized_mix_logistic_nll_backward,
+         (t(B, grad=False), t(B, 20, N, grad=False), pixels, 2, 256, backend)),
     ]
 
 
@@ -119,7 +128,7 @@ def test_opcheck(sample, backend, device):
 def test_every_foundation_op_is_opchecked():
     ops = {op._qualname for _, op, _ in _opcheck_samples("torch", torch.device("cpu"))}
     foundation = {"reparameterize", "gaussian_kl", "bernoulli_nll", "gaussian_nll",
-                  "sample_and_kl", "continuous_bernoulli_nll"}
+                  "sample_and_kl", "continuous_bernoulli_nll", "discretized_mix_logistic_nll"}
     assert ops == {f"fastvae::{n}{s}" for n in foundation for s in ("", "_backward")}
 
 
@@ -138,6 +147,11 @@ def _loss_head(recon, x, mu, logvar, prior_mu, obs_logvar, eps):
     loss = loss + fv.gaussian_nll(recon, x, obs_logvar, reduction="sum")
     loss = loss + fv.vae_loss(recon, x, mu, logvar, likelihood="gaussian", beta=0.5)
     loss = loss + fv.continuous_bernoulli_nll(recon, x)
+    # recon as the (B, 3 M, S) parameters of a grey mixture of logistics (M = 2, S = 1), x as
+    # its pixels on the grid of 17 levels
+    pixels = ((x[:, :1] * 16).round() / 8 - 1).detach().unsqueeze(-1)
+    loss = loss + fv.discretized_mix_logistic_nll(recon.unsqueeze(-1), pixels, n_mixtures=2,
+                                                  n_bins=17)
     return loss + (z * z).mean() + zs.square().sum() * 0.01 + z_eps.sum() * 0.1
 
 

@@ -1,53 +1,28 @@
-"""The continuous Bernoulli against a 60-digit mpmath oracle, on every backend and dtype.
+"""The continuous Bernoulli beyond the shared tables: the special values, the mean the VAE
+shows, and torch.distributions.ContinuousBernoulli, which is wrong where this op is right.
 
-The oracle is the textbook formula, -log C(l) - x l + softplus(l) with C(l) = l / tanh(l/2),
-and its derivative -(1/l - 1/sinh(l)) - x + sigmoid(l), evaluated by mpmath with 60 digits
-(more near l = 0, where the textbook form itself cancels) on the very values the test dtype
-holds. The grid runs from -1e4 to 1e4 through 0 on a log scale (down to 1e-30, and to the largest
-float beyond), across the switch of forms at |l| = 8, against hard, soft and near-1/2 targets.
-Every result is held to a few units of roundoff: BUDGET units of the compute dtype's, relative to
-the size of what the result is formed from (``accuracy.continuous_bernoulli_slack``: an
-inherent cancellation such as l (1/2 - x) against log(sinh(l/2)/(l/2)) is allowed its terms'
-size, nothing more), plus 2 units of the output dtype's for the final rounding.
-
-Also: torch.distributions.ContinuousBernoulli is wrong where this op is right (large |l| and
-near 0 in float32; the identity where torch's is accurate is in test_identities.py), and the mean
-used by the VAE's images is the distribution's mean.
+The whole-domain accuracy (every backend and dtype, value and gradients, logits from -1e4 to 1e4
+through 0 against a 60-digit mpmath oracle of the textbook formula) is the "continuous_bernoulli"
+row of test_domain.py; values and gradients in every layout, reduction and dtype, gradcheck,
+opcheck, compile, extremes and non-finite inputs are rows of the other shared tables.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
-import accuracy
 import mpmath
 import pytest
 import torch
-from helpers import DTYPES, dtype_id, loss_dtype
+from helpers import dtype_id
 
 import fastvae as fv
 from fastvae.models.vae import continuous_bernoulli_mean
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-BUDGET = 8  # units of the compute dtype's roundoff
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
                  torch.bfloat16: 2.0**-8}
-TARGETS = [0.0, 1e-3, 0.3, 0.5, 0.5 + 2.0**-10, 0.7, 1.0 - 1e-3, 1.0]
-
-
-def _logit_grid(dtype: torch.dtype) -> list[float]:
-    """0, +-10^e for e from -30 to 4 (six per decade), +-(8 - ulp, 8, 8 + ulp) in ``dtype``, and
-    1e30 and the largest finite value where ``dtype`` holds them."""
-    mags = [10.0 ** (e / 6.0) for e in range(-180, 25)]
-    eight = torch.tensor(8.0, dtype=dtype)
-    mags += [torch.nextafter(eight, eight - 1).item(), 8.0,
-             torch.nextafter(eight, eight + 1).item(), 1e-6, 0.999e-6, 1.0, 1e30,
-             torch.finfo(dtype).max]
-    held = torch.tensor(mags, dtype=torch.float64).to(dtype).double()
-    mags = sorted({m for m in held.tolist() if math.isfinite(m)})
-    return [0.0] + [s * m for m in mags for s in (1.0, -1.0) if m > 0]
 
 
 def _textbook(logit: float, x: float) -> tuple[float, float]:
@@ -62,65 +37,6 @@ def _textbook(logit: float, x: float) -> tuple[float, float]:
         value = -log_c - xm * lm + softplus
         grad = -(1 / lm - 1 / mpmath.sinh(lm)) - xm + 1 / (1 + mpmath.exp(-lm))
         return float(value), float(grad)
-
-
-@functools.cache
-def _grid(dtype: torch.dtype):
-    """(logits, targets) as ``dtype`` holds them (float64 tensors) and the oracle's values and
-    d/dlogits."""
-    logits = torch.tensor([v for v in _logit_grid(dtype) for _ in TARGETS], dtype=torch.float64)
-    targets = torch.tensor(TARGETS * (logits.numel() // len(TARGETS)), dtype=torch.float64)
-    logits, targets = logits.to(dtype).double(), targets.to(dtype).double()
-    truth = [_textbook(a, b) for a, b in zip(logits.tolist(), targets.tolist(), strict=True)]
-    value = torch.tensor([v for v, _ in truth], dtype=torch.float64)
-    grad = torch.tensor([g for _, g in truth], dtype=torch.float64)
-    return logits, targets, value, grad
-
-
-def _errors(got: torch.Tensor, want: torch.Tensor, slack: torch.Tensor, out_dtype: torch.dtype,
-            compute: torch.dtype) -> torch.Tensor:
-    """The error in units of the compute dtype's roundoff times (|true| + slack), after the
-    output's rounding (2 units of it) and its smallest normal number are taken off."""
-    got = got.detach().cpu().double()
-    slack_out = 2 * UNIT_ROUNDOFF[out_dtype] * want.abs() + torch.finfo(out_dtype).tiny
-    excess = ((got - want).abs() - slack_out).clamp_min(0)
-    return excess / (UNIT_ROUNDOFF[compute] * (want.abs() + slack)).clamp_min(1e-300)
-
-
-def measure(dtype: torch.dtype, device) -> tuple[float, float]:
-    """Worst value and d/dlogits error (units as ``_errors``) of the active backend on the grid."""
-    logits, targets, value, grad = _grid(dtype)
-    lf = logits.to(dtype).to(device).reshape(-1, 1).requires_grad_()
-    xf = targets.to(dtype).to(device).reshape(-1, 1).requires_grad_()
-    out = fv.continuous_bernoulli_nll(lf, xf, reduction="none")
-    g_l, g_x = torch.autograd.grad(out.sum(), (lf, xf))
-    assert out.dtype == loss_dtype(dtype)
-    assert g_l.dtype == dtype
-    assert torch.equal(g_x.cpu().double().reshape(-1), -logits)  # d/dx = -l, exactly
-    slack = accuracy.continuous_bernoulli_slack(logits, targets)
-    compute = loss_dtype(dtype)
-    e_value = _errors(out.reshape(-1), value, slack["value"], loss_dtype(dtype), compute)
-    e_grad = _errors(g_l.reshape(-1), grad, slack["logits"], dtype, compute)
-    return e_value.max().item(), e_grad.max().item()
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_against_mpmath(dtype, backend, device):
-    worst_value, worst_grad = measure(dtype, device)
-    assert worst_value <= BUDGET, f"value off by {worst_value:.3g} units"
-    assert worst_grad <= BUDGET, f"d/dlogits off by {worst_grad:.3g} units"
-
-
-def test_the_oracle_grid_covers_the_domain():
-    logits = _grid(torch.float32)[0]
-    assert logits.min() <= -1e4
-    assert logits.max() >= 1e4
-    assert (logits == 0).any()
-    small = logits.abs()[logits != 0]
-    assert small.min() < 1e-29
-    assert ((small > 1e-7) & (small < 1e-5)).any()
-    assert (logits == 8.0).any()
-    assert ((logits > 7.999) & (logits < 8.0)).any()
 
 
 def test_special_values():

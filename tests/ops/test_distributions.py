@@ -10,6 +10,7 @@ float64 on the test inputs rounded to their dtype, as the op tests' oracle does.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -356,3 +357,104 @@ def test_diagonal_normal_samples_expand_and_repr(backend, device):
     assert e.event_shape == (3,)
     assert e.log_prob(torch.zeros(2, 4, 3, device=device)).shape == (2, 4)
     assert "DiagonalNormal" in repr(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory layouts and shape errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _layouts():
+    """name -> moments (float32, values of one contiguous tensor) in that memory layout."""
+    base = torch.randn(2, 6, 3, 4, generator=torch.Generator().manual_seed(4))
+    base5 = torch.randn(2, 6, 3, 4, 5, generator=torch.Generator().manual_seed(5))
+    return {
+        "contiguous": base,
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "channels_last_3d": base5.to(memory_format=torch.channels_last_3d),
+        "transposed": base.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0),
+        "batch_inner": base.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2),
+        "sliced": torch.cat([base, base], 3)[..., ::2],
+    }
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides on every dimension of more than one element."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)
+               if n > 1)
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+def test_ldm_posterior_sample_keeps_the_layout(layout, backend, device):
+    """Every way of sampling gives the layout of torch's formula mean + std * randn_like(mean)
+    (channels-last moments: a channels-last sample), and the values of contiguous moments:
+    noise i goes to element i of the logical order, whatever the layout."""
+    moments = _layouts()[layout].to(device)
+    post = fv.DiagonalGaussianDistribution(moments)
+    flat = fv.DiagonalGaussianDistribution(moments.contiguous())
+    torch_layout = post.mean + post.std * torch.randn_like(post.mean)
+    eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(6)).to(device)
+    samples = {
+        "seed": (post.sample(torch.Generator(device).manual_seed(7)),
+                 flat.sample(torch.Generator(device).manual_seed(7))),
+        "eps": (post.sample(eps=eps), flat.sample(eps=eps)),
+    }
+    torch.manual_seed(8)
+    z = post.sample()
+    torch.manual_seed(8)
+    samples["torch_generator"] = (z, flat.sample())
+    for name, (got, want) in samples.items():
+        assert _same_layout(got, torch_layout), (
+            f"{name}: strides {got.stride()}, torch's formula gives {torch_layout.stride()}")
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    det = fv.DiagonalGaussianDistribution(moments, deterministic=True)
+    assert _same_layout(det.sample(), torch_layout)
+    assert det.mode() is det.mean
+    # gradients reach the moments in their own layout
+    leaf = moments.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(fv.DiagonalGaussianDistribution(leaf).sample(eps=eps).sum(),
+                                  leaf)
+    assert_close(grad[:, :3], torch.ones_like(grad[:, :3], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("validate_args", [True, False])
+def test_diagonal_normal_shape_mismatch_is_a_value_error(validate_args):
+    """Parameters, values and KL partners whose shapes do not broadcast: a ValueError naming
+    both shapes (torch's own broadcast raises a bare RuntimeError), validated or not."""
+    def make(loc_shape, lv_shape):
+        return fv.DiagonalNormal(torch.zeros(loc_shape), torch.zeros(lv_shape), 1,
+                                 validate_args=validate_args)
+
+    for loc_shape, lv_shape in [((2, 3), (2, 4)), ((2, 3), (3, 3)), ((4, 2, 3), (5, 1, 3))]:
+        with pytest.raises(ValueError, match=rf"{re.escape(str(loc_shape))}.*"
+                                             rf"{re.escape(str(lv_shape))}"):
+            make(loc_shape, lv_shape)
+    make((2, 3), (1, 3))  # broadcastable: fine
+    d = make((2, 3), (2, 3))
+    for value_shape in [(4, 3), (2, 5), (3, 2, 4)]:
+        # validated: torch's message (torch.Size([4, 3]) vs ...); else ours, (4, 3)
+        with pytest.raises(ValueError, match=re.escape(str(
+                torch.Size(value_shape) if validate_args else value_shape))):
+            d.log_prob(torch.zeros(value_shape))
+    assert d.log_prob(torch.zeros(5, 2, 3)).shape == (5, 2)  # sample_shape + batch_shape
+    for other in (make((4, 3), (4, 3)), make((3, 3, 3), (3, 3, 3))):
+        shape = re.escape(str(tuple(other.loc.shape)))
+        with pytest.raises(ValueError, match=rf"\(2, 3\).*{shape}"):
+            kl_divergence(d, other)
+    assert kl_divergence(d, make((1, 3), (1, 3))).shape == (2,)
+    # the methods without a second shape keep working
+    assert d.rsample((2,)).shape == (2, 2, 3)
+    assert d.mode.shape == (2, 3)
+    with pytest.raises(ValueError, match="eps"):
+        d.rsample(eps=torch.zeros(3, 3))
+
+
+def test_ldm_posterior_shape_mismatch_is_a_value_error():
+    """kl(other) and nll(sample) with shapes that do not broadcast: a ValueError naming both."""
+    post = fv.DiagonalGaussianDistribution(torch.zeros(2, 8, 3, 4))
+    other = fv.DiagonalGaussianDistribution(torch.zeros(2, 8, 3, 5))
+    with pytest.raises(ValueError, match=r"\(2, 4, 3, 5\).*\(2, 4, 3, 4\)"):
+        post.kl(other)
+    for dims in ((1, 2, 3), (1, 2)):
+        with pytest.raises(ValueError, match=r"\(2, 4, 3, 5\).*\(2, 4, 3, 4\)"):
+            post.nll(torch.zeros(2, 4, 3, 5), dims=dims)

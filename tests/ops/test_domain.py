@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import accuracy
 import mpmath
 import pytest
 import torch
@@ -53,7 +54,7 @@ PENDING: dict[tuple[str, str], str] = {}
 
 # Error budget per op, in units of the compute dtype's unit roundoff times the slack.
 BUDGET = {"kl": 8, "kl_prior": 16, "bernoulli": 8, "gaussian_nll": 16, "reparameterize": 8,
-          "sample_and_kl": 8, "iwae": 16}
+          "sample_and_kl": 8, "iwae": 16, "continuous_bernoulli": 8}
 N_OUT = 2
 # Generated noise agrees across backends to float32 rounding of Box-Muller, absolutely.
 NOISE_ABS = 4e-6
@@ -135,6 +136,23 @@ def _iwae_columns(dtype):
     return cols
 
 
+# The continuous Bernoulli: 0, +-10^e for e from -30 to 4 (six per decade), +-(8 - ulp, 8,
+# 8 + ulp) in the dtype (the switch of forms), 1e30 and the largest finite value where the dtype
+# holds them, against hard, soft and near-1/2 targets.
+CB_TARGETS = [0.0, 1e-3, 0.3, 0.5, 0.5 + 2.0**-10, 0.7, 1.0 - 1e-3, 1.0]
+
+
+def cb_logits(dtype: torch.dtype) -> list[float]:
+    mags = [10.0 ** (e / 6.0) for e in range(-180, 25)]
+    eight = torch.tensor(8.0, dtype=dtype)
+    mags += [torch.nextafter(eight, eight - 1).item(), 8.0,
+             torch.nextafter(eight, eight + 1).item(), 1e-6, 0.999e-6, 1.0, 1e30,
+             torch.finfo(dtype).max]
+    held = torch.tensor(mags, dtype=torch.float64).to(dtype).double()
+    mags = sorted({m for m in held.tolist() if math.isfinite(m)})
+    return [0.0] + [s * m for m in mags for s in (1.0, -1.0) if m > 0]
+
+
 DOMAIN = {
     "kl": Row("kl", lambda dt: _product(mu=MU, logvar=_logvar_for(dt))),
     "kl_prior": Row("kl_prior", _kl_prior_columns),
@@ -145,6 +163,8 @@ DOMAIN = {
     "sample_and_kl": Row("sample_and_kl", lambda dt: _product(mu=[0.0, -1.0, 1e3, 1e19],
                                                               logvar=_logvar_for(dt))),
     "iwae": Row("iwae", _iwae_columns),
+    "continuous_bernoulli": Row("continuous_bernoulli", lambda dt: _product(
+        logits=cb_logits(dt), target=CB_TARGETS)),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -287,9 +307,32 @@ def _oracle_iwae(log_px0, log_px1, mu, logvar, z0, z1, unit, big):
     return out
 
 
+def _oracle_continuous_bernoulli(logits, target):
+    """The textbook -log C(l) - x l + softplus(l), C(l) = l / tanh(l/2), and its derivative
+    -(1/l - 1/sinh(l)) - x + sigmoid(l), with the digits the textbook form cancels (both ways)
+    added; slack: the size of the terms of the two cancellation-free forms
+    (accuracy.continuous_bernoulli_slack) on top of the result's own."""
+    if logits == 0:
+        value, grad = mp.mpf(0), mp.mpf(0.5) - target
+    else:
+        scale = int(mp.floor(mp.log10(abs(logits))))
+        with mp.workdps(DPS + 2 * abs(scale) + 10):
+            log_c = mp.log(logits / mp.tanh(logits / 2))
+            softplus = (logits + mp.log1p(mp.exp(-logits)) if logits > 0
+                        else mp.log1p(mp.exp(logits)))
+            value = -log_c - target * logits + softplus
+            grad = -(1 / logits - 1 / mp.sinh(logits)) - target + 1 / (1 + mp.exp(-logits))
+    slack = accuracy.continuous_bernoulli_slack(torch.tensor(float(logits), dtype=torch.float64),
+                                                torch.tensor(float(target), dtype=torch.float64))
+    return {0: (value, abs(value) + slack["value"].item()),
+            "logits": (grad, abs(grad) + slack["logits"].item()),
+            "target": (-logits, abs(logits))}
+
+
 ORACLES = {"kl": _oracle_kl, "kl_prior": _oracle_kl_prior, "bernoulli": _oracle_bernoulli,
            "gaussian_nll": _oracle_gaussian_nll, "reparameterize": _oracle_reparameterize,
-           "sample_and_kl": _oracle_sample_and_kl, "iwae": _oracle_iwae}
+           "sample_and_kl": _oracle_sample_and_kl, "iwae": _oracle_iwae,
+           "continuous_bernoulli": _oracle_continuous_bernoulli}
 
 
 def _unit(dtype: torch.dtype) -> float:
@@ -343,6 +386,8 @@ def _call(op: str, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return (fv.reparameterize(x["mu"], x["logvar"], eps=x["eps"]),)
     if op == "sample_and_kl":
         return fv.sample_and_kl(x["mu"], x["logvar"], seed=SEED, reduction="none")
+    if op == "continuous_bernoulli":
+        return (fv.continuous_bernoulli_nll(x["logits"], x["target"], reduction="none"),)
     return (fv.iwae_log_likelihood(x["log_px"], x["z"], x["mu"], x["logvar"]),)
 
 
@@ -497,3 +542,20 @@ def test_reported_rows(backend, device):
     (g,) = torch.autograd.grad(fv.bernoulli_nll(logits, torch.ones(1, 1, **f32),
                                                 reduction="sum"), logits)
     assert g.item() == pytest.approx(-1 / (1 + math.exp(17.0)), rel=1e-5)
+
+
+def test_continuous_bernoulli_grid_covers_the_domain():
+    """The row reaches +-1e4, 0, 1e-30, the series' scale (1e-6) and both sides of the switch of
+    forms at |l| = 8, in every dtype."""
+    for dtype in DTYPES:
+        logits = _inputs("continuous_bernoulli", dtype)["logits"]
+        assert logits.min() <= -1e4
+        assert logits.max() >= 1e4
+        assert (logits == 0).any()
+        small = logits.abs()[logits != 0]
+        if dtype != torch.float16:  # float16 holds nothing below 6e-8
+            assert small.min() < 1e-29
+        assert ((small > 1e-7) & (small < 1e-5)).any()
+        eight = torch.tensor(8.0, dtype=dtype)
+        for value in (torch.nextafter(eight, eight - 1), eight, torch.nextafter(eight, eight + 1)):
+            assert (logits == value.item()).any()

@@ -22,6 +22,7 @@ a, b = t(3, 4), t(3, 4)
 i34 = torch.ones(3, 4, dtype=torch.int64)
 meta = t(3, 4, device="meta")
 scalar = torch.tensor(0.5)
+P3, X3 = t(2, 20, 4, 4), t(2, 3, 4, 4) * 2 - 1
 
 BAD_INPUTS = [
     # --- shapes -> ValueError naming the arguments
@@ -192,6 +193,42 @@ BAD_INPUTS = [
                                                        t(2, 3, 4), a, b), TypeError,
      ["log_px_given_z"]),
     ("iwae_list_z", lambda: fv.iwae_log_likelihood(t(2, 3), [[0.0]], a, b), TypeError, ["z"]),
+    # --- the discretized mixture of logistics: params (2, 20, 4, 4) holds M = 2 components of
+    # x (2, 3, 4, 4)
+    ("dmol_mixtures", lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=3), ValueError,
+     ["params", "n_mixtures", "30"]),
+    ("dmol_spatial", lambda: fv.discretized_mix_logistic_nll(P3[:, :, :2], X3, n_mixtures=2),
+     ValueError, ["params"]),
+    ("dmol_batch", lambda: fv.discretized_mix_logistic_nll(P3[:1], X3, n_mixtures=2),
+     ValueError, ["params"]),
+    ("dmol_channels", lambda: fv.discretized_mix_logistic_nll(t(2, 14, 4), t(2, 2, 4),
+                                                              n_mixtures=2), ValueError, ["x"]),
+    ("dmol_no_channels", lambda: fv.discretized_mix_logistic_nll(P3[:, 0], X3[:, 0, 0],
+                                                                 n_mixtures=2), ValueError, ["x"]),
+    ("dmol_zero_mixtures", lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=0),
+     ValueError, ["n_mixtures"]),
+    ("dmol_one_bin", lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2, n_bins=1),
+     ValueError, ["n_bins"]),
+    ("dmol_float_mixtures", lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2.0),
+     TypeError, ["n_mixtures"]),
+    ("dmol_bool_bins",
+     lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2, n_bins=True), TypeError,
+     ["n_bins"]),
+    ("dmol_int_params", lambda: fv.discretized_mix_logistic_nll(P3.long(), X3, n_mixtures=2),
+     TypeError, ["params"]),
+    ("dmol_uint8_x",
+     lambda: fv.discretized_mix_logistic_nll(P3, X3.to(torch.uint8), n_mixtures=2), TypeError,
+     ["x"]),
+    ("dmol_device", lambda: fv.discretized_mix_logistic_nll(P3, X3.to("meta"), n_mixtures=2),
+     ValueError, ["x", "device"]),
+    ("dmol_reduction",
+     lambda: fv.discretized_mix_logistic_nll(P3, X3, n_mixtures=2, reduction="avg"),
+     ValueError, ["reduction"]),
+    ("dmol_sample_mixtures",
+     lambda: fv.discretized_mix_logistic_sample(P3, n_mixtures=3), ValueError, ["params"]),
+    ("dmol_sample_float_bins",
+     lambda: fv.discretized_mix_logistic_sample(P3, n_mixtures=2, n_bins=2.5), TypeError,
+     ["n_bins"]),
     # --- the loss modules check at construction
     ("module_reduction", lambda: fv.BernoulliNLLLoss(reduction="avg"), ValueError,
      ["reduction"]),
@@ -229,6 +266,6 @@ def test_bad_input_table_is_complete():
     ids = [i for i, *_ in BAD_INPUTS]
     assert len(ids) == len(set(ids))
     for op in ("kl", "bernoulli", "gaussian_nll", "reparameterize", "sample_and_kl", "vae",
-               "iwae", "continuous_bernoulli"):
+               "iwae", "continuous_bernoulli", "dmol"):
         kinds = {e for i, _, e, _ in BAD_INPUTS if i.startswith(op)}
         assert kinds == {ValueError, TypeError}, f"{op}: {kinds}"

@@ -59,6 +59,7 @@ class Op:
     slack: Callable  # (float64 inputs, eps) -> {output index or input name: slack}
     samples: tuple[int, ...] = ()  # outputs in the input's dtype
     noisy: bool = False
+    constants: tuple[str, ...] = ()  # inputs that get no gradient
 
 
 def _loss_slack(fn):
@@ -92,6 +93,8 @@ def _iwae_call(api, x):
     return (fn(x["log_px"], x["z"], x["mu"], x["logvar"]),)
 
 
+DMOL_PARAMS = ("logit0", "logit1", "mean0", "mean1", "log_scale0", "log_scale1")
+
 OPS = {
     "kl": Op(("mu", "logvar"),
              lambda api, x: (api.gaussian_kl(x["mu"], x["logvar"], reduction="none"),),
@@ -120,6 +123,14 @@ OPS = {
                                lambda api, x: (api.continuous_bernoulli_nll(
                                    x["logits"], x["target"], reduction="none"),),
                                _loss_slack(accuracy.continuous_bernoulli_slack)),
+    # Grey, M = 2 components, 256 levels: each parameter a column of its own, stacked into
+    # params (n, 6, 1); x (n, 1, 1). No slack model yet (no rows in TABLE): the non-finite
+    # propagation only, one parameter at a time (a NaN log-scale must survive the floor).
+    "dmol": Op((*DMOL_PARAMS, "x"),
+               lambda api, x: (api.discretized_mix_logistic_nll(
+                   torch.stack([x[k] for k in DMOL_PARAMS], 1), x["x"][:, :, None],
+                   n_mixtures=2, reduction="none"),),
+               None, constants=("x",)),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +230,13 @@ def _rtol(dtype: torch.dtype, noisy: bool) -> float:
 
 def _run(op: Op, api, x64: dict[str, torch.Tensor], dtype: torch.dtype, device):
     """Outputs and gradients (upstream ones) of ``op`` on leaves holding ``x64``'s values."""
-    leaves = {k: v.to(dtype).to(device).requires_grad_() for k, v in x64.items()}
+    leaves = {k: v.to(dtype).to(device).requires_grad_(k not in op.constants)
+              for k, v in x64.items()}
     outs = op.call(api, leaves)
-    grads = torch.autograd.grad(outs, list(leaves.values()), [torch.ones_like(o) for o in outs])
-    return outs, dict(zip(leaves, grads, strict=True))
+    wanted = [k for k in leaves if k not in op.constants]
+    grads = torch.autograd.grad(outs, [leaves[k] for k in wanted],
+                                [torch.ones_like(o) for o in outs])
+    return outs, dict(zip(wanted, grads, strict=True))
 
 
 @pytest.mark.parametrize(("row", "dtype"), [
@@ -265,8 +279,17 @@ CLEAN = {
     "iwae": {"log_px0": [-3.0, -1.0, -2.0], "log_px1": [-1.0, -2.0, -4.0], "z0": [0.5, 0.1, 1.0],
              "z1": [-1.0, 0.2, 0.0], "mu": [0.5, -1.0, 2.0], "logvar": [0.3, -2.0, 1.0]},
     "continuous_bernoulli": {"logits": [0.5, -3.0, 12.0], "target": [0.0, 1.0, 0.25]},
+    "dmol": {"logit0": [0.5, -1.0, 2.0], "logit1": [0.0, 1.0, -0.5],
+             "mean0": [0.1, -0.9, 0.95], "mean1": [-0.3, 0.4, 1.2],
+             "log_scale0": [-2.0, -7.5, -4.0], "log_scale1": [0.5, -3.0, -6.0],
+             "x": [1.0 / 255, -1.0, 1.0]},
 }
 NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+# (backend, op, input, value) known to fail, and why: each is checked to still fail (a fix
+# makes the test fail until the entry is removed); the other injections run as usual.
+KNOWN_NONFINITE = {
+    (backend, "dmol", f"log_scale{k}", "nan"): "the floor max(s, -7) drops a NaN log-scale"
+    for backend in ("cpu", "triton") for k in (0, 1)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -284,6 +307,11 @@ def test_nonfinite_inputs_propagate(op_name, dtype, backend, device):
         dirty64 = {k: v.clone() for k, v in clean64.items()}
         dirty64[name].select(_sample_dim(name), 1).fill_(value)
         outs, grads = _run(op, fv, dirty64, dtype, device)
+        if (backend, op_name, name, label) in KNOWN_NONFINITE:
+            assert not outs[0][1].isnan().all(), (
+                f"{backend} {op_name}: {name} = {label} propagates now: remove it from "
+                "KNOWN_NONFINITE")
+            continue
         oracle, _ = _run(op, Oracle, dirty64, torch.float64, "cpu")
         if op_name == "bernoulli" and name == "logits" and math.isinf(value):
             # Against a hard target an infinite logit is a limit (0 where the target agrees,

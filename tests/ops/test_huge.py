@@ -125,6 +125,17 @@ def test_far_offsets(backend, device, far_storages):
     }
     for name, (fn, make) in cases.items():
         _check_far(name, fn, make(Far(far_storage)))
+    # The mixture of logistics (M = 2, C = 3): params (2, 20, 1) of two images whose rows lie
+    # FAR apart, and (1, 20, 2) of one image whose two pixels lie FAR apart; x on the grid.
+    def dmol(p, x):
+        return fv.discretized_mix_logistic_nll(p, x.detach(), n_mixtures=2, reduction="none")
+
+    x = (torch.randint(0, 256, (2, 3), generator=g) / 127.5 - 1).half().to(device)
+    far = Far(far_storage)
+    _check_far("dmol_batch", lambda p: dmol(p.unsqueeze(-1), x.unsqueeze(-1)),
+               [far(r(2, 20, scale=2))])
+    _check_far("dmol_pixels", lambda p: dmol(p.unsqueeze(0), x.t().unsqueeze(0)),
+               [far(r(20, 2, scale=2), transposed=True)])
     # IWAE: z (K, B, N) with its samples 2**30 + 2 elements apart (the last past 2**31).
     far = Far(far_storage)
     mu, lv = far(r(2, 4)), far(r(2, 4, scale=0.5))

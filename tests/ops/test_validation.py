@@ -43,6 +43,18 @@ INVALID_DATA = [
      lambda: fv.continuous_bernoulli_nll(a, with_value(b, 1.5)), ["target"]),
     ("continuous_bernoulli_target_below_0",
      lambda: fv.continuous_bernoulli_nll(a, with_value(b, -0.1)), ["target"]),
+    ("dmol_x_above_1",
+     lambda: fv.discretized_mix_logistic_nll(ramp(2, 6, 3), with_value(b[:2, :3], 1.5)
+                                             .unsqueeze(1), n_mixtures=2), ["x"]),
+    ("dmol_x_below_minus_1",
+     lambda: fv.discretized_mix_logistic_nll(ramp(2, 6, 3), (b[:2, :3] * 2 - 1 - 1.5)
+                                             .unsqueeze(1), n_mixtures=2), ["x"]),
+    ("dmol_params_nan",
+     lambda: fv.discretized_mix_logistic_nll(ramp(2, 6, 3) * NAN, b[:2, :3].unsqueeze(1),
+                                             n_mixtures=2), ["params"]),
+    ("dmol_x_inf",
+     lambda: fv.discretized_mix_logistic_nll(ramp(2, 6, 3), (b[:2, :3] + INF).unsqueeze(1),
+                                             n_mixtures=2), ["x"]),
     ("vae_continuous_bernoulli_x_above_1",
      lambda: fv.vae_loss(a, with_value(b, 2.0), a, b, likelihood="continuous_bernoulli"),
      ["x"]),
