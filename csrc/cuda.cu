@@ -920,7 +920,7 @@ struct Dmol {
                 T raw;
                 const T mu = coupled(ch, k, b, j, x0, x1, raw);
                 const T xc = ch == 0 ? x0 : ch == 1 ? x1 : xv(2, b, j);
-                t += dmol_channel<T, false>(xc - mu, raw > T(-7) ? raw : T(-7), xc, bins).value;
+                t += dmol_channel<T, false>(xc - mu, raw < T(-7) ? T(-7) : raw, xc, bins).value;
             }
             iwae_lse_step(m2, r2, t);
         }
@@ -963,7 +963,7 @@ struct DmolBwd {
                 const T mu = d.coupled(ch, k, b, j, x0, x1, raw);
                 const T xc = ch == 0 ? x0 : ch == 1 ? x1 : x2;
                 const DmolTerm<T> term =
-                    dmol_channel<T, true>(xc - mu, raw > T(-7) ? raw : T(-7), xc, d.bins);
+                    dmol_channel<T, true>(xc - mu, raw < T(-7) ? T(-7) : raw, xc, d.bins);
                 t += term.value;
                 dc[ch] = term.dc;
                 ds[ch] = raw >= T(-7) ? term.ds : T(0);

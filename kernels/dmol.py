@@ -82,7 +82,7 @@ def _channel(xc, mean, raw_ls, H: tl.constexpr, LOG_2H: tl.constexpr,
     2 log1p(t_m); tanh(|m| / 2) = -expm1(-|m|) / (1 + t_m); d = 2 h e^-s (no exp), expm1(-d) by
     its series below 1 and e^-d - 1 beyond, d / expm1(d) = e^-d / ratio with ratio =
     -expm1(-d) / d. expm1(a + b) is needed only for |a + b| < 1: its series, no exp."""
-    log_s = tl.maximum(raw_ls, LOG_SCALE_MIN)
+    log_s = tl.where(raw_ls < LOG_SCALE_MIN, LOG_SCALE_MIN, raw_ls)  # NaN passes
     inv_s = tl.exp(-log_s)
     centered = xc - mean
     a = inv_s * (centered + H)

@@ -285,11 +285,6 @@ CLEAN = {
              "x": [1.0 / 255, -1.0, 1.0]},
 }
 NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-# (backend, op, input, value) known to fail, and why: each is checked to still fail (a fix
-# makes the test fail until the entry is removed); the other injections run as usual.
-KNOWN_NONFINITE = {
-    (backend, "dmol", f"log_scale{k}", "nan"): "the floor max(s, -7) drops a NaN log-scale"
-    for backend in ("cpu", "triton") for k in (0, 1)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -307,11 +302,6 @@ def test_nonfinite_inputs_propagate(op_name, dtype, backend, device):
         dirty64 = {k: v.clone() for k, v in clean64.items()}
         dirty64[name].select(_sample_dim(name), 1).fill_(value)
         outs, grads = _run(op, fv, dirty64, dtype, device)
-        if (backend, op_name, name, label) in KNOWN_NONFINITE:
-            assert not outs[0][1].isnan().all(), (
-                f"{backend} {op_name}: {name} = {label} propagates now: remove it from "
-                "KNOWN_NONFINITE")
-            continue
         oracle, _ = _run(op, Oracle, dirty64, torch.float64, "cpu")
         if op_name == "bernoulli" and name == "logits" and math.isinf(value):
             # Against a hard target an infinite logit is a limit (0 where the target agrees,
