@@ -469,13 +469,16 @@ def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
     width, pdf(x_c) * 2h. ``nll = -sum_pixels logsumexp_k (log_softmax(pi)_k + sum_c log
     P_k(x_c))``: the probabilities of all ``n_bins ** C`` values of a pixel sum to 1.
 
-    Returns ``(B,)`` for ``reduction="none"``, else a scalar; float32 (float64 for float64
-    ``params``). The gradient flows to ``params`` only. Raises TypeError for non-float tensors or
+    ``x`` of another float dtype computes in the common dtype (``torch.promote_types``, like
+    the other likelihoods: float32 ``params`` and a float64 ``x`` compute in float64). Returns
+    ``(B,)`` for ``reduction="none"``, else a scalar; float32 (float64 when the common dtype is
+    float64). The gradient flows to ``params`` only, in its own dtype. Raises TypeError for non-float tensors or
     non-int ``n_mixtures``/``n_bins``, ValueError for shapes that do not match this layout,
     ``n_mixtures < 1``, ``n_bins < 2``, tensors on two devices, or (validation on) non-finite
     values or ``x`` outside [-1, 1].
     """
     _dmol_check(params, x, n_mixtures, n_bins)
+    params, x = _promote(params, x)
     reduction = check.reduction(reduction)
     check.finite(params=params, x=x)
     if check.validation_enabled() and not torch.compiler.is_compiling() \

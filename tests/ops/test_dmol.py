@@ -106,13 +106,21 @@ def test_bin_probabilities_sum_to_one(C, n_bins, backend, device):
             assert abs(total - 1.0) < tol, f"set {s}, {dtype_id(dtype)}: sum = {total!r}"
 
 
-def test_mixed_x_dtype(backend, device):
-    """x may have its own float dtype: a float32 grid with bfloat16 parameters."""
+@pytest.mark.parametrize("p_dtype, x_dtype", [(torch.bfloat16, torch.float32),
+                                              (torch.float32, torch.float64),
+                                              (torch.float64, torch.float16)])
+def test_mixed_x_dtype(p_dtype, x_dtype, backend, device):
+    """x may have its own float dtype: the two compute in the common dtype (float32 params and
+    a float64 grid give a float64 NLL at float64 accuracy), params' gradient in its dtype."""
     gen = torch.Generator().manual_seed(8)
-    params = make_params(2, 3, 2, (4,), gen=gen, dtype=torch.bfloat16).to(device)
-    x = make_x(2, 3, 256, (4,), gen=gen, dtype=torch.float32).to(device)
+    params = make_params(2, 3, 2, (4,), gen=gen, dtype=p_dtype).to(device).requires_grad_()
+    x = make_x(2, 3, 256, (4,), gen=gen, dtype=x_dtype).to(device)
     nll = fv.discretized_mix_logistic_nll(params, x, n_mixtures=2, reduction="none")
-    assert_close(nll, oracle(params, x, 2, 256), dtype=torch.float32)
+    common = torch.promote_types(p_dtype, x_dtype)
+    assert nll.dtype == (torch.float64 if common == torch.float64 else torch.float32)
+    assert_close(nll, oracle(params.detach(), x, 2, 256), dtype=common)
+    nll.sum().backward()
+    assert params.grad.dtype == p_dtype
 
 
 @pytest.mark.parametrize("C", [1, 3])
