@@ -114,7 +114,7 @@ class VAE(nn.Module):
     def mean_of(self, recon: Tensor) -> Tensor:
         """The likelihood's mean from a decoder output: sigmoid(logits), the continuous
         Bernoulli's mean ``1/2 + coth(l/2)/2 - 1/l`` (not sigmoid(l)), or the mean itself; for
-        ``"dmol"`` the mode of the most probable component, in [0, 1]."""
+        ``"dmol"`` the mixture's most likely value (channel by channel), in [0, 1]."""
         if self.likelihood == "continuous_bernoulli":
             return continuous_bernoulli_mean(recon)
         if self.likelihood == "dmol":

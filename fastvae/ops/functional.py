@@ -472,10 +472,10 @@ def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
     ``x`` of another float dtype computes in the common dtype (``torch.promote_types``, like
     the other likelihoods: float32 ``params`` and a float64 ``x`` compute in float64). Returns
     ``(B,)`` for ``reduction="none"``, else a scalar; float32 (float64 when the common dtype is
-    float64). The gradient flows to ``params`` only, in its own dtype. Raises TypeError for non-float tensors or
-    non-int ``n_mixtures``/``n_bins``, ValueError for shapes that do not match this layout,
-    ``n_mixtures < 1``, ``n_bins < 2``, tensors on two devices, or (validation on) non-finite
-    values or ``x`` outside [-1, 1].
+    float64). The gradient flows to ``params`` only, in its own dtype. Raises TypeError for
+    non-float tensors or non-int ``n_mixtures``/``n_bins``, ValueError for shapes that do not
+    match this layout, ``n_mixtures < 1``, ``n_bins < 2``, tensors on two devices, or
+    (validation on) non-finite values or ``x`` outside [-1, 1].
     """
     _dmol_check(params, x, n_mixtures, n_bins)
     params, x = _promote(params, x)
@@ -501,9 +501,12 @@ def discretized_mix_logistic_sample(params: Tensor, *, n_mixtures: int, n_bins: 
     Per pixel, as PixelCNN++: a component k ~ softmax(pi) (Gumbel-max), then channel by channel
     ``x_c = mu'_ck + e^(s_ck) (log u - log(1 - u))``, u ~ U(1e-5, 1 - 1e-5), with mu' coupled to
     the channels already drawn; each value clamped to [-1, 1] and rounded to the grid of
-    ``n_bins`` levels. ``most_likely=True``: the most probable component and its mode (u = 1/2,
-    x_c = mu'_ck) instead, deterministic. Returns ``(B, C, *spatial)`` in ``params``' dtype,
-    values in [-1, 1] on the grid. ``generator`` drives the draws.
+    ``n_bins`` levels. ``most_likely=True``: the most probable value instead, deterministic:
+    channel by channel, the grid value v of highest probability given the channels chosen
+    before, ``argmax_v logsumexp_k(w_k + log P_k(v))`` with w_k the log-softmax of the logits
+    plus component k's log-probabilities of the chosen channels (the mixture's mode for one
+    channel; for three, each channel's conditional mode in turn). Returns ``(B, C, *spatial)``
+    in ``params``' dtype, values in [-1, 1] on the grid. ``generator`` drives the draws.
     """
     check.tensor("params", params)
     for name, value, low in (("n_mixtures", n_mixtures, 1), ("n_bins", n_bins, 2)):
@@ -527,10 +530,9 @@ def discretized_mix_logistic_sample(params: Tensor, *, n_mixtures: int, n_bins: 
         return u * (1 - 2e-5) + 1e-5
 
     if most_likely:
-        k = logits.argmax(1, keepdim=True)
-    else:
-        gumbel = -torch.log(-torch.log(uniform(logits.shape)))
-        k = (logits + gumbel).argmax(1, keepdim=True)
+        return _dmol_mode(logits, body, C, n_bins).to(params.dtype)
+    gumbel = -torch.log(-torch.log(uniform(logits.shape)))
+    k = (logits + gumbel).argmax(1, keepdim=True)
 
     def pick(t):  # (B, M, *spatial) -> (B, *spatial) at the chosen component
         return t.gather(1, k).squeeze(1)
@@ -544,11 +546,38 @@ def discretized_mix_logistic_sample(params: Tensor, *, n_mixtures: int, n_bins: 
         if C == 3 and c == 2:
             mu = mu + torch.tanh(pick(body[:, 1, 2])) * xs[0] + \
                 torch.tanh(pick(body[:, 2, 2])) * xs[1]
-        value = mu
-        if not most_likely:
-            u = uniform(mu.shape)
-            log_s = torch.clamp_min(pick(body[:, c, 1]), -7.0)
-            value = mu + torch.exp(log_s) * (torch.log(u) - torch.log1p(-u))
+        u = uniform(mu.shape)
+        log_s = torch.clamp_min(pick(body[:, c, 1]), -7.0)
+        value = mu + torch.exp(log_s) * (torch.log(u) - torch.log1p(-u))
         value = torch.round((value.clamp(-1.0, 1.0) + 1.0) / h) * h - 1.0
         xs.append(value)
     return torch.stack(xs, 1).to(params.dtype)
+
+
+def _dmol_mode(logits: Tensor, body: Tensor, C: int, n_bins: int) -> Tensor:
+    """The most likely value of a DMoL, channel by channel given the channels before (see
+    ``discretized_mix_logistic_sample``); logits (B, M, *spatial), body (B, C, J, M, *spatial).
+    One pass over the grid per channel, each (B, M, *spatial)."""
+    from .reference import DMOL_LOG_SCALE_MIN, _dmol_channel_terms
+
+    w = torch.log_softmax(logits, 1)
+    h = 2.0 / (n_bins - 1)
+    xs: list[Tensor] = []
+    for c in range(C):
+        mu = body[:, c, 0]
+        for j in range(c):  # coupling: coefficient block (G: 0 on R; B: 1 on R, 2 on G)
+            mu = mu + torch.tanh(body[:, c - 1 + j, 2]) * xs[j].unsqueeze(1)
+        log_s = torch.clamp_min(body[:, c, 1], DMOL_LOG_SCALE_MIN)
+        best_score = torch.full_like(logits[:, 0], -math.inf)
+        best = torch.full_like(logits[:, 0], -1.0)
+        for i in range(n_bins):
+            v = i * h - 1.0
+            term = _dmol_channel_terms(v - mu, log_s, torch.full_like(mu, v), n_bins, False)[0]
+            score = torch.logsumexp(w + term, 1)
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best = torch.where(better, v, best)
+        chosen = best.unsqueeze(1)
+        w = w + _dmol_channel_terms(chosen - mu, log_s, chosen.expand_as(mu), n_bins, False)[0]
+        xs.append(best)
+    return torch.stack(xs, 1)

@@ -106,9 +106,9 @@ def test_bin_probabilities_sum_to_one(C, n_bins, backend, device):
             assert abs(total - 1.0) < tol, f"set {s}, {dtype_id(dtype)}: sum = {total!r}"
 
 
-@pytest.mark.parametrize("p_dtype, x_dtype", [(torch.bfloat16, torch.float32),
-                                              (torch.float32, torch.float64),
-                                              (torch.float64, torch.float16)])
+@pytest.mark.parametrize(("p_dtype", "x_dtype"), [(torch.bfloat16, torch.float32),
+                                                  (torch.float32, torch.float64),
+                                                  (torch.float64, torch.float16)])
 def test_mixed_x_dtype(p_dtype, x_dtype, backend, device):
     """x may have its own float dtype: the two compute in the common dtype (float32 params and
     a float64 grid give a float64 NLL at float64 accuracy), params' gradient in its dtype."""
@@ -125,8 +125,8 @@ def test_mixed_x_dtype(p_dtype, x_dtype, backend, device):
 
 @pytest.mark.parametrize("C", [1, 3])
 def test_sample_is_on_the_grid_and_follows_the_mixture(C):
-    """Samples lie on the grid in [-1, 1]; the most likely value is deterministic; a sharp
-    single-component mixture samples its mean's bin; sample frequencies match exp(-nll)."""
+    """Samples lie on the grid in [-1, 1]; the most likely value is deterministic; sample
+    frequencies match exp(-nll)."""
     M, n_bins = 2, 5
     gen = torch.Generator().manual_seed(9)
     params = make_params(3, C, M, (4,), gen=gen, dtype=torch.float32)
@@ -147,6 +147,46 @@ def test_sample_is_on_the_grid_and_follows_the_mixture(C):
         one.expand(grid.shape[0], -1, -1), grid, n_mixtures=M, n_bins=n_bins, reduction="none"))
     freq = (draws.unsqueeze(1) == grid.unsqueeze(0)).all(-1).all(-1).double().mean(0)
     assert (freq - probs).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("C", [1, 3])
+def test_most_likely_is_the_mode(C, seed):
+    """most_likely: for one channel the grid value of highest mixture probability (brute force
+    over the grid with the fused NLL); for three, each channel's value maximizes the joint
+    probability summed over the channels after it, given the ones before (R, then G given R,
+    then B given R and G)."""
+    M, n_bins = 3, 7
+    gen = torch.Generator().manual_seed(20 + seed)
+    params = make_params(1, C, M, (6,), gen=gen)
+    mode = fv.discretized_mix_logistic_sample(params, n_mixtures=M, n_bins=n_bins,
+                                              most_likely=True)
+    grid = _grid_pixels(C, n_bins, torch.float64)  # (n_bins ** C, C, 1)
+    for j in range(params.shape[2]):
+        one = params[:, :, j:j + 1]
+        probs = torch.exp(-fv.discretized_mix_logistic_nll(
+            one.expand(grid.shape[0], -1, -1), grid, n_mixtures=M, n_bins=n_bins,
+            reduction="none"))
+        chosen = torch.ones(grid.shape[0], dtype=torch.bool)
+        for c in range(C):
+            # the marginal of channel c over the values that agree with the chosen ones
+            marginal = torch.zeros(n_bins, dtype=torch.float64)
+            k = ((grid[:, c, 0] + 1) * (n_bins - 1) / 2).round().long()
+            marginal.index_add_(0, k[chosen], probs[chosen])
+            want = marginal.argmax().item() * 2 / (n_bins - 1) - 1
+            assert mode[0, c, j].item() == pytest.approx(want, abs=1e-12), (j, c)
+            chosen &= (grid[:, c, 0] - mode[0, c, j]).abs() < 1e-9
+
+
+def test_most_likely_is_not_the_heaviest_component():
+    """A flat component of weight 0.51 and a sharp one of 0.49: the mode is the sharp one's
+    mean, not the heavier component's (P = 0.44 against 7e-6)."""
+    params = torch.zeros(1, 6, 1)
+    params[0, 0] = 0.04
+    params[0, 2], params[0, 3] = -0.5, 0.5
+    params[0, 4], params[0, 5] = 5.0, -7.0
+    mode = fv.discretized_mix_logistic_sample(params, n_mixtures=2, most_likely=True)
+    assert mode.item() == pytest.approx(191 * 2 / 255 - 1, abs=1e-6)  # the bin of 0.5
 
 
 def test_vae_with_dmol_likelihood_trains():
