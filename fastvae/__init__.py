@@ -40,6 +40,7 @@ from .ops.losses import (
     GaussianKLLoss,
     GaussianNLLLoss,
 )
+from .ops.quantize import nearest_code
 from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ __all__ = [
     "get_backend",
     "iwae_log_likelihood",
     "load_vae",
+    "nearest_code",
     "reference",
     "reparameterize",
     "sample_and_kl",

@@ -786,3 +786,44 @@ def discretized_mix_logistic_nll_bwd(grad: Tensor, params: Tensor, x: Tensor, n_
     body = torch.stack(parts, 2).reshape(B, P - M, S)  # (B, C, J, M, S) -> channel-major
     out = torch.cat((d_logits, body), 1)
     return out.to(params.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Vector quantization: the nearest code, without the N x K matrix
+# ---------------------------------------------------------------------------------------------
+
+NEAREST_CODE_METRICS = ("l2", "cosine")
+
+
+def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str,
+                     tile: int = 1024) -> tuple[Tensor, Tensor]:
+    """The ``"torch"`` backend of ``nearest_code`` on canonical views: ``x (N, D)``,
+    ``codebook (K, D)``, both in one dtype. Returns ``(indices int64 (N,), distances (N,))``.
+
+    Distances are computed directly, ``sum_j (x_j - e_j)^2`` (or ``1 - x·e / (|x| |e|)`` for
+    ``"cosine"``), in the compute dtype (float32, float64 for float64 inputs), over tiles of
+    ``tile`` x ``tile`` pairs: peak memory O(tile^2 D), never N x K. The argmin keeps the lowest
+    index on ties (a later tile replaces the best only when strictly closer).
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(compute)
+    codebook = codebook.to(compute)
+    if metric == "cosine":
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        codebook = codebook / codebook.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    N, K = x.shape[0], codebook.shape[0]
+    best = torch.full((N,), math.inf, dtype=compute, device=x.device)
+    index = torch.zeros((N,), dtype=torch.int64, device=x.device)
+    for n0 in range(0, N, tile):
+        xs = x[n0:n0 + tile]
+        for k0 in range(0, K, tile):
+            es = codebook[k0:k0 + tile]
+            if metric == "cosine":
+                d = 1 - xs @ es.T
+            else:
+                d = (xs[:, None, :] - es[None, :, :]).square().sum(-1)
+            dmin, imin = d.min(dim=1)
+            better = dmin < best[n0:n0 + tile]
+            best[n0:n0 + tile] = torch.where(better, dmin, best[n0:n0 + tile])
+            index[n0:n0 + tile] = torch.where(better, imin + k0, index[n0:n0 + tile])
+    return index, best
