@@ -9,13 +9,14 @@ in float32; gradients in each input's dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from . import custom_ops as _ops
 from . import validation as check
-from .backends import resolve
+from .backends import get_backend, resolve
 
 __all__ = [
     "bernoulli_nll",
@@ -31,10 +32,54 @@ __all__ = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# Plans: the checks of a call signature, run once
+# ---------------------------------------------------------------------------------------------
+
+# key -> plan: what a public function derives from its arguments' metadata (shapes, strides,
+# dtypes, devices, the other arguments) and the backend in effect, after its checks passed.
+_PLANS: dict[tuple, tuple] = {}
+MAX_PLANS = 1024
+
+
+def _meta(t: object) -> tuple | type:
+    """What a plan may depend on of one argument: a tensor's shape, strides, dtype, device."""
+    if isinstance(t, Tensor):
+        return (t.shape, t.stride(), t.dtype, t.device)
+    return type(t)
+
+
+def _planned(key: tuple, prepare: Callable[[], tuple]) -> tuple:
+    """``prepare()`` -- a public function's argument checks and what it derives from ``key``
+    (its arguments' ``_meta`` and values) and the backend in effect -- once per call
+    signature: a repeated signature skips the checks, which depend on nothing else (the checks
+    that read the data, opt-in, run on every call). While torch.compile traces, ``prepare()``
+    runs every time (the compiler specializes on the same things)."""
+    if torch.compiler.is_compiling():
+        return prepare()
+    key = (*key, get_backend())
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable argument: prepare() names what is wrong with it
+        return prepare()
+    if plan is None:
+        plan = prepare()
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _rows(t: Tensor, *shape: int) -> Tensor:
     """``(B, *event)`` -> ``(B, N)`` (or ``(K, B, *event)`` -> ``(K, B, N)``): a view when the
     strides allow, else a copy. A leading dimension of stride 0 (a broadcast operand) stays
     broadcast: only one slice is copied when the other dimensions do not merge."""
+    if t.shape == shape:
+        return t
     if shape[0] > 1 and t.stride(0) == 0:
         try:
             return t.view(shape)  # a view of a view: its gradient is never materialized twice
@@ -63,14 +108,6 @@ def _promote(params: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     the kernels read one dtype per call, and promotion never rounds the wider operand."""
     dtype = torch.promote_types(params.dtype, target.dtype)
     return params.to(dtype), target.to(dtype)
-
-
-def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "mean":
-        return per_sample.mean()
-    return per_sample
 
 
 def _broadcast_operand(name: str, value: Tensor | float | None, ref_name: str,
@@ -168,15 +205,30 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
     before summing (reduction ``"mean"`` or ``"sum"`` only). Returns ``(B,)`` for ``"none"``,
     else a scalar; float32 (float64 for float64 inputs).
     """
+    if prior_mu is None and prior_logvar is None and free_bits == 0:
+        # the common case, planned: N(0, I) prior, no free bits
+
+        def prepare():
+            check.free_bits(free_bits, check.reduction(reduction))
+            _, _, _, _, B = _kl_operands(mu, logvar, None, None)
+            return B, _batch_and_event(mu)[1], _ops.REDUCTION_CODES[reduction], resolve(mu.device)
+
+        B, N, code, backend = _planned((_ops.gaussian_kl, _meta(mu), _meta(logvar), reduction,
+                                        free_bits), prepare)
+        if check.validation_enabled():
+            check.finite(mu=mu, logvar=logvar)
+        return _ops.call(_ops.gaussian_kl, _rows(mu, B, N), _rows(logvar, B, N), None, None, 1,
+                         code, backend)
     reduction = check.reduction(reduction)
     free_bits = check.free_bits(free_bits, reduction)
     mu, logvar, prior_mu, prior_logvar, B = _kl_operands(mu, logvar, prior_mu, prior_logvar)
     backend = resolve(mu.device)
     if free_bits > 0:
-        per_dim = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 0, backend)
+        per_dim = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 0, _ops.NONE,
+                            backend)
         return _free_bits_total(per_dim, B, free_bits, reduction)
-    per_sample = _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 1, backend)
-    return _reduce(per_sample, reduction)
+    return _ops.call(_ops.gaussian_kl, mu, logvar, prior_mu, prior_logvar, 1,
+                     _ops.REDUCTION_CODES[reduction], backend)
 
 
 def _kl_operands(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None,
@@ -214,7 +266,7 @@ def gaussian_kl_per_dim(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | N
     mu_rows, lv_rows, prior_mu, prior_logvar, B = _kl_operands(mu, logvar, prior_mu,
                                                                 prior_logvar)
     per_dim_sum = _ops.call(_ops.gaussian_kl, mu_rows, lv_rows, prior_mu, prior_logvar, 0,
-                            resolve(mu.device))
+                            _ops.NONE, resolve(mu.device))
     return (per_dim_sum / B).view(mu.shape[1:])
 
 
@@ -228,18 +280,24 @@ def _free_bits_total(per_dim_sum: Tensor, B: int, free_bits: float, reduction: s
 def _logits_likelihood(op, logits: Tensor, target: Tensor, reduction: str) -> Tensor:
     """A likelihood of (logits, target in [0, 1]) through custom op ``op``: the checks (the
     target an observation, promoted with the logits), canonical rows, the reduction."""
-    check.tensor("logits", logits)
-    check.tensor("target", target)
-    check.batched("logits", logits)
-    check.observation("target", target, "logits", logits)
-    reduction = check.reduction(reduction)
-    check.finite(logits=logits, target=target)
-    check.unit_interval("target", target)
-    logits, target = _promote(logits, target)
-    backend = resolve(logits.device)
-    B, N = _batch_and_event(logits)
-    per_sample = _ops.call(op, _rows(logits, B, N), _rows(target, B, N), backend)
-    return _reduce(per_sample, reduction)
+
+    def prepare():
+        check.tensor("logits", logits)
+        check.tensor("target", target)
+        check.batched("logits", logits)
+        check.observation("target", target, "logits", logits)
+        code = _ops.REDUCTION_CODES[check.reduction(reduction)]
+        B, N = _batch_and_event(logits)
+        return (torch.promote_types(logits.dtype, target.dtype), B, N, code,
+                resolve(logits.device))
+
+    dtype, B, N, code, backend = _planned((op, _meta(logits), _meta(target), reduction),
+                                          prepare)
+    if check.validation_enabled():
+        check.finite(logits=logits, target=target)
+        check.unit_interval("target", target)
+    return _ops.call(op, _rows(_as(logits, dtype), B, N), _rows(_as(target, dtype), B, N), code,
+                     backend)
 
 
 def bernoulli_nll(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -265,6 +323,23 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
     with ``mean`` and ``logvar`` as in ``bernoulli_nll``). Returns ``(B,)`` for ``"none"``, else
     a scalar; float32 (float64 for float64 inputs).
     """
+    if not isinstance(logvar, Tensor):  # a number: planned
+
+        def prepare():
+            check.tensor("mean", mean)
+            check.tensor("target", target)
+            check.batched("mean", mean)
+            check.observation("target", target, "mean", mean)
+            code = _ops.REDUCTION_CODES[check.reduction(reduction)]
+            return (torch.promote_types(mean.dtype, target.dtype), *_batch_and_event(mean),
+                    check.number("logvar", logvar), code, resolve(mean.device))
+
+        dtype, B, N, value, code, backend = _planned(
+            (_ops.gaussian_nll, _meta(mean), _meta(target), logvar, reduction), prepare)
+        if check.validation_enabled():
+            check.finite(mean=mean, target=target)
+        return _ops.call(_ops.gaussian_nll, _rows(_as(mean, dtype), B, N),
+                         _rows(_as(target, dtype), B, N), None, value, code, backend)
     check.tensor("mean", mean)
     check.tensor("target", target)
     check.batched("mean", mean)
@@ -284,9 +359,8 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
     check.finite(mean=mean, target=target, logvar=logvar_rows)
     mean, target = _promote(mean, target)
     backend = resolve(mean.device)
-    per_sample = _ops.call(_ops.gaussian_nll, _rows(mean, B, N), _rows(target, B, N), logvar_rows,
-                                   logvar_value, backend)
-    return _reduce(per_sample, reduction)
+    return _ops.call(_ops.gaussian_nll, _rows(mean, B, N), _rows(target, B, N), logvar_rows,
+                     logvar_value, _ops.REDUCTION_CODES[reduction], backend)
 
 
 def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_bits: float = 0.0,
@@ -301,28 +375,32 @@ def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_b
     None. With ``eps`` the sample and the KL are two fused ops (the noise is read, not
     regenerated), with the same values as one.
     """
-    check.tensor("mu", mu)
-    check.tensor("logvar", logvar)
-    check.batched("mu", mu)
-    check.pair("logvar", logvar, "mu", mu)
-    reduction = check.reduction(reduction)
-    free_bits = check.free_bits(free_bits, reduction)
-    check.finite(mu=mu, logvar=logvar)
+
+    def prepare():
+        check.tensor("mu", mu)
+        check.tensor("logvar", logvar)
+        check.batched("mu", mu)
+        check.pair("logvar", logvar, "mu", mu)
+        fb = check.free_bits(free_bits, check.reduction(reduction))
+        code = _ops.NONE if fb > 0 else _ops.REDUCTION_CODES[reduction]
+        return (*_batch_and_event(mu), 0 if fb > 0 else 1, code, resolve(mu.device))
+
+    B, N, reduce_dim, code, backend = _planned(
+        (_ops.sample_and_kl, _meta(mu), _meta(logvar), reduction, free_bits), prepare)
+    if check.validation_enabled():
+        check.finite(mu=mu, logvar=logvar)
     if eps is not None:
         if seed is not None or generator is not None:
             raise ValueError("eps is given: seed and generator must be None")
         z = reparameterize(mu, logvar, eps=eps)
         return z, gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
-    backend = resolve(mu.device)
     seed_t = _seed_tensor(seed, generator, mu.device)
-    B, N = _batch_and_event(mu)
-    reduce_dim = 0 if free_bits > 0 else 1
     z, kl = _ops.call(_ops.sample_and_kl, _rows(mu, B, N), _rows(logvar, B, N), seed_t, reduce_dim,
-                               backend)
+                      code, backend)
     z = z.view(mu.shape)
-    if free_bits > 0:
+    if reduce_dim == 0:
         return z, _free_bits_total(kl, B, free_bits, reduction)
-    return z, _reduce(kl, reduction)
+    return z, kl
 
 
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
@@ -340,30 +418,38 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     (under ``torch.autocast`` the decoder returns bfloat16 logits for float32 data): both
     compute in their common dtype, as in ``bernoulli_nll``; ``mu`` and ``logvar`` share one dtype.
     """
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got "
-                         f"{likelihood!r}")
-    beta = check.number("beta", beta)
-    # Every check before any kernel runs, in this function's own argument names.
-    check.tensor("recon", recon)
-    check.tensor("x", x)
-    check.tensor("mu", mu)
-    check.tensor("logvar", logvar)
-    check.batched("recon", recon)
-    check.batched("mu", mu)
-    check.observation("x", x, "recon", recon)
-    check.pair("logvar", logvar, "mu", mu)
-    check.same_device("mu", mu, "recon", recon)
-    if recon.shape[0] != mu.shape[0]:
-        raise ValueError(f"recon has batch size {recon.shape[0]} but mu has {mu.shape[0]}")
-    obs_logvar_tensor = None
-    if isinstance(obs_logvar, Tensor):
-        obs_logvar_tensor = check.tensor("obs_logvar", obs_logvar)
-        check.broadcastable("obs_logvar", obs_logvar, "recon", recon)
-    else:
-        check.number("obs_logvar", obs_logvar)
-    check.free_bits(free_bits, check.reduction(reduction))
-    check.finite(recon=recon, x=x, mu=mu, logvar=logvar, obs_logvar=obs_logvar_tensor)
+
+    def prepare():
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got "
+                             f"{likelihood!r}")
+        # Every check before any kernel runs, in this function's own argument names.
+        check.number("beta", beta)
+        check.tensor("recon", recon)
+        check.tensor("x", x)
+        check.tensor("mu", mu)
+        check.tensor("logvar", logvar)
+        check.batched("recon", recon)
+        check.batched("mu", mu)
+        check.observation("x", x, "recon", recon)
+        check.pair("logvar", logvar, "mu", mu)
+        check.same_device("mu", mu, "recon", recon)
+        if recon.shape[0] != mu.shape[0]:
+            raise ValueError(f"recon has batch size {recon.shape[0]} but mu has "
+                             f"{mu.shape[0]}")
+        if isinstance(obs_logvar, Tensor):
+            check.tensor("obs_logvar", obs_logvar)
+            check.broadcastable("obs_logvar", obs_logvar, "recon", recon)
+        else:
+            check.number("obs_logvar", obs_logvar)
+        check.free_bits(free_bits, check.reduction(reduction))
+        return ()
+
+    _planned((vae_loss, _meta(recon), _meta(x), _meta(mu), _meta(logvar), _meta(obs_logvar),
+              likelihood, beta, free_bits, reduction), prepare)
+    if check.validation_enabled():
+        obs_logvar_tensor = obs_logvar if isinstance(obs_logvar, Tensor) else None
+        check.finite(recon=recon, x=x, mu=mu, logvar=logvar, obs_logvar=obs_logvar_tensor)
     if likelihood == "bernoulli":
         check.unit_interval("x", x)
         nll = bernoulli_nll(recon, x, reduction=reduction)
@@ -372,7 +458,8 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
         nll = continuous_bernoulli_nll(recon, x, reduction=reduction)
     else:
         nll = gaussian_nll(recon, x, obs_logvar, reduction=reduction)
-    return nll + beta * gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
+    kl = gaussian_kl(mu, logvar, reduction=reduction, free_bits=free_bits)
+    return nll + (kl if beta == 1 else beta * kl)
 
 
 def iwae_log_likelihood(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -487,9 +574,9 @@ def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
     backend = resolve(params.device)
     B, C = x.shape[:2]
     S = math.prod(x.shape[2:])
-    per_sample = _ops.call(_ops.discretized_mix_logistic_nll, params.reshape(B, params.shape[1], S),
-                           x.reshape(B, C, S), n_mixtures, n_bins, backend)
-    return _reduce(per_sample, reduction)
+    return _ops.call(_ops.discretized_mix_logistic_nll, params.reshape(B, params.shape[1], S),
+                     x.reshape(B, C, S), n_mixtures, n_bins, _ops.REDUCTION_CODES[reduction],
+                     backend)
 
 
 def discretized_mix_logistic_sample(params: Tensor, *, n_mixtures: int, n_bins: int = 256,

@@ -25,6 +25,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +79,33 @@ class _Call(ctypes.Structure):
 # The C names of the fields whose names differ here ("in" is a Python keyword).
 _C_FIELD_NAMES = {"inputs": "in", "outputs": "out"}
 
-_CALL_P = ctypes.POINTER(_Call)
+# The call is passed by address: the packed bytes of ``_PACKED`` (the backend's path) or
+# ``ctypes.byref`` of a ``_Call`` (tests).
+_CALL_P = ctypes.c_void_p
+
+
+def _struct_format(struct: type[ctypes.Structure]) -> str:
+    """The ``struct`` module format of a ctypes structure of int64, int32, double, pointer and
+    nested structure / array fields, with the same layout (no padding: every field is naturally
+    aligned, which ``_PACKED.size == sizeof(_Call)`` confirms at import)."""
+    codes = {ctypes.c_int64: "q", ctypes.c_int32: "i", ctypes.c_double: "d",
+             ctypes.c_void_p: "Q"}
+    out = []
+    for _, kind in struct._fields_:
+        if issubclass(kind, ctypes.Array):
+            inner = kind._type_
+            out.append((_struct_format(inner) if issubclass(inner, ctypes.Structure)
+                        else codes[inner]) * kind._length_)
+        elif issubclass(kind, ctypes.Structure):
+            out.append(_struct_format(kind))
+        else:
+            out.append(codes[kind])
+    return "".join(out)
+
+
+_PACKED = struct.Struct("<" + _struct_format(_Call))
+assert _PACKED.size == ctypes.sizeof(_Call), "fv_call has padding: pack it field by field"
+_ABSENT = (0, 0, 0, 0, 0, 0)  # an fv_tensor slot with data == NULL
 # name: (restype, argtypes) of every exported function.
 _SIGNATURES = {
     "fv_abi_version": (ctypes.c_int32, ()),
@@ -163,9 +190,9 @@ def _layout_mismatch(lib: ctypes.CDLL) -> str | None:
     ``_Call`` and ``_Tensor``, or None."""
     expected = {"fv_call": ctypes.sizeof(_Call), "fv_tensor": ctypes.sizeof(_Tensor),
                 "FV_MAX_IN": MAX_IN, "FV_MAX_OUT": MAX_OUT}
-    for struct, c_name in ((_Call, "fv_call"), (_Tensor, "fv_tensor")):
-        for field, _ in struct._fields_:
-            expected[f"{c_name}.{_C_FIELD_NAMES.get(field, field)}"] = getattr(struct, field).offset
+    for layout, c_name in ((_Call, "fv_call"), (_Tensor, "fv_tensor")):
+        for field, _ in layout._fields_:
+            expected[f"{c_name}.{_C_FIELD_NAMES.get(field, field)}"] = getattr(layout, field).offset
     diffs = []
     for key, want in expected.items():
         got = lib.fv_layout(key.encode())
@@ -272,18 +299,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _describe(slot: _Tensor, t: Tensor) -> None:
-    """Pointer, element strides along (K, B, N) -- 1-D tensors along N -- and dtype code."""
-    slot.data = t.data_ptr()
-    strides = t.stride()
-    slot.stride[:] = (0,) * (3 - len(strides)) + strides
-    slot.dtype = DTYPES[t.dtype]
+def _slot(t: Tensor | tuple[Tensor, tuple[int, ...]] | None) -> tuple:
+    """The fields of one fv_tensor: pointer, element strides along (K, B, N) -- 1-D tensors
+    along N -- and dtype code. ``(t, strides)``: a view of ``t`` with those strides, described
+    without making it."""
+    if t is None:
+        return _ABSENT
+    if type(t) is tuple:
+        t, strides = t
+    else:
+        strides = t.stride()
+    if len(strides) == 2:
+        return (t.data_ptr(), 0, *strides, DTYPES[t.dtype], 0)
+    if len(strides) == 1:
+        return (t.data_ptr(), 0, 0, *strides, DTYPES[t.dtype], 0)
+    return (t.data_ptr(), *strides, DTYPES[t.dtype], 0)
 
 
-def _rows_view(grad: Tensor, reduce_dim: int, B: int, N: int, dtype: torch.dtype) -> Tensor:
-    """A (B,) or (N,) gradient of a sum as a broadcast (B, N) view, in the compute dtype."""
-    grad = grad.to(dtype)
-    return (grad.unsqueeze(1) if reduce_dim == 1 else grad.unsqueeze(0)).expand(B, N)
+def _rows_view(grad: Tensor, reduce_dim: int, dtype: torch.dtype) -> tuple:
+    """A (B,) or (N,) gradient of a sum as a broadcast (B, N) operand (``_slot``'s
+    ``(tensor, strides)``), in the compute dtype."""
+    if grad.dtype != dtype:
+        grad = grad.to(dtype)
+    (stride,) = grad.stride()
+    return grad, ((0, stride, 0) if reduce_dim == 1 else (0, 0, stride))
 
 
 def _samples_view(t: Tensor | None, N: int) -> Tensor | None:
@@ -314,38 +353,34 @@ class NativeBackend:
         self._run = lib.fv_cpu_run if kind == "cpu" else lib.fv_cuda_run
         self._codes = {name: code for code, name in enumerate(_library_ops(lib))}
 
-    def _call(self, op: str, like: Tensor, inputs: Sequence[Tensor | None],
-              outputs: Sequence[Tensor | None], *, K: int = 1, seed: Tensor | None = None,
-              scalar: float = 0.0, reduce_dim: int = 1) -> None:
-        """Run ``op`` on (B, N) = ``like.shape``; operand slots as in csrc/fastvae.h."""
-        call = _Call()
-        call.B, call.N = like.shape
-        call.K = K
-        for slot, t in zip(call.inputs, inputs, strict=False):
-            if t is not None:
-                _describe(slot, t)
-        for slot, t in zip(call.outputs, outputs, strict=False):
-            if t is not None:
-                _describe(slot, t)
-        if seed is not None:
-            call.seed = seed.data_ptr()
-        call.scalar = scalar
-        call.reduce_dim = reduce_dim
-        call.compute = DTYPES[_compute_dtype(like.dtype)]
+    def _call(self, op: str, like: Tensor, inputs: Sequence, outputs: Sequence, *, K: int = 1,
+              seed: Tensor | None = None, scalar: float = 0.0, reduce_dim: int = 1) -> None:
+        """Run ``op`` on (B, N) = ``like.shape``; operand slots as in csrc/fastvae.h, each a
+        tensor, ``(tensor, strides)`` (see ``_slot``) or None."""
+        fields = [*like.shape, K]
+        for slots, count in ((inputs, MAX_IN), (outputs, MAX_OUT)):
+            for t in slots:
+                fields.extend(_slot(t))
+            fields.extend(_ABSENT * (count - len(slots)))
+        fields.append(0 if seed is None else seed.data_ptr())
+        fields.append(scalar)
+        fields.append(reduce_dim)
+        fields.append(DTYPES[_compute_dtype(like.dtype)])
         code = self._codes[op]
-        workspace = None
         if self.kind == "cpu":
-            call.n_threads = torch.get_num_threads()
+            fields.extend((torch.get_num_threads(), 0, 0, 0, 0))
+            status = self._run(code, _PACKED.pack(*fields))
         else:
             device = like.device
-            call.device = device.index if device.index is not None else torch.cuda.current_device()
-            call.stream = torch.cuda.current_stream(device).cuda_stream
-            nbytes = self._lib.fv_cuda_workspace_bytes(code, ctypes.byref(call))
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            stream = torch.cuda.current_stream(device).cuda_stream
+            fields.extend((0, index, stream, 0, 0))
+            nbytes = self._lib.fv_cuda_workspace_bytes(code, _PACKED.pack(*fields))
+            workspace = None
             if nbytes > 0:
                 workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                call.workspace = workspace.data_ptr()
-                call.workspace_bytes = nbytes
-        status = self._run(code, ctypes.byref(call))
+                fields[-2:] = (workspace.data_ptr(), nbytes)
+            status = self._run(code, _PACKED.pack(*fields))
         if status != 0:
             message = self._lib.fv_last_error().decode(errors="replace")
             raise RuntimeError(f"fastvae {self.kind} backend, {op}: {message}")
@@ -382,7 +417,7 @@ class NativeBackend:
 
     def gaussian_kl_bwd(self, grad, mu, logvar, prior_mu, prior_logvar, reduce_dim, needs):
         B, N = mu.shape
-        g = _rows_view(grad, reduce_dim, B, N, _compute_dtype(mu.dtype))
+        g = _rows_view(grad, reduce_dim, _compute_dtype(mu.dtype))
         outs = tuple(_maybe_empty(need, (B, N), mu) for need in needs)
         self._call("gaussian_kl_bwd", mu, (g, mu, logvar, prior_mu, prior_logvar), outs,
                    reduce_dim=reduce_dim)
@@ -397,7 +432,7 @@ class NativeBackend:
 
     def bernoulli_nll_bwd(self, grad, logits, target, needs):
         B, N = logits.shape
-        g = _rows_view(grad, 1, B, N, _compute_dtype(logits.dtype))
+        g = _rows_view(grad, 1, _compute_dtype(logits.dtype))
         outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
         self._call("bernoulli_nll_bwd", logits, (g, logits, target), outs)
         return _present(outs)
@@ -412,7 +447,7 @@ class NativeBackend:
 
     def gaussian_nll_bwd(self, grad, mean, target, logvar, logvar_value, needs):
         B, N = mean.shape
-        g = _rows_view(grad, 1, B, N, _compute_dtype(mean.dtype))
+        g = _rows_view(grad, 1, _compute_dtype(mean.dtype))
         outs = tuple(_maybe_empty(need, (B, N), mean) for need in needs)
         self._call("gaussian_nll_bwd", mean, (g, mean, target, logvar), outs,
                    scalar=float(logvar_value))
@@ -429,7 +464,7 @@ class NativeBackend:
 
     def sample_and_kl_bwd(self, grad_z, grad_kl, mu, logvar, seed, reduce_dim, needs):
         B, N = mu.shape
-        gkl = _rows_view(grad_kl, reduce_dim, B, N, _compute_dtype(mu.dtype))
+        gkl = _rows_view(grad_kl, reduce_dim, _compute_dtype(mu.dtype))
         outs = (_maybe_empty(needs[0], (B, N), mu), _maybe_empty(needs[1], (B, N), logvar))
         self._call("sample_and_kl_bwd", mu, (grad_z, gkl, mu, logvar), outs,
                    seed=seed if needs[1] else None, reduce_dim=reduce_dim)
@@ -465,7 +500,7 @@ class NativeBackend:
 
     def continuous_bernoulli_nll_bwd(self, grad, logits, target, needs):
         B, N = logits.shape
-        g = _rows_view(grad, 1, B, N, _compute_dtype(logits.dtype))
+        g = _rows_view(grad, 1, _compute_dtype(logits.dtype))
         outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
         self._call("continuous_bernoulli_nll_bwd", logits, (g, logits, target), outs)
         return _present(outs)
@@ -489,8 +524,7 @@ class NativeBackend:
 
     def discretized_mix_logistic_nll_bwd(self, grad, params, x, n_mixtures, n_bins):
         operands, like = self._dmol_operands(params, x)
-        B, _, S = params.shape
-        g = _rows_view(grad, 1, B, S, _compute_dtype(params.dtype))
+        g = _rows_view(grad, 1, _compute_dtype(params.dtype))
         d_params = torch.empty(params.shape, dtype=params.dtype, device=params.device)
         self._call("discretized_mix_logistic_nll_bwd", like, (g, *operands),
                    (d_params.transpose(0, 1),), K=n_mixtures, scalar=float(n_bins))
