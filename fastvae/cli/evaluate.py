@@ -180,8 +180,12 @@ def held_out(args: argparse.Namespace, loaded: Loaded):
     of the checkpoint's training data, checked against the model's input shape."""
     from fastvae.training import data
 
+    want = loaded.kind.input_shape(loaded.model)
     if args.data is not None:
-        images, _ = load_data(data_record(args), command=args.command,
+        record = data_record(args)
+        if record["channels"] is None and Path(args.data).is_dir() and want[0] in (1, 3):
+            record["channels"] = want[0]  # a folder is read with the model's channels
+        images, _ = load_data(record, command=args.command,
                               progress=not getattr(args, "no_progress", False))
         about: dict[str, Any] = {"data": args.data, "images": int(images.shape[0])}
         origin = f"--data {args.data}"
@@ -205,11 +209,10 @@ def held_out(args: argparse.Namespace, loaded: Loaded):
                  "val_fraction": record["val_fraction"], "split_seed": record["split_seed"],
                  "images": int(images.shape[0])}
         origin = f"the checkpoint's validation split of {record['source']}"
-    want = loaded.kind.input_shape(loaded.model)
     if tuple(images.shape[1:]) != want:
         raise UsageError(f"{origin}: images of shape {tuple(images.shape[1:])} do not match the "
                          f"model's input_shape {want}"
-                         + ("; give --image-size and --channels to read a folder at that size"
+                         + ("; give --image-size to read a folder at that size"
                             if args.data is not None and Path(args.data).is_dir() else ""))
     return images, about
 

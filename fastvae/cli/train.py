@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--backend: {e}") from e
     config = _train_config(args)
     record = data_record(args)
-    images, name = load_data(record, command="train", progress=not args.no_progress)
+    first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 shows the bar
+    images, name = load_data(record, command="train", progress=not args.no_progress and first)
     train_x, val_x = data.split(images, args.val_fraction, args.seed)
     record |= {"val_fraction": args.val_fraction, "split_seed": args.seed}
     model_config = _model_config(args, tuple(images.shape[1:]))

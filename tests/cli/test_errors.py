@@ -246,7 +246,7 @@ HELD_OUT_ROWS = [
     ("data_shape_mismatch", ["{ok}", "--data", "{d}/flat.npz", "--shape", "1,5,6"],
      ["flat.npz", "(1, 5, 6)", "input_shape (1, 8, 8)"]),
     ("data_folder_shape_mismatch", ["{ok}", "--data", "{d}/mixed_sizes", "--image-size", "4"],
-     ["mixed_sizes", "(3, 4, 4)", "(1, 8, 8)", "--image-size"]),
+     ["mixed_sizes", "(1, 4, 4)", "(1, 8, 8)", "--image-size"]),
     ("key_unknown", ["{ok}", "--data", "{d}/flat.npz", "--key", "nope"], ["'nope'"]),
     ("key_without_data", ["{ok}", "--key", "x"], ["--key", "--data"]),
     ("pixel_max_zero", ["{ok}", "--data", "{d}/flat.npz", "--pixel-max", "0"],

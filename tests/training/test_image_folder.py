@@ -192,6 +192,13 @@ def test_cli_trains_on_a_folder_and_eval_reads_it_again(folder, tmp_path, capsys
     got = json.loads((tmp_path / "e.json").read_text())
     for key in ("elbo", "iwae_log_likelihood", "active_units"):
         assert got[key] == metrics["final"][key]
+    # --data DIR: a folder is read with the model's channels (1 here) unless --channels says
+    capsys.readouterr()
+    assert main(["eval", str(out / "checkpoint.safetensors"), "--data", str(folder),
+                 "--image-size", "8", "--iwae-samples", "0", "--no-progress", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["images"] == 7
+    assert "skipped 4 image files" in captured.err
     # --strict: the same folder is refused, naming the files
     assert main(["train", "--data", str(folder), "--strict", "--image-size", "8", "--epochs",
                  "1", "--no-progress", "--out", str(tmp_path / "strict")]) == 2
