@@ -114,7 +114,8 @@ def add_data_options(p: argparse.ArgumentParser, *, default: str | None, data_he
     p.add_argument("--shape", type=int_list, default=None, metavar="C,H,W",
                    help="the image shape of each row (required for flat (N, D) arrays)")
     p.add_argument("--channels", type=channel_count, default=None, metavar="{1,3}",
-                   help="a folder of images: read them grey (1) or RGB (3, the default)")
+                   help="a folder of images: read them grey (1) or RGB (3); default: RGB for "
+                        "train, the model's channels for the commands that read a checkpoint")
     p.add_argument("--image-size", type=positive_int, default=None, metavar="S",
                    help="a folder of images: resize each so that its short side is S and crop "
                         "the centre S x S (required when their sizes differ)")
