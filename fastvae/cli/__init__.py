@@ -1,4 +1,5 @@
-"""The ``fastvae`` command line: ``train``, ``bench``, ``info``.
+"""The ``fastvae`` command line: ``train``, ``eval``, ``sample``, ``reconstruct``,
+``interpolate``, ``bench``, ``info``.
 
 Bad arguments and unreadable inputs end with one line on stderr and exit status 2.
 """
@@ -8,16 +9,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from . import bench, info, train
+from . import bench, evaluate, info, train
 from .args import EXIT_USAGE, Parser, UsageError
 
 __all__ = ["EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="fastvae", description="Fused VAE kernels: train, benchmark, inspect.")
+    parser = Parser(prog="fastvae", description="Fused VAE kernels: train, evaluate, sample, "
+                                                "benchmark, inspect.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train.add_parser(sub)
+    evaluate.add_parsers(sub)
     info.add_parser(sub)
     bench.add_parser(sub)
     return parser

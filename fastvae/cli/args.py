@@ -99,3 +99,73 @@ def resolve_device(name: str, local_rank: int | None = None):
     elif device.type != "cpu":
         raise UsageError(f"--device: unsupported device {name!r}")
     return device
+
+
+def add_data_options(p: argparse.ArgumentParser, *, default: str | None, data_help: str) -> None:
+    """``--data`` and the options that say how to read it (``--key``, ``--pixel-max``,
+    ``--shape`` for array files; ``--channels``, ``--image-size``, ``--strict`` for folders of
+    images), shared by ``train`` and the commands that read held-out data."""
+    p.add_argument("--data", default=default, help=data_help)
+    p.add_argument("--key", default=None,
+                   help="the array of a .npz file that holds several (default: its only one)")
+    p.add_argument("--pixel-max", type=positive_float, default=None,
+                   help="the pixel value that is white (default: 255 for uint8, 1 for bool and "
+                        "float data; required for other integer types)")
+    p.add_argument("--shape", type=int_list, default=None, metavar="C,H,W",
+                   help="the image shape of each row (required for flat (N, D) arrays)")
+    p.add_argument("--channels", type=channel_count, default=None, metavar="{1,3}",
+                   help="a folder of images: read them grey (1) or RGB (3); default: RGB for "
+                        "train, the model's channels for the commands that read a checkpoint")
+    p.add_argument("--image-size", type=positive_int, default=None, metavar="S",
+                   help="a folder of images: resize each so that its short side is S and crop "
+                        "the centre S x S (required when their sizes differ)")
+    p.add_argument("--strict", action="store_true",
+                   help="a folder of images: fail on an unreadable file instead of skipping it")
+
+
+def channel_count(text: str) -> int:
+    value = number(text, int)
+    if value not in (1, 3):
+        raise argparse.ArgumentTypeError(f"must be 1 (grey) or 3 (RGB), got {value}")
+    return value
+
+
+def data_record(args: argparse.Namespace) -> dict:
+    """The data options as JSON values, with a file or folder's absolute path: what a
+    checkpoint records so that the data can be read again (``load_data``)."""
+    from pathlib import Path
+
+    source = args.data
+    if source is not None and source != "digits":
+        source = str(Path(source).expanduser().resolve())
+    return {"source": source, "key": args.key, "pixel_max": args.pixel_max,
+            "shape": list(args.shape) if args.shape else None, "channels": args.channels,
+            "image_size": args.image_size, "strict": bool(args.strict)}
+
+
+def load_data(record: dict, *, command: str, progress: bool = True):
+    """The images of a ``data_record`` and their name, read by ``fastvae.training.data.load``;
+    the image files of a folder that cannot be read are listed on stderr (one line), never
+    skipped silently. A ``DataError`` becomes a ``UsageError``."""
+    import sys
+    import warnings
+
+    from fastvae.training import data
+
+    shape = record.get("shape")
+    if shape is not None and len(shape) != 3:
+        raise UsageError(f"--shape: expected three sizes C,H,W, got {tuple(shape)}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            images, name = data.load(record.get("source"), key=record.get("key"),
+                                     pixel_max=record.get("pixel_max"),
+                                     shape=tuple(shape) if shape else None,
+                                     channels=record.get("channels"),
+                                     image_size=record.get("image_size"),
+                                     strict=bool(record.get("strict")), progress=progress)
+    except data.DataError as e:
+        raise UsageError(str(e)) from e
+    for w in caught:
+        print(f"fastvae {command}: warning: {w.message}", file=sys.stderr)
+    return images, name

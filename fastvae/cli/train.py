@@ -19,8 +19,11 @@ from typing import Any
 
 from .args import (
     UsageError,
+    add_data_options,
+    data_record,
     finite_float,
     int_list,
+    load_data,
     non_negative_float,
     non_negative_int,
     number,
@@ -41,16 +44,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a VAE (default: scikit-learn's 8x8 digits)",
                        description="Train a VAE with fastvae's fused losses and write a "
                                    "checkpoint, metrics and PNG grids to --out.")
-    p.add_argument("--data", default="digits",
-                   help="'digits' (embedded, default), a .npz file or an MNIST IDX images file "
-                        "(optionally .gz)")
-    p.add_argument("--key", default=None,
-                   help="the array of a .npz file that holds several (default: its only one)")
-    p.add_argument("--pixel-max", type=positive_float, default=None,
-                   help="the pixel value that is white (default: 255 for uint8, 1 for bool and "
-                        "float data; required for other integer types)")
-    p.add_argument("--shape", type=int_list, default=None, metavar="C,H,W",
-                   help="the image shape of each row (required for flat (N, D) arrays)")
+    add_data_options(p, default="digits",
+                     data_help="'digits' (embedded, default), a .npz file, an MNIST IDX images "
+                               "file (optionally .gz) or a folder of image files (PNG, JPEG, "
+                               "...; every one below it, read with Pillow)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<data name>)")
     p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -123,8 +120,12 @@ def run(args: argparse.Namespace) -> int:
             fv.set_backend(args.backend)
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"--backend: {e}") from e
-    images, name, config = _data_and_config(args)
+    config = _train_config(args)
+    record = data_record(args)
+    first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 shows the bar
+    images, name = load_data(record, command="train", progress=not args.no_progress and first)
     train_x, val_x = data.split(images, args.val_fraction, args.seed)
+    record |= {"val_fraction": args.val_fraction, "split_seed": args.seed}
     model_config = _model_config(args, tuple(images.shape[1:]))
     out_dir = _make_out_dir(Path(args.out) if args.out else Path("runs") / name)
 
@@ -138,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             result = train(model_config, train_x, val_x, config, device=device,
-                           out_dir=out_dir, resume=args.resume, progress=not args.no_progress)
+                           out_dir=out_dir, resume=args.resume, progress=not args.no_progress,
+                           data_record=record)
         except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from e
         except NonFiniteLossError as e:
@@ -164,30 +166,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_and_config(args: argparse.Namespace):
-    """The images, the data set's name and the TrainConfig, or a UsageError saying what is
-    wrong with them."""
-    from fastvae.training import data
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig, or a UsageError saying what is wrong with it (in the options' names)."""
     from fastvae.training.trainer import TrainConfig
 
     try:
-        if args.shape is not None and len(args.shape) != 3:
-            raise UsageError(f"--shape: expected three sizes C,H,W, got {args.shape}")
-        images, name = data.load(args.data, key=args.key, pixel_max=args.pixel_max,
-                                 shape=args.shape)
-        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             beta=args.beta, warmup_epochs=args.warmup, cycles=args.cycles,
-                             cycle_ratio=args.cycle_ratio, beta_shape=args.beta_shape,
-                             capacity=args.capacity, capacity_steps=args.capacity_steps,
-                             free_bits=args.free_bits, grad_clip=args.grad_clip, seed=args.seed,
-                             amp=args.amp, on_nonfinite=args.on_nonfinite,
-                             iwae_samples=args.iwae_samples)
-    except data.DataError as e:
-        raise UsageError(str(e)) from e
+        return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           beta=args.beta, warmup_epochs=args.warmup, cycles=args.cycles,
+                           cycle_ratio=args.cycle_ratio, beta_shape=args.beta_shape,
+                           capacity=args.capacity, capacity_steps=args.capacity_steps,
+                           free_bits=args.free_bits, grad_clip=args.grad_clip, seed=args.seed,
+                           amp=args.amp, on_nonfinite=args.on_nonfinite,
+                           iwae_samples=args.iwae_samples)
     except ValueError as e:  # TrainConfig's message, in the options' names
         names = "|".join(sorted(_OPTIONS, key=len, reverse=True))
         raise UsageError(re.sub(rf"\b({names})\b", lambda m: _OPTIONS[m[1]], str(e))) from e
-    return images, name, config
 
 
 # TrainConfig fields -> the options that set them.

@@ -16,7 +16,7 @@ grid of ``n_bins`` levels, scaled to [-1, 1]).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -197,10 +197,11 @@ class VAE(nn.Module):
         return decoded.reshape(steps, *x1.shape)
 
     @torch.no_grad()
-    def log_likelihood(self, x: Tensor, n_samples: int = 1000, *,
-                       chunk_size: int = 100) -> Tensor:
+    def log_likelihood(self, x: Tensor, n_samples: int = 1000, *, chunk_size: int = 100,
+                       on_chunk: Callable[[int], object] | None = None) -> Tensor:
         """Importance-sampled ``log p(x)`` (IWAE bound with K = ``n_samples``), shape (B,).
-        Streams over K in chunks (running log-sum-exp), so K = 5000 fits in memory."""
+        Streams over K in chunks (running log-sum-exp), so K = 5000 fits in memory;
+        ``on_chunk(k)`` is called after each chunk of k samples (a progress bar's update)."""
         if n_samples < 1 or chunk_size < 1:
             raise ValueError("n_samples and chunk_size must be >= 1")
         mu, logvar = self.encode(x)
@@ -213,6 +214,8 @@ class VAE(nn.Module):
             log_px = -self.nll(recon, x_rep, reduction="none").view(k, x.shape[0])
             chunk = F.iwae_log_likelihood(log_px, z, mu, logvar) + math.log(k)
             total = chunk if total is None else torch.logaddexp(total, chunk)
+            if on_chunk is not None:
+                on_chunk(k)
         return total - math.log(n_samples)
 
     @torch.no_grad()

@@ -161,15 +161,23 @@ def load_vae(path: str | os.PathLike, map_location: str | torch.device = "cpu", 
     built by the caller, of the saved architecture); else the checkpoint's ``build_vae``
     arguments rebuild it. Raises ``CheckpointError`` (a ``ValueError``) for a missing or bad
     file, a model built by the caller without ``model``, or weights of another model."""
+    return vae_from_checkpoint(load(path), path, map_location, model=model)
+
+
+def vae_from_checkpoint(ckpt: Checkpoint, path: str | os.PathLike,
+                        map_location: str | torch.device = "cpu", *, model=None):
+    """``load_vae`` of a checkpoint already read (``path``: its file, for the messages)."""
     from ..models.vae import build_vae
 
-    ckpt = load(path)
     if model is None:
         if not ckpt.model_config:
             raise CheckpointError(f"{path} holds a VAE built by the caller, not by build_vae: "
                                   "build the same model and pass it, load_vae(path, "
                                   "model=...)")
-        model = build_vae(**ckpt.model_config)
+        try:
+            model = build_vae(**ckpt.model_config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} records a model that cannot be built: {e}") from e
     try:
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as e:

@@ -1,19 +1,25 @@
 """Data sets for ``fastvae train``: images as float32 tensors ``(n, C, H, W)`` in [0, 1].
 
 Sources: scikit-learn's 8x8 digits (shipped inside scikit-learn: no download), ``.npz`` files,
-and MNIST IDX files (``*-idx3-ubyte``, optionally gzipped). Nothing is guessed: an ``.npz`` of
-several arrays needs ``key``, flat ``(n, D)`` arrays need ``shape``, integer types other than
-uint8 need ``pixel_max`` (see ``to_images``). A bad source raises ``DataError`` with a one-line
-message that names the choices.
+MNIST IDX files (``*-idx3-ubyte``, optionally gzipped) and folders of image files (PNG, JPEG,
+...: ``load_image_folder``). Nothing is guessed: an ``.npz`` of several arrays needs ``key``,
+flat ``(n, D)`` arrays need ``shape``, integer types other than uint8 need ``pixel_max`` (see
+``to_images``), images of several sizes need ``image_size``. A bad source raises ``DataError``
+with a one-line message that names the choices.
 """
 
 from __future__ import annotations
 
 import gzip
 import math
+import os
 import struct
+import warnings
 import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -243,23 +249,236 @@ def as_training_data(x: Tensor | np.ndarray, name: str,
     return x.float() / scale
 
 
+# The files ``load_image_folder`` reads: the still-image formats of Pillow that photos and data
+# sets come in. Files with other suffixes (labels, READMEs, .DS_Store) are not images: they are
+# listed in ``ImageFolder.ignored``, not read.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff",
+                    ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
+
+
+class ImageFolder(NamedTuple):
+    """What ``load_image_folder`` read.
+
+    ``images``: uint8 ``(n, C, H, W)``, image i read from ``files[i]`` (paths relative to the
+    folder, ``/``-separated, in sorted order); ``skipped``: ``(file, reason)`` of every image
+    file that could not be read (empty, truncated, not an image); ``ignored``: the files that
+    are not images by their suffix (``IMAGE_EXTENSIONS``)."""
+
+    images: np.ndarray
+    files: list[str]
+    skipped: list[tuple[str, str]]
+    ignored: list[str]
+
+
+class _Unreadable(Exception):
+    """An image file that cannot be read, with the reason in words."""
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def describe_skipped(skipped: Sequence[tuple[str, str]], limit: int = 10) -> str:
+    """``"a.png (empty file), b.jpg (truncated ...)"``: the first ``limit`` skipped files and
+    their reasons, and how many more."""
+    shown = ", ".join(f"{name} ({reason})" for name, reason in skipped[:limit])
+    more = len(skipped) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _open(path: Path):
+    """The Pillow image of ``path``, or ``_Unreadable``. Pillow raises many types for a bad file
+    (OSError, SyntaxError, ValueError, struct.error, DecompressionBombError, ...): each is a
+    reason to skip the file, named in the message."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if path.stat().st_size == 0:
+            raise _Unreadable("empty file (0 bytes)")
+        return Image.open(path)
+    except _Unreadable:
+        raise
+    except UnidentifiedImageError:
+        raise _Unreadable("not an image Pillow can read") from None
+    except Exception as e:
+        raise _Unreadable(f"cannot open: {e}") from None
+
+
+def _decode(path: Path, channels: int, image_size: int | None) -> np.ndarray:
+    """One image file as uint8 ``(channels, H, W)``: grey (``L``) or RGB (alpha dropped; 16-bit
+    grey scaled by 1/257), resized so that its short side is ``image_size`` (bicubic, with
+    Pillow's antialiasing when shrinking) and centre-cropped to a square; ``_Unreadable``."""
+    from PIL import Image
+
+    with _open(path) as image:
+        try:
+            image.load()  # decode now: a truncated file fails here, not later
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                grey = np.asarray(image, dtype=np.float64) / 257.0
+                image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
+            elif image.mode == "F":
+                raise _Unreadable("floating-point pixels (mode F): no 8-bit range")
+            elif image.mode == "P":
+                image = image.convert("RGBA")  # a palette with transparency converts cleanly
+            image = image.convert("L" if channels == 1 else "RGB")
+            if image_size is not None and image.size != (image_size, image_size):
+                w, h = image.size
+                scale = image_size / min(w, h)
+                size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+                if size != (w, h):
+                    image = image.resize(size, Image.Resampling.BICUBIC)
+                left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+                image = image.crop((left, top, left + image_size, top + image_size))
+            array = np.asarray(image, dtype=np.uint8)
+        except _Unreadable:
+            raise
+        except Exception as e:  # see _open
+            reason = str(e) or type(e).__name__
+            raise _Unreadable(f"truncated: {reason}" if "truncated" in reason.lower()
+                              else f"cannot decode: {reason}") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header (nothing decoded), or ``_Unreadable``."""
+    with _open(path) as image:
+        return image.size
+
+
+def load_image_folder(path: str | os.PathLike, *, channels: int = 3,
+                      image_size: int | None = None, strict: bool = False,
+                      workers: int | None = None, progress: bool = False) -> ImageFolder:
+    """Every image file below ``path`` (recursively, in sorted order of the relative paths),
+    read with Pillow into one uint8 array ``(n, channels, H, W)``.
+
+    ``channels``: 1 (grey, ``L``) or 3 (RGB); alpha is dropped, palettes are expanded.
+    ``image_size`` S: each image is resized so that its short side is S (bicubic) and its
+    centre S x S cropped; without it every image must have the same size, else a
+    ``DataError`` lists the sizes found (with a file of each). Image files are those whose
+    suffix is in ``IMAGE_EXTENSIONS`` (case-insensitive); other files are listed in
+    ``ignored``. An image file that cannot be read (empty, truncated, not an image) is skipped
+    and listed with its reason in ``skipped`` (``strict``: a ``DataError`` naming them
+    instead). Files are decoded in parallel by ``workers`` threads (default: Python's
+    ``ThreadPoolExecutor`` default), with a tqdm progress bar when ``progress``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{path} is not a directory")
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise DataError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if image_size is not None and (isinstance(image_size, bool)
+                                   or not isinstance(image_size, int) or image_size < 1):
+        raise DataError(f"image_size must be an integer >= 1, got {image_size!r}")
+    every = sorted((p for p in root.rglob("*") if p.is_file()),
+                   key=lambda p: p.relative_to(root).parts)
+    candidates = [p for p in every if p.suffix.lower() in IMAGE_EXTENSIONS]
+    ignored = [_relative(p, root) for p in every if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    if not candidates:
+        raise DataError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                        + (f"; it holds {len(ignored)} other files, e.g. {ignored[0]}"
+                           if ignored else ""))
+    skipped: dict[int, str] = {}
+
+    def run(task, indices: list[int], desc: str) -> dict[int, object]:
+        """task(i) for each index, in parallel, with a progress bar; the results by index,
+        the unreadable files' reasons into ``skipped``."""
+        from tqdm.auto import tqdm
+
+        results: dict[int, object] = {}
+        with (ThreadPoolExecutor(max_workers=workers) as pool,
+              tqdm(total=len(indices), unit="image", desc=desc, disable=not progress) as bar):
+            futures = {i: pool.submit(task, i) for i in indices}
+            for i, future in futures.items():
+                try:
+                    results[i] = future.result()
+                except _Unreadable as e:
+                    skipped[i] = str(e)
+                bar.update(1)
+        return results
+
+    indices = list(range(len(candidates)))
+    if image_size is None:
+        sizes = run(lambda i: _header_size(candidates[i]), indices, "sizes")
+        found: dict[tuple[int, int], list[int]] = {}
+        for i, size in sizes.items():
+            found.setdefault(size, []).append(i)  # type: ignore[arg-type]
+        if len(found) > 1:
+            listing = ", ".join(f"{w}x{h} ({len(files)} file{'s' if len(files) > 1 else ''}, e.g. "
+                                f"{_relative(candidates[files[0]], root)})"
+                                for (w, h), files in sorted(found.items(),
+                                                            key=lambda kv: -len(kv[1])))
+            raise DataError(f"{path}: the images have {len(found)} sizes (width x height): "
+                            f"{listing}; give --image-size S (Python: image_size=S) to resize "
+                            "the short side to S and crop the centre S x S")
+        indices = sorted(sizes)
+        width, height = next(iter(found)) if found else (1, 1)
+    else:
+        width = height = image_size
+    images = np.empty((len(candidates), channels, height, width), dtype=np.uint8)
+
+    def read(i: int) -> None:
+        array = _decode(candidates[i], channels, image_size)
+        if array.shape[1:] != (height, width):  # e.g. a header that lies about the size
+            raise _Unreadable(f"decoded {array.shape[2]}x{array.shape[1]}, not the "
+                              f"{width}x{height} of the other images")
+        images[i] = array
+
+    run(read, indices, f"read {root.name or path}")
+    keep = [i for i in range(len(candidates)) if i not in skipped]
+    for j, i in enumerate(keep):  # close the gaps of skipped files, in place
+        if i != j:
+            images[j] = images[i]
+    listed = [(_relative(candidates[i], root), skipped[i]) for i in sorted(skipped)]
+    if not keep:
+        raise DataError(f"{path}: none of its {len(listed)} image files can be read: "
+                        f"{describe_skipped(listed)}")
+    if strict and listed:
+        raise DataError(f"{path}: {len(listed)} image files cannot be read: "
+                        f"{describe_skipped(listed)}")
+    return ImageFolder(images[:len(keep)], [_relative(candidates[i], root) for i in keep],
+                       listed, ignored)
+
+
 def load(source: str | None, *, key: str | None = None, pixel_max: float | None = None,
-         shape: tuple[int, int, int] | None = None) -> tuple[Tensor, str]:
+         shape: tuple[int, int, int] | None = None, channels: int | None = None,
+         image_size: int | None = None, strict: bool = False,
+         progress: bool = False) -> tuple[Tensor, str]:
     """Images from ``source`` (None or "digits": the embedded digits; a .npz file, its array
-    chosen by ``key``; an IDX file) read by ``to_images``'s rules, and a short name for them.
-    ``key``, ``pixel_max`` and ``shape`` are for files: the digits are 8x8 values 0..16."""
+    chosen by ``key``; an IDX file; a directory: its image files, read by
+    ``load_image_folder``) read by ``to_images``'s rules, and a short name for them.
+    ``key``, ``pixel_max`` and ``shape`` are for files: the digits are 8x8 values 0..16;
+    ``channels`` (default 3), ``image_size``, ``strict`` and ``progress`` for folders, whose
+    unreadable files are skipped with a ``UserWarning`` that lists them (``strict``: a
+    ``DataError``)."""
+    folder_options = [n for n, v in (("channels", channels), ("image_size", image_size),
+                                     ("strict", strict or None)) if v is not None]
     if source is None or source == "digits":
         given = [n for n, v in (("key", key), ("pixel_max", pixel_max), ("shape", shape))
-                 if v is not None]
+                 if v is not None] + folder_options
         if given:
             raise DataError(f"the digits data set is read as it is (1x8x8, 0..16 scaled to "
                             f"[0, 1]): {', '.join(given)} apply to data files only")
         return load_digits(), "digits"
     path = Path(source)
     if not path.exists():
-        raise DataError(f"no such data file: {source}")
+        raise DataError(f"no such data file or directory: {source}")
     if path.is_dir():
-        raise DataError(f"{source} is a directory; give a .npz or IDX file")
+        given = [n for n, v in (("key", key), ("pixel_max", pixel_max), ("shape", shape))
+                 if v is not None]
+        if given:
+            raise DataError(f"{source} is a folder of image files (8-bit pixels, each image's "
+                            f"own shape): {', '.join(given)} apply to array files only")
+        folder = load_image_folder(path, channels=3 if channels is None else channels,
+                                   image_size=image_size, strict=strict, progress=progress)
+        if folder.skipped:
+            warnings.warn(f"{source}: skipped {len(folder.skipped)} image files that cannot "
+                          f"be read: {describe_skipped(folder.skipped)}", UserWarning,
+                          stacklevel=2)
+        return (to_images(folder.images, source, shape=folder.images.shape[1:]),
+                path.resolve().name)
+    if folder_options:
+        raise DataError(f"{source} is a file: {', '.join(folder_options)} apply to folders "
+                        "of image files only")
     if path.suffix == ".npz":
         return (to_images(npz_array(path, key), source, pixel_max=pixel_max, shape=shape),
                 path.stem)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -140,24 +141,54 @@ def save_kl_bars(model, data: Tensor, path: str | Path, *, threshold: float = 0.
 
 
 @torch.no_grad()
-def save_all(model, val_data: Tensor, history: Sequence[dict], out_dir: str | Path, *,
-             seed: int = 0) -> list[Path]:
-    """samples.png, reconstructions.png, interpolations.png, traversals.png (around the first
-    validation image), kl_per_dimension.png and loss_curve.png."""
-    out_dir = Path(out_dir)
+def save_samples(model, path: str | Path, n: int = 64, *, seed: int = 0,
+                 ncols: int | None = None) -> Path:
+    """``n`` samples from the prior (``model.sample``, noise from a generator on the model's
+    device seeded with ``seed``), ``ncols`` per row (default ceil(sqrt(n)): 8 for 64)."""
     device = next(model.parameters()).device
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    paths = [save_grid(model.sample(64, generator=gen), out_dir / "samples.png", 8)]
-    x = val_data[:32].to(device)
+    return save_grid(model.sample(n, generator=gen), path, ncols or math.ceil(math.sqrt(n)))
+
+
+@torch.no_grad()
+def save_reconstructions(model, x: Tensor, path: str | Path, ncols: int = 8) -> Path:
+    """Each image of ``x`` followed by its reconstruction (``model.reconstruct``), ``ncols``
+    images per row (4 pairs for 8)."""
+    device = next(model.parameters()).device
+    model.eval()
+    x = x.to(device)
     pairs = torch.stack([x, model.reconstruct(x)], 1).flatten(0, 1)
-    paths.append(save_grid(pairs, out_dir / "reconstructions.png", 8))
-    n = min(8, x.shape[0] // 2)
-    steps = 10
-    path = model.interpolate(x[:n], x[n:2 * n], steps=steps)  # (steps, n, C, H, W)
-    paths.append(save_grid(path.transpose(0, 1).flatten(0, 1), out_dir / "interpolations.png",
-                           steps))
-    paths.append(save_traversals(model, x[0], out_dir / "traversals.png"))
-    paths.append(save_kl_bars(model, val_data, out_dir / "kl_per_dimension.png"))
-    paths.append(save_loss_curve(history, out_dir / "loss_curve.png"))
+    return save_grid(pairs, path, ncols)
+
+
+@torch.no_grad()
+def save_interpolations(model, x: Tensor, path: str | Path, *, pairs: int = 8,
+                        steps: int = 10, method: str = "linear") -> Path:
+    """One row per pair: ``model.interpolate`` in ``steps`` from ``x[i]`` to
+    ``x[pairs + i]`` (``pairs`` at most ``len(x) // 2``), ``method`` linear or slerp."""
+    device = next(model.parameters()).device
+    model.eval()
+    x = x.to(device)
+    n = min(pairs, x.shape[0] // 2)
+    path_ = model.interpolate(x[:n], x[n:2 * n], steps=steps, method=method)
+    return save_grid(path_.transpose(0, 1).flatten(0, 1), path, steps)
+
+
+@torch.no_grad()
+def save_all(model, val_data: Tensor, history: Sequence[dict], out_dir: str | Path, *,
+             seed: int = 0) -> list[Path]:
+    """samples.png, reconstructions.png (the first 32 validation images), interpolations.png
+    (8 pairs of them), traversals.png (around the first validation image),
+    kl_per_dimension.png and loss_curve.png. ``fastvae sample``, ``reconstruct`` and
+    ``interpolate`` write the first three again from a checkpoint, by the same functions."""
+    out_dir = Path(out_dir)
+    device = next(model.parameters()).device
+    x = val_data[:32].to(device)
+    paths = [save_samples(model, out_dir / "samples.png", 64, seed=seed),
+             save_reconstructions(model, x, out_dir / "reconstructions.png"),
+             save_interpolations(model, x, out_dir / "interpolations.png"),
+             save_traversals(model, x[0], out_dir / "traversals.png"),
+             save_kl_bars(model, val_data, out_dir / "kl_per_dimension.png"),
+             save_loss_curve(history, out_dir / "loss_curve.png")]
     return paths

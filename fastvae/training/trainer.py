@@ -187,24 +187,44 @@ def _distributed() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate(model: VAE, data: Tensor, batch_size: int = 512, *,
-             iwae_samples: int = 0) -> dict[str, Any]:
-    """Mean negative ELBO (beta = 1), reconstruction NLL and KL per example; active units and
-    per-dimension KL; the IWAE log-likelihood with ``iwae_samples`` > 0."""
+def evaluate(model: VAE, data: Tensor, batch_size: int = 512, *, iwae_samples: int = 0,
+             seed: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Mean negative ELBO (beta = 1, one posterior sample per example), reconstruction NLL and
+    KL per example; active units (Burda et al. 2016: Var_x E_q[z_d] > 0.01) and
+    per-dimension KL; with ``iwae_samples`` K > 0 the IWAE bound of Burda et al. (2016),
+    ``log p(x) >= E[log (1/K) sum_k p(x, z_k) / q(z_k | x)]``, the mean over ``data`` of
+    ``model.log_likelihood(x, K)`` (streamed over K in chunks: K = 5000 fits in memory).
+
+    ``data``: ``(n, *input_shape)`` on any device, evaluated in batches of ``batch_size`` on
+    the model's. ``seed``: the noise comes from torch's generator seeded with it (and the
+    caller's generator state is left as it was), so that the same model, data, seed,
+    ``batch_size`` and device give the same numbers: ``fastvae train``'s final metrics use the
+    training seed, and ``fastvae eval`` reproduces them. ``progress``: a tqdm bar over the
+    importance samples (or the images, without IWAE)."""
     model.eval()
     device = next(model.parameters()).device
-    totals = {"nll": 0.0, "kl": 0.0}
-    mus, kl_dims, ll = [], [], []
-    for start in range(0, data.shape[0], batch_size):
-        x = data[start:start + batch_size].to(device)
-        out = model(x, beta=1.0, free_bits=0.0, reduction="sum")
-        totals["nll"] += float(out.nll)
-        totals["kl"] += float(out.kl)
-        mus.append(out.mu.float().cpu())
-        kl_dims.append(model.kl_per_dimension(x).double().cpu() * x.shape[0])
-        if iwae_samples > 0:
-            ll.append(model.log_likelihood(x, iwae_samples).double().cpu())
     n = data.shape[0]
+    forked = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+              if seed is not None else contextlib.nullcontext())
+    with forked, _eval_bar(n, iwae_samples, progress) as bar:
+        if seed is not None:
+            torch.manual_seed(seed)
+        totals = {"nll": 0.0, "kl": 0.0}
+        mus, kl_dims, ll = [], [], []
+        for start in range(0, n, batch_size):
+            x = data[start:start + batch_size].to(device)
+            out = model(x, beta=1.0, free_bits=0.0, reduction="sum")
+            totals["nll"] += float(out.nll)
+            totals["kl"] += float(out.kl)
+            mus.append(out.mu.float().cpu())
+            kl_dims.append(model.kl_per_dimension(x).double().cpu() * x.shape[0])
+            if iwae_samples > 0:
+                rows = x.shape[0]
+                ll.append(model.log_likelihood(
+                    x, iwae_samples, on_chunk=lambda k, rows=rows: bar.update(k * rows)
+                ).double().cpu())
+            else:
+                bar.update(x.shape[0])
     n_active, _ = active_units(torch.cat(mus))
     result: dict[str, Any] = {
         "elbo": -(totals["nll"] + totals["kl"]) / n,
@@ -217,6 +237,15 @@ def evaluate(model: VAE, data: Tensor, batch_size: int = 512, *,
         result["iwae_log_likelihood"] = float(torch.cat(ll).mean())
         result["iwae_samples"] = iwae_samples
     return result
+
+
+def _eval_bar(n: int, iwae_samples: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    if iwae_samples > 0:
+        return tqdm(total=n * iwae_samples, unit="sample", unit_scale=True,
+                    desc=f"IWAE K={iwae_samples}", disable=not progress)
+    return tqdm(total=n, unit="image", desc="eval", disable=not progress)
 
 
 _TERMS = ("loss", "reconstruction NLL", "KL")
@@ -282,7 +311,7 @@ def _write_metrics(out_dir: Path, history: list[EpochMetrics], extra: dict[str, 
 def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
           config: TrainConfig, *, device: str | torch.device = "cpu",
           out_dir: str | Path | None = None, resume: str | Path | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, data_record: dict[str, Any] | None = None) -> TrainResult:
     """Train a VAE on ``train_data`` (``(n, *input_shape)`` images in [0, 1]).
 
     ``model``: keyword arguments of ``build_vae`` (built here, initial weights from
@@ -300,6 +329,12 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
     other integer types are refused (scale them with ``fastvae.training.data.to_images(x,
     pixel_max=...)``). With ``build_vae`` arguments, the images' shape must be
     ``input_shape``.
+
+    ``data_record``: JSON values that say where the data came from (``fastvae train`` records
+    the source, its options, the validation fraction and the split's seed), kept in the
+    checkpoint and ``metrics.json`` under ``"data"``: ``fastvae eval`` rebuilds the validation
+    set from it. The final metrics (``result.final``) are ``evaluate`` with
+    ``seed=config.seed``.
     """
     rank, world = _distributed()
     device = torch.device(device)
@@ -318,6 +353,8 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
     steps_per_epoch = math.ceil(train_data.shape[0] / world / config.batch_size)
     start_epoch, history, step = 0, [], 0
     files: dict[str, Any] = {"model_config": model_config, "train_config": config_record(config)}
+    if data_record is not None:
+        files["data"] = json.loads(json.dumps(data_record))
     if resume is not None:
         start_epoch, history, files["resumed"] = _resume(resume, model, model_config,
                                                          optimizer, config)
@@ -365,7 +402,8 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
 
     result = TrainResult(model, history, resumed=files.get("resumed"))
     if rank == 0:
-        result.final = evaluate(model, val_data, iwae_samples=config.iwae_samples)
+        result.final = evaluate(model, val_data, iwae_samples=config.iwae_samples,
+                                seed=config.seed, progress=progress)
         result.final["train_seconds"] = time.perf_counter() - t_start
         if out_path is not None:
             _write_metrics(out_path, history, {**files, "final": result.final})

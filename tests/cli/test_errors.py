@@ -1,6 +1,6 @@
 """Bad input to every command of the ``fastvae`` CLI: exit status 2, one line on
-stderr that names the culprit (the option, the file), no traceback, nothing trained or
-benchmarked, nothing written to ``--out``."""
+stderr that names the culprit (the option, the file, the checkpoint), no traceback, nothing
+trained, benchmarked or evaluated, nothing written to ``--out`` (or ``--json``)."""
 
 from __future__ import annotations
 
@@ -56,8 +56,34 @@ def make_files(d: Path) -> None:
     torch.manual_seed(0)
     other = {"input_shape": [1, 8, 8], "latent_dim": 2, "arch": "mlp", "hidden": [4],
              "likelihood": "bernoulli", "obs_logvar": 0.0, "logvar_limit": None}
-    checkpoint.save(d / "other_model.safetensors",
-                    checkpoint.Checkpoint(other, build_vae(**other).state_dict()))
+    weights = build_vae(**other).state_dict()
+    checkpoint.save(d / "other_model.safetensors", checkpoint.Checkpoint(other, weights))
+    # checkpoints that the commands reading models refuse
+    checkpoint.save(d / "user_networks.safetensors", checkpoint.Checkpoint({}, weights))
+    checkpoint.save(d / "unknown_kind.safetensors",
+                    checkpoint.Checkpoint({**other, "kind": "gan"}, weights))
+    checkpoint.save(d / "unbuildable.safetensors",
+                    checkpoint.Checkpoint({**other, "arch": "rnn"}, weights))
+    checkpoint.save(d / "wrong_weights.safetensors",
+                    checkpoint.Checkpoint({**other, "latent_dim": 3}, weights))
+    gone = {"source": str(d / "gone.npz"), "key": None, "pixel_max": None, "shape": None,
+            "channels": None, "image_size": None, "strict": False, "val_fraction": 0.1,
+            "split_seed": 0}
+    checkpoint.save(d / "data_gone.safetensors",
+                    checkpoint.Checkpoint(other, weights, trainer_state={"data": gone}))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(d / "plain.safetensors"))
+    # folders of images
+    from PIL import Image
+
+    for name, sizes in (("broken_images", [(4, 4), (4, 4)]), ("mixed_sizes", [(4, 4), (5, 3)])):
+        (d / name).mkdir()
+        for i, size in enumerate(sizes):
+            Image.new("L", size, 100 + i).save(d / name / f"{i}.png")
+    (d / "broken_images" / "zero.png").write_bytes(b"")
+    (d / "no_images").mkdir()
+    (d / "no_images" / "notes.txt").write_text("no pictures here")
 
 
 def _zip_with_npy(npy: Path) -> bytes:
@@ -122,7 +148,19 @@ TRAIN = [
     ("unknown_option", ["--learning-rate", "1"], ["--learning-rate"]),
     # --data
     ("data_missing", ["--data", "{d}/missing.npz"], ["missing.npz", "no such"]),
-    ("data_directory", ["--data", "{d}/a_directory"], ["a_directory", "directory"]),
+    ("data_directory", ["--data", "{d}/a_directory"], ["a_directory", "no image files"]),
+    ("data_folder_no_images", ["--data", "{d}/no_images"], ["no_images", "notes.txt"]),
+    ("data_folder_mixed_sizes", ["--data", "{d}/mixed_sizes"],
+     ["mixed_sizes", "4x4", "5x3", "--image-size"]),
+    ("data_folder_with_key", ["--data", "{d}/broken_images", "--key", "x"],
+     ["broken_images", "key"]),
+    ("strict_broken_file", ["--data", "{d}/broken_images", "--strict"],
+     ["broken_images", "zero.png", "empty"]),
+    ("channels_two", ["--channels", "2"], ["--channels", "1 (grey) or 3"]),
+    ("channels_with_file", ["--data", "{d}/flat.npz", "--channels", "1"],
+     ["flat.npz", "channels", "folders"]),
+    ("image_size_zero", ["--image-size", "0"], ["--image-size", ">= 1"]),
+    ("image_size_with_digits", ["--image-size", "8"], ["image_size", "digits"]),
     ("data_empty_npz", ["--data", "{d}/empty.npz"], ["empty.npz", "cannot read"]),
     ("data_garbage_npz", ["--data", "{d}/garbage.npz"], ["garbage.npz", "cannot read"]),
     ("data_no_arrays", ["--data", "{d}/no_arrays.npz"], ["no_arrays.npz", "no arrays"]),
@@ -178,6 +216,77 @@ if not GPU:
     BENCH += [("backends_cuda_without_gpu", ["--backends", "cuda"], ["--backends", "'cuda'"]),
               ("device_cuda_without_gpu", ["--device", "cuda"], ["--device cuda", "GPU"])]
 
+# The commands that read a checkpoint: what is wrong with it, with the held-out data, with
+# each option. "{ok}" is a good VAE checkpoint (1x8x8) that records no training data.
+CHECKPOINT_ROWS = [
+    ("checkpoint_missing", ["{d}/missing.safetensors"], ["missing.safetensors", "cannot read"]),
+    ("checkpoint_junk", ["{d}/junk.safetensors"], ["junk.safetensors", "not a readable"]),
+    ("checkpoint_empty", ["{d}/empty.safetensors"], ["empty.safetensors"]),
+    ("checkpoint_directory", ["{d}/a_directory"], ["a_directory"]),
+    ("checkpoint_not_fastvae", ["{d}/plain.safetensors"],
+     ["plain.safetensors", "not a fastvae checkpoint"]),
+    ("checkpoint_user_networks", ["{d}/user_networks.safetensors"],
+     ["user_networks.safetensors", "user networks", "cannot be rebuilt"]),
+    ("checkpoint_unknown_kind", ["{d}/unknown_kind.safetensors"],
+     ["unknown_kind.safetensors", "'gan'"]),
+    ("checkpoint_unbuildable", ["{d}/unbuildable.safetensors"],
+     ["unbuildable.safetensors", "cannot be built", "'rnn'"]),
+    ("checkpoint_wrong_weights", ["{d}/wrong_weights.safetensors"],
+     ["wrong_weights.safetensors", "weights of another model"]),
+    ("device_unknown", ["{ok}", "--device", "tpu"], ["--device"]),
+    ("backend_unknown", ["{ok}", "--backend", "bogus"], ["--backend", "'bogus'"]),
+    ("unknown_option", ["{ok}", "--frobnicate"], ["--frobnicate"]),
+    ("no_checkpoint", [], ["checkpoint"]),
+]
+HELD_OUT_ROWS = [
+    ("data_not_recorded", ["{ok}"], ["other_model.safetensors", "does not record", "--data"]),
+    ("data_recorded_gone", ["{d}/data_gone.safetensors"],
+     ["data_gone.safetensors", "gone.npz", "no such"]),
+    ("data_missing", ["{ok}", "--data", "{d}/missing.npz"], ["missing.npz", "no such"]),
+    ("data_shape_mismatch", ["{ok}", "--data", "{d}/flat.npz", "--shape", "1,5,6"],
+     ["flat.npz", "(1, 5, 6)", "input_shape (1, 8, 8)"]),
+    ("data_folder_shape_mismatch", ["{ok}", "--data", "{d}/mixed_sizes", "--image-size", "4"],
+     ["mixed_sizes", "(1, 4, 4)", "(1, 8, 8)", "--image-size"]),
+    ("key_unknown", ["{ok}", "--data", "{d}/flat.npz", "--key", "nope"], ["'nope'"]),
+    ("key_without_data", ["{ok}", "--key", "x"], ["--key", "--data"]),
+    ("pixel_max_zero", ["{ok}", "--data", "{d}/flat.npz", "--pixel-max", "0"],
+     ["--pixel-max", "> 0"]),
+    ("shape_two_sizes", ["{ok}", "--data", "{d}/flat.npz", "--shape", "6,5"],
+     ["--shape", "C,H,W"]),
+    ("channels_two", ["{ok}", "--channels", "2"], ["--channels"]),
+    ("image_size_zero", ["{ok}", "--image-size", "0"], ["--image-size"]),
+    ("strict_broken_file", ["{ok}", "--data", "{d}/broken_images", "--strict"],
+     ["zero.png", "empty"]),
+]
+OUT_ROWS = [
+    ("out_is_a_directory", ["{ok}", "--out", "{d}/a_directory"], ["--out", "a_directory"]),
+    ("out_in_missing_directory", ["{ok}", "--out", "{d}/nowhere/x.png"], ["--out", "nowhere"]),
+    ("out_not_a_picture", ["{ok}", "--out", "{d}/x.txt"], ["--out", "x.txt", "suffix"]),
+]
+EVAL = [*CHECKPOINT_ROWS, *HELD_OUT_ROWS,
+        ("iwae_samples_negative", ["{ok}", "--iwae-samples", "-1"], ["--iwae-samples"]),
+        ("batch_size_zero", ["{ok}", "--batch-size", "0"], ["--batch-size", ">= 1"]),
+        ("seed_negative", ["{ok}", "--seed", "-1"], ["--seed"]),
+        ("json_is_a_directory", ["{ok}", "--json", "{d}/a_directory"],
+         ["--json", "a_directory"]),
+        ("json_in_missing_directory", ["{ok}", "--json", "{d}/nowhere/m.json"],
+         ["--json", "nowhere"])]
+SAMPLE = [*CHECKPOINT_ROWS, *OUT_ROWS,
+          ("n_zero", ["{ok}", "--n", "0"], ["--n", ">= 1"]),
+          ("ncols_word", ["{ok}", "--ncols", "many"], ["--ncols", "'many'"]),
+          ("seed_huge", ["{ok}", "--seed", str(2**40)], ["--seed"]),
+          ("data_not_an_option", ["{ok}", "--data", "{d}/flat.npz"], ["--data"])]
+RECONSTRUCT = [*CHECKPOINT_ROWS, *HELD_OUT_ROWS, *OUT_ROWS,
+               ("n_zero", ["{ok}", "--n", "0"], ["--n"]),
+               ("ncols_zero", ["{ok}", "--ncols", "0"], ["--ncols"])]
+INTERPOLATE = [*CHECKPOINT_ROWS, *HELD_OUT_ROWS, *OUT_ROWS,
+               ("steps_one", ["{ok}", "--data", "{d}/flat.npz", "--shape", "1,1,30",
+                              "--steps", "1"], ["--steps", ">= 2"]),
+               ("pairs_zero", ["{ok}", "--pairs", "0"], ["--pairs"]),
+               ("method_unknown", ["{ok}", "--method", "cubic"], ["--method", "'cubic'"])]
+READERS = {"eval": EVAL, "sample": SAMPLE, "reconstruct": RECONSTRUCT,
+           "interpolate": INTERPOLATE}
+
 OTHER = [
     ("info_argument", ["info", "--verbose"], ["--verbose"]),
     ("no_command", [], ["command"]),
@@ -186,6 +295,7 @@ OTHER = [
 
 TABLE = ([(f"train-{i}", ["train", *argv], w) for i, argv, w in TRAIN]
          + [(f"bench-{i}", ["bench", *argv], w) for i, argv, w in BENCH]
+         + [(f"{c}-{i}", [c, *argv], w) for c, rows in READERS.items() for i, argv, w in rows]
          + OTHER)
 
 
@@ -199,13 +309,21 @@ def bad_files(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("argv", "words"), [pytest.param(a, w, id=i) for i, a, w in TABLE])
 def test_bad_cli_input(argv, words, bad_files, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything written by mistake lands here
-    argv = [a.replace("{d}", str(bad_files)) for a in argv]
+    argv = [a.replace("{ok}", "{d}/other_model.safetensors").replace("{d}", str(bad_files))
+            for a in argv]
     if argv[:1] == ["train"]:
         argv += ["--epochs", "1", "--no-progress", "--no-images", "--iwae-samples", "0"]
         if "--out" not in argv:
             argv += ["--out", str(tmp_path / "out")]
     elif argv[:1] == ["bench"] and "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
+    elif argv[:1] in (["reconstruct"], ["interpolate"]) and argv[1:]:
+        argv += ["--no-progress"]
+    elif argv[:1] == ["eval"]:
+        argv += ["--no-progress", "--iwae-samples", "2"]
+        if "--json" not in argv:
+            argv += ["--json", str(tmp_path / "out" / "eval.json")]
+            (tmp_path / "out").mkdir()
     code = main(argv)
     captured = capsys.readouterr()
     err = captured.err
@@ -219,16 +337,20 @@ def test_bad_cli_input(argv, words, bad_files, tmp_path, capsys, monkeypatch):
     assert not out.exists() or not any(out.iterdir()), "files were written"
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "benchmarks").exists()
+    assert not list(tmp_path.glob("*.png")), "a picture was written"
+    assert not list(bad_files.glob("*.json"))
+    assert not list(bad_files.glob("*.png"))
 
 
 def test_table_covers_every_option():
-    """Every option of train and bench has at least one bad-input row."""
+    """Every option of every command has at least one bad-input row."""
     from fastvae.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     harmless = {"--help", "--no-images", "--no-progress", "--amp", "--no-compile",
                 "--no-train-step"}
-    for command, rows in (("train", TRAIN), ("bench", BENCH)):
+    assert set(sub.choices) == {"train", "bench", "info", *READERS}
+    for command, rows in (("train", TRAIN), ("bench", BENCH), *READERS.items()):
         options = {o for a in sub.choices[command]._actions for o in a.option_strings
                    if o.startswith("--")} - harmless
         covered = {a for _, argv, _ in rows for a in argv if a.startswith("--")}

@@ -62,7 +62,7 @@ BAD_CALLS = [
      CheckpointError, ["none.safetensors"]),
     # --- data
     ("data_missing", lambda d: data.load(str(d / "x.npz")), DataError, ["x.npz"]),
-    ("data_directory", lambda d: data.load(str(d)), DataError, ["directory"]),
+    ("data_empty_directory", lambda d: data.load(str(d)), DataError, ["no image files"]),
     ("data_images_1d", lambda d: data.to_images(np.zeros(5), "src"), DataError, ["src", "(5,)"]),
     ("data_images_range", lambda d: data.to_images(np.full((3, 2, 2), 2.0), "src"), DataError,
      ["src", "[0, 1]"]),
