@@ -40,10 +40,11 @@ from .ops.losses import (
     GaussianKLLoss,
     GaussianNLLLoss,
 )
-from .ops.quantize import nearest_code
+from .ops.quantize import VQOutput, nearest_code, vector_quantize
 from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
+    from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
     from .models.vae import VAE, VAEOutput, build_vae
     from .training.checkpoint import load_vae, save_vae
     from .training.trainer import NonFiniteLossError, TrainConfig, TrainResult, train
@@ -55,6 +56,9 @@ _LAZY = {
     "VAE": "fastvae.models.vae",
     "VAEOutput": "fastvae.models.vae",
     "build_vae": "fastvae.models.vae",
+    "QuantizerOutput": "fastvae.models.quantizer",
+    "VectorQuantize": "fastvae.models.quantizer",
+    "VectorQuantizer": "fastvae.models.quantizer",
     "NonFiniteLossError": "fastvae.training.trainer",
     "TrainConfig": "fastvae.training.trainer",
     "TrainResult": "fastvae.training.trainer",
@@ -86,9 +90,13 @@ __all__ = [
     "GaussianKLLoss",
     "GaussianNLLLoss",
     "NonFiniteLossError",
+    "QuantizerOutput",
     "TrainConfig",
     "TrainResult",
     "VAEOutput",
+    "VQOutput",
+    "VectorQuantize",
+    "VectorQuantizer",
     "__version__",
     "backends",
     "bernoulli_nll",
@@ -113,4 +121,5 @@ __all__ = [
     "use_backend",
     "vae_loss",
     "validation_enabled",
+    "vector_quantize",
 ]
