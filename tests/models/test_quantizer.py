@@ -106,7 +106,7 @@ def test_kmeans_init_on_the_first_training_batch():
     assert bool(vq.initted)
     means, counts = dense_kmeans(x.double(), 6, 4, perm)
     cs0 = counts.clamp_min(1)
-    _, cs, avg, cb = ema_reference(x, means, cs0, means * cs0[:, None], 0.5, 1e-5)
+    _, cs, _avg, cb = ema_reference(x, means, cs0, means * cs0[:, None], 0.5, 1e-5)
     torch.testing.assert_close(vq.cluster_size.double(), cs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vq.codebook.double(), cb, rtol=1e-5, atol=1e-5)
     # a second step does not run k-means again; a reload of an initialized state neither
@@ -194,7 +194,7 @@ def test_bfloat16_input_and_empty_batch():
     assert out.indices.shape == (0,)
 
 
-@pytest.mark.parametrize("kwargs, err, match", [
+@pytest.mark.parametrize(("kwargs", "err", "match"), [
     (dict(metric="l1"), ValueError, "metric"),
     (dict(decay=1.0), ValueError, "decay"),
     (dict(straight_through="x"), ValueError, "straight_through"),
