@@ -46,6 +46,7 @@ from .ops.validation import set_validation, validation_enabled
 if TYPE_CHECKING:
     from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
     from .models.vae import VAE, VAEOutput, build_vae
+    from .models.vqvae import VQVAE, VQVAEOutput, build_vqvae
     from .training.checkpoint import load_vae, save_vae
     from .training.trainer import NonFiniteLossError, TrainConfig, TrainResult, train
 
@@ -59,6 +60,9 @@ _LAZY = {
     "QuantizerOutput": "fastvae.models.quantizer",
     "VectorQuantize": "fastvae.models.quantizer",
     "VectorQuantizer": "fastvae.models.quantizer",
+    "VQVAE": "fastvae.models.vqvae",
+    "VQVAEOutput": "fastvae.models.vqvae",
+    "build_vqvae": "fastvae.models.vqvae",
     "NonFiniteLossError": "fastvae.training.trainer",
     "TrainConfig": "fastvae.training.trainer",
     "TrainResult": "fastvae.training.trainer",
@@ -83,6 +87,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "VAE",
+    "VQVAE",
     "BernoulliNLLLoss",
     "ContinuousBernoulliNLLLoss",
     "DiagonalGaussianDistribution",
@@ -95,12 +100,14 @@ __all__ = [
     "TrainResult",
     "VAEOutput",
     "VQOutput",
+    "VQVAEOutput",
     "VectorQuantize",
     "VectorQuantizer",
     "__version__",
     "backends",
     "bernoulli_nll",
     "build_vae",
+    "build_vqvae",
     "continuous_bernoulli_nll",
     "discretized_mix_logistic_nll",
     "discretized_mix_logistic_sample",

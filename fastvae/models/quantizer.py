@@ -318,6 +318,15 @@ class VectorQuantizer(nn.Module):
                                              self.dead_code_threshold, self.metric, sync)
             self.restarts.add_(restarted)
 
+    def nearest(self, x: Tensor) -> Tensor:
+        """The indices of the nearest codes of ``x (..., dim)`` (``fv.nearest_code``), without
+        gradients or statistics: int64 of shape ``x.shape[:-1]``."""
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
+        codebook = self.codebook.detach()
+        return nearest_code(x.detach().to(codebook.dtype), codebook, metric=self.metric)[0]
+
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """The codebook rows of ``indices`` (any shape) -> ``indices.shape + (dim,)``."""
         codes = self.codebook[indices]
