@@ -550,6 +550,7 @@ class VectorQuantize(nn.Module):
                 raise TypeError(f"fastvae.VectorQuantize.forward does not support {name}")
         freeze = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
         ema_update = self._ema_update if ema_update is None else bool(ema_update)
+        input_requires_grad = x.requires_grad  # the input's, not the projection's (as the package)
         only_one = x.dim() == 2
         if only_one:
             x = x[:, None, :]
@@ -584,7 +585,7 @@ class VectorQuantize(nn.Module):
         if self.training:
             commit_quantize = quantize if self.learnable_codebook and not freeze \
                 else quantize.detach()
-            if x.requires_grad and self.route_gradients_to_input:
+            if input_requires_grad and self.route_gradients_to_input:
                 mode = "rotation" if self.rotation_trick else "ste"
                 quantize = _straight_through(x.float(), quantize.float(), mode).to(dtype)
             if self.commitment_weight > 0:

@@ -224,3 +224,15 @@ def test_unsupported_arguments_raise_type_error_naming_them():
         vq(_x(1, 4, 8), mask=torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="learnable_codebook"):
         fv.VectorQuantize(8, 32, learnable_codebook=True)
+
+
+def test_projection_gradients_when_the_input_needs_none():
+    # the straight-through applies only when the input itself requires grad (as the package)
+    theirs, ours = _pair(8, 16, codebook_dim=4)
+    x = _x(2, 10, 8)
+    for vq in (theirs, ours):
+        q, _, loss = vq(x)
+        (q.square().sum() + loss).backward()
+    pa, pb = dict(theirs.named_parameters()), dict(ours.named_parameters())
+    for k in pa:
+        torch.testing.assert_close(pb[k].grad, pa[k].grad, **TOL, msg=k)
