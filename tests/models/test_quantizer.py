@@ -210,3 +210,31 @@ def test_argument_errors(kwargs, err, match):
 def test_input_shape_error():
     with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
         fv.VectorQuantizer(4, 8)(torch.zeros(3, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_training_steps_make_no_host_sync(dtype):
+    """On a GPU, k-means, EMA, restarts, usage and backward never wait for the device
+    (``torch.cuda.set_sync_debug_mode("error")`` raises at a synchronizing call)."""
+    warm = fv.VectorQuantizer(16, 256, kmeans_init=True, dead_code_threshold=2.0).cuda()
+    x = torch.randn(1024, 16, device="cuda", dtype=dtype, requires_grad=True)
+    warm(x).loss.backward()  # lazy CUDA initialization happens outside the checked block
+    vq = fv.VectorQuantizer(16, 256, kmeans_init=True, dead_code_threshold=2.0,
+                            straight_through="rotation").cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            out = vq(x)
+            out.loss.backward()
+            usage, perplexity = vq.codebook_usage(), vq.perplexity()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.quantized.dtype == dtype
+    assert bool(vq.initted)
+    assert 0 < float(usage) <= 1
+    assert 1 <= float(perplexity) <= 256
+    cpu = fv.vector_quantize(x.detach().cpu(), vq.codebook.cpu())
+    gpu = fv.vector_quantize(x.detach(), vq.codebook)
+    assert torch.equal(gpu.indices.cpu(), cpu.indices)

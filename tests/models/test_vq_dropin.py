@@ -236,3 +236,18 @@ def test_projection_gradients_when_the_input_needs_none():
     pa, pb = dict(theirs.named_parameters()), dict(ours.named_parameters())
     for k in pa:
         torch.testing.assert_close(pb[k].grad, pa[k].grad, **TOL, msg=k)
+
+
+@pytest.mark.gpu
+def test_cuda_same_as_the_package():
+    theirs, ours = _pair(32, 512)
+    theirs, ours = theirs.cuda(), ours.cuda()
+    x = _x(8, 256, 32).cuda()
+    for train in (False, True):
+        theirs.train(train)
+        ours.train(train)
+        (qa, ia, la), (qb, ib, lb) = theirs(x), ours(x)
+        assert torch.equal(ia, ib)
+        torch.testing.assert_close(qb, qa, **TOL)
+        torch.testing.assert_close(lb, la, **TOL)
+    _assert_state_close(theirs, ours)
