@@ -270,7 +270,7 @@ class VectorQuantizer(nn.Module):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
         sync = self._sync() if self.training else False
-        flat = x.detach().reshape(-1, self.dim).float()
+        flat = x.detach().reshape(-1, self.dim).to(self.codebook.dtype)
         if self.metric == "cosine":
             flat = _normalize(flat)
         if self.training and self._kmeans_pending:
@@ -613,6 +613,7 @@ class VectorQuantize(nn.Module):
         if flat.shape[0] == 0:
             return
         means, counts = _kmeans(flat, self.codebook_size, self.kmeans_iters, self.metric, sync)
+        means, counts = means.to(cb.embed_avg.dtype), counts.to(cb.embed_avg.dtype)
         cb.embed_avg[0].copy_(means * counts[:, None])
         cb.cluster_size[0].copy_(counts)
         cb.embed.data[0].copy_(_smoothed_codebook(cb.cluster_size[0], cb.embed_avg[0], self.eps,
@@ -625,8 +626,8 @@ class VectorQuantize(nn.Module):
         cb = self._codebook
         counts, sums = _batch_stats(flat, indices, self.codebook_size, sync)
         cluster_size, embed_avg, embed = cb.cluster_size[0], cb.embed_avg[0], cb.embed.data[0]
-        cluster_size.lerp_(counts, 1.0 - self.decay)
-        embed_avg.lerp_(sums, 1.0 - self.decay)
+        cluster_size.lerp_(counts.to(cluster_size.dtype), 1.0 - self.decay)
+        embed_avg.lerp_(sums.to(embed_avg.dtype), 1.0 - self.decay)
         if ema_update:
             embed.copy_(_smoothed_codebook(cluster_size, embed_avg, self.eps, self.metric))
         if self.threshold_ema_dead_code > 0:

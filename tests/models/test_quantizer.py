@@ -238,3 +238,15 @@ def test_cuda_training_steps_make_no_host_sync(dtype):
     cpu = fv.vector_quantize(x.detach().cpu(), vq.codebook.cpu())
     gpu = fv.vector_quantize(x.detach(), vq.codebook)
     assert torch.equal(gpu.indices.cpu(), cpu.indices)
+
+
+@pytest.mark.parametrize("kind", ["native", "dropin"])
+def test_float64_modules_train(kind):
+    if kind == "native":
+        vq = fv.VectorQuantizer(4, 8, kmeans_init=True, dead_code_threshold=1.0).double()
+    else:
+        vq = fv.VectorQuantize(4, 8, kmeans_init=True, threshold_ema_dead_code=1.0).double()
+    x = _x(2, 30, 4, dtype=torch.float64)
+    out = vq(x)
+    assert out[0].dtype == torch.float64
+    assert bool(vq.state_dict()[[k for k in vq.state_dict() if k.endswith("initted")][0]])
