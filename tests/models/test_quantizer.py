@@ -250,3 +250,20 @@ def test_float64_modules_train(kind):
     out = vq(x)
     assert out[0].dtype == torch.float64
     assert bool(vq.state_dict()[[k for k in vq.state_dict() if k.endswith("initted")][0]])
+
+
+def test_kmeans_flag_follows_a_nested_load_state_dict():
+    def model():
+        return torch.nn.Sequential(fv.VectorQuantizer(4, 8, kmeans_init=True),
+                                   fv.VectorQuantize(4, 8, kmeans_init=True))
+    trained = model()
+    trained[0](_x(20, 4))
+    trained[1](_x(1, 20, 4))
+    fresh = model()
+    fresh.load_state_dict(trained.state_dict())
+    before = [fresh[0].codebook.clone(), fresh[1].codebook.clone()]
+    fresh.eval()
+    fresh[0](_x(20, 4, seed=1))
+    fresh[1](_x(1, 20, 4, seed=1))  # the drop-in initializes in evaluation too, unless loaded
+    assert torch.equal(fresh[0].codebook, before[0])
+    assert torch.equal(fresh[1].codebook, before[1])
