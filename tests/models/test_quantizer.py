@@ -249,7 +249,7 @@ def test_float64_modules_train(kind):
     x = _x(2, 30, 4, dtype=torch.float64)
     out = vq(x)
     assert out[0].dtype == torch.float64
-    assert bool(vq.state_dict()[[k for k in vq.state_dict() if k.endswith("initted")][0]])
+    assert bool(vq.state_dict()[next(k for k in vq.state_dict() if k.endswith("initted"))])
 
 
 def test_kmeans_flag_follows_a_nested_load_state_dict():
