@@ -23,10 +23,16 @@ def batch(step: int) -> torch.Tensor:
     return torch.randn(2 * PER_RANK, DIM, generator=g)
 
 
+KINDS = ("native", "cosine_learned", "dropin")
+
+
 def build(kind: str) -> torch.nn.Module:
     if kind == "native":
         return fv.VectorQuantizer(DIM, K, decay=0.8, kmeans_init=True, kmeans_iters=3,
                                   dead_code_threshold=1.0)
+    if kind == "cosine_learned":
+        return fv.VectorQuantizer(DIM, K, decay=None, metric="cosine", kmeans_init=True,
+                                  kmeans_iters=3, dead_code_threshold=1.0)
     return fv.VectorQuantize(DIM, K, decay=0.8, kmeans_init=True, kmeans_iters=3,
                              threshold_ema_dead_code=1.0)
 
@@ -51,11 +57,11 @@ import sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, {tests!r})
-from test_quantizer_ddp import run
+from test_quantizer_ddp import KINDS, run
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-result = {{kind: run(kind, rank) for kind in ("native", "dropin")}}
+result = {{kind: run(kind, rank) for kind in KINDS}}
 torch.save(result, f"{{sys.argv[1]}}/rank{{rank}}.pt")
 dist.destroy_process_group()
 """
@@ -71,7 +77,7 @@ def test_two_ranks_hold_the_single_process_codebook(tmp_path):
          str(script), str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    for kind in ("native", "dropin"):
+    for kind in KINDS:
         (state0, idx0), (state1, idx1) = ranks[0][kind], ranks[1][kind]
         single, idx = run(kind, None)
         assert list(state0) == list(single)
@@ -81,6 +87,7 @@ def test_two_ranks_hold_the_single_process_codebook(tmp_path):
                                        msg=f"{kind} {key}")
         for step in range(STEPS):
             assert torch.equal(torch.cat([idx0[step], idx1[step]]), idx[step]), (kind, step)
-    native = ranks[0]["native"][0]
-    assert int(native["restarts"]) > 0  # the restarts were exercised
-    assert int(native["usage_total"].sum()) == STEPS * 2 * PER_RANK  # usage counts all ranks
+    for kind in ("native", "cosine_learned"):
+        state = ranks[0][kind][0]
+        assert int(state["restarts"]) > 0, kind  # the restarts were exercised
+        assert int(state["usage_total"].sum()) == STEPS * 2 * PER_RANK  # usage of all ranks
