@@ -40,11 +40,13 @@ from .ops.losses import (
     GaussianKLLoss,
     GaussianNLLLoss,
 )
-from .ops.quantize import nearest_code
+from .ops.quantize import VQOutput, nearest_code, vector_quantize
 from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
+    from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
     from .models.vae import VAE, VAEOutput, build_vae
+    from .models.vqvae import VQVAE, VQVAEOutput, build_vqvae
     from .training.checkpoint import load_vae, save_vae
     from .training.trainer import NonFiniteLossError, TrainConfig, TrainResult, train
 
@@ -55,6 +57,12 @@ _LAZY = {
     "VAE": "fastvae.models.vae",
     "VAEOutput": "fastvae.models.vae",
     "build_vae": "fastvae.models.vae",
+    "QuantizerOutput": "fastvae.models.quantizer",
+    "VectorQuantize": "fastvae.models.quantizer",
+    "VectorQuantizer": "fastvae.models.quantizer",
+    "VQVAE": "fastvae.models.vqvae",
+    "VQVAEOutput": "fastvae.models.vqvae",
+    "build_vqvae": "fastvae.models.vqvae",
     "NonFiniteLossError": "fastvae.training.trainer",
     "TrainConfig": "fastvae.training.trainer",
     "TrainResult": "fastvae.training.trainer",
@@ -79,6 +87,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "VAE",
+    "VQVAE",
     "BernoulliNLLLoss",
     "ContinuousBernoulliNLLLoss",
     "DiagonalGaussianDistribution",
@@ -86,13 +95,19 @@ __all__ = [
     "GaussianKLLoss",
     "GaussianNLLLoss",
     "NonFiniteLossError",
+    "QuantizerOutput",
     "TrainConfig",
     "TrainResult",
     "VAEOutput",
+    "VQOutput",
+    "VQVAEOutput",
+    "VectorQuantize",
+    "VectorQuantizer",
     "__version__",
     "backends",
     "bernoulli_nll",
     "build_vae",
+    "build_vqvae",
     "continuous_bernoulli_nll",
     "discretized_mix_logistic_nll",
     "discretized_mix_logistic_sample",
@@ -113,4 +128,5 @@ __all__ = [
     "use_backend",
     "vae_loss",
     "validation_enabled",
+    "vector_quantize",
 ]
