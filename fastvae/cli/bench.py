@@ -339,12 +339,14 @@ class Case:
         return f"{self.op}-{self.direction}-{self.impl}-{self.batch}x{self.features}-{self.dtype}"
 
 
-def _call_fn(op: Op, impl: str) -> Callable:
+def _call_fn(op: Op, impl: str, device: torch.device) -> Callable:
     if impl == "compile":
         return torch.compile(op.impls["eager"])
     if impl.startswith("fastvae:"):
         backend = impl.split(":", 1)[1]
         body = op.impls["fastvae"]
+        if _backend.resolve(device) == backend:
+            return body  # the backend in effect: no use_backend block in the timed call
 
         def call(*args):
             with fv.use_backend(backend):
@@ -359,7 +361,7 @@ def make_runner(case: Case, device: torch.device) -> Callable[[], object]:
     op = OPS[case.op]
     dtype = getattr(torch, case.dtype)
     inputs = op.make(case.batch, case.features, dtype, device)
-    fn = _call_fn(op, case.impl)
+    fn = _call_fn(op, case.impl, device)
     args = (*inputs.leaves, *inputs.consts)
     if case.direction == "fwd":
         def run():
@@ -382,7 +384,7 @@ def make_forward(case: Case, device: torch.device) -> Callable[[], object]:
     """One forward call of a case with autograd recording (for ``saved_for_backward``)."""
     op = OPS[case.op]
     inputs = op.make(case.batch, case.features, getattr(torch, case.dtype), device)
-    fn = _call_fn(op, case.impl)
+    fn = _call_fn(op, case.impl, device)
     return lambda: fn(*inputs.leaves, *inputs.consts)
 
 
@@ -648,6 +650,117 @@ def _sizes(text: str) -> list[tuple[int, int]]:
     return sizes  # type: ignore[return-value]
 
 
+# ---------------------------------------------------------------------------------------------
+# The small-batch table: host overhead against eager PyTorch
+# ---------------------------------------------------------------------------------------------
+
+# B = 1, 16, 64, 256 images of 784 pixels (1 x 1: the host path alone), and the latent widths
+SMALL_SIZES = [(1, 1), (16, 784), (64, 784), (256, 784)]
+SMALL_LATENT_SIZES = [(16, 16), (64, 64), (256, 64)]
+LATENT_OPS = ("reparameterize", "gaussian_kl", "sample_and_kl")
+SMALL_OPS = ("loss_head", "bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll",
+             "gaussian_kl", "reparameterize", "sample_and_kl")
+
+
+@dataclass
+class SmallRow:
+    op: str
+    batch: int
+    features: int
+    eager_us: float  # medians over the rounds
+    fastvae_us: float
+    ratio_median: float  # eager time / fastvae time: the median of the per-round ratios
+    ratio_p10: float  # ... and their 10th percentile (the slow fastvae rounds)
+
+
+def time_paired(fns: dict[str, Callable[[], object]], *, rounds: int = 41,
+                min_round_time: float = 0.02) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of ``rounds`` rounds, the functions taking
+    turns within a round (so that a change of load hits all alike; ratios are taken per
+    round)."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(20):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_round_time:
+                    break
+            samples[name].append(elapsed / n)
+    return samples
+
+
+def run_small_batch(device: torch.device, ops: Sequence[str],
+                    log: Callable[[str], None] = print) -> list[SmallRow]:
+    """Forward + backward, float32, eager PyTorch against fastvae's default backend, at the
+    small sizes (``SMALL_SIZES``, and ``SMALL_LATENT_SIZES`` for the latent ops)."""
+    rows = []
+    backend = _backend.resolve(device)
+    for op_name in ops:
+        sizes = SMALL_SIZES + (SMALL_LATENT_SIZES if op_name in LATENT_OPS else [])
+        for B, N in sizes:
+            runners = {impl: make_runner(Case(op_name, "fwd+bwd", impl, B, N, "float32"), device)
+                       for impl in ("eager", f"fastvae:{backend}")}
+            samples = time_paired(runners)
+            eager, fast = samples["eager"], samples[f"fastvae:{backend}"]
+            ratios = sorted(e / f for e, f in zip(eager, fast, strict=True))
+            row = SmallRow(op_name, B, N, statistics.median(eager) * 1e6,
+                           statistics.median(fast) * 1e6, statistics.median(ratios),
+                           ratios[len(ratios) // 10])
+            log(format_small(row))
+            rows.append(row)
+    return rows
+
+
+SMALL_HEADER = (f"{'op':25s} {'size':>9s} {'eager us':>9s} {'fastvae us':>10s} "
+                f"{'x eager (median)':>16s} {'(p10)':>6s}")
+
+
+def format_small(r: SmallRow) -> str:
+    return (f"{r.op:25s} {f'{r.batch}x{r.features}':>9s} {r.eager_us:9.1f} {r.fastvae_us:10.1f} "
+            f"{r.ratio_median:16.2f} {r.ratio_p10:6.2f}")
+
+
+def crossover(rows: Sequence[SmallRow], op: str) -> int | None:
+    """The smallest batch of 784 pixels from which on fastvae is at least as fast as eager (by
+    the median ratio), or None when it is slower at every batch measured."""
+    batches = [(r.batch, r.ratio_median) for r in rows if r.op == op and r.features in (1, 784)]
+    start = None
+    for batch, ratio in sorted(batches):
+        if ratio >= 1.0 and start is None:
+            start = batch
+        elif ratio < 1.0:
+            start = None
+    return start
+
+
+def write_small_batch(rows: Sequence[SmallRow], device: torch.device, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device_name(device), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(), "backend": _backend.resolve(device)}
+    lines = [f"# fastvae bench --small-batch: {meta['device']}, torch {meta['torch']}, "
+             f"{meta['threads']} threads, {meta['date']}, load average "
+             f"{' '.join(f'{v:.2f}' for v in meta['load_average'])}",
+             "# forward + backward, float32; x eager = eager time / fastvae time "
+             "(median and 10th percentile of per-round ratios)", SMALL_HEADER]
+    lines += [format_small(r) for r in rows]
+    for op in dict.fromkeys(r.op for r in rows):
+        b = crossover(rows, op)
+        lines.append(f"# {op}: " + (f"at least as fast as eager from batch {b} x 784 on"
+                                    if b is not None else "slower than eager at every batch"))
+    path = out_dir / "small_batch.txt"
+    path.write_text("\n".join(lines) + "\n")
+    (out_dir / "small_batch.json").write_text(json.dumps(
+        {"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    return path
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="roofline report of every op, backend and size",
                        description=__doc__.splitlines()[0])
@@ -667,6 +780,10 @@ def add_parser(sub) -> None:
     p.add_argument("--no-train-step", action="store_true", help="skip the training step")
     p.add_argument("--out", default=None,
                    help="results directory (default: benchmarks/results/<device name>)")
+    p.add_argument("--small-batch", action="store_true",
+                   help="only the small-batch table: forward + backward against eager at "
+                        "B = 1, 16, 64, 256 x 784 and the latent sizes (host overhead); "
+                        "--ops selects among " + ", ".join(SMALL_OPS))
     p.set_defaults(run=run_command)
 
 
@@ -695,6 +812,15 @@ def run_command(args: argparse.Namespace) -> int:
                              f"{', '.join(known)}")
         return given
 
+    if args.small_batch:
+        given = names("--ops", args.ops, OPS)
+        ops = [op for op in SMALL_OPS if op in given] or list(SMALL_OPS)
+        out = Path(args.out) if args.out else Path("benchmarks") / "results" / device_name(device)
+        print(f"fastvae bench --small-batch on {device_name(device)}; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; backend {_backend.resolve(device)}")
+        print(SMALL_HEADER)
+        print(f"wrote {write_small_batch(run_small_batch(device, ops), device, out)}")
+        return 0
     ops = names("--ops", args.ops, OPS)
     dtypes = names("--dtypes", args.dtypes, ("float32", "float16", "bfloat16", "float64"))
     directions = names("--directions", args.directions, ("fwd", "fwd+bwd"))
