@@ -353,7 +353,21 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return *_gradients(ctx, *grads), None
+        if torch.is_grad_enabled():  # a second derivative: the dispatcher refuses it
+            return *_gradients(ctx, *grads), None
+        spec: OpSpec = ctx.spec
+        needs = list(ctx.needs_input_grad[:spec.grads])
+        if spec.non_differentiable:
+            grads = [g for i, g in enumerate(grads) if i not in spec.non_differentiable]
+        args = (*grads, *ctx.saved_tensors, *ctx.attrs)
+        if torch.autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function(f"fastvae::{spec.name}_backward"):
+                out = _backward(spec, args, ctx.backend, needs)
+        else:
+            out = _backward(spec, args, ctx.backend, needs)
+        it = iter(out)
+        return (*(next(it) if need else None for need in needs),
+                *(None,) * (spec.n_tensors - spec.grads + len(spec.attribute_names) + 2))
 
 
 def _eager_tensors(args) -> bool:
