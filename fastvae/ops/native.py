@@ -423,19 +423,31 @@ class NativeBackend:
                    reduce_dim=reduce_dim)
         return _present(outs)
 
-    # -- bernoulli_nll ----------------------------------------------------------------------
+    # -- bernoulli_nll, continuous_bernoulli_nll: one pair of methods serves both ------------
 
-    def bernoulli_nll_fwd(self, logits, target):
+    def _logits_forward(self, op, logits, target):
         nll = self._sum_out(logits, 1)
-        self._call("bernoulli_nll_fwd", logits, (logits, target), (nll,))
+        self._call(f"{op}_fwd", logits, (logits, target), (nll,))
         return nll
 
-    def bernoulli_nll_bwd(self, grad, logits, target, needs):
+    def _logits_backward(self, op, grad, logits, target, needs):
         B, N = logits.shape
         g = _rows_view(grad, 1, _compute_dtype(logits.dtype))
         outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
-        self._call("bernoulli_nll_bwd", logits, (g, logits, target), outs)
+        self._call(f"{op}_bwd", logits, (g, logits, target), outs)
         return _present(outs)
+
+    def bernoulli_nll_fwd(self, logits, target):
+        return self._logits_forward("bernoulli_nll", logits, target)
+
+    def bernoulli_nll_bwd(self, grad, logits, target, needs):
+        return self._logits_backward("bernoulli_nll", grad, logits, target, needs)
+
+    def continuous_bernoulli_nll_fwd(self, logits, target):
+        return self._logits_forward("continuous_bernoulli_nll", logits, target)
+
+    def continuous_bernoulli_nll_bwd(self, grad, logits, target, needs):
+        return self._logits_backward("continuous_bernoulli_nll", grad, logits, target, needs)
 
     # -- gaussian_nll -----------------------------------------------------------------------
 
@@ -489,20 +501,6 @@ class NativeBackend:
         inputs = (_per_row_view(grad, K, N, dtype), _per_row_view(ll, K, N, dtype),
                   _samples_view(log_w.to(dtype), N), z, mu, logvar)
         self._call("iwae_bwd", mu, inputs, (_samples_view(outs[0], N), *outs[1:]), K=K)
-        return _present(outs)
-
-    # -- continuous_bernoulli_nll -----------------------------------------------------------
-
-    def continuous_bernoulli_nll_fwd(self, logits, target):
-        nll = self._sum_out(logits, 1)
-        self._call("continuous_bernoulli_nll_fwd", logits, (logits, target), (nll,))
-        return nll
-
-    def continuous_bernoulli_nll_bwd(self, grad, logits, target, needs):
-        B, N = logits.shape
-        g = _rows_view(grad, 1, _compute_dtype(logits.dtype))
-        outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
-        self._call("continuous_bernoulli_nll_bwd", logits, (g, logits, target), outs)
         return _present(outs)
 
     # -- discretized_mix_logistic_nll --------------------------------------------------------
