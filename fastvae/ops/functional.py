@@ -42,11 +42,12 @@ _PLANS: dict[tuple, tuple] = {}
 MAX_PLANS = 1024
 
 
-def _meta(t: object) -> tuple | type:
-    """What a plan may depend on of one argument: a tensor's shape, strides, dtype, device."""
+def _meta(t: object) -> tuple:
+    """What a plan may depend on of one argument: a tensor's shape, strides, dtype, device;
+    anything else's type and value (``2``, ``2.0`` and ``True`` are equal keys otherwise)."""
     if isinstance(t, Tensor):
         return (t.shape, t.stride(), t.dtype, t.device)
-    return type(t)
+    return (type(t), t)
 
 
 def _planned(key: tuple, prepare: Callable[[], tuple]) -> tuple:
@@ -161,20 +162,26 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
     element ``i`` of the output is a pure function of ``(seed, i)``, and backward regenerates it
     instead of storing it. ``n_samples=K`` returns ``(K, *mu.shape)``. Returns ``mu``'s dtype.
     """
-    check.tensor("mu", mu)
-    check.tensor("logvar", logvar)
-    check.pair("logvar", logvar, "mu", mu)
-    if n_samples is not None:
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int):
-            raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    K = 1 if n_samples is None else n_samples
-    out_shape = tuple(mu.shape) if n_samples is None else (K, *mu.shape)
-    if mu.dim() == 0:  # elementwise op: a scalar is a batch of one
+
+    def prepare():
+        check.tensor("mu", mu)
+        check.tensor("logvar", logvar)
+        check.pair("logvar", logvar, "mu", mu)
+        if n_samples is not None:
+            if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+                raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
+            if n_samples < 1:
+                raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        K = 1 if n_samples is None else n_samples
+        out_shape = tuple(mu.shape) if n_samples is None else (K, *mu.shape)
+        # elementwise op: a scalar is a batch of one
+        B, N = _batch_and_event(mu) if mu.dim() > 0 else (1, 1)
+        return K, out_shape, B, N, resolve(mu.device)
+
+    K, out_shape, B, N, backend = _planned(
+        (_ops.reparameterize, _meta(mu), _meta(logvar), _meta(n_samples)), prepare)
+    if mu.dim() == 0:
         mu, logvar = mu.reshape(1), logvar.reshape(1)
-    B, N = _batch_and_event(mu)
-    backend = resolve(mu.device)
     seed_t = None
     if eps is not None:
         if seed is not None or generator is not None:
@@ -185,7 +192,8 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
             raise ValueError(f"eps has shape {tuple(eps.shape)}; expected {out_shape} "
                              f"(mu's shape{'' if n_samples is None else ' after n_samples'})")
         eps = eps.reshape(K, B, N)
-    check.finite(mu=mu, logvar=logvar, eps=eps)
+    if check.validation_enabled():
+        check.finite(mu=mu, logvar=logvar, eps=eps)
     if eps is None:  # last: a call that raises leaves torch's generator alone
         seed_t = _seed_tensor(seed, generator, mu.device)
     z = _ops.call(_ops.reparameterize, _rows(mu, B, N), _rows(logvar, B, N), eps, seed_t, K,
@@ -213,8 +221,8 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
             _, _, _, _, B = _kl_operands(mu, logvar, None, None)
             return B, _batch_and_event(mu)[1], _ops.REDUCTION_CODES[reduction], resolve(mu.device)
 
-        B, N, code, backend = _planned((_ops.gaussian_kl, _meta(mu), _meta(logvar), reduction,
-                                        free_bits), prepare)
+        B, N, code, backend = _planned((_ops.gaussian_kl, _meta(mu), _meta(logvar),
+                                        _meta(reduction), _meta(free_bits)), prepare)
         if check.validation_enabled():
             check.finite(mu=mu, logvar=logvar)
         return _ops.call(_ops.gaussian_kl, _rows(mu, B, N), _rows(logvar, B, N), None, None, 1,
@@ -291,7 +299,7 @@ def _logits_likelihood(op, logits: Tensor, target: Tensor, reduction: str) -> Te
         return (torch.promote_types(logits.dtype, target.dtype), B, N, code,
                 resolve(logits.device))
 
-    dtype, B, N, code, backend = _planned((op, _meta(logits), _meta(target), reduction),
+    dtype, B, N, code, backend = _planned((op, _meta(logits), _meta(target), _meta(reduction)),
                                           prepare)
     if check.validation_enabled():
         check.finite(logits=logits, target=target)
@@ -335,7 +343,8 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
                     check.number("logvar", logvar), code, resolve(mean.device))
 
         dtype, B, N, value, code, backend = _planned(
-            (_ops.gaussian_nll, _meta(mean), _meta(target), logvar, reduction), prepare)
+            (_ops.gaussian_nll, _meta(mean), _meta(target), _meta(logvar), _meta(reduction)),
+            prepare)
         if check.validation_enabled():
             check.finite(mean=mean, target=target)
         return _ops.call(_ops.gaussian_nll, _rows(_as(mean, dtype), B, N),
@@ -386,7 +395,7 @@ def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_b
         return (*_batch_and_event(mu), 0 if fb > 0 else 1, code, resolve(mu.device))
 
     B, N, reduce_dim, code, backend = _planned(
-        (_ops.sample_and_kl, _meta(mu), _meta(logvar), reduction, free_bits), prepare)
+        (_ops.sample_and_kl, _meta(mu), _meta(logvar), _meta(reduction), _meta(free_bits)), prepare)
     if check.validation_enabled():
         check.finite(mu=mu, logvar=logvar)
     if eps is not None:
@@ -446,7 +455,7 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
         return ()
 
     _planned((vae_loss, _meta(recon), _meta(x), _meta(mu), _meta(logvar), _meta(obs_logvar),
-              likelihood, beta, free_bits, reduction), prepare)
+              _meta(likelihood), _meta(beta), _meta(free_bits), _meta(reduction)), prepare)
     if check.validation_enabled():
         obs_logvar_tensor = obs_logvar if isinstance(obs_logvar, Tensor) else None
         check.finite(recon=recon, x=x, mu=mu, logvar=logvar, obs_logvar=obs_logvar_tensor)
