@@ -730,14 +730,15 @@ def format_small(r: SmallRow) -> str:
             f"{r.ratio_median:16.2f} {r.ratio_p10:6.2f}")
 
 
-def crossover(rows: Sequence[SmallRow], op: str) -> int | None:
-    """The smallest batch of 784 pixels from which on fastvae is at least as fast as eager (by
-    the median ratio), or None when it is slower at every batch measured."""
-    batches = [(r.batch, r.ratio_median) for r in rows if r.op == op and r.features in (1, 784)]
+def crossover(rows: Sequence[SmallRow], op: str) -> str | None:
+    """The smallest size (1 x 1, then B x 784 by batch) from which on fastvae is at least as
+    fast as eager (by the median ratio), or None when it is slower at the largest."""
+    sizes = sorted((r.batch, r.features, r.ratio_median) for r in rows
+                   if r.op == op and r.features in (1, 784))
     start = None
-    for batch, ratio in sorted(batches):
+    for batch, features, ratio in sizes:
         if ratio >= 1.0 and start is None:
-            start = batch
+            start = f"{batch} x {features}"
         elif ratio < 1.0:
             start = None
     return start
@@ -756,7 +757,7 @@ def write_small_batch(rows: Sequence[SmallRow], device: torch.device, out_dir: P
     lines += [format_small(r) for r in rows]
     for op in dict.fromkeys(r.op for r in rows):
         b = crossover(rows, op)
-        lines.append(f"# {op}: " + (f"at least as fast as eager from batch {b} x 784 on"
+        lines.append(f"# {op}: " + (f"at least as fast as eager from {b} on"
                                     if b is not None else "slower than eager at every batch"))
     stem = f"small_batch_{meta['threads']}t"
     path = out_dir / f"{stem}.txt"
