@@ -549,3 +549,45 @@ def _dmol_grad(ctx, grad):
 
 discretized_mix_logistic_nll.register_autograd(_dmol_grad, setup_context=_dmol_setup)
 _AUTOGRAD[discretized_mix_logistic_nll] = (_dmol_setup, _dmol_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# nearest_code (vector quantization)
+# ---------------------------------------------------------------------------------------------
+# Backend interface (views: x (N, D), codebook (K, D), one dtype; N, K, D >= 1):
+#   nearest_code_fwd(x, codebook, metric) -> (index int64 (N,), dist (N,) float32 / float64)
+# No gradient: the index is an integer and the distances are marked non-differentiable
+# (vector_quantize gives the quantizer its gradients).
+
+
+def _nearest_code_empty(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """N = 0, or D = 0 (every code at distance 0, or 1 - 0 for cosine: code 0)."""
+    N = x.shape[0]
+    index = x.new_zeros((N,), dtype=torch.int64)
+    dist = x.new_full((N,), 1.0 if metric == "cosine" else 0.0, dtype=out_dtype(x.dtype))
+    return index, dist
+
+
+@_custom_op("nearest_code")
+def nearest_code(x: Tensor, codebook: Tensor, metric: str, backend: str) -> tuple[Tensor, Tensor]:
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return _nearest_code_empty(x, codebook, metric)
+    return implementation(backend).nearest_code_fwd(x, codebook, metric)
+
+
+@nearest_code.register_fake
+def _(x, codebook, metric, backend):
+    N = x.shape[0]
+    return x.new_empty((N,), dtype=torch.int64), x.new_empty((N,), dtype=out_dtype(x.dtype))
+
+
+def _nearest_code_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _nearest_code_grad(ctx, grad_index, grad_dist):
+    return None, None, None, None
+
+
+nearest_code.register_autograd(_nearest_code_grad, setup_context=_nearest_code_setup)
+_AUTOGRAD[nearest_code] = (_nearest_code_setup, _nearest_code_grad)

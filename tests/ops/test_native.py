@@ -291,6 +291,11 @@ def _cases(geometry, dtype, g):
     yield "continuous_bernoulli_nll_fwd", (logits, x), False
     yield "continuous_bernoulli_nll_bwd", (g_rows, logits, x, [True, True]), False
     yield "continuous_bernoulli_nll_bwd", (g_rows, logits, x, [True, False]), False
+    # The nearest code: the rows against 37 codes of the geometry's layout (indices exact,
+    # distances to the float64 oracle's rounding; test_nearest_code.py holds them bitwise)
+    codebook = _make((37, N), layout, dtype, g)
+    for metric in ("l2", "cosine"):
+        yield "nearest_code_fwd", (mu, codebook, metric), False
     # The mixture of logistics, RGB with M = 2 and grey with M = 3: params (B, P, N) and x
     # (B, C, N) on the grid, in the geometry's layout (a broadcast params row for "broadcast");
     # grey on the smaller geometries only (the float64 oracle of "wide" takes seconds).
