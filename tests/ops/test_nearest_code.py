@@ -169,6 +169,17 @@ def test_near_ties_at_large_offsets(nc_backend, offset):
     assert torch.equal(index, _brute64(x32, cb32).argmin(1))
 
 
+@pytest.mark.parametrize("scale", [1e-21, 1e-19, 1e17, 1e19])
+def test_tiny_and_huge_values(nc_backend, scale):
+    """Squares below float32's normal range (subnormal distances, where a relative error bound
+    does not hold) and near its top (where the expanded form overflows): still the definition."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(70, 16, generator=g) * scale
+    cb = torch.randn(300, 16, generator=g) * scale
+    _check(nc_backend, x, cb)
+    _check(nc_backend, x.double() * scale, cb.double() * scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # Geometry: strides, shapes, empty inputs
 # ---------------------------------------------------------------------------------------------
