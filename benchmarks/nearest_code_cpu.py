@@ -31,6 +31,17 @@ def _timer(fn):
     return time.perf_counter() - t
 
 
+def _implementations(x, cb):
+    e2 = (cb * cb).sum(1)
+    return {
+        "fastvae": lambda: fv.nearest_code(x, cb),
+        "fastvae cosine": lambda: fv.nearest_code(x, cb, metric="cosine"),
+        "cdist": lambda: torch.cdist(x, cb).argmin(1),
+        "expanded": lambda: ((x * x).sum(1, keepdim=True) - 2 * x @ cb.T + e2).argmin(1),
+        "addmm": lambda: torch.addmm(e2, x, cb.T, alpha=-2).argmin(1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sizes", nargs="*", default=["32768x16384x8", "8192x16384x64",
@@ -45,14 +56,7 @@ def main() -> None:
         N, K, D = map(int, size.split("x"))
         x = torch.randn(N, D, generator=g)
         cb = torch.randn(K, D, generator=g)
-        e2 = (cb * cb).sum(1)
-        impls = {
-            "fastvae": lambda: fv.nearest_code(x, cb),
-            "fastvae cosine": lambda: fv.nearest_code(x, cb, metric="cosine"),
-            "cdist": lambda: torch.cdist(x, cb).argmin(1),
-            "expanded": lambda: ((x * x).sum(1, keepdim=True) - 2 * x @ cb.T + e2).argmin(1),
-            "addmm": lambda: torch.addmm(e2, x, cb.T, alpha=-2).argmin(1),
-        }
+        impls = _implementations(x, cb)
         times = {name: [] for name in impls}
         for _ in range(args.rounds):
             for name, fn in impls.items():
