@@ -72,9 +72,13 @@ int check_operands(const OpSpec& s, bool outputs, const fv_tensor* t, int32_t co
         if (i >= slots.count)
             return set_error(FV_ERR_INVALID, "%s: %s %d is given, the op has %d %ss", s.name,
                              kind, i, slots.count, kind);
-        if (!valid_dtype(t[i].dtype))
+        if (!valid_dtype(t[i].dtype) && !(i < slots.count && t[i].dtype == FV_INT64))
             return set_error(FV_ERR_INVALID, "%s: %s %d (%.*s) has unknown dtype code %d",
                              s.name, kind, i, len, name, t[i].dtype);
+        if (i < slots.count && bit(slots.index, i) != (t[i].dtype == FV_INT64))
+            return set_error(FV_ERR_INVALID, "%s: %s %d (%.*s) has dtype code %d, %s", s.name,
+                             kind, i, len, name, t[i].dtype,
+                             bit(slots.index, i) ? "not int64 (4)" : "not a float dtype");
         if (bit(slots.compute, i) && t[i].dtype != compute)
             return set_error(FV_ERR_INVALID, "%s: %s %d (%.*s) has dtype code %d, not the "
                              "compute dtype %d", s.name, kind, i, len, name, t[i].dtype, compute);

@@ -527,3 +527,30 @@ class NativeBackend:
         self._call("discretized_mix_logistic_nll_bwd", like, (g, *operands),
                    (d_params.transpose(0, 1),), K=n_mixtures, scalar=float(n_bins))
         return d_params
+
+
+# ---------------------------------------------------------------------------------------------
+# nearest_code (vector quantization). Self-contained: the int64 index is the one operand of
+# another dtype (FV_INT64, the mark % of FV_OPS).
+# ---------------------------------------------------------------------------------------------
+
+FV_INT64 = 4
+DTYPES[torch.int64] = FV_INT64
+NEAREST_CODE_METRIC_CODES = {"l2": 0.0, "cosine": 1.0}  # call->scalar
+
+
+def _nearest_code_fwd(self: NativeBackend, x: Tensor, codebook: Tensor,
+                      metric: str) -> tuple[Tensor, Tensor]:
+    """``x (N, D)``, ``codebook (K, D)`` (one dtype, N, K, D >= 1) -> ``(index int64 (N,),
+    dist (N,))`` in the compute dtype. The codebook goes as a (K, N, D) view with stride 0
+    along N, the metric as the call's scalar."""
+    N, _ = x.shape
+    K = codebook.shape[0]
+    index = torch.empty(N, dtype=torch.int64, device=x.device)
+    dist = torch.empty(N, dtype=_compute_dtype(x.dtype), device=x.device)
+    self._call("nearest_code_fwd", x, (x, codebook.unsqueeze(1).expand(K, *x.shape)),
+               (index, dist), K=K, scalar=NEAREST_CODE_METRIC_CODES[metric])
+    return index, dist
+
+
+NativeBackend.nearest_code_fwd = _nearest_code_fwd
