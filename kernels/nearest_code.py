@@ -100,7 +100,8 @@ def _norm_clamped(src_ptr, rows, s_r, s_d, D, mask, DTYPE: tl.constexpr):
     (launched without fp fusion), then max(|x|, 1e-12) with NaN passing."""
     n = tl.zeros(rows.shape, DTYPE)
     for j in range(D):
-        v = tl.load(src_ptr + rows * s_r + j * s_d, mask=mask, other=0.0).to(DTYPE)
+        v = tl.load(src_ptr + rows * s_r + tl.cast(j, tl.int64) * s_d, mask=mask,
+                    other=0.0).to(DTYPE)
         n = n + v * v
     nrm = _sqrt_rn(n, DTYPE)
     floor = tl.full(rows.shape, 1e-12, DTYPE)  # made in DTYPE: 1e-12 exactly as a double
@@ -123,7 +124,8 @@ def _prep_kernel(src_ptr, s_r, s_d, c_ptr, out_ptr, sq_ptr, norm_ptr, n_rows, D,
     if WRITE_OUT:
         sq = tl.zeros([BLOCK_R], DTYPE)
         for j in range(D):
-            v = tl.load(src_ptr + rows * s_r + j * s_d, mask=mask, other=0.0).to(DTYPE)
+            v = tl.load(src_ptr + rows * s_r + tl.cast(j, tl.int64) * s_d, mask=mask,
+                    other=0.0).to(DTYPE)
             o = _div_rn(v, nrm, DTYPE) if NORMALIZE else v - tl.load(c_ptr + j).to(DTYPE)
             tl.store(out_ptr + rows * D + j, o, mask=mask)
             sq = sq + o * o
@@ -134,7 +136,7 @@ def _prep_kernel(src_ptr, s_r, s_d, c_ptr, out_ptr, sq_ptr, norm_ptr, n_rows, D,
 def _x_chunk(x_ptr, rows, cols, s_x_n, s_x_d, mask, c_ptr, xnorm, D,
              COSINE: tl.constexpr, DTYPE: tl.constexpr):
     """A (BLOCK_M, BLOCK_D) chunk of the screened rows: x - c ("l2") or x / |x| ("cosine")."""
-    x = tl.load(x_ptr + rows[:, None] * s_x_n + cols[None, :] * s_x_d, mask=mask,
+    x = tl.load(x_ptr + rows[:, None] * s_x_n + cols.to(tl.int64)[None, :] * s_x_d, mask=mask,
                 other=0.0).to(DTYPE)
     if COSINE:
         x = _div_rn(x, xnorm[:, None], DTYPE)
@@ -222,8 +224,9 @@ def _direct(x_ptr, s_x_n, s_x_d, e_ptr, s_e_k, s_e_d, rows, idx, mask, xnorm, D,
     acc = acc + (x_j - e_j) * (x_j - e_j), or acc = acc + xh_j * eh_j and 1 - acc."""
     acc = tl.zeros(rows.shape, DTYPE)
     for j in range(D):
-        xv = tl.load(x_ptr + rows * s_x_n + j * s_x_d, mask=mask, other=0.0).to(DTYPE)
-        ev = tl.load(e_ptr + idx * s_e_k + j * s_e_d, mask=mask, other=0.0).to(DTYPE)
+        j64 = tl.cast(j, tl.int64)
+        xv = tl.load(x_ptr + rows * s_x_n + j64 * s_x_d, mask=mask, other=0.0).to(DTYPE)
+        ev = tl.load(e_ptr + idx * s_e_k + j64 * s_e_d, mask=mask, other=0.0).to(DTYPE)
         if COSINE:
             acc = acc + _div_rn(xv, xnorm, DTYPE) * ev
         else:
@@ -238,7 +241,8 @@ def _direct(x_ptr, s_x_n, s_x_d, e_ptr, s_e_k, s_e_d, rows, idx, mask, xnorm, D,
 def _rescore_kernel(
     x_ptr, s_x_n, s_x_d, e_ptr, s_e_k, s_e_d, xnorm_ptr, cand_ptr, count_ptr,
     idx_ptr, dist_ptr, N, K, D,
-    COSINE: tl.constexpr, CAP: tl.constexpr, BLOCK_R: tl.constexpr, DTYPE: tl.constexpr,
+    COSINE: tl.constexpr, CAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KF: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):
     """The direct distances of each row's candidates (every code when it has more than CAP);
     the smallest, lowest index on ties."""
@@ -262,13 +266,33 @@ def _rescore_kernel(
         best_idx = tl.where(better, idx, best_idx)
     full = row_ok & (count > CAP)
     if tl.max(full.to(tl.int32), 0) > 0:
-        for k in range(K):
-            idx = tl.zeros([BLOCK_R], tl.int64) + k
-            d = _direct(x_ptr, s_x_n, s_x_d, e_ptr, s_e_k, s_e_d, rows, idx, full, xnorm, D,
-                        COSINE, DTYPE)
+        # every code, BLOCK_KF at a time: the tile's least distance, lowest index among equal
+        # ones (NaN never wins: as +inf), replaces the best only when strictly closer
+        for t in range(tl.cdiv(K, BLOCK_KF)):
+            codes = t * BLOCK_KF + tl.arange(0, BLOCK_KF)
+            m2 = full[:, None] & (codes < K)[None, :]
+            acc = tl.zeros([BLOCK_R, BLOCK_KF], DTYPE)
+            for j in range(D):
+                j64 = tl.cast(j, tl.int64)
+                xv = tl.load(x_ptr + rows * s_x_n + j64 * s_x_d, mask=full,
+                             other=0.0).to(DTYPE)
+                if COSINE:
+                    xv = _div_rn(xv, xnorm, DTYPE)
+                ev = tl.load(e_ptr + codes.to(tl.int64) * s_e_k + j64 * s_e_d, mask=codes < K,
+                             other=0.0).to(DTYPE)
+                if COSINE:
+                    acc = acc + xv[:, None] * ev[None, :]
+                else:
+                    diff = xv[:, None] - ev[None, :]
+                    acc = acc + diff * diff
+            if COSINE:
+                acc = 1.0 - acc
+            acc = tl.where(m2 & (acc == acc), acc, float("inf"))
+            d = tl.min(acc, 1)
+            k_min = tl.min(tl.where(acc == d[:, None], codes[None, :], K), 1).to(tl.int64)
             better = full & (d < best)
             best = tl.where(better, d, best)
-            best_idx = tl.where(better, idx, best_idx)
+            best_idx = tl.where(better, k_min, best_idx)
     # no distance below +inf (NaN in x, an overflow): code 0 and its distance, as the other
     # backends
     none = row_ok & ~(best < float("inf"))
@@ -288,7 +312,7 @@ _TINY = {torch.float32: 2.0**-120, torch.float64: 2.0**-1016}
 
 def _search_tiles(D: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, BLOCK_D, num_warps) of the search. tl.dot needs every side >= 16."""
-    block_d_max = 128 if interpreted(device) else (32 if dtype == torch.float64 else 64)
+    block_d_max = 32 if dtype == torch.float64 and not interpreted(device) else 64
     block_d = min(max(16, triton.next_power_of_2(D)), block_d_max)
     if interpreted(device):
         return 64, 128, block_d, 4
@@ -358,6 +382,6 @@ def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, 
         launch(op, _rescore_kernel, (triton.cdiv(N, block_r(N)),),
                x, *x.stride(), e_src, *e_src.stride(), xnorm, cand, count,
                indices, distances, N, K, D,
-               COSINE=cosine, CAP=CAP, BLOCK_R=block_r(N), DTYPE=dtype,
+               COSINE=cosine, CAP=CAP, BLOCK_R=block_r(N), BLOCK_KF=16, DTYPE=dtype,
                num_warps=4, enable_fp_fusion=False)
     return indices, distances
