@@ -109,7 +109,7 @@ def _norm_clamped(src_ptr, rows, s_r, s_d, D, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _prep_kernel(src_ptr, s_r, s_d, c_ptr, out_ptr, sq_ptr, norm_ptr, n_rows, D,
+def _prep_kernel(src_ptr, s_r, s_d, c_ptr, out_ptr, s_out, sq_ptr, norm_ptr, n_rows, D,
                  NORMALIZE: tl.constexpr, WRITE_OUT: tl.constexpr, BLOCK_R: tl.constexpr,
                  DTYPE: tl.constexpr):
     """Rows of ``src`` (n_rows, D): with WRITE_OUT, out = src - c (NORMALIZE False) or
@@ -127,7 +127,7 @@ def _prep_kernel(src_ptr, s_r, s_d, c_ptr, out_ptr, sq_ptr, norm_ptr, n_rows, D,
             v = tl.load(src_ptr + rows * s_r + tl.cast(j, tl.int64) * s_d, mask=mask,
                     other=0.0).to(DTYPE)
             o = _div_rn(v, nrm, DTYPE) if NORMALIZE else v - tl.load(c_ptr + j).to(DTYPE)
-            tl.store(out_ptr + rows * D + j, o, mask=mask)
+            tl.store(out_ptr + rows * s_out + j, o, mask=mask)
             sq = sq + o * o
         tl.store(sq_ptr + rows, sq, mask=mask)
 
@@ -146,10 +146,20 @@ def _x_chunk(x_ptr, rows, cols, s_x_n, s_x_d, mask, c_ptr, xnorm, D,
 
 
 @triton.jit
+def _dot(x, e, acc, DTYPE: tl.constexpr):
+    """acc + x e^T; float32 with input_precision "ieee" (no TF32 rounding of the inputs)."""
+    if DTYPE == tl.float32:  # noqa: SIM300 (a constexpr compares by value)
+        return tl.dot(x, tl.trans(e), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, tl.trans(e), acc)
+
+
+@triton.jit
 def _search_kernel(
     x_ptr, s_x_n, s_x_d, c_ptr, xnorm_ptr, eb_ptr, esq_ptr, cand_ptr, count_ptr,
-    N, K, D, n_code_tiles, n_d_chunks,
-    COSINE: tl.constexpr, CAP: tl.constexpr, U: tl.constexpr, TINY: tl.constexpr,
+    N, K, D, s_eb, n_code_tiles, n_d_chunks,
+    COSINE: tl.constexpr, ONE_CHUNK: tl.constexpr, CAP: tl.constexpr, U: tl.constexpr,
+    TINY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr,
 ):
     """Screen every code for BLOCK_M rows with tl.dot; append the candidates (module doc)."""
@@ -166,6 +176,9 @@ def _search_kernel(
         m = row_ok[:, None] & (cols < D)[None, :]
         xc = _x_chunk(x_ptr, rows, cols, s_x_n, s_x_d, m, c_ptr, xnorm, D, COSINE, DTYPE)
         xx += tl.sum(xc * xc, 1)
+    if ONE_CHUNK:  # D <= BLOCK_D: the rows' chunk stays in registers for every code tile
+        x0 = _x_chunk(x_ptr, rows, dd, s_x_n, s_x_d, row_ok[:, None] & (dd < D)[None, :],
+                      c_ptr, xnorm, D, COSINE, DTYPE)
     d_f = tl.cast(D, DTYPE)
     g = (2.0 * d_f + 16.0) * U
     tiny = (d_f + 4.0) * TINY
@@ -181,18 +194,19 @@ def _search_kernel(
         code_ok = codes < K
         codes64 = codes.to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_K], DTYPE)
-        for c in range(n_d_chunks):
-            cols = c * BLOCK_D + dd
-            col_ok = cols < D
-            xc = _x_chunk(x_ptr, rows, cols, s_x_n, s_x_d, row_ok[:, None] & col_ok[None, :],
-                          c_ptr, xnorm, D, COSINE, DTYPE)
-            ec = tl.load(eb_ptr + codes64[:, None] * D + cols[None, :],
-                         mask=code_ok[:, None] & col_ok[None, :], other=0.0)
-            if DTYPE == tl.float32:  # noqa: SIM300 (a constexpr compares by value)
-                acc = tl.dot(xc, tl.trans(ec), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xc, tl.trans(ec), acc)
-        esq = tl.load(esq_ptr + codes64, mask=code_ok, other=0.0)
+        # eb is zero-padded to (n_code_tiles BLOCK_K, n_d_chunks BLOCK_D): no masks
+        if ONE_CHUNK:
+            ec = tl.load(eb_ptr + codes64[:, None] * BLOCK_D + dd[None, :])
+            acc = _dot(x0, ec, acc, DTYPE)
+        else:
+            for c in range(n_d_chunks):
+                cols = c * BLOCK_D + dd
+                xc = _x_chunk(x_ptr, rows, cols, s_x_n, s_x_d,
+                              row_ok[:, None] & (cols < D)[None, :], c_ptr, xnorm, D, COSINE,
+                              DTYPE)
+                ec = tl.load(eb_ptr + codes64[:, None] * s_eb + cols[None, :])
+                acc = _dot(xc, ec, acc, DTYPE)
+        esq = tl.load(esq_ptr + codes64)
         if COSINE:
             v = -2.0 * acc
             eps = eps_row[:, None] + (g * esq)[None, :]
@@ -208,11 +222,15 @@ def _search_kernel(
         # NaN or -inf: not (lo > T), so a candidate
         cand = ok & ~(lo > thresh[:, None])
         n_cand = tl.sum(cand.to(tl.int32), 1)
-        if tl.max(n_cand, 0) > 0:
-            pos = count[:, None] + tl.cumsum(cand.to(tl.int32), 1) - 1
-            tl.store(cand_ptr + rows[:, None] * CAP + pos, codes64[None, :] + 0 * pos,
-                     mask=cand & (pos < CAP))
-            count += n_cand
+        # append them in index order, one per row per step (usually a single step)
+        n_steps = tl.minimum(tl.max(n_cand, 0), CAP)
+        for step in range(n_steps):
+            first = tl.min(tl.where(cand, codes[None, :], K), 1)
+            slot = count + step
+            tl.store(cand_ptr + rows * CAP + slot, first.to(tl.int64),
+                     mask=(step < n_cand) & (slot < CAP))
+            cand = cand & (codes[None, :] != first[:, None])
+        count += n_cand
     tl.store(count_ptr + rows, count, mask=row_ok)
 
 
@@ -311,14 +329,18 @@ _TINY = {torch.float32: 2.0**-120, torch.float64: 2.0**-1016}
 
 
 def _search_tiles(D: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_D, num_warps) of the search. tl.dot needs every side >= 16."""
-    block_d_max = 32 if dtype == torch.float64 and not interpreted(device) else 64
-    block_d = min(max(16, triton.next_power_of_2(D)), block_d_max)
+    """(BLOCK_M, BLOCK_K, BLOCK_D, num_warps) of the search.
+
+    On a GPU a float32 tl.dot with input_precision "ieee" runs on the FMA units, its operands
+    held in registers per thread for a whole BLOCK_D chunk. ptxas -v (sm_90, triton 3.9, N x D
+    = 4096 x 64, K = 16384): 64 x 64 x 16 with 4 warps takes 206 registers and does not spill;
+    64 x 64 x 32 took 208; 128 x 64 x 16 and 128 x 128 x 16 (8 warps) spilled 40-60 B. Under
+    the interpreter: large tiles (few programs)."""
     if interpreted(device):
-        return 64, 128, block_d, 4
+        return 64, 128, min(max(16, triton.next_power_of_2(D)), 64), 4
     if dtype == torch.float64:
-        return 32, 32, min(block_d, 32), 4
-    return 64, 64, block_d, 4
+        return 32, 32, 16, 4
+    return 64, 64, 16, 4
 
 
 def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -352,29 +374,32 @@ def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, 
     def block_r(n: int) -> int:
         return min(triton.next_power_of_2(n), 1024) if interp else 128
 
-    eb = torch.empty((K, D), dtype=cdt, device=device)  # the screened codebook
-    esq = torch.empty(K, dtype=cdt, device=device)
+    bm, bk, bd, warps = _search_tiles(D, device, cdt)
+    n_code_tiles, n_d_chunks = triton.cdiv(K, bk), triton.cdiv(D, bd)
+    # the screened codebook, zero-padded to whole tiles (unmasked, aligned loads)
+    eb = torch.zeros((n_code_tiles * bk, n_d_chunks * bd), dtype=cdt, device=device)
+    esq = torch.zeros(n_code_tiles * bk, dtype=cdt, device=device)
     xnorm = torch.empty(N if cosine else 1, dtype=cdt, device=device)
     center = (torch.zeros(1, dtype=cdt, device=device) if cosine
               else codebook.to(cdt).mean(0))
     cand = torch.empty((N, CAP), dtype=torch.int64, device=device)
     count = torch.empty(N, dtype=torch.int32, device=device)
-    bm, bk, bd, warps = _search_tiles(D, device, cdt)
     op = "fastvae::nearest_code"
     with on_device(x):
         launch(op, _prep_kernel, (triton.cdiv(K, block_r(K)),),
-               codebook, *codebook.stride(), center, eb, esq, esq, K, D,
+               codebook, *codebook.stride(), center, eb, eb.stride(0), esq, esq, K, D,
                NORMALIZE=cosine, WRITE_OUT=True, BLOCK_R=block_r(K), DTYPE=dtype,
                enable_fp_fusion=False)
         if cosine:
             launch(op, _prep_kernel, (triton.cdiv(N, block_r(N)),),
-                   x, *x.stride(), center, eb, esq, xnorm, N, D,
+                   x, *x.stride(), center, eb, eb.stride(0), esq, xnorm, N, D,
                    NORMALIZE=True, WRITE_OUT=False, BLOCK_R=block_r(N), DTYPE=dtype,
                    enable_fp_fusion=False)
         launch(op, _search_kernel, (triton.cdiv(N, bm),),
                x, *x.stride(), center, xnorm, eb, esq, cand, count,
-               N, K, D, triton.cdiv(K, bk), triton.cdiv(D, bd),
-               COSINE=cosine, CAP=CAP, U=_UNIT_ROUNDOFF[cdt], TINY=_TINY[cdt],
+               N, K, D, eb.stride(0), n_code_tiles, n_d_chunks,
+               COSINE=cosine, ONE_CHUNK=n_d_chunks == 1, CAP=CAP, U=_UNIT_ROUNDOFF[cdt],
+               TINY=_TINY[cdt],
                BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, DTYPE=dtype, num_warps=warps)
         # "cosine" rescores against the normalized codebook eb (contiguous), "l2" against the
         # codebook itself.
