@@ -19,20 +19,22 @@ Algorithm (three small kernels and the search):
    dtype: for "l2" centred, e' = e - c with c the codebook's mean (any c works; centring only
    shrinks the numbers the screen cancels), for "cosine" normalized; and each code's
    |e'|^2 (K,). For "cosine" it also writes the row norms max(|x|, 1e-12) (N,).
-2. ``_search_kernel`` (grid: blocks of BLOCK_M rows; loop over codebook tiles of BLOCK_K codes,
-   and over D in chunks of BLOCK_D) SCREENS with ``tl.dot`` (float32 with input_precision
+2. ``_search_kernel`` (grid: blocks of BLOCK_M rows x splits of the codebook, so that a GPU is
+   filled when N is small; loop over the split's tiles of BLOCK_K codes, and over D in chunks
+   of BLOCK_D) SCREENS with ``tl.dot`` (float32 with input_precision
    "ieee": no TF32 rounding): v_k = |e'_k|^2 - 2 x'.e'_k ("l2", x' = x - c, so that
    d_k = |x'|^2 + v_k) or v_k = -2 xh.eh_k ("cosine", d_k = 1 + v_k / 2). With the error
    bound eps_k of v_k (below), it keeps per row the running threshold
        T = min over the codes seen of  w_k + R max(|x'|^2 + w_k, 0),   w_k = v_k + eps_k
    (R = 2G for "l2", 0 for "cosine") and appends, in index order, every code with
-   v_k - eps_k <= T (the candidates) to a per-row list of capacity CAP, counting them.
-   Memory: O(N CAP + K D); nothing N x K.
+   v_k - eps_k <= T (the candidates) to the row's list for that split (capacity CAP),
+   counting them. Each split's T bounds the split's codes alone: the union of the lists is
+   the same kind of superset. Memory: O(N n_split CAP + K D); nothing N x K.
 3. ``_rescore_kernel`` (grid: blocks of rows) computes the candidates' distances directly and
-   keeps the smallest, the lowest index on ties (candidates come in index order, a later one
-   wins only when strictly closer). A row with more than CAP candidates (duplicates, all codes
-   equal, vectors far from the codebook's mean, non-finite values) is rescored against every
-   code: slower, still exact.
+   keeps the smallest, the lowest index on ties (splits in code order, each list in index
+   order, a later candidate wins only when strictly closer). A split that listed more than CAP
+   candidates for a row (duplicates, all codes equal, vectors far from the codebook's mean,
+   non-finite values) is rescored against each of its codes: slower, still exact.
 
 The margin (docs/numerics.md). u = unit roundoff (2^-24, 2^-53), G = (2D + 16) u. Every code
 whose screened value could belong to the direct argmin is a candidate:
@@ -69,7 +71,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import compute_dtype, interpreted, launch, on_device, torch_compute_dtype
+from ._common import compute_dtype, interpreted, launch, on_device, split, torch_compute_dtype
 
 # Candidates kept per row before a row falls back to rescoring every code. Random data adds one
 # each time a row's running best improves (about ln(K / BLOCK_K) times) plus near ties.
@@ -157,13 +159,16 @@ def _dot(x, e, acc, DTYPE: tl.constexpr):
 @triton.jit
 def _search_kernel(
     x_ptr, s_x_n, s_x_d, c_ptr, xnorm_ptr, eb_ptr, esq_ptr, cand_ptr, count_ptr,
-    N, K, D, s_eb, n_code_tiles, n_d_chunks,
+    N, K, D, s_eb, n_code_tiles, n_d_chunks, n_split, tiles_per_split,
     COSINE: tl.constexpr, ONE_CHUNK: tl.constexpr, CAP: tl.constexpr, U: tl.constexpr,
     TINY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """Screen every code for BLOCK_M rows with tl.dot; append the candidates (module doc)."""
+    """Screen the codes of split program_id(1) (tiles_per_split code tiles) for BLOCK_M rows
+    with tl.dot; append their candidates to the split's list (module doc)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    part = tl.program_id(1)
+    list_row = rows * n_split + part  # this split's list and count of each row
     row_ok = rows < N
     dd = tl.arange(0, BLOCK_D)
     xnorm = tl.full([BLOCK_M], 1.0, DTYPE)
@@ -189,7 +194,8 @@ def _search_kernel(
         eps_row = g * xx + tiny
     running = tl.full([BLOCK_M], float("inf"), DTYPE)
     count = tl.zeros([BLOCK_M], tl.int32)
-    for t in range(n_code_tiles):
+    t_end = tl.minimum((part + 1) * tiles_per_split, n_code_tiles)
+    for t in range(part * tiles_per_split, t_end):
         codes = t * BLOCK_K + tl.arange(0, BLOCK_K)
         code_ok = codes < K
         codes64 = codes.to(tl.int64)
@@ -227,11 +233,11 @@ def _search_kernel(
         for step in range(n_steps):
             first = tl.min(tl.where(cand, codes[None, :], K), 1)
             slot = count + step
-            tl.store(cand_ptr + rows * CAP + slot, first.to(tl.int64),
+            tl.store(cand_ptr + list_row * CAP + slot, first.to(tl.int64),
                      mask=(step < n_cand) & (slot < CAP))
             cand = cand & (codes[None, :] != first[:, None])
         count += n_cand
-    tl.store(count_ptr + rows, count, mask=row_ok)
+    tl.store(count_ptr + list_row, count, mask=row_ok)
 
 
 @triton.jit
@@ -258,59 +264,65 @@ def _direct(x_ptr, s_x_n, s_x_d, e_ptr, s_e_k, s_e_d, rows, idx, mask, xnorm, D,
 @triton.jit
 def _rescore_kernel(
     x_ptr, s_x_n, s_x_d, e_ptr, s_e_k, s_e_d, xnorm_ptr, cand_ptr, count_ptr,
-    idx_ptr, dist_ptr, N, K, D,
+    idx_ptr, dist_ptr, N, K, D, n_split, codes_per_split,
     COSINE: tl.constexpr, CAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KF: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """The direct distances of each row's candidates (every code when it has more than CAP);
-    the smallest, lowest index on ties."""
+    """The direct distances of each row's candidates, split by split (all the split's codes
+    when it listed more than CAP); the smallest, lowest index on ties."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
-    count = tl.load(count_ptr + rows, mask=row_ok, other=0)
     xnorm = tl.full([BLOCK_R], 1.0, DTYPE)
     if COSINE:
         xnorm = tl.load(xnorm_ptr + rows, mask=row_ok, other=1.0)
     best = tl.full([BLOCK_R], float("inf"), DTYPE)
     best_idx = tl.zeros([BLOCK_R], tl.int64)
-    listed = row_ok & (count <= CAP)
-    n_slots = tl.max(tl.where(listed, count, 0), 0)
-    for s in range(n_slots):
-        active = listed & (s < count)
-        idx = tl.load(cand_ptr + rows * CAP + s, mask=active, other=0)
-        d = _direct(x_ptr, s_x_n, s_x_d, e_ptr, s_e_k, s_e_d, rows, idx, active, xnorm, D,
-                    COSINE, DTYPE)
-        better = active & (d < best)
-        best = tl.where(better, d, best)
-        best_idx = tl.where(better, idx, best_idx)
-    full = row_ok & (count > CAP)
-    if tl.max(full.to(tl.int32), 0) > 0:
-        # every code, BLOCK_KF at a time: the tile's least distance, lowest index among equal
-        # ones (NaN never wins: as +inf), replaces the best only when strictly closer
-        for t in range(tl.cdiv(K, BLOCK_KF)):
-            codes = t * BLOCK_KF + tl.arange(0, BLOCK_KF)
-            m2 = full[:, None] & (codes < K)[None, :]
-            acc = tl.zeros([BLOCK_R, BLOCK_KF], DTYPE)
-            for j in range(D):
-                j64 = tl.cast(j, tl.int64)
-                xv = tl.load(x_ptr + rows * s_x_n + j64 * s_x_d, mask=full,
-                             other=0.0).to(DTYPE)
-                if COSINE:
-                    xv = _div_rn(xv, xnorm, DTYPE)
-                ev = tl.load(e_ptr + codes.to(tl.int64) * s_e_k + j64 * s_e_d, mask=codes < K,
-                             other=0.0).to(DTYPE)
-                if COSINE:
-                    acc = acc + xv[:, None] * ev[None, :]
-                else:
-                    diff = xv[:, None] - ev[None, :]
-                    acc = acc + diff * diff
-            if COSINE:
-                acc = 1.0 - acc
-            acc = tl.where(m2 & (acc == acc), acc, float("inf"))
-            d = tl.min(acc, 1)
-            k_min = tl.min(tl.where(acc == d[:, None], codes[None, :], K), 1).to(tl.int64)
-            better = full & (d < best)
+    # splits in code order, each list in code order, a later code only when strictly closer
+    for part in range(n_split):
+        list_row = rows * n_split + part
+        count = tl.load(count_ptr + list_row, mask=row_ok, other=0)
+        listed = row_ok & (count <= CAP)
+        n_slots = tl.max(tl.where(listed, count, 0), 0)
+        for s in range(n_slots):
+            active = listed & (s < count)
+            idx = tl.load(cand_ptr + list_row * CAP + s, mask=active, other=0)
+            d = _direct(x_ptr, s_x_n, s_x_d, e_ptr, s_e_k, s_e_d, rows, idx, active, xnorm, D,
+                        COSINE, DTYPE)
+            better = active & (d < best)
             best = tl.where(better, d, best)
-            best_idx = tl.where(better, k_min, best_idx)
+            best_idx = tl.where(better, idx, best_idx)
+        full = row_ok & (count > CAP)
+        if tl.max(full.to(tl.int32), 0) > 0:
+            # every code of the split, BLOCK_KF at a time: the tile's least distance, lowest
+            # index among equal ones (NaN never wins: as +inf)
+            k_lo = part * codes_per_split
+            k_hi = tl.minimum(k_lo + codes_per_split, K)
+            for t in range(tl.cdiv(k_hi - k_lo, BLOCK_KF)):
+                codes = k_lo + t * BLOCK_KF + tl.arange(0, BLOCK_KF)
+                code_ok = codes < k_hi
+                acc = tl.zeros([BLOCK_R, BLOCK_KF], DTYPE)
+                for j in range(D):
+                    j64 = tl.cast(j, tl.int64)
+                    xv = tl.load(x_ptr + rows * s_x_n + j64 * s_x_d, mask=full,
+                                 other=0.0).to(DTYPE)
+                    if COSINE:
+                        xv = _div_rn(xv, xnorm, DTYPE)
+                    ev = tl.load(e_ptr + codes.to(tl.int64) * s_e_k + j64 * s_e_d,
+                                 mask=code_ok, other=0.0).to(DTYPE)
+                    if COSINE:
+                        acc = acc + xv[:, None] * ev[None, :]
+                    else:
+                        diff = xv[:, None] - ev[None, :]
+                        acc = acc + diff * diff
+                if COSINE:
+                    acc = 1.0 - acc
+                acc = tl.where(full[:, None] & code_ok[None, :] & (acc == acc), acc,
+                               float("inf"))
+                d = tl.min(acc, 1)
+                k_min = tl.min(tl.where(acc == d[:, None], codes[None, :], K), 1).to(tl.int64)
+                better = full & (d < best)
+                best = tl.where(better, d, best)
+                best_idx = tl.where(better, k_min, best_idx)
     # no distance below +inf (NaN in x, an overflow): code 0 and its distance, as the other
     # backends
     none = row_ok & ~(best < float("inf"))
@@ -343,7 +355,8 @@ def _search_tiles(D: int, device: torch.device, dtype: torch.dtype) -> tuple[int
     return 64, 64, 16, 4
 
 
-def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str,
+                     tiles_per_split: int | None = None) -> tuple[Tensor, Tensor]:
     """The ``"triton"`` backend of ``nearest_code`` on canonical views: ``x (N, D)``,
     ``codebook (K, D)``, one floating dtype, any strides, one device.
 
@@ -352,6 +365,9 @@ def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, 
     the nearest code, computed directly as in ``fastvae.ops.reference.nearest_code_fwd``,
     lowest index on ties (module docstring: the screen with ``tl.dot``, its margin, the exact
     rescoring). K = 0 gives index 0 and distance inf, D = 0 distance 0 ("l2") or 1 ("cosine").
+
+    The codebook's tiles are split over programs so that a GPU is filled when N is small (one
+    split under the interpreter); ``tiles_per_split`` forces the code tiles per split (tests).
     """
     if metric not in ("l2", "cosine"):
         raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
@@ -382,8 +398,15 @@ def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, 
     xnorm = torch.empty(N if cosine else 1, dtype=cdt, device=device)
     center = (torch.zeros(1, dtype=cdt, device=device) if cosine
               else codebook.to(cdt).mean(0))
-    cand = torch.empty((N, CAP), dtype=torch.int64, device=device)
-    count = torch.empty(N, dtype=torch.int32, device=device)
+    n_row_blocks = triton.cdiv(N, bm)
+    if tiles_per_split is None:
+        n_split, tiles_per_split = split(n_row_blocks, n_code_tiles, device)
+    else:
+        if tiles_per_split < 1:
+            raise ValueError(f"tiles_per_split must be >= 1, got {tiles_per_split}")
+        n_split = triton.cdiv(n_code_tiles, tiles_per_split)
+    cand = torch.empty((N, n_split, CAP), dtype=torch.int64, device=device)
+    count = torch.empty((N, n_split), dtype=torch.int32, device=device)
     op = "fastvae::nearest_code"
     with on_device(x):
         launch(op, _prep_kernel, (triton.cdiv(K, block_r(K)),),
@@ -395,9 +418,9 @@ def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, 
                    x, *x.stride(), center, eb, eb.stride(0), esq, xnorm, N, D,
                    NORMALIZE=True, WRITE_OUT=False, BLOCK_R=block_r(N), DTYPE=dtype,
                    enable_fp_fusion=False)
-        launch(op, _search_kernel, (triton.cdiv(N, bm),),
+        launch(op, _search_kernel, (n_row_blocks, n_split),
                x, *x.stride(), center, xnorm, eb, esq, cand, count,
-               N, K, D, eb.stride(0), n_code_tiles, n_d_chunks,
+               N, K, D, eb.stride(0), n_code_tiles, n_d_chunks, n_split, tiles_per_split,
                COSINE=cosine, ONE_CHUNK=n_d_chunks == 1, CAP=CAP, U=_UNIT_ROUNDOFF[cdt],
                TINY=_TINY[cdt],
                BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, DTYPE=dtype, num_warps=warps)
@@ -406,7 +429,7 @@ def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, 
         e_src = eb if cosine else codebook
         launch(op, _rescore_kernel, (triton.cdiv(N, block_r(N)),),
                x, *x.stride(), e_src, *e_src.stride(), xnorm, cand, count,
-               indices, distances, N, K, D,
+               indices, distances, N, K, D, n_split, tiles_per_split * bk,
                COSINE=cosine, CAP=CAP, BLOCK_R=block_r(N), BLOCK_KF=16, DTYPE=dtype,
                num_warps=4, enable_fp_fusion=False)
     return indices, distances

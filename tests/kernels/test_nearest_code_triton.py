@@ -62,10 +62,10 @@ def oracle(x: torch.Tensor, e: torch.Tensor, metric: str) -> tuple[torch.Tensor,
     return torch.from_numpy(index), torch.from_numpy(dist)
 
 
-def check(x: torch.Tensor, e: torch.Tensor, metric: str = "l2") -> tuple[torch.Tensor,
-                                                                         torch.Tensor]:
+def check(x: torch.Tensor, e: torch.Tensor, metric: str = "l2",
+          tiles_per_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     with np.errstate(all="ignore"):  # the interpreter's numpy on inf/NaN inputs
-        idx, dist = nc.nearest_code_fwd(x, e, metric)
+        idx, dist = nc.nearest_code_fwd(x, e, metric, tiles_per_split)
         want_idx, want_dist = oracle(x, e, metric)
     assert idx.dtype == torch.int64
     assert dist.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -175,6 +175,20 @@ def test_capacity_one_is_the_same(monkeypatch):
     one = check(x, e)
     assert torch.equal(full[0].cpu(), one[0])
     assert torch.equal(full[1].cpu(), one[1])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_codebook_split_over_programs(metric):
+    """The code tiles split over programs (one tile each: 3 splits of 128, 128, 44 codes, the
+    GPU's layout for small N), each split with its own candidate list: the same results; a
+    split with more candidates than slots (equal codes in the first two) is rescored whole."""
+    e = _randn(300, 6, seed=22)
+    e[5:140] = e[200]  # 135 equal codes across the first two splits, one equal in the third
+    x = torch.cat([_randn(5, 6, seed=23), e[200:201] + 1e-3])
+    one = check(x, e, metric)
+    split = check(x, e, metric, tiles_per_split=1)
+    assert torch.equal(one[0], split[0])
+    assert one[0][-1] == 5
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
