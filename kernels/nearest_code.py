@@ -228,14 +228,19 @@ def _search_kernel(
         # NaN or -inf: not (lo > T), so a candidate
         cand = ok & ~(lo > thresh[:, None])
         n_cand = tl.sum(cand.to(tl.int32), 1)
-        # append them in index order, one per row per step (usually a single step)
-        n_steps = tl.minimum(tl.max(n_cand, 0), CAP)
-        for step in range(n_steps):
-            first = tl.min(tl.where(cand, codes[None, :], K), 1)
-            slot = count + step
-            tl.store(cand_ptr + list_row * CAP + slot, first.to(tl.int64),
-                     mask=(step < n_cand) & (slot < CAP))
-            cand = cand & (codes[None, :] != first[:, None])
+        if tl.max(n_cand, 0) > 0:
+            # append them in index order: the row's candidates as bits of an int64 (BLOCK_K <=
+            # 64), then one per step, the lowest set bit, its position read from the exponent
+            # of its (exact) float32 value; usually a single step
+            bit = tl.full([BLOCK_K], 1, tl.int64) << tl.arange(0, BLOCK_K).to(tl.int64)
+            bits = tl.sum(tl.where(cand, bit[None, :], 0), 1)
+            for step in range(tl.minimum(tl.max(n_cand, 0), CAP)):
+                low = bits & -bits
+                pos = ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127
+                slot = count + step
+                tl.store(cand_ptr + list_row * CAP + slot, (t * BLOCK_K + pos).to(tl.int64),
+                         mask=(step < n_cand) & (slot < CAP))
+                bits = bits ^ low
         count += n_cand
     tl.store(count_ptr + list_row, count, mask=row_ok)
 
@@ -341,18 +346,20 @@ _TINY = {torch.float32: 2.0**-120, torch.float64: 2.0**-1016}
 
 
 def _search_tiles(D: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_D, num_warps) of the search.
+    """(BLOCK_M, BLOCK_K, BLOCK_D, num_warps) of the search; BLOCK_K <= 64 (a row's candidates
+    in one tile are the bits of an int64).
 
-    On a GPU a float32 tl.dot with input_precision "ieee" runs on the FMA units, its operands
-    held in registers per thread for a whole BLOCK_D chunk. ptxas -v (sm_90, triton 3.9, N x D
-    = 4096 x 64, K = 16384): 64 x 64 x 16 with 4 warps takes 206 registers and does not spill;
-    64 x 64 x 32 took 208; 128 x 64 x 16 and 128 x 128 x 16 (8 warps) spilled 40-60 B. Under
-    the interpreter: large tiles (few programs)."""
+    On a GPU a float32 tl.dot with input_precision "ieee" runs on the FMA units, each thread
+    holding its rows' and codes' operands for a whole BLOCK_D chunk in registers. ptxas -v
+    (triton 3.9, sm_80 and sm_90, float32, N x D = 4096 x 64 contiguous and padded, 256 x 300,
+    2^31 + 1 x 1; K = 16384): 32 x 64 x 8 with 4 warps takes 160-168 registers and does not
+    spill; 64 x 64 x 16 took 168-202 and spilled 4-20 B, 64 x 64 x 8 220-254 and 12 B, 128-row
+    tiles 40-60 B. Under the interpreter: large tiles (few programs)."""
     if interpreted(device):
-        return 64, 128, min(max(16, triton.next_power_of_2(D)), 64), 4
+        return 64, 64, min(max(16, triton.next_power_of_2(D)), 64), 4
     if dtype == torch.float64:
         return 32, 32, 16, 4
-    return 64, 64, 16, 4
+    return 32, 64, 8, 4
 
 
 def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str,
@@ -430,6 +437,7 @@ def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str,
         launch(op, _rescore_kernel, (triton.cdiv(N, block_r(N)),),
                x, *x.stride(), e_src, *e_src.stride(), xnorm, cand, count,
                indices, distances, N, K, D, n_split, tiles_per_split * bk,
-               COSINE=cosine, CAP=CAP, BLOCK_R=block_r(N), BLOCK_KF=16, DTYPE=dtype,
+               COSINE=cosine, CAP=CAP, BLOCK_R=block_r(N),
+               BLOCK_KF=8 if cdt == torch.float64 else 16, DTYPE=dtype,
                num_warps=4, enable_fp_fusion=False)
     return indices, distances

@@ -157,6 +157,17 @@ def test_duplicates_lowest_index():
     assert dist[1] == 0
 
 
+def test_equal_codes_at_tile_edges():
+    """Equal codes at the last positions of a 64-code tile (62, 63: bit 63 of a row's candidate
+    mask) and across the next boundary (127, 128): the lowest, 62."""
+    e = _randn(130, 7, seed=24)
+    for k in (63, 127, 128, 62):
+        e[k] = e[40] + 2.0
+    x = torch.cat([e[62:63] + 1e-4, _randn(2, 7, seed=25)])
+    idx, _ = check(x, e)
+    assert idx[0] == 62
+
+
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_all_codes_equal(metric):
     """K = 20 equal codes (more candidates than a row keeps: the full rescoring): code 0."""
