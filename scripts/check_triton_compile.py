@@ -398,6 +398,14 @@ def _dmol(K, p):
         K.discretized_mix_logistic_nll_fwd(params, x, M, p["n_bins"])
 
 
+def _nearest_code(K, p):
+    """x (N, D) and a codebook (K, D) of one dtype; the codebook contiguous or transposed."""
+    N, D = p["shape"]
+    x = operand(N, D, p["dtype"], p["layout"])
+    codebook = operand(p["K"], D, p["dtype"], p["codebook"])
+    K.nearest_code_fwd(x, codebook, p["metric"])
+
+
 def _common_axes(**extra) -> dict:
     return {"dtype": DTYPES, "shape": SHAPES, "layout": LAYOUTS, **extra}
 
@@ -452,6 +460,14 @@ FAMILIES = (
            _common_axes(K=(16, 1, 3), z=("contiguous", "broadcast"),
                         lpx_dtype=(None, torch.float16), needs=subsets(4), grad=GRADS),
            ("needs",), _iwae_bwd, needs="needs"),
+    # (N, D): a tokenizer batch at D = 64, D = 8, odd D, D past one BLOCK_D chunk, 1 x 1; the
+    # codebook size K: 16384, odd, a single code, fewer codes than one tile
+    Family("nearest_code_fwd",
+           {"dtype": DTYPES, "shape": ((4096, 64), (32768, 8), (1000, 3), (256, 300), (1, 1)),
+            "layout": ("contiguous", "padded", "transposed", "misaligned"),
+            "metric": ("l2", "cosine"), "K": (16384, 1001, 1, 40),
+            "codebook": ("contiguous", "transposed", "padded")},
+           ("metric",), _nearest_code),
 )
 
 
