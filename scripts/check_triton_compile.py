@@ -607,8 +607,15 @@ def float32_params(ptx: str) -> list[str]:
 def spec_of(launch: Launch) -> str:
     """The constexpr part of a launch (tile, warps, flags), short."""
     m = launch.meta
-    tile = (f"{m['BLOCK_S']}" if "BLOCK_S" in m else
-            f"{m.get('BLOCK_B', '?')}x{m.get('BLOCK_N', '?')}") + f"/w{m.get('num_warps', 4)}"
+    if "BLOCK_S" in m:
+        tile = f"{m['BLOCK_S']}"
+    elif "BLOCK_M" in m:  # nearest_code's search: rows x codes x D chunk
+        tile = f"{m['BLOCK_M']}x{m['BLOCK_K']}x{m['BLOCK_D']}"
+    elif "BLOCK_R" in m:
+        tile = f"{m['BLOCK_R']}"
+    else:
+        tile = f"{m.get('BLOCK_B', '?')}x{m.get('BLOCK_N', '?')}"
+    tile += f"/w{m.get('num_warps', 4)}"
     flags = " ".join(f"{k}" for k, v in m.items()
                      if k.isupper() and not k.startswith("BLOCK") and k != "DTYPE" and v is True)
     return f"{tile} {flags}".strip()
