@@ -276,13 +276,15 @@ class DiagonalNormal(Distribution):
     def rsample(self, sample_shape: Sequence[int] = torch.Size(), *,
                 eps: Tensor | None = None) -> Tensor:
         """Reparameterized samples, ``sample_shape + batch_shape + event_shape``:
-        ``loc + exp(logvar / 2) * eps``; ``eps`` (that shape, ``loc``'s dtype) given: used as
-        is, else Philox normals."""
+        ``loc + exp(logvar / 2) * eps``, in the common dtype of ``loc`` and ``logvar`` (as
+        torch's ``Normal``: a bfloat16 ``loc`` with a float32 log-variance samples in float32);
+        ``eps`` (that shape and dtype) given: used as is, else Philox normals."""
         sample_shape = torch.Size(sample_shape)
         shape = self._extended_shape(sample_shape)
         # Every batch element draws its own noise: the parameters as (M, *event), M the batch.
-        mu = self.loc.reshape(-1, *self.event_shape)
-        lv = self.logvar.reshape(-1, *self.event_shape)
+        dtype = torch.promote_types(self.loc.dtype, self.logvar.dtype)
+        mu = self.loc.reshape(-1, *self.event_shape).to(dtype)
+        lv = self.logvar.reshape(-1, *self.event_shape).to(dtype)
         K = math.prod(sample_shape)
         if eps is not None:
             if tuple(eps.shape) != tuple(shape):

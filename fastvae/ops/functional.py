@@ -75,14 +75,25 @@ def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
 
 def _broadcast_operand(name: str, value: Tensor | float | None, ref_name: str,
                        ref: Tensor) -> Tensor | None:
-    """A Python number becomes a 0-d tensor; a tensor must broadcast to ``ref``."""
+    """A Python number becomes a 0-d tensor of ``ref``'s dtype; a tensor must broadcast to
+    ``ref`` (any floating dtype: the caller promotes, ``_common_dtype``)."""
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=ref.dtype, device=ref.device)
     check.tensor(name, value)
-    check.broadcastable(name, value, ref_name, ref)
+    check.broadcast_parameter(name, value, ref_name, ref)
     return value
+
+
+def _common_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The dtype the operands compute in: ``torch.promote_types`` over all of them (broadcast
+    parameters and observations of another floating dtype promote like torch's ops do)."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    dtype = dtypes[0]
+    for d in dtypes[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
 
 
 def _seed_tensor(seed: int | Tensor | None, generator: torch.Generator | None,
@@ -164,7 +175,8 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
 
     Per element ``0.5 * ((mu - pm)^2 / e^plv + expm1(lv - plv) - (lv - plv))``; the prior
     defaults to ``N(0, I)``, and ``prior_mu`` / ``prior_logvar`` (tensors or numbers) broadcast
-    to ``mu``'s shape. ``free_bits=λ > 0`` floors each latent dimension's batch-mean KL at λ
+    to ``mu``'s shape; a prior tensor of another floating dtype computes with ``mu`` and
+    ``logvar`` in their common dtype (each gradient in its own dtype). ``free_bits=λ > 0`` floors each latent dimension's batch-mean KL at λ
     before summing (reduction ``"mean"`` or ``"sum"`` only). Returns ``(B,)`` for ``"none"``,
     else a scalar; float32 (float64 for float64 inputs).
     """
@@ -192,6 +204,12 @@ def _kl_operands(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None,
     check.finite(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
     B, N = _batch_and_event(mu)
     if prior_mu is not None or prior_logvar is not None:
+        # a prior of another floating dtype: all four in the common dtype (cast before the
+        # prior is expanded, so that a cast never copies B x N; gradients in each own dtype)
+        dtype = _common_dtype(mu, prior_mu, prior_logvar)
+        mu, logvar = mu.to(dtype), logvar.to(dtype)
+        prior_mu = None if prior_mu is None else prior_mu.to(dtype)
+        prior_logvar = None if prior_logvar is None else prior_logvar.to(dtype)
         zero = mu.new_zeros(())
         prior_mu = _broadcast_rows(zero if prior_mu is None else prior_mu, mu, B, N)
         prior_logvar = _broadcast_rows(zero if prior_logvar is None else prior_logvar, mu, B, N)
@@ -261,9 +279,11 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
 
     Per element ``0.5 * (logvar + (target - mean)^2 / exp(logvar) + log(2 pi))``.
     ``logvar``: a float, or a tensor broadcastable to ``mean`` (scalar, per-feature,
-    per-element) of ``mean``'s dtype. ``target``: ``mean``'s shape, any floating dtype (promoted
-    with ``mean`` and ``logvar`` as in ``bernoulli_nll``). Returns ``(B,)`` for ``"none"``, else
-    a scalar; float32 (float64 for float64 inputs).
+    per-element), any floating dtype. ``target``: ``mean``'s shape, any floating dtype. The three
+    compute in their common dtype (``torch.promote_types``, as in ``bernoulli_nll``: a float32
+    learned log-variance next to a bfloat16 mean under autocast computes in float32), each
+    gradient in its own input's dtype. Returns ``(B,)`` for ``"none"``, else a scalar; float32
+    (float64 when the common dtype is float64).
     """
     check.tensor("mean", mean)
     check.tensor("target", target)
@@ -273,16 +293,17 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
     B, N = _batch_and_event(mean)
     if isinstance(logvar, Tensor):
         check.tensor("logvar", logvar)
-        check.broadcastable("logvar", logvar, "mean", mean)
+        check.broadcast_parameter("logvar", logvar, "mean", mean)
         logvar_value = 0.0
+        dtype = _common_dtype(mean, target, logvar)
         # promoted before it is expanded: a cast of the expanded view would copy B x N
-        promoted = torch.promote_types(mean.dtype, target.dtype)
-        logvar_rows = _broadcast_rows(logvar.to(promoted), mean, B, N)
+        logvar_rows = _broadcast_rows(logvar.to(dtype), mean, B, N)
     else:
         logvar_value = check.number("logvar", logvar)
         logvar_rows = None
+        dtype = _common_dtype(mean, target)
     check.finite(mean=mean, target=target, logvar=logvar_rows)
-    mean, target = _promote(mean, target)
+    mean, target = mean.to(dtype), target.to(dtype)
     backend = resolve(mean.device)
     per_sample = _ops.call(_ops.gaussian_nll, _rows(mean, B, N), _rows(target, B, N), logvar_rows,
                                    logvar_value, backend)
@@ -359,7 +380,7 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
     obs_logvar_tensor = None
     if isinstance(obs_logvar, Tensor):
         obs_logvar_tensor = check.tensor("obs_logvar", obs_logvar)
-        check.broadcastable("obs_logvar", obs_logvar, "recon", recon)
+        check.broadcast_parameter("obs_logvar", obs_logvar, "recon", recon)
     else:
         check.number("obs_logvar", obs_logvar)
     check.free_bits(free_bits, check.reduction(reduction))

@@ -92,6 +92,21 @@ def broadcastable(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
                          f"{ref_name}'s shape {tuple(ref.shape)}")
 
 
+def broadcast_parameter(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` is a broadcast parameter (a log-variance or prior of ``ref``): it broadcasts to
+    ``ref``'s shape, on ``ref``'s device, any floating dtype. Like an observation it is promoted
+    with the other operands to their common dtype (a float32 learned log-variance next to a
+    bfloat16 mean under autocast computes in float32), its gradient in its own dtype."""
+    same_device(name, t, ref_name, ref)
+    try:
+        shape = torch.broadcast_shapes(t.shape, ref.shape)
+    except RuntimeError:
+        shape = None
+    if shape != ref.shape:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to "
+                         f"{ref_name}'s shape {tuple(ref.shape)}")
+
+
 def reduction(value: object) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, "
