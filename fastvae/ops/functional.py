@@ -176,9 +176,10 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
     Per element ``0.5 * ((mu - pm)^2 / e^plv + expm1(lv - plv) - (lv - plv))``; the prior
     defaults to ``N(0, I)``, and ``prior_mu`` / ``prior_logvar`` (tensors or numbers) broadcast
     to ``mu``'s shape; a prior tensor of another floating dtype computes with ``mu`` and
-    ``logvar`` in their common dtype (each gradient in its own dtype). ``free_bits=λ > 0`` floors each latent dimension's batch-mean KL at λ
-    before summing (reduction ``"mean"`` or ``"sum"`` only). Returns ``(B,)`` for ``"none"``,
-    else a scalar; float32 (float64 for float64 inputs).
+    ``logvar`` in their common dtype (each gradient in its own dtype). ``free_bits=λ > 0``
+    floors each latent dimension's batch-mean KL at λ before summing (reduction ``"mean"`` or
+    ``"sum"`` only). Returns ``(B,)`` for ``"none"``, else a scalar; float32 (float64 when the
+    common dtype is float64).
     """
     reduction = check.reduction(reduction)
     free_bits = check.free_bits(free_bits, reduction)
