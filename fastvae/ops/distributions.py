@@ -24,6 +24,7 @@ from torch.distributions import Distribution, Independent, Normal, constraints
 from torch.distributions.kl import register_kl
 
 from . import functional as F
+from . import validation as check
 from .reference import gaussian_nll_elementwise
 
 __all__ = ["DiagonalGaussianDistribution", "DiagonalNormal"]
@@ -224,8 +225,7 @@ class DiagonalNormal(Distribution):
 
     def __init__(self, loc: Tensor | float, logvar: Tensor | float, event_dims: int = 1,
                  validate_args: bool | None = None) -> None:
-        if isinstance(event_dims, bool) or not isinstance(event_dims, int) or event_dims < 0:
-            raise ValueError(f"event_dims must be an int >= 0, got {event_dims!r}")
+        event_dims = check.integer("event_dims", event_dims, 0)
         _check_broadcast("loc", loc, "logvar", logvar)
         self.loc, self.logvar = torch.distributions.utils.broadcast_all(loc, logvar)
         shape = self.loc.shape

@@ -109,8 +109,7 @@ def _seed_tensor(seed: int | Tensor | None, generator: torch.Generator | None,
             raise ValueError(f"seed is on {seed.device} but the tensors are on {device}")
         return seed.reshape(1)
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = check.integer("seed", seed)
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         return torch.tensor([seed], dtype=torch.int64, device=device)
@@ -139,10 +138,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
     check.tensor("logvar", logvar)
     check.pair("logvar", logvar, "mu", mu)
     if n_samples is not None:
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int):
-            raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        n_samples = check.integer("n_samples", n_samples, 1)
     K = 1 if n_samples is None else n_samples
     out_shape = tuple(mu.shape) if n_samples is None else (K, *mu.shape)
     if mu.dim() == 0:  # elementwise op: a scalar is a batch of one
@@ -448,16 +444,15 @@ def continuous_bernoulli_nll(logits: Tensor, target: Tensor, *,
     return _logits_likelihood(_ops.continuous_bernoulli_nll, logits, target, reduction)
 
 
-def _dmol_check(params: Tensor, x: Tensor, n_mixtures: object, n_bins: object) -> None:
-    """The shape and argument checks of the discretized mixture of logistics."""
+def _dmol_check(params: Tensor, x: Tensor, n_mixtures: object,
+                n_bins: object) -> tuple[int, int]:
+    """The shape and argument checks of the discretized mixture of logistics; returns
+    ``(n_mixtures, n_bins)`` as ints."""
     check.tensor("params", params)
     check.tensor("x", x)
     check.same_device("x", x, "params", params)
-    for name, value, low in (("n_mixtures", n_mixtures, 1), ("n_bins", n_bins, 2)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+    n_mixtures = check.integer("n_mixtures", n_mixtures, 1)
+    n_bins = check.integer("n_bins", n_bins, 2)
     if x.dim() < 2 or x.shape[1] not in (1, 3):
         raise ValueError(f"x must have shape (B, C, *spatial) with C = 1 or 3, got "
                          f"{tuple(x.shape)}")
@@ -469,6 +464,7 @@ def _dmol_check(params: Tensor, x: Tensor, n_mixtures: object, n_bins: object) -
     if tuple(params.shape) != expected:
         raise ValueError(f"params must have shape {expected} for x of shape {tuple(x.shape)} "
                          f"and n_mixtures={n_mixtures} ({layout}), got {tuple(params.shape)}")
+    return n_mixtures, n_bins
 
 
 def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
@@ -499,7 +495,7 @@ def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
     match this layout, ``n_mixtures < 1``, ``n_bins < 2``, tensors on two devices, or
     (validation on) non-finite values or ``x`` outside [-1, 1].
     """
-    _dmol_check(params, x, n_mixtures, n_bins)
+    n_mixtures, n_bins = _dmol_check(params, x, n_mixtures, n_bins)
     params, x = _promote(params, x)
     reduction = check.reduction(reduction)
     check.finite(params=params, x=x)
@@ -531,11 +527,8 @@ def discretized_mix_logistic_sample(params: Tensor, *, n_mixtures: int, n_bins: 
     in ``params``' dtype, values in [-1, 1] on the grid. ``generator`` drives the draws.
     """
     check.tensor("params", params)
-    for name, value, low in (("n_mixtures", n_mixtures, 1), ("n_bins", n_bins, 2)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+    n_mixtures = check.integer("n_mixtures", n_mixtures, 1)
+    n_bins = check.integer("n_bins", n_bins, 2)
     if params.dim() < 2 or params.shape[1] not in (3 * n_mixtures, 10 * n_mixtures):
         raise ValueError(f"params must have shape (B, 3 M or 10 M, *spatial) with "
                          f"M = n_mixtures = {n_mixtures}, got {tuple(params.shape)}")

@@ -8,6 +8,7 @@ opt-in: ``fastvae.set_validation(True)`` or ``FASTVAE_VALIDATE=1``, as ``validat
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -123,6 +124,23 @@ def free_bits(value: object, reduction_: str) -> float:
         raise ValueError("free_bits > 0 needs reduction 'mean' or 'sum' (it floors each "
                          "latent dimension's batch-mean KL), got reduction='none'")
     return float(value)
+
+
+def integer(name: str, value: object, minimum: int | None = None) -> int:
+    """An integer option as a Python ``int``: anything with ``__index__`` (``int``, numpy's
+    ``np.int64``, a one-element integer tensor), read with ``operator.index``. ``bool`` (a flag
+    passed by mistake), floats (``2.0`` included: no silent truncation) and other objects are a
+    ``TypeError`` naming ``name``; a value below ``minimum`` a ``ValueError``."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got a bool ({value!r})")
+    try:
+        result = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") \
+            from None
+    if minimum is not None and result < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {result}")
+    return result
 
 
 def number(name: str, value: object) -> float:
