@@ -146,6 +146,12 @@ class DiagonalGaussianDistribution:
         if getattr(other, "deterministic", False):
             raise ValueError("kl(other): other is deterministic (zero variance); the KL "
                              "divergence to it is infinite")
+        for name in ("mean", "logvar"):  # checked here, in the caller's names
+            if not hasattr(other, name):
+                raise TypeError(f"kl(other): other must have mean and logvar tensors, got "
+                                f"{type(other).__name__}")
+            check.tensor(f"other.{name}", getattr(other, name))
+            check.broadcast_parameter(f"other.{name}", getattr(other, name), "mean", self.mean)
         return F.gaussian_kl(self.mean, self.logvar, other.mean, other.logvar, reduction="none")
 
     def nll(self, sample: Tensor, dims: Sequence[int] = (1, 2, 3)) -> Tensor:
@@ -155,6 +161,8 @@ class DiagonalGaussianDistribution:
         ``dims`` in float32 (float64)."""
         if self.deterministic:
             return self._zeros()
+        check.tensor("sample", sample)
+        check.same_device("sample", sample, "mean", self.mean)
         _check_broadcast("sample", sample, "mean", self.mean)
         ndim = self.mean.dim()
         try:
@@ -226,6 +234,11 @@ class DiagonalNormal(Distribution):
     def __init__(self, loc: Tensor | float, logvar: Tensor | float, event_dims: int = 1,
                  validate_args: bool | None = None) -> None:
         event_dims = check.integer("event_dims", event_dims, 0)
+        for name, t in (("loc", loc), ("logvar", logvar)):
+            if isinstance(t, Tensor):
+                check.tensor(name, t)
+        if isinstance(loc, Tensor) and isinstance(logvar, Tensor):
+            check.same_device("logvar", logvar, "loc", loc)
         _check_broadcast("loc", loc, "logvar", logvar)
         self.loc, self.logvar = torch.distributions.utils.broadcast_all(loc, logvar)
         shape = self.loc.shape
@@ -299,6 +312,8 @@ class DiagonalNormal(Distribution):
     def log_prob(self, value: Tensor) -> Tensor:
         """``log N(value | loc, exp(logvar))`` summed over the event: shape
         ``broadcast(value.shape, batch_shape + event_shape)[:-event_dims]``."""
+        check.tensor("value", value)
+        check.same_device("value", value, "loc", self.loc)
         if self._validate_args:
             self._validate_sample(value)
         _check_broadcast("value", value, "the distribution (batch_shape + event_shape)",

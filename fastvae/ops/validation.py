@@ -158,6 +158,12 @@ def finite(**tensors: Tensor | None) -> None:
             raise ValueError(f"{name} has non-finite values (validation is on)")
 
 
+def positive(name: str, t: Tensor) -> None:
+    """Opt-in: every value of ``t`` is finite and > 0 (a variance)."""
+    if _data_checks_on() and not bool(((t > 0) & torch.isfinite(t)).all()):
+        raise ValueError(f"{name} must be finite and > 0 (validation is on)")
+
+
 def unit_interval(name: str, t: Tensor) -> None:
     """Opt-in: every value of ``t`` lies in [0, 1]."""
     if _data_checks_on() and not bool(((t >= 0) & (t <= 1)).all()):

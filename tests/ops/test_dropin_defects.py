@@ -149,7 +149,7 @@ def test_gaussian_nll_loss_takes_the_variance_by_keyword(backend, device):
                                fv.gaussian_nll(mean, target, math.log(0.3), reduction="sum"))
     with pytest.raises(ValueError, match="not both"):
         loss(mean, target, var=var, logvar=var)
-    with pytest.raises(ValueError, match="var must be > 0"):
+    with pytest.raises(ValueError, match="var must be finite and > 0"):
         fv.GaussianNLLLoss(var=0.0)
     # min_var: log-variances far below log(min_var) are held near it, with a gradient
     floor = fv.GaussianNLLLoss(min_var=1e-2, reduction="sum")
