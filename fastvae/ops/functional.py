@@ -491,17 +491,21 @@ def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
     the other likelihoods: float32 ``params`` and a float64 ``x`` compute in float64). Returns
     ``(B,)`` for ``reduction="none"``, else a scalar; float32 (float64 when the common dtype is
     float64). The gradient flows to ``params`` only, in its own dtype. Raises TypeError for
-    non-float tensors or non-int ``n_mixtures``/``n_bins``, ValueError for shapes that do not
-    match this layout, ``n_mixtures < 1``, ``n_bins < 2``, tensors on two devices, or
-    (validation on) non-finite values or ``x`` outside [-1, 1].
+    non-float tensors or non-integer ``n_mixtures``/``n_bins`` (any ``__index__`` integer is
+    one), ValueError for shapes that do not match this layout, ``n_mixtures < 1``,
+    ``n_bins < 2``, tensors on two devices, or (validation on) non-finite values, ``x`` outside
+    [-1, 1] or ``x`` off the grid of ``n_bins`` levels by more than rounding in ``x``'s dtype
+    (unquantized data: the bin probabilities of such an ``x`` are those of a neighbouring grid
+    value's bin shifted by the offset, not a likelihood of the data).
     """
     n_mixtures, n_bins = _dmol_check(params, x, n_mixtures, n_bins)
-    params, x = _promote(params, x)
     reduction = check.reduction(reduction)
     check.finite(params=params, x=x)
     if check.validation_enabled() and not torch.compiler.is_compiling() \
             and not bool(((x >= -1) & (x <= 1)).all()):
         raise ValueError("x must lie in [-1, 1] (validation is on)")
+    check.on_grid("x", x, n_bins)  # before promotion: the rounding allowed is x's dtype's
+    params, x = _promote(params, x)
     backend = resolve(params.device)
     B, C = x.shape[:2]
     S = math.prod(x.shape[2:])

@@ -164,6 +164,45 @@ def positive(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must be finite and > 0 (validation is on)")
 
 
+def grid_offsets(t: Tensor, n_bins: int, low: float = -1.0, high: float = 1.0) -> Tensor:
+    """How far each value of ``t`` lies off the grid of ``n_bins`` levels of [low, high]
+    (``low + k (high - low) / (n_bins - 1)``), in bins (0 on the grid, up to 0.5), less what
+    rounding explains: 4 eps of ``t``'s dtype (of float32 at least: float64 data computed in
+    float32 stays on the grid) times the interval's magnitude. A value of a level rounded to
+    float32 (or to bfloat16, which cannot hold 256 levels) gives 0; values outside [low, high]
+    count as off by their distance.
+    Computed in float64 in chunks (no float64 copy of a large ``t``); returns ``t``'s shape,
+    float64."""
+    scale = (n_bins - 1) / (high - low)
+    eps = max(torch.finfo(t.dtype).eps, torch.finfo(torch.float32).eps)
+    slack = 4 * eps * max(abs(low), abs(high)) * scale
+    flat, out = t.detach().reshape(-1), []
+    for start in range(0, flat.numel(), 1 << 22):
+        u = (flat[start:start + (1 << 22)].double() - low) * scale
+        off = torch.maximum((u - u.round()).abs(),
+                            torch.maximum(-u, u - (n_bins - 1)).clamp_min(0))
+        out.append((off - slack).clamp_min(0))
+    return (torch.cat(out) if out else flat.double()).reshape(t.shape)
+
+
+def on_grid(name: str, t: Tensor, n_bins: int, n_bins_name: str = "n_bins") -> None:
+    """Opt-in: every value of ``t`` lies on the grid of ``n_bins`` levels of [-1, 1] (the
+    discretized likelihoods), to rounding (``grid_offsets``)."""
+    if not _data_checks_on() or t.numel() == 0:
+        return
+    off = grid_offsets(t, n_bins)
+    bad = off > 0
+    if bool(bad.any()):
+        first = int(bad.reshape(-1).nonzero()[0])
+        value = float(t.reshape(-1)[first])
+        raise ValueError(
+            f"{name} must lie on the grid of {n_bins_name}={n_bins} levels of [-1, 1], "
+            f"-1 + 2 k / {n_bins - 1} (validation is on): {int(bad.sum())} of {t.numel()} "
+            f"values are off it, e.g. {value:.9g} at flat index {first}. Quantize {name} "
+            f"(torch.round((x + 1) / 2 * {n_bins - 1}) * 2 / {n_bins - 1} - 1) or give the "
+            f"{n_bins_name} of its grid")
+
+
 def unit_interval(name: str, t: Tensor) -> None:
     """Opt-in: every value of ``t`` lies in [0, 1]."""
     if _data_checks_on() and not bool(((t >= 0) & (t <= 1)).all()):

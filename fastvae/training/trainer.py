@@ -317,6 +317,10 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
         for name, data in (("train_data", train_data), ("val_data", val_data)):
             data_io.check_unit_range(data, name, " for a Bernoulli likelihood (rescale them, "
                                      "or train with likelihood 'gaussian')")
+    if model.likelihood == "dmol":
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            data_io.check_unit_range(data, name, " for the mixture of logistics")
+            data_io.check_grid(data, model.n_bins, name)
     if rank == 0:
         _warn_collapse(model, train_data)
     model = model.to(device)
