@@ -39,6 +39,12 @@ from ._common import (
 # meets its float64 operand unrounded; the bin constants specialize the kernel per n_bins.
 LOG_SCALE_MIN = tl.constexpr(-7.0)
 LOG_MIN_BIN_PROB = tl.constexpr(math.log(1e-5))
+# a, b, m = e^-s (x - mu' (+-h)) of a finite x - mu' bounded to +-(largest finite / 4) of the
+# compute dtype (as reference._dmol_bound): beyond it they overflowed, and a component of zero
+# responsibility gave 0 * inf = NaN in the gradient. An infinite x - mu' keeps them infinite.
+ARG_BOUND_F32 = tl.constexpr(8.5070591730234616e37)
+ARG_BOUND_F64 = tl.constexpr(4.4942328371557893e307)
+INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -70,6 +76,18 @@ def _sech2(e):
 
 
 @triton.jit
+def _bound(u, centered, DTYPE: tl.constexpr):
+    """``u`` clamped to +-(largest finite / 4) of DTYPE where ``centered`` is finite; NaN
+    passes (comparisons are false)."""
+    if DTYPE == tl.float64:  # noqa: SIM108, SIM300 (a constexpr branch, as in _common)
+        big = ARG_BOUND_F64
+    else:
+        big = ARG_BOUND_F32
+    clamped = tl.where(u > big, big, tl.where(u < -big, -big, u))
+    return tl.where(tl.abs(centered) < INF, clamped, u)
+
+
+@triton.jit
 def _channel(xc, mean, raw_ls, H: tl.constexpr, LOG_2H: tl.constexpr,
              LOG_HALF_BINS: tl.constexpr, GRADS: tl.constexpr, DTYPE: tl.constexpr):
     """log P(bin) of one channel and mixture at pixel value ``xc`` (mean ``mean`` = mu', raw
@@ -85,9 +103,9 @@ def _channel(xc, mean, raw_ls, H: tl.constexpr, LOG_2H: tl.constexpr,
     log_s = tl.where(raw_ls < LOG_SCALE_MIN, LOG_SCALE_MIN, raw_ls)  # NaN passes
     inv_s = tl.exp(-log_s)
     centered = xc - mean
-    a = inv_s * (centered + H)
-    b = inv_s * (centered - H)
-    m = inv_s * centered
+    a = _bound(inv_s * (centered + H), centered, DTYPE)
+    b = _bound(inv_s * (centered - H), centered, DTYPE)
+    m = _bound(inv_s * centered, centered, DTYPE)
     d = inv_s * (2.0 * H)
     t_a = tl.exp(-tl.abs(a))
     t_b = tl.exp(-tl.abs(b))
