@@ -249,9 +249,30 @@ def load(ptr, rows, cols, stride_b, stride_n, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def cast_rn(value, TY: tl.constexpr):
+    """``value`` cast to ``TY``, rounded to nearest (ties to even) for bfloat16 too: the
+    conversion a GPU makes (``cvt.rn.bf16.f32``), written out with integer operations, because
+    Triton's interpreter truncates float32 -> bfloat16 (half of all values would end one ulp
+    toward zero on the CPU). float32 bits + 0x7FFF + (bit 16), then the upper half; a NaN keeps
+    its sign and is made quiet (no carry into the exponent); overflow past bfloat16's largest
+    finite value rounds to inf, as on a GPU. Other dtypes: the plain cast (numpy rounds to
+    nearest under the interpreter, as the GPU does)."""
+    if TY == tl.bfloat16:  # noqa: SIM300 (TY first: a constexpr compares by value)
+        f = value.to(tl.float32)
+        bits = f.to(tl.uint32, bitcast=True)
+        rounded = bits + (0x7FFF + ((bits >> 16) & 1))
+        rounded = tl.where(f != f, bits | 0x400000, rounded)
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return value.to(TY)
+
+
+@triton.jit
 def store(ptr, rows, cols, N, value, mask):
-    """Store a tile into a contiguous (B, N) tensor, cast to its dtype."""
-    tl.store(ptr + rows[:, None] * N + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+    """Store a tile into a contiguous (B, N) tensor, cast to its dtype (rounded to nearest:
+    ``cast_rn``)."""
+    tl.store(ptr + rows[:, None] * N + cols[None, :], cast_rn(value, ptr.dtype.element_ty),
+             mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------

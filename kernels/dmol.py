@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    cast_rn,
     compute_dtype,
     expm1_neg_small,
     interpreted,
@@ -258,24 +259,24 @@ def _dmol_bwd_kernel(
             v2, dc2, ds2 = _channel(x2, mean2, ls2, H, LOG_2H, LOG_HALF_BINS, True, DTYPE)
             v = v + v1 + v2
         gr = g * tl.exp(logit + v - lse)
-        tl.store(out + k * S64, (g * tl.exp(logit - log_norm) - gr).to(out_ty), mask=imask)
-        tl.store(out + (M + k) * S64, (gr * dc0).to(out_ty), mask=imask)
+        tl.store(out + k * S64, cast_rn(g * tl.exp(logit - log_norm) - gr, out_ty), mask=imask)
+        tl.store(out + (M + k) * S64, cast_rn(gr * dc0, out_ty), mask=imask)
         tl.store(out + (2 * M + k) * S64,
-                 tl.where(ls0 >= LOG_SCALE_MIN, -gr * ds0, 0.0).to(out_ty), mask=imask)
+                 cast_rn(tl.where(ls0 >= LOG_SCALE_MIN, -gr * ds0, 0.0), out_ty), mask=imask)
         if C == 3:
             d_mean1 = gr * dc1
             d_mean2 = gr * dc2
-            tl.store(out + (3 * M + k) * S64, (d_mean1 * x0 * _sech2(e0)).to(out_ty),
+            tl.store(out + (3 * M + k) * S64, cast_rn(d_mean1 * x0 * _sech2(e0), out_ty),
                      mask=imask)
-            tl.store(out + (4 * M + k) * S64, d_mean1.to(out_ty), mask=imask)
+            tl.store(out + (4 * M + k) * S64, cast_rn(d_mean1, out_ty), mask=imask)
             tl.store(out + (5 * M + k) * S64,
-                     tl.where(ls1 >= LOG_SCALE_MIN, -gr * ds1, 0.0).to(out_ty), mask=imask)
-            tl.store(out + (6 * M + k) * S64, (d_mean2 * x0 * _sech2(e1)).to(out_ty),
+                     cast_rn(tl.where(ls1 >= LOG_SCALE_MIN, -gr * ds1, 0.0), out_ty), mask=imask)
+            tl.store(out + (6 * M + k) * S64, cast_rn(d_mean2 * x0 * _sech2(e1), out_ty),
                      mask=imask)
-            tl.store(out + (7 * M + k) * S64, d_mean2.to(out_ty), mask=imask)
+            tl.store(out + (7 * M + k) * S64, cast_rn(d_mean2, out_ty), mask=imask)
             tl.store(out + (8 * M + k) * S64,
-                     tl.where(ls2 >= LOG_SCALE_MIN, -gr * ds2, 0.0).to(out_ty), mask=imask)
-            tl.store(out + (9 * M + k) * S64, (d_mean2 * x1 * _sech2(e2)).to(out_ty),
+                     cast_rn(tl.where(ls2 >= LOG_SCALE_MIN, -gr * ds2, 0.0), out_ty), mask=imask)
+            tl.store(out + (9 * M + k) * S64, cast_rn(d_mean2 * x1 * _sech2(e2), out_ty),
                      mask=imask)
 
 
