@@ -10,9 +10,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from fastvae.kernels._common import store
 
 import fastvae as fv
-from fastvae.kernels._common import store
 
 pytestmark = pytest.mark.skipif("triton" not in fv.backends(), reason="needs Triton")
 
