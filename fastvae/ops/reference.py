@@ -621,6 +621,19 @@ def continuous_bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
 
 DMOL_LOG_SCALE_MIN = -7.0
 DMOL_MIN_BIN_PROB = 1e-5
+# The scaled arguments a, b, m = e^-s (x - mu' (+-h)) of a finite x - mu' are bounded to
+# +-(largest finite / 4) of the compute dtype (8.5e37 in float32): beyond it they overflowed
+# (|mu'| > ~3e35 at s = -7), and a component of zero responsibility then gave 0 * inf = NaN in
+# the gradient. Three channels' log-probabilities and a + b stay finite at the bound. An infinite
+# x - mu' (an infinite input) keeps its infinite arguments: infinities propagate.
+DMOL_ARG_BOUND_FRACTION = 0.25
+
+
+def _dmol_bound(u: Tensor, centered: Tensor) -> Tensor:
+    """``u`` clamped to +-(largest finite / 4) of its dtype where ``centered`` is finite;
+    NaN passes."""
+    big = torch.finfo(u.dtype).max * DMOL_ARG_BOUND_FRACTION
+    return torch.where(torch.isinf(centered), u, torch.clamp(u, -big, big))
 
 
 def dmol_params_per_mixture(n_channels: int) -> int:
@@ -699,13 +712,16 @@ def _dmol_channel_terms(centered: Tensor, log_s: Tensor, xe: Tensor, n_bins: int
       fallback     (bin probability below 1e-5): log sigmoid(m) + log sigmoid(-m) - s
                    - log((n_bins - 1) / 2),   d/dc = -e^-s tanh(m / 2),  d/ds = m tanh(m / 2) - 1
     log(-expm1(-d)) is written log(d) + log(-expm1(-d) / d) with log d = log(2 h) - s, so that
-    a tiny scale (d underflowing) stays finite.
+    a tiny scale (d underflowing) stays finite. a, b and m of a finite ``centered`` are bounded
+    to +-(largest finite / 4) (``_dmol_bound``): a far component's log-probability saturates
+    there instead of overflowing, so that its zero responsibility times its derivatives is 0,
+    not 0 * inf = NaN.
     """
     h = 1.0 / (n_bins - 1)
     inv_s = torch.exp(-log_s)
-    a = inv_s * (centered + h)
-    b = inv_s * (centered - h)
-    m = inv_s * centered
+    a = _dmol_bound(inv_s * (centered + h), centered)
+    b = _dmol_bound(inv_s * (centered - h), centered)
+    m = _dmol_bound(inv_s * centered, centered)
     log_d = math.log(2.0 * h) - log_s
     d = torch.exp(log_d)
     ratio = torch.where(d > 0, -torch.expm1(-d) / d, torch.ones_like(d))

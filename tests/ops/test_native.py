@@ -538,7 +538,6 @@ def _check_iwae_specials(backend, inputs, others):
             _assert_same_specials(a, b, f"d {n} vs {name}")
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf in numpy (Triton interpreter)
 def test_iwae_nan_and_inf_log_weights(isa):
     others = {"torch": reference}
     if "triton" in fv.backends():
