@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import statistics
 import sys
@@ -174,6 +175,42 @@ def cases(B: int, N: int, dtype: torch.dtype) -> list[tuple[str, object]]:
     ]
 
 
+def breakdown(utils: StubUtils, batches: int, B: int, N: int) -> None:
+    """The parts of one cached launch (bernoulli_nll's forward kernel): Triton's Python
+    launcher (``CompiledKernel.run``, i.e. ``CudaLauncher.__call__`` down to the stubbed C
+    launch), its ``launch_metadata`` (made for the launch hooks on every launch), and the
+    host-side helpers of the launcher (tiling, the partial-sum allocation)."""
+    logits = torch.empty(B, N, device=META)
+    (_op, kernel, grid, kargs, meta), = captured_launches(lambda: K.bernoulli_nll_fwd(logits,
+                                                                                      logits))
+    compiled = next((e[1] for e in getattr(_common, "_FAST", {}).values() if e[0] is kernel),
+                    None)
+    print("parts (bernoulli_nll_fwd):")
+    if compiled is not None:
+        names = list(inspect.signature(kernel.fn).parameters)[len(kargs):]
+        full = (*kargs, *(meta[n] for n in names))
+        hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
+        parts = [
+            ("CompiledKernel.run (Triton's launcher)", 1, lambda: compiled.run(
+                grid[0], 1, 1, 0, compiled.function, compiled.packed_metadata, None, *hooks,
+                *full)),
+            ("CompiledKernel.launch_metadata", 0,
+             lambda: compiled.launch_metadata(grid, 0, *full)),
+        ]
+    else:
+        parts = []
+    parts += [
+        ("tiling(B, N)", 0, lambda: _common.tiling(B, N, META)),
+        ("Reduction(B, N) (tiling, split, empty)", 0,
+         lambda: _common.Reduction(B, N, 1, META, torch.float32)),
+        ("torch.empty(B, 1) on meta", 0, lambda: torch.empty(B, 1, device=META)),
+        ("triton.next_power_of_2(N)", 0, lambda: triton.next_power_of_2(N)),
+    ]
+    for name, launches, fn in parts:
+        med, p10 = time_us(fn, launches, utils, batches=batches)
+        print(f"  {name:42} {med:6.2f} ({p10:5.2f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -200,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             whole = time_us(fn, len(calls), utils, batches=args.batches)
             print(f"{name:20} {raw[0]:9.1f} ({raw[1]:5.1f}) {wrapped[0]:6.1f} ({wrapped[1]:5.1f})"
                   f" {whole[0]:6.1f} ({whole[1]:5.1f})  {len(calls)}")
+        breakdown(utils, args.batches, B, N)
         empty = time_us(lambda: None, 0, utils, batches=args.batches)
         print(f"(an empty Python call in the same loop: {empty[0]:.2f} µs)")
     print(f"load average: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")

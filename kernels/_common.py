@@ -301,12 +301,31 @@ def interpreted(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0): ``triton.next_power_of_2`` on the host.
+    Triton 3.9 made that one (and ``triton.cdiv``) a ``constexpr_function``, whose call costs
+    3-9 µs on the host: more than the rest of ``tiling`` (benchmarks/NOTES.md)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers: ``triton.cdiv`` on the host (see ``next_power_of_2``)."""
+    return -(-a // b)
+
+
 def tiling(B: int, N: int, device: torch.device) -> Tiling:
-    target = _TILE_ELEMS_INTERPRETER if interpreted(device) else _TILE_ELEMS_GPU
-    block_n = min(triton.next_power_of_2(N), target)
-    block_b = min(triton.next_power_of_2(B), max(1, target // block_n))
+    """The tiles of a (B, N) launch on ``device`` (the same for every call with that shape:
+    cached)."""
+    return _tiling(B, N, interpreted(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiling(B: int, N: int, interpreter: bool) -> Tiling:
+    target = _TILE_ELEMS_INTERPRETER if interpreter else _TILE_ELEMS_GPU
+    block_n = min(next_power_of_2(N), target)
+    block_b = min(next_power_of_2(B), max(1, target // block_n))
     num_warps = _WARPS_GPU if block_b * block_n >= _TILE_ELEMS_GPU else 4
-    return Tiling(block_b, block_n, num_warps, triton.cdiv(B, block_b), triton.cdiv(N, block_n))
+    return Tiling(block_b, block_n, num_warps, cdiv(B, block_b), cdiv(N, block_n))
 
 
 @functools.cache
@@ -418,13 +437,32 @@ def describe_launch(kernel, args: tuple, meta: dict) -> str:
 # picks a kernel Triton would not have picked. Only for compiled kernels (never under
 # TRITON_INTERPRET, whose kernels are not ``JITFunction``s), and only while nothing wraps
 # ``JITFunction.run`` (the offline compile check does) or hooks a kernel before its run;
-# anything else the fast path does not know takes Triton's own path.
+# anything else the fast path does not know takes Triton's own path. The launcher's calling
+# convention is Triton's internal one (3.4 to 3.9 at least: the grid, the stream,
+# ``function``, ``packed_metadata``, ``launch_metadata``, the two ``knobs`` hooks, then every
+# bound argument, constexprs included; before 3.4 the constexprs were left out): the fast path
+# is on only where ``JITFunction.run``'s own source makes exactly that call.
+_LAUNCH_CALL = ("kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,"
+                "launch_metadata,knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,"
+                "*bound_args.values())")
+
+
+def _convention_known(run) -> bool:
+    try:
+        source = inspect.getsource(run)
+    except (OSError, TypeError):
+        return False
+    return _LAUNCH_CALL in "".join(source.split())
+
+
 try:
     from triton import knobs as _knobs
     from triton.runtime.driver import driver as _driver
     from triton.runtime.jit import JITFunction as _JITFunction
 
     _JIT_RUN = _JITFunction.run
+    if not _convention_known(_JIT_RUN):
+        _JITFunction = None
 except Exception:
     _JITFunction = None
 

@@ -187,3 +187,16 @@ def test_cached_launch_passes_what_triton_passes(tmp_path):
     assert out["stats"] == {"hits": 4, "misses": 2}
     assert out["n"] == 6
     assert out["same"] == [True] * 4
+
+
+def test_fast_path_only_for_the_known_launch_convention():
+    """The fast path calls the launcher as JITFunction.run does; it is on only where run's
+    source makes that call (this Triton: yes; a run that leaves the constexprs out: no)."""
+    assert _common._convention_known(jit.JITFunction.run)
+
+    def older_run(kernel, grid_0, grid_1, grid_2, stream, launch_metadata, vals):
+        kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,
+                   launch_metadata, triton.knobs.runtime.launch_enter_hook,
+                   triton.knobs.runtime.launch_exit_hook, *vals)
+
+    assert not _common._convention_known(older_run)
