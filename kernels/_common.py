@@ -489,16 +489,18 @@ def _launch_fast(kernel, grid: tuple[int, ...], args: tuple, meta: dict) -> bool
     """Launch through the cache if this launch is in it (True), else through
     ``kernel[grid]``, remembering the compiled kernel for the next time (False)."""
     device = _driver.active.get_current_device()
-    runtime = _knobs.runtime
+    runtime, compilation = _knobs.runtime, _knobs.compilation
     # A tensor by its dtype and 16-byte alignment, an int by its value, anything else by its
     # type and value (True, 1 and 1.0 are different arguments to Triton); the constexprs and
-    # options by name, type and value; the knobs that enter Triton's own key.
+    # options by name, type and value; the knobs that enter Triton's options (3.9).
     # (The kernel by its id, cheaper to hash; the entry holds the kernel to check it.)
     key = (id(kernel), device,
            *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor)
              else a if type(a) is int else (type(a), a) for a in args],
            *meta, *meta.values(), *map(type, meta.values()),
-           runtime.debug, getattr(runtime, "add_stages_inspection_hook", None))
+           runtime.debug, getattr(runtime, "add_stages_inspection_hook", None),
+           getattr(compilation, "instrumentation_mode", None),
+           getattr(compilation, "fpsan_homomorphic_casts", None))
     entry = _FAST.get(key)
     if entry is None or entry[0] is not kernel:
         fast_path_stats["misses"] += 1
@@ -528,7 +530,7 @@ def launch(op: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     A compiled kernel launched again with the same arguments (values, dtypes, alignments) skips
     Triton's argument binding and cache lookup: see ``_launch_fast``."""
     try:
-        if (_JITFunction is not None and type(kernel) is _JITFunction
+        if (_JITFunction is not None and type(kernel) is _JITFunction and type(grid) is tuple
                 and _JITFunction.run is _JIT_RUN and not getattr(kernel, "pre_run_hooks", None)):
             _launch_fast(kernel, grid, args, meta)
         else:
