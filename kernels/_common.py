@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # ---------------------------------------------------------------------------------------------
 # Math
@@ -323,12 +324,31 @@ def interpreted(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0): ``triton.next_power_of_2`` on the host.
+    Triton 3.9 made that one (and ``triton.cdiv``) a ``constexpr_function``, whose call costs
+    3-9 µs on the host: more than the rest of ``tiling`` (benchmarks/NOTES.md)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers: ``triton.cdiv`` on the host (see ``next_power_of_2``)."""
+    return -(-a // b)
+
+
 def tiling(B: int, N: int, device: torch.device) -> Tiling:
-    target = _TILE_ELEMS_INTERPRETER if interpreted(device) else _TILE_ELEMS_GPU
-    block_n = min(triton.next_power_of_2(N), target)
-    block_b = min(triton.next_power_of_2(B), max(1, target // block_n))
+    """The tiles of a (B, N) launch on ``device`` (the same for every call with that shape:
+    cached)."""
+    return _tiling(B, N, interpreted(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiling(B: int, N: int, interpreter: bool) -> Tiling:
+    target = _TILE_ELEMS_INTERPRETER if interpreter else _TILE_ELEMS_GPU
+    block_n = min(next_power_of_2(N), target)
+    block_b = min(next_power_of_2(B), max(1, target // block_n))
     num_warps = _WARPS_GPU if block_b * block_n >= _TILE_ELEMS_GPU else 4
-    return Tiling(block_b, block_n, num_warps, triton.cdiv(B, block_b), triton.cdiv(N, block_n))
+    return Tiling(block_b, block_n, num_warps, cdiv(B, block_b), cdiv(N, block_n))
 
 
 @functools.cache
@@ -431,6 +451,103 @@ def describe_launch(kernel, args: tuple, meta: dict) -> str:
 # Whether Triton runs kernels under its interpreter (read as Triton reads it, at import).
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# The fast path of a launch. ``kernel[grid](*args, **meta)`` binds the arguments to the
+# kernel's signature, specializes each one (dtype, 16-byte alignment, integer class), builds
+# Triton's cache key and looks the compiled kernel up: per launch, most of the Python side
+# (benchmarks/triton_launch.py). For a kernel launched again with the same arguments (same
+# integer values, tensor dtypes and alignments, same constexprs and options: what a training
+# loop does), ``launch`` keeps the ``CompiledKernel`` that Triton returned for the first one
+# and calls its launcher directly, with the grid, the current stream and the arguments in
+# signature order, as ``JITFunction.run`` does. The key is finer than Triton's (exact integer
+# values where Triton looks at == 1, divisibility by 16 and the 32/64-bit range), so it never
+# picks a kernel Triton would not have picked. Only for compiled kernels (never under
+# TRITON_INTERPRET, whose kernels are not ``JITFunction``s), and only while nothing wraps
+# ``JITFunction.run`` (the offline compile check does) or hooks a kernel before its run;
+# anything else the fast path does not know takes Triton's own path. The launcher's calling
+# convention is Triton's internal one (3.4 to 3.9 at least: the grid, the stream,
+# ``function``, ``packed_metadata``, ``launch_metadata``, the two ``knobs`` hooks, then every
+# bound argument, constexprs included; before 3.4 the constexprs were left out): the fast path
+# is on only where ``JITFunction.run``'s own source makes exactly that call.
+_LAUNCH_CALL = ("kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,"
+                "launch_metadata,knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,"
+                "*bound_args.values())")
+
+
+def _convention_known(run) -> bool:
+    try:
+        source = inspect.getsource(run)
+    except (OSError, TypeError):
+        return False
+    return _LAUNCH_CALL in "".join(source.split())
+
+
+try:
+    from triton import knobs as _knobs
+    from triton.runtime.driver import driver as _driver
+    from triton.runtime.jit import JITFunction as _JITFunction
+
+    _JIT_RUN = _JITFunction.run
+    if not _convention_known(_JIT_RUN):
+        _JITFunction = None
+except Exception:
+    _JITFunction = None
+
+_FAST: dict[tuple, tuple] = {}
+_FAST_MAX = 4096  # entries (one per kernel, argument values and device); cleared when full
+fast_path_stats = {"hits": 0, "misses": 0}  # read by tests/kernels/test_launch_cache.py
+
+
+def _fast_entry(kernel, compiled, n_args: int, meta: dict) -> tuple | None:
+    """(kernel, compiled kernel, the names and defaults of the parameters after the positional
+    arguments) if the launcher can be called directly, else None."""
+    if compiled is None or not all(hasattr(compiled, a) for a in
+                                   ("run", "function", "packed_metadata", "launch_metadata")):
+        return None
+    tail = []
+    for p in list(inspect.signature(kernel.fn).parameters.values())[n_args:]:
+        if p.name not in meta and p.default is inspect.Parameter.empty:
+            return None
+        tail.append((p.name, p.default))
+    return kernel, compiled, tuple(tail)
+
+
+def _launch_fast(kernel, grid: tuple[int, ...], args: tuple, meta: dict) -> bool:
+    """Launch through the cache if this launch is in it (True), else through
+    ``kernel[grid]``, remembering the compiled kernel for the next time (False)."""
+    device = _driver.active.get_current_device()
+    runtime, compilation = _knobs.runtime, _knobs.compilation
+    # A tensor by its dtype and 16-byte alignment, an int by its value, anything else by its
+    # type and value (True, 1 and 1.0 are different arguments to Triton); the constexprs and
+    # options by name, type and value; the knobs that enter Triton's options (3.9).
+    # (The kernel by its id, cheaper to hash; the entry holds the kernel to check it.)
+    key = (id(kernel), device,
+           *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor)
+             else a if type(a) is int else (type(a), a) for a in args],
+           *meta, *meta.values(), *map(type, meta.values()),
+           runtime.debug, getattr(runtime, "add_stages_inspection_hook", None),
+           getattr(compilation, "instrumentation_mode", None),
+           getattr(compilation, "fpsan_homomorphic_casts", None))
+    entry = _FAST.get(key)
+    if entry is None or entry[0] is not kernel:
+        fast_path_stats["misses"] += 1
+        compiled = kernel.run(*args, grid=grid, warmup=False, **meta)
+        entry = _fast_entry(kernel, compiled, len(args), meta)
+        if entry is not None:
+            if len(_FAST) >= _FAST_MAX:
+                _FAST.clear()
+            _FAST[key] = entry
+        return False
+    fast_path_stats["hits"] += 1
+    _, compiled, tail = entry
+    full = (*args, *[meta.get(name, default) for name, default in tail])
+    stream = _driver.active.get_current_stream(device)
+    grid_1 = grid[1] if len(grid) > 1 else 1
+    grid_2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *full),
+                 runtime.launch_enter_hook, runtime.launch_exit_hook, *full)
+    return True
+
 
 def launch(op: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``; a failure raises :class:`TritonKernelError` naming the
@@ -441,11 +558,17 @@ def launch(op: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     ones (loaded as ``other=0``) and both branches of each ``tl.where`` included, so it reported
     divisions by zero, overflows and invalid operations (hundreds per test run) that a GPU
     computes silently under IEEE rules and then discards. The results themselves are what the
-    tests check (NaN and inf where they belong, nowhere else)."""
+    tests check (NaN and inf where they belong, nowhere else).
+
+    A compiled kernel launched again with the same arguments (values, dtypes, alignments) skips
+    Triton's argument binding and cache lookup: see ``_launch_fast``."""
     try:
         if _INTERPRETER:
             with np.errstate(all="ignore"):
                 kernel[grid](*args, **meta)
+        elif (_JITFunction is not None and type(kernel) is _JITFunction and type(grid) is tuple
+                and _JITFunction.run is _JIT_RUN and not getattr(kernel, "pre_run_hooks", None)):
+            _launch_fast(kernel, grid, args, meta)
         else:
             kernel[grid](*args, **meta)
     except Exception as e:
