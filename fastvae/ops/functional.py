@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import custom_ops as _ops
 from . import validation as check
-from .backends import get_backend, resolve
+from .backends import resolve
 
 __all__ = [
     "bernoulli_nll",
@@ -52,13 +52,13 @@ def _meta(t: object) -> tuple:
 
 def _planned(key: tuple, prepare: Callable[[], tuple]) -> tuple:
     """``prepare()`` -- a public function's argument checks and what it derives from ``key``
-    (its arguments' ``_meta`` and values) and the backend in effect -- once per call
-    signature: a repeated signature skips the checks, which depend on nothing else (the checks
-    that read the data, opt-in, run on every call). While torch.compile traces, ``prepare()``
-    runs every time (the compiler specializes on the same things)."""
+    (its arguments' ``_meta`` and values) -- once per call signature: a repeated signature
+    skips the checks, which depend on nothing else (the checks that read the data, opt-in, and
+    the backend's resolution, which depends on the backend in effect, run on every call).
+    While torch.compile traces, ``prepare()`` runs every time (the compiler specializes on the
+    same things)."""
     if torch.compiler.is_compiling():
         return prepare()
-    key = (*key, get_backend())
     try:
         plan = _PLANS.get(key)
     except TypeError:  # an unhashable argument: prepare() names what is wrong with it
@@ -181,10 +181,11 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
         out_shape = tuple(mu.shape) if n_samples is None else (K, *mu.shape)
         # elementwise op: a scalar is a batch of one
         B, N = _batch_and_event(mu) if mu.dim() > 0 else (1, 1)
-        return K, out_shape, B, N, resolve(mu.device)
+        return K, out_shape, B, N
 
-    K, out_shape, B, N, backend = _planned(
+    K, out_shape, B, N = _planned(
         (_ops.reparameterize, _meta(mu), _meta(logvar), _meta(n_samples)), prepare)
+    backend = resolve(mu.device)
     if mu.dim() == 0:
         mu, logvar = mu.reshape(1), logvar.reshape(1)
     seed_t = None
@@ -226,14 +227,14 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
         def prepare():
             check.free_bits(free_bits, check.reduction(reduction))
             _, _, _, _, B = _kl_operands(mu, logvar, None, None)
-            return B, _batch_and_event(mu)[1], _ops.REDUCTION_CODES[reduction], resolve(mu.device)
+            return B, _batch_and_event(mu)[1], _ops.REDUCTION_CODES[reduction]
 
-        B, N, code, backend = _planned((_ops.gaussian_kl, _meta(mu), _meta(logvar),
+        B, N, code = _planned((_ops.gaussian_kl, _meta(mu), _meta(logvar),
                                         _meta(reduction), _meta(free_bits)), prepare)
         if check.validation_enabled():
             check.finite(mu=mu, logvar=logvar)
         return _ops.call(_ops.gaussian_kl, _rows(mu, B, N), _rows(logvar, B, N), None, None, 1,
-                         code, backend)
+                         code, resolve(mu.device))
     reduction = check.reduction(reduction)
     free_bits = check.free_bits(free_bits, reduction)
     mu, logvar, prior_mu, prior_logvar, B = _kl_operands(mu, logvar, prior_mu, prior_logvar)
@@ -309,11 +310,11 @@ def _logits_likelihood(op, logits: Tensor, target: Tensor, reduction: str) -> Te
         check.observation("target", target, "logits", logits)
         code = _ops.REDUCTION_CODES[check.reduction(reduction)]
         B, N = _batch_and_event(logits)
-        return (torch.promote_types(logits.dtype, target.dtype), B, N, code,
-                resolve(logits.device))
+        return torch.promote_types(logits.dtype, target.dtype), B, N, code
 
-    dtype, B, N, code, backend = _planned((op, _meta(logits), _meta(target), _meta(reduction)),
-                                          prepare)
+    dtype, B, N, code = _planned((op, _meta(logits), _meta(target), _meta(reduction)),
+                                 prepare)
+    backend = resolve(logits.device)
     if check.validation_enabled():
         check.finite(logits=logits, target=target)
         check.unit_interval("target", target)
@@ -355,11 +356,12 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
             check.observation("target", target, "mean", mean)
             code = _ops.REDUCTION_CODES[check.reduction(reduction)]
             return (torch.promote_types(mean.dtype, target.dtype), *_batch_and_event(mean),
-                    check.number("logvar", logvar), code, resolve(mean.device))
+                    check.number("logvar", logvar), code)
 
-        dtype, B, N, value, code, backend = _planned(
+        dtype, B, N, value, code = _planned(
             (_ops.gaussian_nll, _meta(mean), _meta(target), _meta(logvar), _meta(reduction)),
             prepare)
+        backend = resolve(mean.device)
         if check.validation_enabled():
             check.finite(mean=mean, target=target)
         return _ops.call(_ops.gaussian_nll, _rows(_as(mean, dtype), B, N),
@@ -408,10 +410,12 @@ def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_b
         check.pair("logvar", logvar, "mu", mu)
         fb = check.free_bits(free_bits, check.reduction(reduction))
         code = _ops.NONE if fb > 0 else _ops.REDUCTION_CODES[reduction]
-        return (*_batch_and_event(mu), 0 if fb > 0 else 1, code, resolve(mu.device))
+        return (*_batch_and_event(mu), 0 if fb > 0 else 1, code)
 
-    B, N, reduce_dim, code, backend = _planned(
-        (_ops.sample_and_kl, _meta(mu), _meta(logvar), _meta(reduction), _meta(free_bits)), prepare)
+    B, N, reduce_dim, code = _planned(
+        (_ops.sample_and_kl, _meta(mu), _meta(logvar), _meta(reduction), _meta(free_bits)),
+        prepare)
+    backend = resolve(mu.device)
     if check.validation_enabled():
         check.finite(mu=mu, logvar=logvar)
     if eps is not None:
