@@ -181,6 +181,10 @@ def test_midpoints(nc_backend, offset):
     index, _ = _check(nc_backend, x, cb)
     d64 = _brute64(x, cb)
     assert (d64.gather(1, index[:, None])[:, 0] <= d64.amin(1) + 1e-4).all()
+    # cosine: rows halfway in angle, and codes repeated at other scales (equal directions)
+    unit = cb / cb.norm(dim=1, keepdim=True)
+    _check(nc_backend, unit[a] + unit[b], cb, "cosine")
+    _check(nc_backend, x, torch.cat([cb[:500], 2 * cb[:500], 0.5 * cb[:500]]), "cosine")
 
 
 @pytest.mark.parametrize("scale", [1e-21, 1e-19, 1e17, 1e19])
