@@ -169,6 +169,24 @@ def test_near_ties_at_large_offsets(nc_backend, offset):
     assert torch.equal(index, _brute64(x32, cb32).argmin(1))
 
 
+@pytest.mark.parametrize("offset", [0.0, 20.0])
+def test_midpoints(nc_backend, offset):
+    """Rows halfway between two codes (D = 16, past the C++ kernel's filtered-search threshold):
+    the two distances tie up to rounding, which the definition decides; with an offset the
+    expanded form's error exceeds the gaps for some rows and not others."""
+    g = torch.Generator().manual_seed(12)
+    cb = offset + torch.randn(3000, 16, generator=g)
+    a, b = torch.randint(0, 3000, (2, 200), generator=g)
+    x = (cb[a] + cb[b]) / 2
+    index, _ = _check(nc_backend, x, cb)
+    d64 = _brute64(x, cb)
+    assert (d64.gather(1, index[:, None])[:, 0] <= d64.amin(1) + 1e-4).all()
+    # cosine: rows halfway in angle, and codes repeated at other scales (equal directions)
+    unit = cb / cb.norm(dim=1, keepdim=True)
+    _check(nc_backend, unit[a] + unit[b], cb, "cosine")
+    _check(nc_backend, x, torch.cat([cb[:500], 2 * cb[:500], 0.5 * cb[:500]]), "cosine")
+
+
 @pytest.mark.parametrize("scale", [1e-21, 1e-19, 1e17, 1e19])
 def test_tiny_and_huge_values(nc_backend, scale):
     """Squares below float32's normal range (subnormal distances, where a relative error bound
