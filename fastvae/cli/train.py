@@ -41,7 +41,7 @@ from .args import (
 GAUSSIAN_OBS_LOGVAR = -4.0
 
 # --quantizer vq defaults (VQ_DEFAULTS), chosen on the digits: see the README's VQ section.
-VQ_DEFAULTS = {"codebook_size": 64, "codebook_dim": 16, "num_tokens": 4, "decay": 0.99,
+VQ_DEFAULTS = {"codebook_size": 64, "codebook_dim": 16, "num_tokens": 4, "decay": 0.9,
                "commitment": 0.25, "dead_code_threshold": 1.0}
 # the options of the VAE's objective (the KL and its schedules), refused with --quantizer vq
 VAE_ONLY = {"latent_dim": "--latent-dim", "beta": "--beta", "warmup": "--warmup",
