@@ -712,7 +712,13 @@ def _train_vq_epoch(net: nn.Module, model: VQVAE, optimizer: torch.optim.Optimiz
     seed = _epoch_seed(config, epoch)
     shuffle = torch.Generator().manual_seed(seed)  # the same permutation on every rank
     torch.manual_seed(seed)  # restarts draw rank 0's randomness (broadcast by the quantizer)
-    order = torch.randperm(train_data.shape[0], generator=shuffle)[rank::world]
+    order = torch.randperm(train_data.shape[0], generator=shuffle)
+    if world > 1:
+        # The quantizer's collectives (k-means, restarts) need batches of one size on every
+        # rank: pad the permutation with its first indices to a multiple of the world size,
+        # as DistributedSampler does.
+        order = torch.cat([order, order[:-order.numel() % world]])
+    order = order[rank::world]
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.amp
                 else contextlib.nullcontext())
     K = model.codebook_size
