@@ -206,7 +206,7 @@ def save_all(model, val_data: Tensor, history: Sequence[dict], out_dir: str | Pa
 def save_code_usage(model, data: Tensor, path: str | Path, *, batch_size: int = 512) -> Path:
     """A bar chart of how often each codebook entry of a VQ-VAE is the nearest code of a position
     of ``data``'s encodings (x: the code index, y: the count), unused codes marked in red
-    below the axis; the title gives the codes used and the perplexity ``exp H`` of the
+    on the axis; the title gives the codes used and the perplexity ``exp H`` of the
     histogram."""
     import matplotlib
 
@@ -223,14 +223,12 @@ def save_code_usage(model, data: Tensor, path: str | Path, *, batch_size: int = 
     ax.bar(codes, counts, width=1.0 if K > 64 else 0.8, color="tab:blue")
     unused = codes[counts == 0]
     if unused.size:
-        ax.scatter(unused, np.zeros(unused.size), marker="|", color="tab:red", zorder=3,
-                   label=f"unused ({unused.size})")
-        ax.legend(loc="upper right")
+        ax.scatter(unused, np.zeros(unused.size), marker="|", color="tab:red", zorder=3)
     ax.set_xlim(-1, K)
     ax.set_xlabel("code")
     ax.set_ylabel("positions")
-    ax.set_title(f"{int((counts > 0).sum())}/{K} codes used ({usage:.0%}), perplexity "
-                 f"{perplexity:.1f}, on {data.shape[0]} images")
+    ax.set_title(f"{int((counts > 0).sum())}/{K} codes used ({usage:.0%}; unused in red), "
+                 f"perplexity {perplexity:.1f}, on {data.shape[0]} images", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
