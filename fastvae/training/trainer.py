@@ -728,6 +728,10 @@ def _train_vq_epoch(net: nn.Module, model: VQVAE, optimizer: torch.optim.Optimiz
     seen = skipped = 0
     for i in range(0, order.numel(), config.batch_size):
         x = train_data[order[i:i + config.batch_size]].to(device, non_blocking=True)
+        # The quantizer updates its codebook in the forward: a step to be skipped must not
+        # leave it changed (non-finite encodings would poison the EMA for good).
+        before = ({k: v.clone() for k, v in model.quantizer.state_dict().items()}
+                  if config.on_nonfinite == "skip" else None)
         with autocast:
             out = net(x)
         step += 1
@@ -743,6 +747,9 @@ def _train_vq_epoch(net: nn.Module, model: VQVAE, optimizer: torch.optim.Optimiz
                                          "learning rate, clip gradients, or skip such steps "
                                          "(on_nonfinite='skip')")
             optimizer.zero_grad(set_to_none=True)
+            if before is not None:
+                with torch.no_grad():
+                    model.quantizer.load_state_dict(before)
             skipped += 1
             continue
         optimizer.step()

@@ -39,8 +39,26 @@ def test_a_nonfinite_step_stops_naming_the_term(monkeypatch):
                  progress=False)
 
 
-def test_a_nonfinite_step_is_skipped(monkeypatch):
-    _poison_nll(monkeypatch, 2)
+def _poison_encoding(monkeypatch, at_call: int) -> None:
+    """Make the encoder output of the ``at_call``-th training forward NaN."""
+    calls = {"n": 0}
+    original = fv.VQVAE.encode
+
+    def encode(self, x):
+        z = original(self, x)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                return z * math.nan
+        return z
+
+    monkeypatch.setattr(fv.VQVAE, "encode", encode)
+
+
+@pytest.mark.parametrize("poison", [_poison_nll, _poison_encoding])
+def test_a_nonfinite_step_is_skipped(monkeypatch, poison):
+    """Skipped, the step leaves no trace: the codebook (updated in the forward) is restored."""
+    poison(monkeypatch, 2)
     x = torch.rand(40, 1, 4, 4)
     result = fv.train(CONFIG, x[:32], x[32:],
                       fv.TrainConfig(epochs=1, batch_size=8, on_nonfinite="skip"),
@@ -51,6 +69,10 @@ def test_a_nonfinite_step_is_skipped(monkeypatch):
     assert math.isfinite(epoch.train_loss)
     for p in result.model.parameters():
         assert torch.isfinite(p).all()
+    q = result.model.quantizer
+    for name in ("codebook", "embed_avg", "cluster_size"):
+        assert torch.isfinite(getattr(q, name)).all(), name
+    assert int(q.steps) == 3  # the skipped step is not in the usage window
 
 
 def test_code_usage():
