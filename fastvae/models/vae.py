@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,9 +25,6 @@ from torch import Tensor, nn
 from ..ops import functional as F
 from ..ops import reference
 from ..ops.losses import soft_min_logvar
-
-if TYPE_CHECKING:
-    from .vqvae import VQVAE
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli", "dmol")
 
@@ -379,38 +376,11 @@ def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
               hidden: Sequence[int] | None = None, likelihood: str = "bernoulli",
               obs_logvar: float = 0.0, beta: float = 1.0, free_bits: float = 0.0,
               logvar_limit: float | None = None, n_mixtures: int = 10,
-              n_bins: int = 256, quantizer: str | None = None,
-              codebook_size: int | None = None, **vq_options: Any) -> VAE | VQVAE:
+              n_bins: int = 256) -> VAE:
     """A VAE with the ready-made MLP (``arch="mlp"``) or convolutional (``"conv"``) networks.
     Its arguments are kept as ``model.build_config``, from which ``load_vae`` rebuilds it.
     ``likelihood="dmol"``: (C, H, W) inputs with C = 1 or 3, the decoder outputs the mixture's
-    ``M (1 + 3C)`` (C = 3) or ``3M`` (C = 1) parameter maps, ``M = n_mixtures``.
-
-    ``quantizer="vq"``: a VQ-VAE instead (``fastvae.VQVAE``, van den Oord et al. 2017), the
-    same as ``build_vqvae(input_shape, codebook_size, codebook_dim=latent_dim, arch=...,
-    hidden=..., likelihood=..., obs_logvar=..., n_mixtures=..., n_bins=..., **vq_options)``
-    (``vq_options``: ``num_tokens``, ``decay``, ``commitment_weight``, ``kmeans_init``,
-    ``dead_code_threshold``, ``straight_through``); ``codebook_size`` is required, and the
-    KL's settings (``beta``, ``free_bits``, ``logvar_limit``) must stay at their defaults.
-    Raises ``ValueError`` for these rules, ``TypeError`` for an unknown keyword."""
-    if quantizer is not None or codebook_size is not None or vq_options:
-        if quantizer != "vq":
-            raise ValueError(f"quantizer must be None or 'vq', got {quantizer!r}"
-                             + (" (codebook_size and the VQ options need quantizer='vq')"
-                                if quantizer is None else ""))
-        if codebook_size is None:
-            raise ValueError("quantizer='vq' needs codebook_size")
-        kl = [name for name, value, default in (("beta", beta, 1.0), ("free_bits", free_bits, 0.0),
-                                                ("logvar_limit", logvar_limit, None))
-              if value != default]
-        if kl:
-            raise ValueError(f"{', '.join(kl)}: settings of the VAE's KL term, which a "
-                             "VQ-VAE (quantizer='vq') does not have")
-        from .vqvae import build_vqvae
-
-        return build_vqvae(input_shape, codebook_size, codebook_dim=latent_dim, arch=arch,
-                           hidden=hidden, likelihood=likelihood, obs_logvar=obs_logvar,
-                           n_mixtures=n_mixtures, n_bins=n_bins, **vq_options)
+    ``M (1 + 3C)`` (C = 3) or ``3M`` (C = 1) parameter maps, ``M = n_mixtures``."""
     config = {"input_shape": list(input_shape), "latent_dim": latent_dim, "arch": arch,
               "hidden": None if hidden is None else list(hidden), "likelihood": likelihood,
               "obs_logvar": obs_logvar, "beta": beta, "free_bits": free_bits,

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..models.build import build_vae as build_any
 from ..models.vae import VAE, active_units, build_vae
 from ..models.vqvae import VQVAE, build_vqvae
 from . import checkpoint as ckpt_io
@@ -551,7 +552,7 @@ def _build(model: dict[str, Any] | VAE | VQVAE, seed: int
             return build_vqvae(**{k: v for k, v in model.items() if k != "kind"}), model
         if kind != "vae":
             raise ValueError(f"model['kind'] must be 'vae' or 'vqvae', got {kind!r}")
-        built = build_vae(**{k: v for k, v in model.items() if k != "kind"})
+        built = build_any(**{k: v for k, v in model.items() if k != "kind"})
         if isinstance(built, VQVAE):  # build_vae(..., quantizer="vq"): recorded as a VQ-VAE
             return built, {"kind": "vqvae", **built.build_config}
         return built, model

@@ -22,11 +22,11 @@ def test_build_vae_with_a_quantizer_is_build_vqvae():
     state, other = model.state_dict(), same.state_dict()
     assert all(torch.equal(state[k], other[k]) for k in state)
     assert isinstance(fv.build_vae((1, 8, 8), 4), fv.VAE)
+    assert fv.build_vae((1, 8, 8), 4, hidden=[8]).build_config["hidden"] == [8]
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [
-    ({"codebook_size": 8}, ["quantizer", "'vq'"]),
-    ({"num_tokens": 2}, ["quantizer", "'vq'"]),
+    ({"codebook_size": 8}, ["codebook_size", "quantizer='vq'"]),
     ({"quantizer": "fsq", "codebook_size": 8}, ["quantizer", "'fsq'"]),
     ({"quantizer": "vq"}, ["codebook_size"]),
     ({"quantizer": "vq", "codebook_size": 8, "beta": 2.0, "free_bits": 1.0},
@@ -39,9 +39,11 @@ def test_build_vae_quantizer_rules(kwargs, words):
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
-def test_unknown_vq_option_is_a_type_error():
+def test_unknown_options_are_type_errors():
     with pytest.raises(TypeError, match="bogus"):
         fv.build_vae((1, 8, 8), 4, quantizer="vq", codebook_size=8, bogus=1)
+    with pytest.raises(TypeError, match="num_tokens"):  # a VQ option without quantizer="vq"
+        fv.build_vae((1, 8, 8), 4, num_tokens=2)
 
 
 def test_the_trainer_records_it_as_a_vqvae(tmp_path):
