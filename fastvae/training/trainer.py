@@ -552,10 +552,12 @@ def _build(model: dict[str, Any] | VAE | VQVAE, seed: int
             return build_vqvae(**{k: v for k, v in model.items() if k != "kind"}), model
         if kind != "vae":
             raise ValueError(f"model['kind'] must be 'vae' or 'vqvae', got {kind!r}")
-        built = build_any(**{k: v for k, v in model.items() if k != "kind"})
-        if isinstance(built, VQVAE):  # build_vae(..., quantizer="vq"): recorded as a VQ-VAE
+        rest = {k: v for k, v in model.items() if k != "kind"}
+        if rest.get("quantizer") is not None:
+            # fv.build_vae(..., quantizer="vq"): a VQ-VAE, recorded as one
+            built = build_any(**rest)
             return built, {"kind": "vqvae", **built.build_config}
-        return built, model
+        return build_vae(**rest), model
     raise TypeError(f"model must be a fastvae.VAE, a fastvae.VQVAE or a dict of build_vae "
                     f"arguments, got {type(model).__name__}")
 
