@@ -95,6 +95,10 @@ def _vae_summary(metrics: dict[str, Any]) -> str:
 def _vae_sample(model, path: Path, args: argparse.Namespace, seed_: int):
     from fastvae.training import images
 
+    if args.prior is not None:
+        raise UsageError(f"--prior chooses a VQ-VAE's code prior; {args.checkpoint} holds a "
+                         "VAE, which samples its Gaussian prior")
+
     return images.save_samples(model, path, args.n, seed=seed_, ncols=args.ncols)
 
 
@@ -129,13 +133,16 @@ def _vq_summary(metrics: dict[str, Any]) -> str:
 
 
 def _vq_sample(model, path: Path, args: argparse.Namespace, seed_: int):
-    """Codes drawn from the empirical prior (the code histogram of the last training steps)."""
+    """Codes drawn independently at each position from ``--prior``: the empirical prior (the
+    code histogram of the last training steps; default) or the uniform one."""
     from fastvae.training import images
 
-    if not bool(model.quantizer.usage_total.sum() > 0):
+    prior = args.prior or "empirical"
+    if prior == "empirical" and not bool(model.quantizer.usage_total.sum() > 0):
         raise UsageError(f"{args.checkpoint} holds a VQ-VAE with no training steps in its "
-                         "quantizer's usage window: no empirical code prior to sample from")
-    return images.save_samples(model, path, args.n, seed=seed_, ncols=args.ncols)
+                         "quantizer's usage window: no empirical code prior to sample from "
+                         "(--prior uniform draws every code alike)")
+    return images.save_samples(model, path, args.n, seed=seed_, ncols=args.ncols, prior=prior)
 
 
 KINDS: dict[str, ModelKind] = {
@@ -316,6 +323,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=seed, default=None,
                    help="the noise's seed (default: the checkpoint's training seed: the "
                         "trainer's samples.png)")
+    p.add_argument("--prior", choices=("empirical", "uniform"), default=None,
+                   help="a VQ-VAE's code prior: the code histogram of its last training steps "
+                        "(default) or uniform over the codebook")
     p.add_argument("--out", default="samples.png", help="the picture (default samples.png)")
     p.set_defaults(run=run_sample)
 

@@ -150,13 +150,15 @@ def save_kl_bars(model, data: Tensor, path: str | Path, *, threshold: float = 0.
 
 @torch.no_grad()
 def save_samples(model, path: str | Path, n: int = 64, *, seed: int = 0,
-                 ncols: int | None = None) -> Path:
-    """``n`` samples from the prior (``model.sample``, noise from a generator on the model's
-    device seeded with ``seed``), ``ncols`` per row (default ceil(sqrt(n)): 8 for 64)."""
+                 ncols: int | None = None, **options) -> Path:
+    """``n`` samples from the prior (``model.sample(n, generator=..., **options)``, noise from a
+    generator on the model's device seeded with ``seed``; ``options``: a VQ-VAE's ``prior``),
+    ``ncols`` per row (default ceil(sqrt(n)): 8 for 64)."""
     device = next(model.parameters()).device
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    return save_grid(model.sample(n, generator=gen), path, ncols or math.ceil(math.sqrt(n)))
+    return save_grid(model.sample(n, generator=gen, **options), path,
+                     ncols or math.ceil(math.sqrt(n)))
 
 
 @torch.no_grad()

@@ -101,6 +101,11 @@ def test_eval_sample_reconstruct_on_the_checkpoint(run, tmp_path, capsys):
         extra = [] if command == "sample" else ["--no-progress"]
         assert main([command, ckpt, "--out", str(tmp_path / name), *extra]) == 0
         assert (tmp_path / name).read_bytes() == (run / name).read_bytes(), name
+    # the uniform prior: other codes, another picture; an untrained VQ-VAE samples it too
+    assert main(["sample", ckpt, "--prior", "uniform", "--out", str(tmp_path / "u.png")]) == 0
+    assert (tmp_path / "u.png").read_bytes() != (run / "samples.png").read_bytes()
+    assert main(["sample", ckpt, "--prior", "empirical", "--out", str(tmp_path / "e.png")]) == 0
+    assert (tmp_path / "e.png").read_bytes() == (run / "samples.png").read_bytes()
     assert main(["interpolate", ckpt, "--out", str(tmp_path / "i.png"), "--no-progress"]) == 2
     assert "VQ-VAE" in capsys.readouterr().err
     assert not (tmp_path / "i.png").exists()
