@@ -72,9 +72,13 @@ int check_operands(const OpSpec& s, bool outputs, const fv_tensor* t, int32_t co
         if (i >= slots.count)
             return set_error(FV_ERR_INVALID, "%s: %s %d is given, the op has %d %ss", s.name,
                              kind, i, slots.count, kind);
-        if (!valid_dtype(t[i].dtype))
+        if (!valid_dtype(t[i].dtype) && !(i < slots.count && t[i].dtype == FV_INT64))
             return set_error(FV_ERR_INVALID, "%s: %s %d (%.*s) has unknown dtype code %d",
                              s.name, kind, i, len, name, t[i].dtype);
+        if (i < slots.count && bit(slots.index, i) != (t[i].dtype == FV_INT64))
+            return set_error(FV_ERR_INVALID, "%s: %s %d (%.*s) has dtype code %d, %s", s.name,
+                             kind, i, len, name, t[i].dtype,
+                             bit(slots.index, i) ? "not int64 (4)" : "not a float dtype");
         if (bit(slots.compute, i) && t[i].dtype != compute)
             return set_error(FV_ERR_INVALID, "%s: %s %d (%.*s) has dtype code %d, not the "
                              "compute dtype %d", s.name, kind, i, len, name, t[i].dtype, compute);
@@ -136,7 +140,7 @@ namespace {
 // waiting for it. The ticket holds the job's generation in its high half: a worker that wakes
 // late never takes a grain of a later job.
 //
-// Between jobs a worker spins for kSpinMicros before it sleeps on the condition variable (as
+// Between jobs a worker spins for 200 us (FASTVAE_POOL_SPIN_US) before it sleeps on the condition variable (as
 // OpenMP's threads do): in a training step the calls come back to back, tens of microseconds
 // apart, and a futex wake-up of a sleeping worker costs more than the kernels of a small batch
 // (64 x 784: ~150 us per forward + backward on the 2-core machine).
@@ -171,7 +175,11 @@ class Pool {
 
   private:
     static constexpr int64_t kGrainsPerThread = 4;
-    static constexpr int64_t kSpinMicros = 200;
+    // FASTVAE_POOL_SPIN_US overrides (0: sleep at once)
+    const int64_t spin_micros_ = [] {
+        const char* v = getenv("FASTVAE_POOL_SPIN_US");
+        return v != nullptr && *v != '\0' ? int64_t(atoll(v)) : int64_t(200);
+    }();
 
     struct Job {
         RangeFn fn;
@@ -209,9 +217,9 @@ class Pool {
         return std::max(0, std::min(n, int(workers_.size())));
     }
 
-    // Spins until a job after `seen` is posted or kSpinMicros pass.
+    // Spins until a job after `seen` is posted or spin_micros_ pass.
     void spin(uint32_t seen) const {
-        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_micros_);
         for (int i = 1; posted_.load(std::memory_order_acquire) == seen; ++i) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();

@@ -800,7 +800,7 @@ int check_dtypes(int32_t op, const fv_call& c) {
                              "expect %d", i, c.in[i].dtype, storage);
     }
     for (int i = 0; i < FV_MAX_OUT; ++i) {
-        if (c.out[i].data == nullptr || bit(s.out.compute | s.out.any, i)) continue;
+        if (c.out[i].data == nullptr || bit(s.out.compute | s.out.any | s.out.index, i)) continue;
         if (c.out[i].dtype != storage)
             return set_error(FV_ERR_INVALID, "output %d has dtype code %d, the CUDA kernels "
                              "expect %d", i, c.out[i].dtype, storage);
@@ -995,6 +995,180 @@ Dmol<T, S> make_dmol(const fv_call& c, int first) {
     return d;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Nearest code (vector quantization). The distance in the one order of every backend
+// (nearest_code.inc, docs/numerics.md): acc = 0; for j: t = x_j - e_j, acc = acc + t * t (l2),
+// or acc = acc + x^_j * e^_j and 1 - acc (cosine), each operation rounded (the _rn intrinsics:
+// nvcc would otherwise fuse them into FMAs); the normalization x / max(sqrt(n), 1e-12), n the
+// sum of squares in j order, with a correctly rounded sqrt and division. Two small kernels
+// convert x and the codebook to contiguous compute-dtype copies in the workspace (normalized for
+// cosine); the search kernel gives each thread one row and walks the codebook in tiles held in
+// shared memory, keeping the row's running best (strictly closer replaces: the lowest index of
+// the least distance; a NaN distance never wins; no distance below +inf gives code 0).
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float nc_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double nc_add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float nc_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double nc_sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float nc_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double nc_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float nc_div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double nc_div(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float nc_sqrt(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double nc_sqrt(double a) { return __dsqrt_rn(a); }
+template <class T> __device__ __forceinline__ T nc_inf();
+template <> __device__ __forceinline__ float nc_inf<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double nc_inf<double>() {
+    return __longlong_as_double(0x7ff0000000000000LL);
+}
+
+// rows [0, M) of a strided (M, D) operand -> a contiguous (M, D) copy in T, normalized for
+// cosine; one thread per row.
+template <class T, class S>
+__global__ void nc_pack_kernel(const S* src, int64_t s_row, int64_t s_col, int64_t M, int64_t D,
+                               bool cosine, T* dst) {
+    for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
+         m += int64_t(gridDim.x) * blockDim.x) {
+        const S* row = src + m * s_row;
+        T* out = dst + m * D;
+        T n = T(0);
+        for (int64_t j = 0; j < D; ++j) {
+            const T v = from_storage<T>(row[j * s_col]);
+            out[j] = v;
+            n = nc_add(n, nc_mul(v, v));
+        }
+        if (cosine) {
+            T norm = nc_sqrt(n);
+            norm = norm < T(1e-12) ? T(1e-12) : norm;  // NaN passes
+            for (int64_t j = 0; j < D; ++j) out[j] = nc_div(out[j], norm);
+        }
+    }
+}
+
+constexpr int kNcThreads = 128;
+constexpr int kNcSharedBytes = 16384;
+
+template <class T>
+__device__ __forceinline__ T nc_distance(const T* x, const T* e, int64_t D, bool cosine) {
+    T acc = T(0);
+    if (cosine) {
+        for (int64_t j = 0; j < D; ++j) acc = nc_add(acc, nc_mul(x[j], e[j]));
+        return nc_sub(T(1), acc);
+    }
+    for (int64_t j = 0; j < D; ++j) {
+        const T t = nc_sub(x[j], e[j]);
+        acc = nc_add(acc, nc_mul(t, t));
+    }
+    return acc;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kNcThreads)
+nc_search_kernel(const T* x, const T* codebook, int64_t B, int64_t K, int64_t D, bool cosine,
+                 int64_t tile, int64_t* index, int64_t s_index, T* dist, int64_t s_dist) {
+    __shared__ __align__(16) unsigned char smem[kNcSharedBytes];
+    T* codes = reinterpret_cast<T*>(smem);
+    const int64_t b = blockIdx.x * int64_t(kNcThreads) + threadIdx.x;
+    const bool live = b < B;
+    const T* xr = x + (live ? b : 0) * D;
+    const T inf = nc_inf<T>();
+    T best = inf;
+    int64_t best_k = 0;
+    for (int64_t k0 = 0; k0 < K; k0 += tile) {
+        const int64_t n = K - k0 < tile ? K - k0 : tile;
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < n * D; i += kNcThreads) codes[i] = codebook[k0 * D + i];
+        __syncthreads();
+        if (!live) continue;
+        for (int64_t k = 0; k < n; ++k) {
+            const T d = nc_distance(xr, codes + k * D, D, cosine);
+            if (d < best) {
+                best = d;
+                best_k = k0 + k;
+            }
+        }
+    }
+    if (!live) return;
+    if (!(best < inf)) {  // no distance below +inf: code 0 and its distance (NaN or +inf)
+        best_k = 0;
+        best = nc_distance(xr, codebook, D, cosine);
+    }
+    index[b * s_index] = best_k;
+    dist[b * s_dist] = best;
+}
+
+// D too large for one code in shared memory: the codes straight from global memory.
+template <class T>
+__global__ void __launch_bounds__(kNcThreads)
+nc_search_global_kernel(const T* x, const T* codebook, int64_t B, int64_t K, int64_t D,
+                        bool cosine, int64_t* index, int64_t s_index, T* dist, int64_t s_dist) {
+    const int64_t b = blockIdx.x * int64_t(kNcThreads) + threadIdx.x;
+    if (b >= B) return;
+    const T* xr = x + b * D;
+    const T inf = nc_inf<T>();
+    T best = inf;
+    int64_t best_k = 0;
+    for (int64_t k = 0; k < K; ++k) {
+        const T d = nc_distance(xr, codebook + k * D, D, cosine);
+        if (d < best) {
+            best = d;
+            best_k = k;
+        }
+    }
+    if (!(best < inf)) {
+        best_k = 0;
+        best = nc_distance(xr, codebook, D, cosine);
+    }
+    index[b * s_index] = best_k;
+    dist[b * s_dist] = best;
+}
+
+int64_t nc_workspace_bytes(const fv_call& c) {
+    return (c.K + c.B) * c.N * int64_t(dtype_size(c.compute)) + 256;
+}
+
+template <class T, class S>
+int launch_nearest_code(const fv_call& c, cudaStream_t stream) {
+    const int64_t B = c.B, K = c.K, D = c.N;
+    if (c.scalar != 0.0 && c.scalar != 1.0)
+        return set_error(FV_ERR_INVALID, "nearest_code_fwd: the metric (scalar) is 0 (l2) or 1 "
+                         "(cosine), got %g", c.scalar);
+    const bool cosine = c.scalar == 1.0;
+    if (c.workspace == nullptr || c.workspace_bytes < nc_workspace_bytes(c))
+        return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
+                         "fv_cuda_workspace_bytes() asked for",
+                         static_cast<long long>(nc_workspace_bytes(c)));
+    T* cb = static_cast<T*>(c.workspace);
+    T* xs = cb + K * D;
+    const fv_tensor &X = c.in[0], &E = c.in[1];
+    auto blocks = [](int64_t m) {
+        const int64_t n = cdiv(m, kNcThreads);
+        return unsigned(n < 65535 ? n : 65535);
+    };
+    nc_pack_kernel<T, S><<<blocks(K), kNcThreads, 0, stream>>>(
+        static_cast<const S*>(E.data), E.stride[0], E.stride[2], K, D, cosine, cb);
+    int status = check_launch("the nearest-code codebook kernel");
+    if (status != FV_OK) return status;
+    nc_pack_kernel<T, S><<<blocks(B), kNcThreads, 0, stream>>>(
+        static_cast<const S*>(X.data), X.stride[1], X.stride[2], B, D, cosine, xs);
+    status = check_launch("the nearest-code rows kernel");
+    if (status != FV_OK) return status;
+    int64_t tile = kNcSharedBytes / (D * int64_t(sizeof(T)));
+    if (tile < 1) tile = 1;  // D > 4096 (float32): one code at a time, read from global below
+    const int64_t grid = cdiv(B, kNcThreads);
+    if (grid > kMaxGridX) return set_error(FV_ERR_INVALID, "nearest_code_fwd: too many rows");
+    if (D * int64_t(sizeof(T)) > kNcSharedBytes)
+        nc_search_global_kernel<T><<<unsigned(grid), kNcThreads, 0, stream>>>(
+            xs, cb, B, K, D, cosine, static_cast<int64_t*>(c.out[0].data), c.out[0].stride[2],
+            static_cast<T*>(c.out[1].data), c.out[1].stride[2]);
+    else
+        nc_search_kernel<T><<<unsigned(grid), kNcThreads, 0, stream>>>(
+            xs, cb, B, K, D, cosine, tile, static_cast<int64_t*>(c.out[0].data),
+            c.out[0].stride[2], static_cast<T*>(c.out[1].data), c.out[1].stride[2]);
+    return check_launch("the nearest-code search kernel");
+}
+
 // Every op of FV_OPS has a case here: a missing one is a compile error (-Werror=switch).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic error "-Wswitch"
@@ -1085,6 +1259,8 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
             return launch_elementwise<1>(
                 DmolBwd<T, S>{make_dmol<T, S>(c, 1), make_in<T>(in[0]), make_out<S>(out[0])}, c,
                 st);
+        case FV_OP_NEAREST_CODE_FWD:
+            return launch_nearest_code<T, S>(c, st);
     }
     return set_error(FV_ERR_INVALID, "unknown op code %d", op);
 }
@@ -1153,6 +1329,7 @@ int64_t workspace_bytes(int32_t op, const fv_call* call) {
             DeviceGuard guard(c.device);
             return plan_sum(c, 1, compute_size, 1).workspace_bytes;
         }
+        case FV_OP_NEAREST_CODE_FWD: return nc_workspace_bytes(c);
         default: return 0;
     }
 }

@@ -31,6 +31,14 @@
  * says; x_r, x_g, x_b are the channels of x, (B, N) views in the compute dtype (x_g and x_b
  * absent for C = 1); grad (backward) is the (B,) loss gradient as a (B, N) view.
  *
+ * Nearest code (vector quantization): x is the (B, N) rows, N = D the vector size; codebook the
+ * K codes as a (K, B, N) view with stride 0 along B (stride[0] along its rows, stride[2] along
+ * D); scalar the metric (0: squared L2, 1: cosine, 1 - x^.e^); index (int64) and dist (compute
+ * dtype) are (B,) outputs with element stride stride[2]. index[b] is the lowest k of the least
+ * distance (NaN distances never win; 0 where no distance is below +inf) and dist[b] the distance
+ * to it, computed in the one order of docs/numerics.md: t = x_j - e_j, acc = acc + t*t for
+ * j = 0 .. D-1 (each operation rounded, no fused multiply-add), from acc = 0.
+ *
  * The prior is both tensors or neither. Noise element (k, b, j) is tl.randn(seed, (k*B + b)*N
  * + j), seed read from memory on the call's device (so CUDA launches never sync the host).
  * Compute happens in `compute` (FV_FLOAT32, or FV_FLOAT64 for float64 inputs); sums come
@@ -54,7 +62,8 @@ extern "C" {
 
 #define FV_ABI_VERSION 3  /* 2: FV_MAX_IN 6, the IWAE ops; 3: the op table, fv_layout() */
 
-enum fv_dtype { FV_FLOAT32 = 0, FV_FLOAT64 = 1, FV_FLOAT16 = 2, FV_BFLOAT16 = 3 };
+/* FV_INT64: indices only (an operand marked % in FV_OPS); every other operand is a float. */
+enum fv_dtype { FV_FLOAT32 = 0, FV_FLOAT64 = 1, FV_FLOAT16 = 2, FV_BFLOAT16 = 3, FV_INT64 = 4 };
 
 enum fv_status {
     FV_OK = 0,
@@ -107,6 +116,7 @@ typedef struct fv_call {
  *   #   has the compute dtype (sums, gradients of sums, IWAE's ll and log-weights); an operand
  *       without # or ~ has the storage dtype (CUDA requires it; the CPU converts any float dtype)
  *   ~   any float dtype (IWAE's log_px and its gradient)
+ *   %   int64 indices (FV_INT64; nearest_code's index); no other operand may be int64
  *   !   an input: the noise, drawn from the seed where absent; an output: made from the noise.
  *       A call needs the seed when it wants a ! output and does not give the ! input.
  *   (a b)?  a and b are given together or not at all
@@ -145,7 +155,9 @@ typedef struct fv_call {
     X(DMOL_NLL_FWD, discretized_mix_logistic_nll_fwd, "params* x_r# (x_g x_b)?#", "nll#",          \
       FV_USES_K | FV_USES_SCALAR)                                                                  \
     X(DMOL_NLL_BWD, discretized_mix_logistic_nll_bwd, "grad# params* x_r# (x_g x_b)?#",            \
-      "d_params?", FV_USES_K | FV_USES_SCALAR)
+      "d_params?", FV_USES_K | FV_USES_SCALAR)                                                  \
+    X(NEAREST_CODE_FWD, nearest_code_fwd, "x* codebook", "index% dist#",                         \
+      FV_USES_K | FV_USES_SCALAR)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
 typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;

@@ -721,6 +721,22 @@ FV_HD DmolBins<T> dmol_bins(double n_bins) {
     return {T(h), T(2.0 * h), T(::log(2.0 * h)), T(::log((n_bins - 1.0) / 2.0))};
 }
 
+// The bound of the scaled arguments a, b, m of a finite c = x - mu': a quarter of the largest
+// finite value (three channels' log-probabilities and a + b stay finite). Beyond it
+// e^-s (x - mu') overflowed, and a component of zero responsibility gave 0 * inf = NaN in the
+// gradient. An infinite c (an infinite input) keeps u infinite; NaN passes.
+template <class T>
+FV_HD T dmol_bound(T u, T c) {
+    if (!(abs_(c) < T(kInfF))) return u;
+    T big;
+    if constexpr (sizeof(T) == 8) {
+        big = T(4.4942328371557893e307);
+    } else {
+        big = T(8.5070591730234616e37);
+    }
+    return u > big ? big : u < -big ? -big : u;
+}
+
 template <class T>
 struct DmolTerm {
     T value, dc, ds;  // log P(bin); its derivatives by c = x - mu' and by the log-scale s
@@ -728,7 +744,7 @@ struct DmolTerm {
 
 // log P(bin of x) for one channel and mixture: centered c = x - mu', log-scale s (floored at
 // -7, so that e^-s <= e^7). With a = e^-s (c + h), b = e^-s (c - h), m = e^-s c,
-// d = a - b = 2 h e^-s:
+// d = a - b = 2 h e^-s (for a finite c, a, b, m bounded to +-(largest finite / 4): dmol_bound):
 //   lowest bin (x < -1 + h)   log sigmoid(a)
 //   highest bin (x > 1 - h)   log sigmoid(-b)
 //   inner bins                log(sigmoid(a) - sigmoid(b))
@@ -744,7 +760,8 @@ struct DmolTerm {
 template <class T, bool kGrads>
 FV_HD DmolTerm<T> dmol_channel(T c, T s, T x, const DmolBins<T>& k) {
     const T inv_s = exp_(-s);
-    const T a = inv_s * (c + k.h), b = inv_s * (c - k.h), m = inv_s * c;
+    const T a = dmol_bound(inv_s * (c + k.h), c), b = dmol_bound(inv_s * (c - k.h), c);
+    const T m = dmol_bound(inv_s * c, c);
     const T d = k.two_h * inv_s;
     const T e_md = exp_(-d);
     const T ratio = d > T(0) ? -(d < T(1) ? expm1_series(-d) : e_md - T(1)) / d : T(1);

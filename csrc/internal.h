@@ -26,6 +26,7 @@ struct Slots {
     uint8_t compute = 0;             // `#`: compute dtype
     uint8_t any = 0;                 // `~`: any float dtype
     uint8_t noise = 0;               // `!`
+    uint8_t index = 0;               // `%`: int64 indices (FV_INT64)
     uint8_t together = 0;            // a `( )` group: all present or none
     int main = -1;                   // `*`: the main input
     uint8_t name_at[8] = {}, name_len[8] = {};  // where slot i's name is in the list
@@ -78,10 +79,10 @@ constexpr Slots parse(const char* list, int max_slots) {
             r.name_len[r.count] = uint8_t(i - start);
             last = ++r.count;
         } else {
-            throw "FV_OPS: operand names are [a-z0-9_], marks ? * # ~ !, groups ( )";
+            throw "FV_OPS: operand names are [a-z0-9_], marks ? * # ~ ! %, groups ( )";
         }
         for (; list[i] == '?' || list[i] == '*' || list[i] == '#' || list[i] == '~' ||
-               list[i] == '!';
+               list[i] == '!' || list[i] == '%';
              ++i) {
             for (int k = first; k < last; ++k) {
                 const uint8_t b = uint8_t(1u << k);
@@ -90,6 +91,7 @@ constexpr Slots parse(const char* list, int max_slots) {
                     case '#': r.compute |= b; break;
                     case '~': r.any |= b; break;
                     case '!': r.noise |= b; break;
+                    case '%': r.index |= b; break;
                     default:
                         if (r.main >= 0 || last - first != 1) throw "FV_OPS: one * operand";
                         r.main = k;
@@ -100,6 +102,7 @@ constexpr Slots parse(const char* list, int max_slots) {
     if (group >= 0) throw "FV_OPS: ( without )";
     r.required = uint8_t(((1u << r.count) - 1) & ~r.optional);
     if (r.compute & r.any) throw "FV_OPS: an operand marked both # and ~";
+    if (r.index & (r.compute | r.any | r.noise)) throw "FV_OPS: an index % is only an index";
     if (r.together & ~r.optional) throw "FV_OPS: a ( ) group must be optional: ( )?";
     return r;
 }
@@ -107,7 +110,7 @@ constexpr Slots parse(const char* list, int max_slots) {
 constexpr OpSpec op(const char* name, const char* inputs, const char* outputs, int32_t uses) {
     OpSpec s{name, inputs, outputs, uses, parse(inputs, FV_MAX_IN), parse(outputs, FV_MAX_OUT)};
     if (uses & ~(FV_USES_K | FV_USES_REDUCE_DIM | FV_USES_SCALAR)) throw "FV_OPS: unknown uses";
-    if (s.in.main < 0 || bit(s.in.optional | s.in.compute | s.in.any, s.in.main))
+    if (s.in.main < 0 || bit(s.in.optional | s.in.compute | s.in.any | s.in.index, s.in.main))
         throw "FV_OPS: exactly one input is the main input *, required, of the storage dtype";
     if (s.out.main >= 0) throw "FV_OPS: the main input * is an input";
     if (s.in.noise & (s.in.noise - 1)) throw "FV_OPS: at most one noise input !";

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    cast_rn,
     compute_dtype,
     expm1_neg_small,
     interpreted,
@@ -39,6 +40,12 @@ from ._common import (
 # meets its float64 operand unrounded; the bin constants specialize the kernel per n_bins.
 LOG_SCALE_MIN = tl.constexpr(-7.0)
 LOG_MIN_BIN_PROB = tl.constexpr(math.log(1e-5))
+# a, b, m = e^-s (x - mu' (+-h)) of a finite x - mu' bounded to +-(largest finite / 4) of the
+# compute dtype (as reference._dmol_bound): beyond it they overflowed, and a component of zero
+# responsibility gave 0 * inf = NaN in the gradient. An infinite x - mu' keeps them infinite.
+ARG_BOUND_F32 = tl.constexpr(8.5070591730234616e37)
+ARG_BOUND_F64 = tl.constexpr(4.4942328371557893e307)
+INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -70,6 +77,18 @@ def _sech2(e):
 
 
 @triton.jit
+def _bound(u, centered, DTYPE: tl.constexpr):
+    """``u`` clamped to +-(largest finite / 4) of DTYPE where ``centered`` is finite; NaN
+    passes (comparisons are false)."""
+    if DTYPE == tl.float64:  # noqa: SIM108, SIM300 (a constexpr branch, as in _common)
+        big = ARG_BOUND_F64
+    else:
+        big = ARG_BOUND_F32
+    clamped = tl.where(u > big, big, tl.where(u < -big, -big, u))
+    return tl.where(tl.abs(centered) < INF, clamped, u)
+
+
+@triton.jit
 def _channel(xc, mean, raw_ls, H: tl.constexpr, LOG_2H: tl.constexpr,
              LOG_HALF_BINS: tl.constexpr, GRADS: tl.constexpr, DTYPE: tl.constexpr):
     """log P(bin) of one channel and mixture at pixel value ``xc`` (mean ``mean`` = mu', raw
@@ -85,9 +104,9 @@ def _channel(xc, mean, raw_ls, H: tl.constexpr, LOG_2H: tl.constexpr,
     log_s = tl.where(raw_ls < LOG_SCALE_MIN, LOG_SCALE_MIN, raw_ls)  # NaN passes
     inv_s = tl.exp(-log_s)
     centered = xc - mean
-    a = inv_s * (centered + H)
-    b = inv_s * (centered - H)
-    m = inv_s * centered
+    a = _bound(inv_s * (centered + H), centered, DTYPE)
+    b = _bound(inv_s * (centered - H), centered, DTYPE)
+    m = _bound(inv_s * centered, centered, DTYPE)
     d = inv_s * (2.0 * H)
     t_a = tl.exp(-tl.abs(a))
     t_b = tl.exp(-tl.abs(b))
@@ -240,24 +259,24 @@ def _dmol_bwd_kernel(
             v2, dc2, ds2 = _channel(x2, mean2, ls2, H, LOG_2H, LOG_HALF_BINS, True, DTYPE)
             v = v + v1 + v2
         gr = g * tl.exp(logit + v - lse)
-        tl.store(out + k * S64, (g * tl.exp(logit - log_norm) - gr).to(out_ty), mask=imask)
-        tl.store(out + (M + k) * S64, (gr * dc0).to(out_ty), mask=imask)
+        tl.store(out + k * S64, cast_rn(g * tl.exp(logit - log_norm) - gr, out_ty), mask=imask)
+        tl.store(out + (M + k) * S64, cast_rn(gr * dc0, out_ty), mask=imask)
         tl.store(out + (2 * M + k) * S64,
-                 tl.where(ls0 >= LOG_SCALE_MIN, -gr * ds0, 0.0).to(out_ty), mask=imask)
+                 cast_rn(tl.where(ls0 >= LOG_SCALE_MIN, -gr * ds0, 0.0), out_ty), mask=imask)
         if C == 3:
             d_mean1 = gr * dc1
             d_mean2 = gr * dc2
-            tl.store(out + (3 * M + k) * S64, (d_mean1 * x0 * _sech2(e0)).to(out_ty),
+            tl.store(out + (3 * M + k) * S64, cast_rn(d_mean1 * x0 * _sech2(e0), out_ty),
                      mask=imask)
-            tl.store(out + (4 * M + k) * S64, d_mean1.to(out_ty), mask=imask)
+            tl.store(out + (4 * M + k) * S64, cast_rn(d_mean1, out_ty), mask=imask)
             tl.store(out + (5 * M + k) * S64,
-                     tl.where(ls1 >= LOG_SCALE_MIN, -gr * ds1, 0.0).to(out_ty), mask=imask)
-            tl.store(out + (6 * M + k) * S64, (d_mean2 * x0 * _sech2(e1)).to(out_ty),
+                     cast_rn(tl.where(ls1 >= LOG_SCALE_MIN, -gr * ds1, 0.0), out_ty), mask=imask)
+            tl.store(out + (6 * M + k) * S64, cast_rn(d_mean2 * x0 * _sech2(e1), out_ty),
                      mask=imask)
-            tl.store(out + (7 * M + k) * S64, d_mean2.to(out_ty), mask=imask)
+            tl.store(out + (7 * M + k) * S64, cast_rn(d_mean2, out_ty), mask=imask)
             tl.store(out + (8 * M + k) * S64,
-                     tl.where(ls2 >= LOG_SCALE_MIN, -gr * ds2, 0.0).to(out_ty), mask=imask)
-            tl.store(out + (9 * M + k) * S64, (d_mean2 * x1 * _sech2(e2)).to(out_ty),
+                     cast_rn(tl.where(ls2 >= LOG_SCALE_MIN, -gr * ds2, 0.0), out_ty), mask=imask)
+            tl.store(out + (9 * M + k) * S64, cast_rn(d_mean2 * x1 * _sech2(e2), out_ty),
                      mask=imask)
 
 

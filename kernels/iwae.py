@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    cast_rn,
     compute_dtype,
     elementwise_tile,
     expm1_neg_small,
@@ -147,7 +148,7 @@ def _iwae_bwd_kernel(
         k64 = tl.cast(k, tl.int64)
         a = g * tl.exp(tl.load(logw_ptr + k64 * B + rows, mask=row_mask, other=0.0) - lse)
         if NEED_LPX:
-            tl.store(dlpx_ptr + k64 * B + rows, a.to(dlpx_ptr.dtype.element_ty),
+            tl.store(dlpx_ptr + k64 * B + rows, cast_rn(a, dlpx_ptr.dtype.element_ty),
                      mask=rows < lpx_rows_end)
         z = load(z_ptr + k64 * s_z_k, rows, cols, s_z_b, s_z_n, mask, DTYPE)
         p_z, p_mu, p_lv = iwae_grad_parts(z, mu, lv, q, em)

@@ -398,6 +398,14 @@ def _dmol(K, p):
         K.discretized_mix_logistic_nll_fwd(params, x, M, p["n_bins"])
 
 
+def _nearest_code(K, p):
+    """x (N, D) and a codebook (K, D) of one dtype; the codebook contiguous or transposed."""
+    N, D = p["shape"]
+    x = operand(N, D, p["dtype"], p["layout"])
+    codebook = operand(p["K"], D, p["dtype"], p["codebook"])
+    K.nearest_code_fwd(x, codebook, p["metric"])
+
+
 def _common_axes(**extra) -> dict:
     return {"dtype": DTYPES, "shape": SHAPES, "layout": LAYOUTS, **extra}
 
@@ -452,6 +460,14 @@ FAMILIES = (
            _common_axes(K=(16, 1, 3), z=("contiguous", "broadcast"),
                         lpx_dtype=(None, torch.float16), needs=subsets(4), grad=GRADS),
            ("needs",), _iwae_bwd, needs="needs"),
+    # (N, D): a tokenizer batch at D = 64, D = 8, odd D, D past one BLOCK_D chunk, 1 x 1; the
+    # codebook size K: 16384, odd, a single code, fewer codes than one tile
+    Family("nearest_code_fwd",
+           {"dtype": DTYPES, "shape": ((4096, 64), (32768, 8), (1000, 3), (256, 300), (1, 1)),
+            "layout": ("contiguous", "padded", "transposed", "misaligned"),
+            "metric": ("l2", "cosine"), "K": (16384, 1001, 1, 40),
+            "codebook": ("contiguous", "transposed", "padded")},
+           ("metric",), _nearest_code),
 )
 
 
@@ -591,8 +607,15 @@ def float32_params(ptx: str) -> list[str]:
 def spec_of(launch: Launch) -> str:
     """The constexpr part of a launch (tile, warps, flags), short."""
     m = launch.meta
-    tile = (f"{m['BLOCK_S']}" if "BLOCK_S" in m else
-            f"{m.get('BLOCK_B', '?')}x{m.get('BLOCK_N', '?')}") + f"/w{m.get('num_warps', 4)}"
+    if "BLOCK_S" in m:
+        tile = f"{m['BLOCK_S']}"
+    elif "BLOCK_M" in m:  # nearest_code's search: rows x codes x D chunk
+        tile = f"{m['BLOCK_M']}x{m['BLOCK_K']}x{m['BLOCK_D']}"
+    elif "BLOCK_R" in m:
+        tile = f"{m['BLOCK_R']}"
+    else:
+        tile = f"{m.get('BLOCK_B', '?')}x{m.get('BLOCK_N', '?')}"
+    tile += f"/w{m.get('num_warps', 4)}"
     flags = " ".join(f"{k}" for k, v in m.items()
                      if k.isupper() and not k.startswith("BLOCK") and k != "DTYPE" and v is True)
     return f"{tile} {flags}".strip()

@@ -41,10 +41,10 @@ def device_for(backend: str) -> torch.device:
 # Keyed by the dtype of the value under test: losses of half-precision inputs come back in
 # float32 and are computed in float32 from the same rounded inputs as the oracle, so they are
 # held to float32's tolerance; gradients and samples come back in the input's dtype and carry
-# one rounding to it (half an ulp: 4.9e-4 for float16, 3.9e-3 for bfloat16). Triton's
-# interpreter converts float32 to bfloat16 by truncation, not rounding (up to one ulp, 7.8e-3),
-# and autograd rounds once more when it sums the gradient of a broadcast input: bfloat16 gets
-# three half-ulps.
+# one rounding to it (half an ulp: 4.9e-4 for float16, 3.9e-3 for bfloat16). Autograd rounds
+# once more when it sums the gradient of a broadcast input, and Triton's interpreter converted
+# float32 to bfloat16 by truncation (up to one ulp; the kernels' stores now round to nearest,
+# kernels/_common.cast_rn): bfloat16 keeps three half-ulps.
 # ``atol`` is relative to the largest magnitude of the expected tensor (see assert_close).
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),

@@ -671,27 +671,31 @@ class SmallRow:
     fastvae_us: float
     ratio_median: float  # eager time / fastvae time: the median of the per-round ratios
     ratio_p10: float  # ... and their 10th percentile (the slow fastvae rounds)
+    # (round i of eager against round i of fastvae: the same position in their blocks)
 
 
-def time_paired(fns: dict[str, Callable[[], object]], *, rounds: int = 41,
+def time_paired(fns: dict[str, Callable[[], object]], *, blocks: int = 6, rounds: int = 7,
                 min_round_time: float = 0.02) -> dict[str, list[float]]:
-    """Seconds per call of each function in each of ``rounds`` rounds, the functions taking
-    turns within a round (so that a change of load hits all alike; ratios are taken per
-    round)."""
+    """Seconds per call of each function in each of ``blocks`` x ``rounds`` rounds: the
+    functions take turns block by block (each block ``rounds`` rounds of one function), so that
+    a change of load hits all alike while each function runs back to back, as in a training
+    loop (interleaving single calls let torch's OpenMP workers fall asleep between eager calls
+    and stall for milliseconds on this 2-core VM)."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         for _ in range(20):
             fn()
-    for _ in range(rounds):
+    for _ in range(blocks):
         for name, fn in fns.items():
-            n, start = 0, time.perf_counter()
-            while True:
-                fn()
-                n += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_round_time:
-                    break
-            samples[name].append(elapsed / n)
+            for _ in range(rounds):
+                n, start = 0, time.perf_counter()
+                while True:
+                    fn()
+                    n += 1
+                    elapsed = time.perf_counter() - start
+                    if elapsed >= min_round_time:
+                        break
+                samples[name].append(elapsed / n)
     return samples
 
 
@@ -726,14 +730,15 @@ def format_small(r: SmallRow) -> str:
             f"{r.ratio_median:16.2f} {r.ratio_p10:6.2f}")
 
 
-def crossover(rows: Sequence[SmallRow], op: str) -> int | None:
-    """The smallest batch of 784 pixels from which on fastvae is at least as fast as eager (by
-    the median ratio), or None when it is slower at every batch measured."""
-    batches = [(r.batch, r.ratio_median) for r in rows if r.op == op and r.features in (1, 784)]
+def crossover(rows: Sequence[SmallRow], op: str) -> str | None:
+    """The smallest size (1 x 1, then B x 784 by batch) from which on fastvae is at least as
+    fast as eager (by the median ratio), or None when it is slower at the largest."""
+    sizes = sorted((r.batch, r.features, r.ratio_median) for r in rows
+                   if r.op == op and r.features in (1, 784))
     start = None
-    for batch, ratio in sorted(batches):
+    for batch, features, ratio in sizes:
         if ratio >= 1.0 and start is None:
-            start = batch
+            start = f"{batch} x {features}"
         elif ratio < 1.0:
             start = None
     return start
@@ -752,11 +757,12 @@ def write_small_batch(rows: Sequence[SmallRow], device: torch.device, out_dir: P
     lines += [format_small(r) for r in rows]
     for op in dict.fromkeys(r.op for r in rows):
         b = crossover(rows, op)
-        lines.append(f"# {op}: " + (f"at least as fast as eager from batch {b} x 784 on"
+        lines.append(f"# {op}: " + (f"at least as fast as eager from {b} on"
                                     if b is not None else "slower than eager at every batch"))
-    path = out_dir / "small_batch.txt"
+    stem = f"small_batch_{meta['threads']}t"
+    path = out_dir / f"{stem}.txt"
     path.write_text("\n".join(lines) + "\n")
-    (out_dir / "small_batch.json").write_text(json.dumps(
+    (out_dir / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     return path
 
@@ -780,6 +786,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-train-step", action="store_true", help="skip the training step")
     p.add_argument("--out", default=None,
                    help="results directory (default: benchmarks/results/<device name>)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (and the native CPU kernels' threads) for the run")
     p.add_argument("--small-batch", action="store_true",
                    help="only the small-batch table: forward + backward against eager at "
                         "B = 1, 16, 64, 256 x 784 and the latent sizes (host overhead); "
@@ -812,6 +820,10 @@ def run_command(args: argparse.Namespace) -> int:
                              f"{', '.join(known)}")
         return given
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.small_batch:
         given = names("--ops", args.ops, OPS)
         ops = [op for op in SMALL_OPS if op in given] or list(SMALL_OPS)

@@ -169,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
     record |= {"val_fraction": args.val_fraction, "split_seed": args.seed}
     model_config = (_vq_model_config(args, tuple(images.shape[1:])) if args.quantizer
                     else _model_config(args, tuple(images.shape[1:])))
+    if args.likelihood == "dmol":  # before anything is written or trained
+        try:
+            data.check_unit_range(images, name, " for --likelihood dmol")
+            data.check_grid(images, model_config["n_bins"], name, "--bins")
+        except data.DataError as e:
+            raise UsageError(str(e)) from e
     out_dir = _make_out_dir(Path(args.out) if args.out else Path("runs") / name)
 
     with _process_group(world, device) as rank:

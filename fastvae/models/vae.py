@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..ops import functional as F
 from ..ops import reference
+from ..ops import validation as check
 from ..ops.losses import soft_min_logvar
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli", "dmol")
@@ -62,8 +63,7 @@ class VAE(nn.Module):
                              f"got {likelihood!r}")
         self.encoder = encoder
         self.decoder = decoder
-        self.latent_shape = ((latent_shape,) if isinstance(latent_shape, int)
-                             else tuple(latent_shape))
+        self.latent_shape = _shape("latent_shape", latent_shape)
         self.likelihood = likelihood
         self.beta = float(beta)
         self.free_bits = float(free_bits)
@@ -74,7 +74,8 @@ class VAE(nn.Module):
             raise ValueError(f"min_obs_var must be finite and >= 0, got {min_obs_var}")
         self.min_obs_var = float(min_obs_var)
         self.obs_logvar: float | nn.Parameter = float(obs_logvar)
-        self.n_mixtures, self.n_bins = int(n_mixtures), int(n_bins)
+        self.n_mixtures = check.integer("n_mixtures", n_mixtures, 1)
+        self.n_bins = check.integer("n_bins", n_bins, 2)
         if likelihood == "gaussian_learned":
             self.obs_logvar = nn.Parameter(torch.tensor(float(obs_logvar)))
 
@@ -165,6 +166,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws of the likelihood's mean at prior samples ``z ~ N(0, I)``."""
+        n = check.integer("n", n, 0)
         device, dtype = self._device_dtype()
         z = torch.randn((n, *self.latent_shape), device=device, dtype=dtype, generator=generator)
         return self.mean_of(self.decode(z))
@@ -183,8 +185,7 @@ class VAE(nn.Module):
         ``"slerp"`` (spherical, which keeps the path near the prior's typical radius)."""
         if method not in ("linear", "slerp"):
             raise ValueError(f"method must be 'linear' or 'slerp', got {method!r}")
-        if steps < 2:
-            raise ValueError(f"steps must be >= 2, got {steps}")
+        steps = check.integer("steps", steps, 2)
         if x1.shape != x2.shape:
             raise ValueError(f"x1 and x2 must have equal shapes, got {tuple(x1.shape)} and "
                              f"{tuple(x2.shape)}")
@@ -202,8 +203,8 @@ class VAE(nn.Module):
         """Importance-sampled ``log p(x)`` (IWAE bound with K = ``n_samples``), shape (B,).
         Streams over K in chunks (running log-sum-exp), so K = 5000 fits in memory;
         ``on_chunk(k)`` is called after each chunk of k samples (a progress bar's update)."""
-        if n_samples < 1 or chunk_size < 1:
-            raise ValueError("n_samples and chunk_size must be >= 1")
+        n_samples = check.integer("n_samples", n_samples, 1)
+        chunk_size = check.integer("chunk_size", chunk_size, 1)
         mu, logvar = self.encode(x)
         total = None
         for start in range(0, n_samples, chunk_size):
@@ -234,10 +235,9 @@ class VAE(nn.Module):
         """
         if bound not in ("elbo", "iwae"):
             raise ValueError(f"bound must be 'elbo' or 'iwae', got {bound!r}")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        n_samples = check.integer("n_samples", n_samples, 1)
+        chunk_size = check.integer("chunk_size", chunk_size, 1)
+        seed = None if seed is None else check.integer("seed", seed)
         mu, logvar = self.encode(x)
         generator = None
         if seed is not None:
@@ -266,6 +266,14 @@ class VAE(nn.Module):
         (``fastvae.gaussian_kl_per_dim`` of the posterior, float32)."""
         mu, logvar = self.encode(x)
         return F.gaussian_kl_per_dim(mu, logvar)
+
+
+def _shape(name: str, value: int | Sequence[int]) -> tuple[int, ...]:
+    """A shape given as one integer or a sequence of them (each any ``__index__`` integer,
+    numpy's included) as a tuple of Python ints >= 1."""
+    if isinstance(value, (Sequence, Tensor)) and not isinstance(value, str):
+        return tuple(check.integer(f"{name}[{i}]", v, 1) for i, v in enumerate(value))
+    return (check.integer(name, value, 1),)
 
 
 def _slerp(z1: Tensor, z2: Tensor, t: Tensor) -> Tensor:
@@ -380,7 +388,14 @@ def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
     """A VAE with the ready-made MLP (``arch="mlp"``) or convolutional (``"conv"``) networks.
     Its arguments are kept as ``model.build_config``, from which ``load_vae`` rebuilds it.
     ``likelihood="dmol"``: (C, H, W) inputs with C = 1 or 3, the decoder outputs the mixture's
-    ``M (1 + 3C)`` (C = 3) or ``3M`` (C = 1) parameter maps, ``M = n_mixtures``."""
+    ``M (1 + 3C)`` (C = 3) or ``3M`` (C = 1) parameter maps, ``M = n_mixtures``. Integer
+    arguments may be any ``__index__`` integer (numpy's too); they are kept as Python ints."""
+    input_shape = _shape("input_shape", input_shape)
+    latent_dim = check.integer("latent_dim", latent_dim, 1)
+    if hidden is not None:
+        hidden = _shape("hidden", hidden)
+    n_mixtures = check.integer("n_mixtures", n_mixtures, 1)
+    n_bins = check.integer("n_bins", n_bins, 2)
     config = {"input_shape": list(input_shape), "latent_dim": latent_dim, "arch": arch,
               "hidden": None if hidden is None else list(hidden), "likelihood": likelihood,
               "obs_logvar": obs_logvar, "beta": beta, "free_bits": free_bits,

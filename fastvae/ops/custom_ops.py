@@ -140,6 +140,13 @@ def _iwae_empty_grads(grads, saved, tensors, needs):
     return out
 
 
+def _nearest_code_empty(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """N = 0, or D = 0 (every code at distance 0, or 1 - 0 for cosine: code 0)."""
+    index = x.new_zeros(x.shape[:1], dtype=torch.int64)
+    dist = x.new_full(x.shape[:1], 1.0 if metric == "cosine" else 0.0, dtype=out_dtype(x.dtype))
+    return index, dist
+
+
 OPS: list[OpSpec] = [
     OpSpec("reparameterize",
            "Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed, int n_samples", "Tensor",
@@ -188,6 +195,14 @@ OPS: list[OpSpec] = [
            needs=False,
            fake=lambda params, x, M, n_bins, reduction: _per_sample_fake(
                params, reduction, params.dtype)),
+    # x (N, D), codebook (K, D): no gradient (vector_quantize gives the quantizer its own)
+    OpSpec("nearest_code", "Tensor x, Tensor codebook, str metric", "(Tensor, Tensor)",
+           grads=0, non_differentiable=(0, 1),
+           fake=lambda x, codebook, metric: (
+               x.new_empty(x.shape[:1], dtype=torch.int64),
+               x.new_empty(x.shape[:1], dtype=out_dtype(x.dtype))),
+           is_empty=lambda x, codebook: x.shape[0] == 0 or x.shape[1] == 0,
+           empty=_nearest_code_empty),
 ]
 
 
@@ -269,8 +284,9 @@ def _backward(spec: OpSpec, args: tuple, backend: str, needs: list[bool]) -> lis
 def _setup(spec: OpSpec, ctx, inputs: tuple, output) -> None:
     """``setup_context`` of every op: saves the tensors (and the outputs the backward reads)."""
     outputs = output if isinstance(output, tuple) else (output,)
-    ctx.save_for_backward(*(outputs[i] for i in spec.saved_outputs),
-                          *inputs[:spec.n_tensors])
+    if spec.grads:
+        ctx.save_for_backward(*(outputs[i] for i in spec.saved_outputs),
+                              *inputs[:spec.n_tensors])
     attrs = inputs[spec.n_tensors:-1]
     ctx.attrs = [attrs[i] for i in spec.backward_attrs]
     ctx.backend = inputs[-1]
@@ -282,6 +298,8 @@ def _setup(spec: OpSpec, ctx, inputs: tuple, output) -> None:
 def _gradients(ctx, *grads) -> tuple:
     """The registered backward of every op: the backward op, then one entry per input."""
     spec: OpSpec = ctx.spec
+    if not spec.grads:  # every output non-differentiable: not reached
+        return (None,) * (spec.n_tensors + len(spec.attribute_names) + 1)
     needs = list(ctx.needs_input_grad[:spec.grads])
     grads = [g for i, g in enumerate(grads) if i not in spec.non_differentiable]
     args = (*grads, *ctx.saved_tensors, *ctx.attrs)
@@ -326,16 +344,17 @@ def _register(spec: OpSpec):
     qualname = f"fastvae::{spec.name}"
     fwd = torch.library.custom_op(qualname, forward, mutates_args=(),
                                   schema=f"({spec.arguments}, str backend) -> {spec.returns}")
+    fwd.register_fake(forward_fake)
+    fwd.register_autograd(_gradients, setup_context=lambda ctx, inputs, output:
+                          _setup(spec, ctx, inputs, output))
+    _NAME[fwd], _IMPL[fwd], SPEC[fwd] = qualname, forward, spec
+    if spec.grads == 0:  # no gradient: no backward op
+        return fwd, None
     bwd = torch.library.custom_op(
         f"{qualname}_backward", backward, mutates_args=(),
         schema=f"({backward_arguments()}, str backend, bool[] needs) -> Tensor[]")
-    fwd.register_fake(forward_fake)
     bwd.register_fake(backward_fake)
-    fwd.register_autograd(_gradients, setup_context=lambda ctx, inputs, output:
-                          _setup(spec, ctx, inputs, output))
-    _NAME[fwd], _NAME[bwd] = qualname, f"{qualname}_backward"
-    _IMPL[fwd], _IMPL[bwd] = forward, backward
-    SPEC[fwd] = spec
+    _NAME[bwd], _IMPL[bwd] = f"{qualname}_backward", backward
     BACKWARD[spec.name] = bwd
     return fwd, bwd
 
@@ -353,7 +372,21 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return *_gradients(ctx, *grads), None
+        if torch.is_grad_enabled() or not ctx.spec.grads:  # a second derivative: refused
+            return *_gradients(ctx, *grads), None
+        spec: OpSpec = ctx.spec
+        needs = list(ctx.needs_input_grad[:spec.grads])
+        if spec.non_differentiable:
+            grads = [g for i, g in enumerate(grads) if i not in spec.non_differentiable]
+        args = (*grads, *ctx.saved_tensors, *ctx.attrs)
+        if torch.autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function(f"fastvae::{spec.name}_backward"):
+                out = _backward(spec, args, ctx.backend, needs)
+        else:
+            out = _backward(spec, args, ctx.backend, needs)
+        it = iter(out)
+        return (*(next(it) if need else None for need in needs),
+                *(None,) * (spec.n_tensors - spec.grads + len(spec.attribute_names) + 2))
 
 
 def _eager_tensors(args) -> bool:
@@ -398,5 +431,8 @@ def _call_eager(op, args):
 
 
 for _spec in OPS:
-    globals()[_spec.name], globals()[f"{_spec.name}_backward"] = _register(_spec)
-del _spec
+    _fwd, _bwd = _register(_spec)
+    globals()[_spec.name] = _fwd
+    if _bwd is not None:
+        globals()[f"{_spec.name}_backward"] = _bwd
+del _spec, _fwd, _bwd

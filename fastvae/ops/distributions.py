@@ -24,6 +24,7 @@ from torch.distributions import Distribution, Independent, Normal, constraints
 from torch.distributions.kl import register_kl
 
 from . import functional as F
+from . import validation as check
 from .reference import gaussian_nll_elementwise
 
 __all__ = ["DiagonalGaussianDistribution", "DiagonalNormal"]
@@ -145,6 +146,12 @@ class DiagonalGaussianDistribution:
         if getattr(other, "deterministic", False):
             raise ValueError("kl(other): other is deterministic (zero variance); the KL "
                              "divergence to it is infinite")
+        for name in ("mean", "logvar"):  # checked here, in the caller's names
+            if not hasattr(other, name):
+                raise TypeError(f"kl(other): other must have mean and logvar tensors, got "
+                                f"{type(other).__name__}")
+            check.tensor(f"other.{name}", getattr(other, name))
+            check.broadcast_parameter(f"other.{name}", getattr(other, name), "mean", self.mean)
         return F.gaussian_kl(self.mean, self.logvar, other.mean, other.logvar, reduction="none")
 
     def nll(self, sample: Tensor, dims: Sequence[int] = (1, 2, 3)) -> Tensor:
@@ -154,6 +161,8 @@ class DiagonalGaussianDistribution:
         ``dims`` in float32 (float64)."""
         if self.deterministic:
             return self._zeros()
+        check.tensor("sample", sample)
+        check.same_device("sample", sample, "mean", self.mean)
         _check_broadcast("sample", sample, "mean", self.mean)
         ndim = self.mean.dim()
         try:
@@ -224,8 +233,12 @@ class DiagonalNormal(Distribution):
 
     def __init__(self, loc: Tensor | float, logvar: Tensor | float, event_dims: int = 1,
                  validate_args: bool | None = None) -> None:
-        if isinstance(event_dims, bool) or not isinstance(event_dims, int) or event_dims < 0:
-            raise ValueError(f"event_dims must be an int >= 0, got {event_dims!r}")
+        event_dims = check.integer("event_dims", event_dims, 0)
+        for name, t in (("loc", loc), ("logvar", logvar)):
+            if isinstance(t, Tensor):
+                check.tensor(name, t)
+        if isinstance(loc, Tensor) and isinstance(logvar, Tensor):
+            check.same_device("logvar", logvar, "loc", loc)
         _check_broadcast("loc", loc, "logvar", logvar)
         self.loc, self.logvar = torch.distributions.utils.broadcast_all(loc, logvar)
         shape = self.loc.shape
@@ -276,13 +289,15 @@ class DiagonalNormal(Distribution):
     def rsample(self, sample_shape: Sequence[int] = torch.Size(), *,
                 eps: Tensor | None = None) -> Tensor:
         """Reparameterized samples, ``sample_shape + batch_shape + event_shape``:
-        ``loc + exp(logvar / 2) * eps``; ``eps`` (that shape, ``loc``'s dtype) given: used as
-        is, else Philox normals."""
+        ``loc + exp(logvar / 2) * eps``, in the common dtype of ``loc`` and ``logvar`` (as
+        torch's ``Normal``: a bfloat16 ``loc`` with a float32 log-variance samples in float32);
+        ``eps`` (that shape and dtype) given: used as is, else Philox normals."""
         sample_shape = torch.Size(sample_shape)
         shape = self._extended_shape(sample_shape)
         # Every batch element draws its own noise: the parameters as (M, *event), M the batch.
-        mu = self.loc.reshape(-1, *self.event_shape)
-        lv = self.logvar.reshape(-1, *self.event_shape)
+        dtype = torch.promote_types(self.loc.dtype, self.logvar.dtype)
+        mu = self.loc.reshape(-1, *self.event_shape).to(dtype)
+        lv = self.logvar.reshape(-1, *self.event_shape).to(dtype)
         K = math.prod(sample_shape)
         if eps is not None:
             if tuple(eps.shape) != tuple(shape):
@@ -297,6 +312,8 @@ class DiagonalNormal(Distribution):
     def log_prob(self, value: Tensor) -> Tensor:
         """``log N(value | loc, exp(logvar))`` summed over the event: shape
         ``broadcast(value.shape, batch_shape + event_shape)[:-event_dims]``."""
+        check.tensor("value", value)
+        check.same_device("value", value, "loc", self.loc)
         if self._validate_args:
             self._validate_sample(value)
         _check_broadcast("value", value, "the distribution (batch_shape + event_shape)",

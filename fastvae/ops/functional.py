@@ -42,11 +42,12 @@ _PLANS: dict[tuple, tuple] = {}
 MAX_PLANS = 1024
 
 
-def _meta(t: object) -> tuple | type:
-    """What a plan may depend on of one argument: a tensor's shape, strides, dtype, device."""
+def _meta(t: object) -> tuple:
+    """What a plan may depend on of one argument: a tensor's shape, strides, dtype, device;
+    anything else's type and value (``2``, ``2.0`` and ``True`` are equal keys otherwise)."""
     if isinstance(t, Tensor):
         return (t.shape, t.stride(), t.dtype, t.device)
-    return type(t)
+    return (type(t), t)
 
 
 def _planned(key: tuple, prepare: Callable[[], tuple]) -> tuple:
@@ -112,14 +113,25 @@ def _promote(params: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 def _broadcast_operand(name: str, value: Tensor | float | None, ref_name: str,
                        ref: Tensor) -> Tensor | None:
-    """A Python number becomes a 0-d tensor; a tensor must broadcast to ``ref``."""
+    """A Python number becomes a 0-d tensor of ``ref``'s dtype; a tensor must broadcast to
+    ``ref`` (any floating dtype: the caller promotes, ``_common_dtype``)."""
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=ref.dtype, device=ref.device)
     check.tensor(name, value)
-    check.broadcastable(name, value, ref_name, ref)
+    check.broadcast_parameter(name, value, ref_name, ref)
     return value
+
+
+def _common_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The dtype the operands compute in: ``torch.promote_types`` over all of them (broadcast
+    parameters and observations of another floating dtype promote like torch's ops do)."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    dtype = dtypes[0]
+    for d in dtypes[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
 
 
 def _seed_tensor(seed: int | Tensor | None, generator: torch.Generator | None,
@@ -135,8 +147,7 @@ def _seed_tensor(seed: int | Tensor | None, generator: torch.Generator | None,
             raise ValueError(f"seed is on {seed.device} but the tensors are on {device}")
         return seed.reshape(1)
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = check.integer("seed", seed)
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         return torch.tensor([seed], dtype=torch.int64, device=device)
@@ -161,20 +172,21 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
     element ``i`` of the output is a pure function of ``(seed, i)``, and backward regenerates it
     instead of storing it. ``n_samples=K`` returns ``(K, *mu.shape)``. Returns ``mu``'s dtype.
     """
-    check.tensor("mu", mu)
-    check.tensor("logvar", logvar)
-    check.pair("logvar", logvar, "mu", mu)
-    if n_samples is not None:
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int):
-            raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    K = 1 if n_samples is None else n_samples
-    out_shape = tuple(mu.shape) if n_samples is None else (K, *mu.shape)
-    if mu.dim() == 0:  # elementwise op: a scalar is a batch of one
+
+    def prepare():
+        check.tensor("mu", mu)
+        check.tensor("logvar", logvar)
+        check.pair("logvar", logvar, "mu", mu)
+        K = 1 if n_samples is None else check.integer("n_samples", n_samples, 1)
+        out_shape = tuple(mu.shape) if n_samples is None else (K, *mu.shape)
+        # elementwise op: a scalar is a batch of one
+        B, N = _batch_and_event(mu) if mu.dim() > 0 else (1, 1)
+        return K, out_shape, B, N, resolve(mu.device)
+
+    K, out_shape, B, N, backend = _planned(
+        (_ops.reparameterize, _meta(mu), _meta(logvar), _meta(n_samples)), prepare)
+    if mu.dim() == 0:
         mu, logvar = mu.reshape(1), logvar.reshape(1)
-    B, N = _batch_and_event(mu)
-    backend = resolve(mu.device)
     seed_t = None
     if eps is not None:
         if seed is not None or generator is not None:
@@ -185,7 +197,8 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
             raise ValueError(f"eps has shape {tuple(eps.shape)}; expected {out_shape} "
                              f"(mu's shape{'' if n_samples is None else ' after n_samples'})")
         eps = eps.reshape(K, B, N)
-    check.finite(mu=mu, logvar=logvar, eps=eps)
+    if check.validation_enabled():
+        check.finite(mu=mu, logvar=logvar, eps=eps)
     if eps is None:  # last: a call that raises leaves torch's generator alone
         seed_t = _seed_tensor(seed, generator, mu.device)
     z = _ops.call(_ops.reparameterize, _rows(mu, B, N), _rows(logvar, B, N), eps, seed_t, K,
@@ -201,9 +214,11 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
 
     Per element ``0.5 * ((mu - pm)^2 / e^plv + expm1(lv - plv) - (lv - plv))``; the prior
     defaults to ``N(0, I)``, and ``prior_mu`` / ``prior_logvar`` (tensors or numbers) broadcast
-    to ``mu``'s shape. ``free_bits=λ > 0`` floors each latent dimension's batch-mean KL at λ
-    before summing (reduction ``"mean"`` or ``"sum"`` only). Returns ``(B,)`` for ``"none"``,
-    else a scalar; float32 (float64 for float64 inputs).
+    to ``mu``'s shape; a prior tensor of another floating dtype computes with ``mu`` and
+    ``logvar`` in their common dtype (each gradient in its own dtype). ``free_bits=λ > 0``
+    floors each latent dimension's batch-mean KL at λ before summing (reduction ``"mean"`` or
+    ``"sum"`` only). Returns ``(B,)`` for ``"none"``, else a scalar; float32 (float64 when the
+    common dtype is float64).
     """
     if prior_mu is None and prior_logvar is None and free_bits == 0:
         # the common case, planned: N(0, I) prior, no free bits
@@ -213,8 +228,8 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None = No
             _, _, _, _, B = _kl_operands(mu, logvar, None, None)
             return B, _batch_and_event(mu)[1], _ops.REDUCTION_CODES[reduction], resolve(mu.device)
 
-        B, N, code, backend = _planned((_ops.gaussian_kl, _meta(mu), _meta(logvar), reduction,
-                                        free_bits), prepare)
+        B, N, code, backend = _planned((_ops.gaussian_kl, _meta(mu), _meta(logvar),
+                                        _meta(reduction), _meta(free_bits)), prepare)
         if check.validation_enabled():
             check.finite(mu=mu, logvar=logvar)
         return _ops.call(_ops.gaussian_kl, _rows(mu, B, N), _rows(logvar, B, N), None, None, 1,
@@ -244,6 +259,12 @@ def _kl_operands(mu: Tensor, logvar: Tensor, prior_mu: Tensor | float | None,
     check.finite(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
     B, N = _batch_and_event(mu)
     if prior_mu is not None or prior_logvar is not None:
+        # a prior of another floating dtype: all four in the common dtype (cast before the
+        # prior is expanded, so that a cast never copies B x N; gradients in each own dtype)
+        dtype = _common_dtype(mu, prior_mu, prior_logvar)
+        mu, logvar = mu.to(dtype), logvar.to(dtype)
+        prior_mu = None if prior_mu is None else prior_mu.to(dtype)
+        prior_logvar = None if prior_logvar is None else prior_logvar.to(dtype)
         zero = mu.new_zeros(())
         prior_mu = _broadcast_rows(zero if prior_mu is None else prior_mu, mu, B, N)
         prior_logvar = _broadcast_rows(zero if prior_logvar is None else prior_logvar, mu, B, N)
@@ -291,7 +312,7 @@ def _logits_likelihood(op, logits: Tensor, target: Tensor, reduction: str) -> Te
         return (torch.promote_types(logits.dtype, target.dtype), B, N, code,
                 resolve(logits.device))
 
-    dtype, B, N, code, backend = _planned((op, _meta(logits), _meta(target), reduction),
+    dtype, B, N, code, backend = _planned((op, _meta(logits), _meta(target), _meta(reduction)),
                                           prepare)
     if check.validation_enabled():
         check.finite(logits=logits, target=target)
@@ -319,9 +340,11 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
 
     Per element ``0.5 * (logvar + (target - mean)^2 / exp(logvar) + log(2 pi))``.
     ``logvar``: a float, or a tensor broadcastable to ``mean`` (scalar, per-feature,
-    per-element) of ``mean``'s dtype. ``target``: ``mean``'s shape, any floating dtype (promoted
-    with ``mean`` and ``logvar`` as in ``bernoulli_nll``). Returns ``(B,)`` for ``"none"``, else
-    a scalar; float32 (float64 for float64 inputs).
+    per-element), any floating dtype. ``target``: ``mean``'s shape, any floating dtype. The three
+    compute in their common dtype (``torch.promote_types``, as in ``bernoulli_nll``: a float32
+    learned log-variance next to a bfloat16 mean under autocast computes in float32), each
+    gradient in its own input's dtype. Returns ``(B,)`` for ``"none"``, else a scalar; float32
+    (float64 when the common dtype is float64).
     """
     if not isinstance(logvar, Tensor):  # a number: planned
 
@@ -335,7 +358,8 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
                     check.number("logvar", logvar), code, resolve(mean.device))
 
         dtype, B, N, value, code, backend = _planned(
-            (_ops.gaussian_nll, _meta(mean), _meta(target), logvar, reduction), prepare)
+            (_ops.gaussian_nll, _meta(mean), _meta(target), _meta(logvar), _meta(reduction)),
+            prepare)
         if check.validation_enabled():
             check.finite(mean=mean, target=target)
         return _ops.call(_ops.gaussian_nll, _rows(_as(mean, dtype), B, N),
@@ -348,16 +372,17 @@ def gaussian_nll(mean: Tensor, target: Tensor, logvar: Tensor | float = 0.0, *,
     B, N = _batch_and_event(mean)
     if isinstance(logvar, Tensor):
         check.tensor("logvar", logvar)
-        check.broadcastable("logvar", logvar, "mean", mean)
+        check.broadcast_parameter("logvar", logvar, "mean", mean)
         logvar_value = 0.0
+        dtype = _common_dtype(mean, target, logvar)
         # promoted before it is expanded: a cast of the expanded view would copy B x N
-        promoted = torch.promote_types(mean.dtype, target.dtype)
-        logvar_rows = _broadcast_rows(logvar.to(promoted), mean, B, N)
+        logvar_rows = _broadcast_rows(logvar.to(dtype), mean, B, N)
     else:
         logvar_value = check.number("logvar", logvar)
         logvar_rows = None
+        dtype = _common_dtype(mean, target)
     check.finite(mean=mean, target=target, logvar=logvar_rows)
-    mean, target = _promote(mean, target)
+    mean, target = mean.to(dtype), target.to(dtype)
     backend = resolve(mean.device)
     return _ops.call(_ops.gaussian_nll, _rows(mean, B, N), _rows(target, B, N), logvar_rows,
                      logvar_value, _ops.REDUCTION_CODES[reduction], backend)
@@ -386,7 +411,7 @@ def sample_and_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", free_b
         return (*_batch_and_event(mu), 0 if fb > 0 else 1, code, resolve(mu.device))
 
     B, N, reduce_dim, code, backend = _planned(
-        (_ops.sample_and_kl, _meta(mu), _meta(logvar), reduction, free_bits), prepare)
+        (_ops.sample_and_kl, _meta(mu), _meta(logvar), _meta(reduction), _meta(free_bits)), prepare)
     if check.validation_enabled():
         check.finite(mu=mu, logvar=logvar)
     if eps is not None:
@@ -439,14 +464,14 @@ def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
                              f"{mu.shape[0]}")
         if isinstance(obs_logvar, Tensor):
             check.tensor("obs_logvar", obs_logvar)
-            check.broadcastable("obs_logvar", obs_logvar, "recon", recon)
+            check.broadcast_parameter("obs_logvar", obs_logvar, "recon", recon)
         else:
             check.number("obs_logvar", obs_logvar)
         check.free_bits(free_bits, check.reduction(reduction))
         return ()
 
     _planned((vae_loss, _meta(recon), _meta(x), _meta(mu), _meta(logvar), _meta(obs_logvar),
-              likelihood, beta, free_bits, reduction), prepare)
+              _meta(likelihood), _meta(beta), _meta(free_bits), _meta(reduction)), prepare)
     if check.validation_enabled():
         obs_logvar_tensor = obs_logvar if isinstance(obs_logvar, Tensor) else None
         check.finite(recon=recon, x=x, mu=mu, logvar=logvar, obs_logvar=obs_logvar_tensor)
@@ -513,16 +538,15 @@ def continuous_bernoulli_nll(logits: Tensor, target: Tensor, *,
     return _logits_likelihood(_ops.continuous_bernoulli_nll, logits, target, reduction)
 
 
-def _dmol_check(params: Tensor, x: Tensor, n_mixtures: object, n_bins: object) -> None:
-    """The shape and argument checks of the discretized mixture of logistics."""
+def _dmol_check(params: Tensor, x: Tensor, n_mixtures: object,
+                n_bins: object) -> tuple[int, int]:
+    """The shape and argument checks of the discretized mixture of logistics; returns
+    ``(n_mixtures, n_bins)`` as ints."""
     check.tensor("params", params)
     check.tensor("x", x)
     check.same_device("x", x, "params", params)
-    for name, value, low in (("n_mixtures", n_mixtures, 1), ("n_bins", n_bins, 2)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+    n_mixtures = check.integer("n_mixtures", n_mixtures, 1)
+    n_bins = check.integer("n_bins", n_bins, 2)
     if x.dim() < 2 or x.shape[1] not in (1, 3):
         raise ValueError(f"x must have shape (B, C, *spatial) with C = 1 or 3, got "
                          f"{tuple(x.shape)}")
@@ -534,6 +558,7 @@ def _dmol_check(params: Tensor, x: Tensor, n_mixtures: object, n_bins: object) -
     if tuple(params.shape) != expected:
         raise ValueError(f"params must have shape {expected} for x of shape {tuple(x.shape)} "
                          f"and n_mixtures={n_mixtures} ({layout}), got {tuple(params.shape)}")
+    return n_mixtures, n_bins
 
 
 def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
@@ -560,17 +585,21 @@ def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
     the other likelihoods: float32 ``params`` and a float64 ``x`` compute in float64). Returns
     ``(B,)`` for ``reduction="none"``, else a scalar; float32 (float64 when the common dtype is
     float64). The gradient flows to ``params`` only, in its own dtype. Raises TypeError for
-    non-float tensors or non-int ``n_mixtures``/``n_bins``, ValueError for shapes that do not
-    match this layout, ``n_mixtures < 1``, ``n_bins < 2``, tensors on two devices, or
-    (validation on) non-finite values or ``x`` outside [-1, 1].
+    non-float tensors or non-integer ``n_mixtures``/``n_bins`` (any ``__index__`` integer is
+    one), ValueError for shapes that do not match this layout, ``n_mixtures < 1``,
+    ``n_bins < 2``, tensors on two devices, or (validation on) non-finite values, ``x`` outside
+    [-1, 1] or ``x`` off the grid of ``n_bins`` levels by more than rounding in ``x``'s dtype
+    (unquantized data: the bin probabilities of such an ``x`` are those of a neighbouring grid
+    value's bin shifted by the offset, not a likelihood of the data).
     """
-    _dmol_check(params, x, n_mixtures, n_bins)
-    params, x = _promote(params, x)
+    n_mixtures, n_bins = _dmol_check(params, x, n_mixtures, n_bins)
     reduction = check.reduction(reduction)
     check.finite(params=params, x=x)
     if check.validation_enabled() and not torch.compiler.is_compiling() \
             and not bool(((x >= -1) & (x <= 1)).all()):
         raise ValueError("x must lie in [-1, 1] (validation is on)")
+    check.on_grid("x", x, n_bins)  # before promotion: the rounding allowed is x's dtype's
+    params, x = _promote(params, x)
     backend = resolve(params.device)
     B, C = x.shape[:2]
     S = math.prod(x.shape[2:])
@@ -596,11 +625,8 @@ def discretized_mix_logistic_sample(params: Tensor, *, n_mixtures: int, n_bins: 
     in ``params``' dtype, values in [-1, 1] on the grid. ``generator`` drives the draws.
     """
     check.tensor("params", params)
-    for name, value, low in (("n_mixtures", n_mixtures, 1), ("n_bins", n_bins, 2)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+    n_mixtures = check.integer("n_mixtures", n_mixtures, 1)
+    n_bins = check.integer("n_bins", n_bins, 2)
     if params.dim() < 2 or params.shape[1] not in (3 * n_mixtures, 10 * n_mixtures):
         raise ValueError(f"params must have shape (B, 3 M or 10 M, *spatial) with "
                          f"M = n_mixtures = {n_mixtures}, got {tuple(params.shape)}")

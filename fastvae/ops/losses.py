@@ -62,10 +62,12 @@ class GaussianNLLLoss(_Loss):
             raise ValueError("give logvar or var, not both")
         if var is not None:
             var = check.number("var", var)
-            if not var > 0:
-                raise ValueError(f"var must be > 0, got {var}")
+            if not 0 < var < math.inf:
+                raise ValueError(f"var must be finite and > 0, got {var}")
             logvar = math.log(var)
         self.logvar = 0.0 if logvar is None else check.number("logvar", logvar)
+        if not math.isfinite(self.logvar):
+            raise ValueError(f"logvar must be finite, got {self.logvar}")
         self.min_var = check.number("min_var", min_var)
         if not 0 <= self.min_var < math.inf:
             raise ValueError(f"min_var must be finite and >= 0, got {min_var}")
@@ -80,12 +82,26 @@ class GaussianNLLLoss(_Loss):
         if logvar is not None and var is not None:
             raise ValueError("give logvar or var, not both")
         if var is not None:
-            lv: Tensor | float = (torch.log(check.tensor("var", var)) if isinstance(var, Tensor)
-                                  else math.log(check.number("var", var)))
+            lv: Tensor | float = self._log_var(mean, var)
         else:
             lv = self.logvar if logvar is None else logvar
         return F.gaussian_nll(mean, target, soft_min_logvar(lv, self.min_var),
                               reduction=self.reduction)
+
+    @staticmethod
+    def _log_var(mean: Tensor, var: Tensor | float) -> Tensor | float:
+        """``log(var)``, after the checks of ``gaussian_nll``'s ``logvar`` made in the name the
+        caller used, ``var`` (an error about ``log(var)`` would name ``logvar``)."""
+        if not isinstance(var, Tensor):
+            value = check.number("var", var)
+            if not 0 < value < math.inf:
+                raise ValueError(f"var must be finite and > 0, got {var}")
+            return math.log(value)
+        check.tensor("var", var)
+        check.tensor("mean", mean)
+        check.broadcast_parameter("var", var, "mean", mean)
+        check.positive("var", var)
+        return torch.log(var)
 
     def extra_repr(self) -> str:
         return (f"logvar={self.logvar}, min_var={self.min_var}, "

@@ -423,19 +423,31 @@ class NativeBackend:
                    reduce_dim=reduce_dim)
         return _present(outs)
 
-    # -- bernoulli_nll ----------------------------------------------------------------------
+    # -- bernoulli_nll, continuous_bernoulli_nll: one pair of methods serves both ------------
 
-    def bernoulli_nll_fwd(self, logits, target):
+    def _logits_forward(self, op, logits, target):
         nll = self._sum_out(logits, 1)
-        self._call("bernoulli_nll_fwd", logits, (logits, target), (nll,))
+        self._call(f"{op}_fwd", logits, (logits, target), (nll,))
         return nll
 
-    def bernoulli_nll_bwd(self, grad, logits, target, needs):
+    def _logits_backward(self, op, grad, logits, target, needs):
         B, N = logits.shape
         g = _rows_view(grad, 1, _compute_dtype(logits.dtype))
         outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
-        self._call("bernoulli_nll_bwd", logits, (g, logits, target), outs)
+        self._call(f"{op}_bwd", logits, (g, logits, target), outs)
         return _present(outs)
+
+    def bernoulli_nll_fwd(self, logits, target):
+        return self._logits_forward("bernoulli_nll", logits, target)
+
+    def bernoulli_nll_bwd(self, grad, logits, target, needs):
+        return self._logits_backward("bernoulli_nll", grad, logits, target, needs)
+
+    def continuous_bernoulli_nll_fwd(self, logits, target):
+        return self._logits_forward("continuous_bernoulli_nll", logits, target)
+
+    def continuous_bernoulli_nll_bwd(self, grad, logits, target, needs):
+        return self._logits_backward("continuous_bernoulli_nll", grad, logits, target, needs)
 
     # -- gaussian_nll -----------------------------------------------------------------------
 
@@ -491,20 +503,6 @@ class NativeBackend:
         self._call("iwae_bwd", mu, inputs, (_samples_view(outs[0], N), *outs[1:]), K=K)
         return _present(outs)
 
-    # -- continuous_bernoulli_nll -----------------------------------------------------------
-
-    def continuous_bernoulli_nll_fwd(self, logits, target):
-        nll = self._sum_out(logits, 1)
-        self._call("continuous_bernoulli_nll_fwd", logits, (logits, target), (nll,))
-        return nll
-
-    def continuous_bernoulli_nll_bwd(self, grad, logits, target, needs):
-        B, N = logits.shape
-        g = _rows_view(grad, 1, _compute_dtype(logits.dtype))
-        outs = tuple(_maybe_empty(need, (B, N), logits) for need in needs)
-        self._call("continuous_bernoulli_nll_bwd", logits, (g, logits, target), outs)
-        return _present(outs)
-
     # -- discretized_mix_logistic_nll --------------------------------------------------------
     # params (B, P, S) goes as a (P, B, S) view (stride[0] along its rows), x as one (B, S)
     # view per channel in the compute dtype, K = the mixtures, scalar = the bin count.
@@ -529,3 +527,30 @@ class NativeBackend:
         self._call("discretized_mix_logistic_nll_bwd", like, (g, *operands),
                    (d_params.transpose(0, 1),), K=n_mixtures, scalar=float(n_bins))
         return d_params
+
+
+# ---------------------------------------------------------------------------------------------
+# nearest_code (vector quantization). Self-contained: the int64 index is the one operand of
+# another dtype (FV_INT64, the mark % of FV_OPS).
+# ---------------------------------------------------------------------------------------------
+
+FV_INT64 = 4
+DTYPES[torch.int64] = FV_INT64
+NEAREST_CODE_METRIC_CODES = {"l2": 0.0, "cosine": 1.0}  # call->scalar
+
+
+def _nearest_code_fwd(self: NativeBackend, x: Tensor, codebook: Tensor,
+                      metric: str) -> tuple[Tensor, Tensor]:
+    """``x (N, D)``, ``codebook (K, D)`` (one dtype, N, K, D >= 1) -> ``(index int64 (N,),
+    dist (N,))`` in the compute dtype. The codebook goes as a (K, N, D) view with stride 0
+    along N, the metric as the call's scalar."""
+    N, _ = x.shape
+    K = codebook.shape[0]
+    index = torch.empty(N, dtype=torch.int64, device=x.device)
+    dist = torch.empty(N, dtype=_compute_dtype(x.dtype), device=x.device)
+    self._call("nearest_code_fwd", x, (x, codebook.unsqueeze(1).expand(K, *x.shape)),
+               (index, dist), K=K, scalar=NEAREST_CODE_METRIC_CODES[metric])
+    return index, dist
+
+
+NativeBackend.nearest_code_fwd = _nearest_code_fwd

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -620,6 +621,19 @@ def continuous_bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
 
 DMOL_LOG_SCALE_MIN = -7.0
 DMOL_MIN_BIN_PROB = 1e-5
+# The scaled arguments a, b, m = e^-s (x - mu' (+-h)) of a finite x - mu' are bounded to
+# +-(largest finite / 4) of the compute dtype (8.5e37 in float32): beyond it they overflowed
+# (|mu'| > ~3e35 at s = -7), and a component of zero responsibility then gave 0 * inf = NaN in
+# the gradient. Three channels' log-probabilities and a + b stay finite at the bound. An infinite
+# x - mu' (an infinite input) keeps its infinite arguments: infinities propagate.
+DMOL_ARG_BOUND_FRACTION = 0.25
+
+
+def _dmol_bound(u: Tensor, centered: Tensor) -> Tensor:
+    """``u`` clamped to +-(largest finite / 4) of its dtype where ``centered`` is finite;
+    NaN passes."""
+    big = torch.finfo(u.dtype).max * DMOL_ARG_BOUND_FRACTION
+    return torch.where(torch.isinf(centered), u, torch.clamp(u, -big, big))
 
 
 def dmol_params_per_mixture(n_channels: int) -> int:
@@ -698,13 +712,16 @@ def _dmol_channel_terms(centered: Tensor, log_s: Tensor, xe: Tensor, n_bins: int
       fallback     (bin probability below 1e-5): log sigmoid(m) + log sigmoid(-m) - s
                    - log((n_bins - 1) / 2),   d/dc = -e^-s tanh(m / 2),  d/ds = m tanh(m / 2) - 1
     log(-expm1(-d)) is written log(d) + log(-expm1(-d) / d) with log d = log(2 h) - s, so that
-    a tiny scale (d underflowing) stays finite.
+    a tiny scale (d underflowing) stays finite. a, b and m of a finite ``centered`` are bounded
+    to +-(largest finite / 4) (``_dmol_bound``): a far component's log-probability saturates
+    there instead of overflowing, so that its zero responsibility times its derivatives is 0,
+    not 0 * inf = NaN.
     """
     h = 1.0 / (n_bins - 1)
     inv_s = torch.exp(-log_s)
-    a = inv_s * (centered + h)
-    b = inv_s * (centered - h)
-    m = inv_s * centered
+    a = _dmol_bound(inv_s * (centered + h), centered)
+    b = _dmol_bound(inv_s * (centered - h), centered)
+    m = _dmol_bound(inv_s * centered, centered)
     log_d = math.log(2.0 * h) - log_s
     d = torch.exp(log_d)
     ratio = torch.where(d > 0, -torch.expm1(-d) / d, torch.ones_like(d))
@@ -793,37 +810,84 @@ def discretized_mix_logistic_nll_bwd(grad: Tensor, params: Tensor, x: Tensor, n_
 # ---------------------------------------------------------------------------------------------
 
 NEAREST_CODE_METRICS = ("l2", "cosine")
+NEAREST_CODE_EPS = 1e-12  # cosine: x / max(|x|, eps), in the compute dtype
+
+
+def _sqrt_rn(n: Tensor) -> Tensor:
+    """The correctly rounded square root (IEEE's, that of the C++, CUDA and Triton ``sqrt_rn``).
+    ``torch.sqrt`` on the CPU is not (Sleef's 0.5-ulp routine: about 0.7% of random values
+    1 ulp off, float32 and float64): float32 goes through float64 (whose 1-ulp error cannot
+    move a float32 result: a float32's root is never that close to a float32 midpoint),
+    float64 on the CPU through NumPy (the hardware instruction)."""
+    if n.dtype == torch.float32:
+        return torch.sqrt(n.double()).float()
+    if n.device.type == "cpu":
+        return torch.from_numpy(np.sqrt(n.numpy()))
+    return torch.sqrt(n)
+
+
+def nearest_code_normalize(v: Tensor) -> Tensor:
+    """Rows of ``v`` (M, D) over ``max(|v|, eps)``, ``|v| = sqrt(n)`` with ``n = 0``,
+    ``n = n + v_j * v_j`` for j = 0 .. D-1 (each operation rounded; a NaN norm passes): the
+    order of every backend."""
+    n = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+    for j in range(v.shape[1]):
+        n = n + v[:, j] * v[:, j]
+    norm = _sqrt_rn(n)
+    eps = torch.tensor(NEAREST_CODE_EPS, dtype=v.dtype, device=v.device)
+    norm = torch.where(norm < eps, eps, norm)
+    return v / norm[:, None]
+
+
+def nearest_code_distances(x: Tensor, codebook: Tensor, metric: str) -> Tensor:
+    """The (n, k) distances of rows ``x`` (n, D) to codes ``codebook`` (k, D) (normalized
+    already for ``"cosine"``), in the one order of every backend: ``acc = 0``, then for
+    j = 0 .. D-1 ``t = x_j - e_j; acc = acc + t * t`` (l2) or ``acc = acc + x_j * e_j`` and
+    ``1 - acc`` at the end (cosine); each operation rounded to the dtype, no fused
+    multiply-add. (n x k: for tiles only.)"""
+    acc = torch.zeros((x.shape[0], codebook.shape[0]), dtype=x.dtype, device=x.device)
+    for j in range(x.shape[1]):
+        if metric == "cosine":
+            acc += x[:, j, None] * codebook[None, :, j]
+        else:
+            t = x[:, j, None] - codebook[None, :, j]
+            acc += t.mul_(t)
+    return 1 - acc if metric == "cosine" else acc
 
 
 def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str,
-                     tile: int = 1024) -> tuple[Tensor, Tensor]:
+                     tile: int = 1 << 20) -> tuple[Tensor, Tensor]:
     """The ``"torch"`` backend of ``nearest_code`` on canonical views: ``x (N, D)``,
-    ``codebook (K, D)``, both in one dtype. Returns ``(indices int64 (N,), distances (N,))``.
+    ``codebook (K, D)``, both in one dtype, N, K, D >= 1. Returns
+    ``(indices int64 (N,), distances (N,))``.
 
-    Distances are computed directly, ``sum_j (x_j - e_j)^2`` (or ``1 - x·e / (|x| |e|)`` for
-    ``"cosine"``), in the compute dtype (float32, float64 for float64 inputs), over tiles of
-    ``tile`` x ``tile`` pairs: peak memory O(tile^2 D), never N x K. The argmin keeps the lowest
-    index on ties (a later tile replaces the best only when strictly closer).
+    In the compute dtype (float32, float64 for float64 inputs), in the order of
+    ``nearest_code_distances`` (bitwise that of the native and Triton backends), over tiles of
+    about ``tile`` (row, code) pairs: memory O(tile + N + K D), never N x K. The index is the
+    lowest k of the least distance: a NaN distance never wins, a later tile replaces the best
+    only when strictly closer; a row with no distance below +inf (NaN in x, or an overflow) gets
+    code 0 and its distance (NaN or +inf).
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(compute)
     codebook = codebook.to(compute)
     if metric == "cosine":
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        codebook = codebook / codebook.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        x = nearest_code_normalize(x)
+        codebook = nearest_code_normalize(codebook)
     N, K = x.shape[0], codebook.shape[0]
+    tile_k = min(K, max(1, tile // 256))
+    tile_n = max(1, tile // tile_k)
     best = torch.full((N,), math.inf, dtype=compute, device=x.device)
     index = torch.zeros((N,), dtype=torch.int64, device=x.device)
-    for n0 in range(0, N, tile):
-        xs = x[n0:n0 + tile]
-        for k0 in range(0, K, tile):
-            es = codebook[k0:k0 + tile]
-            if metric == "cosine":
-                d = 1 - xs @ es.T
-            else:
-                d = (xs[:, None, :] - es[None, :, :]).square().sum(-1)
-            dmin, imin = d.min(dim=1)
-            better = dmin < best[n0:n0 + tile]
-            best[n0:n0 + tile] = torch.where(better, dmin, best[n0:n0 + tile])
-            index[n0:n0 + tile] = torch.where(better, imin + k0, index[n0:n0 + tile])
-    return index, best
+    for n0 in range(0, N, tile_n):
+        xs = x[n0:n0 + tile_n]
+        for k0 in range(0, K, tile_k):
+            d = nearest_code_distances(xs, codebook[k0:k0 + tile_k], metric)
+            d = torch.where(torch.isnan(d), math.inf, d)
+            dmin, imin = d.min(dim=1)  # the first of equal minima
+            better = dmin < best[n0:n0 + tile_n]
+            best[n0:n0 + tile_n] = torch.where(better, dmin, best[n0:n0 + tile_n])
+            index[n0:n0 + tile_n] = torch.where(better, imin + k0, index[n0:n0 + tile_n])
+    # rows with no distance below +inf: code 0's distance (O(N D); no host sync)
+    first = nearest_code_distances(x, codebook[:1], metric)[:, 0]
+    return index, torch.where(best < math.inf, best, first)

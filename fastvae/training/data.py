@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..ops import validation
+
 
 class DataError(ValueError):
     """The data could not be read or has an unusable shape."""
@@ -213,6 +215,25 @@ def check_unit_range(data: Tensor, source: str, note: str = "") -> None:
     if lo < 0 or hi > 1:
         raise DataError(f"{source}: pixel values must lie in [0, 1]{note}, "
                         f"got range [{lo:g}, {hi:g}]")
+
+
+def check_grid(data: Tensor, n_bins: int, source: str, bins_name: str = "n_bins") -> None:
+    """Pixel values on the grid of ``n_bins`` levels of [0, 1], ``k / (n_bins - 1)``, to
+    rounding (``fastvae.ops.validation.grid_offsets``): what a discretized likelihood (the
+    mixture of logistics, ``likelihood="dmol"``) models. Else ``DataError`` naming ``source``,
+    how many values are off and ``bins_name`` (the option that sets the grid). Unquantized data
+    would train without complaint to a likelihood that is not one of the data."""
+    if data.numel() == 0:
+        return
+    bad = validation.grid_offsets(data, n_bins, 0.0, 1.0) > 0
+    if bool(bad.any()):
+        flat = int(bad.reshape(-1).nonzero()[0])
+        raise DataError(
+            f"{source}: the discretized mixture of logistics models pixels on a grid of "
+            f"{bins_name} {n_bins} levels (k / {n_bins - 1}), but {int(bad.sum())} of "
+            f"{data.numel()} values are off it (e.g. {float(data.reshape(-1)[flat]):.9g}): "
+            f"quantize the data (uint8 images are on the grid of 256), or set {bins_name} to "
+            "the number of levels it has")
 
 
 def as_training_data(x: Tensor | np.ndarray, name: str,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..models.build import build_vae as build_any
 from ..models.vae import VAE, active_units, build_vae
 from ..models.vqvae import VQVAE, build_vqvae
+from ..ops import validation as check
 from . import checkpoint as ckpt_io
 from . import data as data_io
 from . import schedules
@@ -81,8 +82,11 @@ class TrainConfig:
     iwae_samples: int = 1000
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        # integer options: any __index__ integer (numpy's too), kept as Python ints (they go
+        # to JSON); bool and float are a TypeError
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("cycles", None),
+                              ("capacity_steps", None), ("seed", None), ("iwae_samples", None)):
+            setattr(self, name, check.integer(name, getattr(self, name), minimum))
         # "not x > 0" rather than "x <= 0": NaN fails it too.
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be finite and > 0, got {self.lr}")
@@ -231,6 +235,8 @@ def evaluate(model: VAE, data: Tensor, batch_size: int = 512, *, iwae_samples: i
     ``batch_size`` and device give the same numbers: ``fastvae train``'s final metrics use the
     training seed, and ``fastvae eval`` reproduces them. ``progress``: a tqdm bar over the
     importance samples (or the images, without IWAE)."""
+    batch_size = check.integer("batch_size", batch_size, 1)
+    iwae_samples = check.integer("iwae_samples", iwae_samples, 0)
     model.eval()
     device = next(model.parameters()).device
     n = data.shape[0]
@@ -294,6 +300,7 @@ def code_usage(counts: Tensor) -> tuple[float, float]:
 def code_counts(model: VQVAE, data: Tensor, batch_size: int = 512) -> Tensor:
     """How often each of the K codes is the nearest code of a position of ``data``'s
     encodings: int64 ``(K,)`` on the CPU (evaluation mode: the codebook is not updated)."""
+    batch_size = check.integer("batch_size", batch_size, 1)
     model.eval()
     device = next(model.parameters()).device
     counts = torch.zeros(model.codebook_size, dtype=torch.int64)
@@ -315,6 +322,7 @@ def evaluate_vq(model: VQVAE, data: Tensor, batch_size: int = 512, *,
     ``perplexity`` (``exp H`` of the code histogram)."""
     from tqdm.auto import tqdm
 
+    batch_size = check.integer("batch_size", batch_size, 1)
     model.eval()
     device = next(model.parameters()).device
     n = data.shape[0]
@@ -445,6 +453,10 @@ def train(model: dict[str, Any] | VAE | VQVAE, train_data: Tensor, val_data: Ten
         for name, data in (("train_data", train_data), ("val_data", val_data)):
             data_io.check_unit_range(data, name, " for a Bernoulli likelihood (rescale them, "
                                      "or train with likelihood 'gaussian')")
+    if model.likelihood == "dmol":
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            data_io.check_unit_range(data, name, " for the mixture of logistics")
+            data_io.check_grid(data, model.n_bins, name)
     vq = isinstance(model, VQVAE)
     if rank == 0 and not vq:
         _warn_collapse(model, train_data)

@@ -240,6 +240,9 @@ BENCH = [
     ("train_step_one_number", ["--train-step", "3"], ["--train-step", "'3'"]),
     ("out_is_a_file", ["--out", "{d}/a_file"], ["--out", "a_file"]),
     ("unknown_option", ["--size", "3"], ["--size"]),
+    ("threads_zero", ["--threads", "0"], ["--threads", ">= 1"]),
+    ("threads_letters", ["--threads", "two"], ["--threads", "'two'"]),
+    ("small_batch_unknown_op", ["--small-batch", "--ops", "nope"], ["--ops", "nope"]),
 ]
 if not GPU:
     BENCH += [("backends_cuda_without_gpu", ["--backends", "cuda"], ["--backends", "'cuda'"]),

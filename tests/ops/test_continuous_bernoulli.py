@@ -19,8 +19,6 @@ from helpers import dtype_id
 import fastvae as fv
 from fastvae.models.vae import continuous_bernoulli_mean
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
                  torch.bfloat16: 2.0**-8}
 

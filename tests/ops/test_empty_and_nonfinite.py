@@ -95,7 +95,6 @@ PROPAGATION = {
 }
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under Triton's interpreter
 @pytest.mark.parametrize("case", PROPAGATION)
 def test_nan_inf_propagate(case, backend, device):
     """A NaN/inf in sample 1 makes sample 1's loss and gradient non-finite and leaves the

@@ -29,9 +29,6 @@ from helpers import DTYPES, NOISE_TOL, TOL, Oracle, dtype_id, loss_dtype
 import fastvae as fv
 from fastvae.ops import reference
 
-# Under Triton's interpreter numpy warns about the overflowing branch of a tl.where.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
 LOGVAR_RANGE = [-100.0, -87.0, -30.0, -1.0, -1e-4, -1e-8, 0.0, 1e-8, 1e-4, 0.3, 1.0, 11.0,
                 12.0, 20.0, 60.0, 80.0, 88.0]
 LOGITS = [-1e4, -1e3, -88.0, -80.0, -20.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 20.0, 80.0, 88.0, 1e3,
@@ -95,6 +92,17 @@ def _iwae_call(api, x):
 
 DMOL_PARAMS = ("logit0", "logit1", "mean0", "mean1", "log_scale0", "log_scale1")
 
+
+def _dmol_slack(x, eps):
+    pair = {k: torch.cat([x[f"{k}0"], x[f"{k}1"]], 1) for k in ("logit", "mean", "log_scale")}
+    out = accuracy.dmol_slack(pair["logit"], pair["mean"], pair["log_scale"], x["x"][:, 0], 256,
+                              TOL[torch.float32]["rtol"])
+    slack = {0: out["value"]}
+    for name, key in (("logit", "logits"), ("mean", "means"), ("log_scale", "log_scales")):
+        for k in (0, 1):
+            slack[f"{name}{k}"] = out[key][:, k:k + 1]
+    return slack
+
 OPS = {
     "kl": Op(("mu", "logvar"),
              lambda api, x: (api.gaussian_kl(x["mu"], x["logvar"], reduction="none"),),
@@ -124,13 +132,12 @@ OPS = {
                                    x["logits"], x["target"], reduction="none"),),
                                _loss_slack(accuracy.continuous_bernoulli_slack)),
     # Grey, M = 2 components, 256 levels: each parameter a column of its own, stacked into
-    # params (n, 6, 1); x (n, 1, 1). No slack model yet (no rows in TABLE): the non-finite
-    # propagation only, one parameter at a time (a NaN log-scale must survive the floor).
+    # params (n, 6, 1); x (n, 1, 1). The slack model: accuracy.dmol_slack.
     "dmol": Op((*DMOL_PARAMS, "x"),
                lambda api, x: (api.discretized_mix_logistic_nll(
                    torch.stack([x[k] for k in DMOL_PARAMS], 1), x["x"][:, :, None],
                    n_mixtures=2, reduction="none"),),
-               None, constants=("x",)),
+               _dmol_slack, constants=("x",)),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +195,18 @@ TABLE = {
                              _product(logits=[*LOGITS, -1e-30, 1e-30, -7.99, 7.99, -8.0, 8.0,
                                               8.01, -30.0, 3.0],
                                       target=[*TARGETS, 0.5, 0.5009765625]), ALL),
+    # Mixture of logistics: a component far from every pixel value, e^-s (x - mu) beyond
+    # float32 (|mu| > ~3e35 at s = -7), has zero responsibility: its gradients are 0 (they were
+    # 0 * inf = NaN), the other component's and the value unchanged.
+    "dmol_far_component": ("dmol", _product(
+        logit0=[0.0], logit1=[0.0, 5.0], mean0=[0.1], mean1=[3e35, -3e35, 1e37, 1e38, -3e38],
+        log_scale0=[-2.0], log_scale1=[-7.0, -3.0, 0.0], x=[-1.0, 0.0, 0.5, 1.0]), ALL),
+    # Scales from below the -7 floor to e^10, means inside and beyond [-1, 1], the edge bins
+    # and inner ones, logits 1e4 apart (one component carries everything) or equal.
+    "dmol_scales": ("dmol", _product(
+        logit0=[0.0], logit1=[-1e4, 0.0], mean0=[-0.3, 0.999], mean1=[-1.5, 0.0, 30.0],
+        log_scale0=[-10.0, -7.0, -3.0], log_scale1=[-7.0, 0.0, 10.0],
+        x=[-1.0, -0.5, 0.0, 1.0]), ALL),
 }
 
 

@@ -246,6 +246,9 @@ def _compare(got, want, dtype, noisy=False, op=""):
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape
         assert a.is_contiguous()
+        if a.dtype == torch.int64:  # nearest_code's indices: exact
+            assert torch.equal(a, b)
+            continue
         rtol = OP_RTOL[op][dtype] if op in OP_RTOL else RTOL[a.dtype]
         atol = rtol * max(1.0, b.abs().max().item()) + (NOISE_ATOL if noisy else 0.0)
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol)
@@ -291,6 +294,13 @@ def _cases(geometry, dtype, g):
     yield "continuous_bernoulli_nll_fwd", (logits, x), False
     yield "continuous_bernoulli_nll_bwd", (g_rows, logits, x, [True, True]), False
     yield "continuous_bernoulli_nll_bwd", (g_rows, logits, x, [True, False]), False
+    # The nearest code: the rows against 37 codes of the geometry's layout (indices exact,
+    # distances to the float64 oracle's rounding; test_nearest_code.py holds them bitwise)
+    # (at most 64 columns: a float32 sum of 16500 squares is not within float32's tolerance)
+    D = min(N, 64)
+    codebook = _make((37, D), layout, dtype, g)
+    for metric in ("l2", "cosine"):
+        yield "nearest_code_fwd", (mu[:, :D], codebook, metric), False
     # The mixture of logistics, RGB with M = 2 and grey with M = 3: params (B, P, N) and x
     # (B, C, N) on the grid, in the geometry's layout (a broadcast params row for "broadcast");
     # grey on the smaller geometries only (the float64 oracle of "wide" takes seconds).
@@ -528,7 +538,6 @@ def _check_iwae_specials(backend, inputs, others):
             _assert_same_specials(a, b, f"d {n} vs {name}")
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf in numpy (Triton interpreter)
 def test_iwae_nan_and_inf_log_weights(isa):
     others = {"torch": reference}
     if "triton" in fv.backends():

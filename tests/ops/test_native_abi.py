@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(_native.unusable_reason("cpu") is not None,
 
 LIB = _native.load()[0]
 FV_USES_K, FV_USES_REDUCE_DIM, FV_USES_SCALAR, FV_DRAWS_NOISE = 1, 2, 4, 8
-FLOAT32, FLOAT64, FLOAT16 = 0, 1, 2
+FLOAT32, FLOAT64, FLOAT16, INT64 = 0, 1, 2, 4
 INVALID = 1
 
 
@@ -35,8 +35,8 @@ def table() -> list[tuple[str, str, str, int]]:
              LIB.fv_op_outputs(i).decode(), LIB.fv_op_flags(i)) for i in range(LIB.fv_op_count())]
 
 
-_TOKEN = re.compile(r"\(([^)]*)\)([?*#~!]*)|(\S+)")
-_MARKS = "?*#~!"
+_TOKEN = re.compile(r"\(([^)]*)\)([?*#~!%]*)|(\S+)")
+_MARKS = "?*#~!%"
 
 
 def operands(spec: str) -> list[tuple[str, str]]:
@@ -73,7 +73,7 @@ def test_backend_methods_agree_with_the_table():
         params = inspect.signature(getattr(_native.NativeBackend, name)).parameters
         assert ("seed" in params) == bool(flags & FV_DRAWS_NOISE), name
         assert ("reduce_dim" in params) == bool(flags & FV_USES_REDUCE_DIM), name
-        scalar = "logvar_value" in params or "n_bins" in params
+        scalar = "logvar_value" in params or "n_bins" in params or "metric" in params
         assert scalar == bool(flags & FV_USES_SCALAR), name
 
 
@@ -243,7 +243,7 @@ def full_call(inputs: str, outputs: str, flags: int) -> _native._Call:
     for slots, spec in ((call.inputs, inputs), (call.outputs, outputs)):
         for slot, (_, marks) in zip(slots, operands(spec), strict=False):
             slot.data = _BUFFER.data_ptr()
-            slot.dtype = FLOAT16 if "~" in marks else FLOAT32
+            slot.dtype = FLOAT16 if "~" in marks else INT64 if "%" in marks else FLOAT32
     call.seed = _SEED.data_ptr()
     call.reduce_dim = 1
     call.compute = FLOAT32
@@ -282,8 +282,16 @@ def test_calls_are_checked_by_the_table(code):
             if "#" in marks:
                 assert (status, message) == (INVALID, f"{name}: {kind} {i} ({operand}) has dtype "
                                                       "code 1, not the compute dtype 0")
+            elif "%" in marks:  # an index is int64, nothing else
+                assert (status, message) == (INVALID, f"{name}: {kind} {i} ({operand}) has dtype "
+                                                      "code 1, not int64 (4)")
             else:  # the CPU kernels convert any float dtype
                 assert status == 0, (name, operand, message)
+            # int64 where a float is expected
+            if "%" not in marks:
+                getattr(call, slots)[i].dtype = INT64
+                assert run(code, call) == (INVALID, f"{name}: {kind} {i} ({operand}) has dtype "
+                                                    "code 4, not a float dtype")
             # an unknown dtype code
             getattr(call, slots)[i].dtype = 7
             assert run(code, call) == (INVALID, f"{name}: {kind} {i} ({operand}) has unknown "

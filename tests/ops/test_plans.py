@@ -142,7 +142,8 @@ def test_every_op_comes_from_the_table():
     names = {name.removeprefix("fastvae::").removesuffix("_backward")
              for name in custom_ops._NAME.values()}
     assert names == rows
-    assert len(custom_ops._NAME) == 2 * len(rows)
+    with_gradients = [spec for spec in custom_ops.OPS if spec.grads]
+    assert len(custom_ops._NAME) == len(rows) + len(with_gradients)
 
 
 def test_packed_call_matches_the_ctypes_layout():
@@ -162,3 +163,20 @@ def test_packed_call_matches_the_ctypes_layout():
     assert (call.reduce_dim, call.compute, call.n_threads, call.device) == tuple(tail[2:6])
     assert (call.stream, call.workspace, call.workspace_bytes) == tuple(tail[6:])
     assert ctypes.sizeof(native._Call) == native._PACKED.size
+
+
+def test_equal_values_of_other_types_are_other_signatures():
+    """2, 2.0 and True are equal dictionary keys: a cached ``n_samples=2`` (or ``free_bits=0``)
+    must not let ``n_samples=2.0`` (or ``free_bits=False``) skip the checks that refuse it."""
+    mu, lv, lg, x = _inputs()
+    fv.reparameterize(mu, lv, n_samples=2, seed=0)
+    with pytest.raises(TypeError, match="n_samples"):
+        fv.reparameterize(mu, lv, n_samples=2.0, seed=0)
+    with pytest.raises(TypeError, match="n_samples"):
+        fv.reparameterize(mu, lv, n_samples=True, seed=0)
+    fv.gaussian_kl(mu, lv, free_bits=0)
+    with pytest.raises(TypeError, match="free_bits"):
+        fv.gaussian_kl(mu, lv, free_bits=False)
+    fv.vae_loss(lg, x, mu, lv, beta=1)
+    with pytest.raises(TypeError, match="beta"):
+        fv.vae_loss(lg, x, mu, lv, beta=True)

@@ -30,6 +30,7 @@ def _every_op(device):
     x = torch.randint(0, 256, (2, 1, 3), generator=g).to(device) * (2.0 / 255.0) - 1.0
     losses = (*losses, fv.discretized_mix_logistic_nll(params, x, n_mixtures=2))
     torch.stack(losses).sum().backward()
+    fv.nearest_code(leaf(5, 3), torch.randn(4, 3, generator=g).to(device))  # no backward
 
 
 @pytest.mark.parametrize("path", ["eager", "dispatcher"])
