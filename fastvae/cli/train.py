@@ -105,6 +105,9 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default=None,
                    help="fastvae backend: auto, triton, cuda, cpu or torch")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU and CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model and its loss (the fused ops inside): for "
+                        "small batches, where the host overhead of each step dominates")
     p.add_argument("--val-fraction", type=number, default=0.1)
     p.add_argument("--iwae-samples", type=non_negative_int, default=1000,
                    help="K of the final IWAE log-likelihood (0: skip)")
@@ -227,7 +230,7 @@ def _train_config(args: argparse.Namespace):
                            cycle_ratio=args.cycle_ratio, beta_shape=args.beta_shape,
                            capacity=args.capacity, capacity_steps=args.capacity_steps,
                            free_bits=args.free_bits, grad_clip=args.grad_clip, seed=args.seed,
-                           amp=args.amp, on_nonfinite=args.on_nonfinite,
+                           amp=args.amp, compile=args.compile, on_nonfinite=args.on_nonfinite,
                            iwae_samples=args.iwae_samples)
     except ValueError as e:  # TrainConfig's message, in the options' names
         names = "|".join(sorted(_OPTIONS, key=len, reverse=True))

@@ -58,7 +58,9 @@ class TrainConfig:
     - ``beta_schedule``: a callable ``step -> beta`` (finite, >= 0), used as it is (``beta``
       is then ignored; a callable is recorded by name in metrics and checkpoints).
 
-    ``amp``: bfloat16 autocast (on the GPU and on the CPU). ``on_nonfinite``: when a loss term
+    ``amp``: bfloat16 autocast (on the GPU and on the CPU). ``compile``: the model's forward
+    (encoder, fused loss ops, decoder) under ``torch.compile``, for steps whose host overhead
+    dominates (small batches): the first step compiles (seconds). ``on_nonfinite``: when a loss term
     or a gradient becomes NaN or infinite, ``"skip"`` the step (every rank skips it) or
     ``"stop"`` with a ``NonFiniteLossError`` naming the step and the term.
     """
@@ -78,6 +80,7 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     amp: bool = False
+    compile: bool = False
     on_nonfinite: str = "stop"
     iwae_samples: int = 1000
 
@@ -475,6 +478,8 @@ def train(model: dict[str, Any] | VAE | VQVAE, train_data: Tensor, val_data: Ten
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)  # checkpoints keep saving `model`, the uncompiled module
     out_path = Path(out_dir) if out_dir is not None and rank == 0 else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)

@@ -386,7 +386,7 @@ def test_table_covers_every_option():
     from fastvae.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    harmless = {"--help", "--no-images", "--no-progress", "--amp", "--no-compile",
+    harmless = {"--help", "--no-images", "--no-progress", "--amp", "--compile", "--no-compile",
                 "--no-train-step"}
     assert set(sub.choices) == {"train", "bench", "info", *READERS}
     for command, rows in (("train", TRAIN), ("bench", BENCH), *READERS.items()):
