@@ -44,8 +44,9 @@ from .ops.quantize import VQOutput, nearest_code, vector_quantize
 from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
+    from .models.build import build_vae
     from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
-    from .models.vae import VAE, VAEOutput, build_vae
+    from .models.vae import VAE, VAEOutput
     from .models.vqvae import VQVAE, VQVAEOutput, build_vqvae
     from .training.checkpoint import load_vae, save_vae
     from .training.trainer import NonFiniteLossError, TrainConfig, TrainResult, train
@@ -56,7 +57,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "VAE": "fastvae.models.vae",
     "VAEOutput": "fastvae.models.vae",
-    "build_vae": "fastvae.models.vae",
+    "build_vae": "fastvae.models.build",
     "QuantizerOutput": "fastvae.models.quantizer",
     "VectorQuantize": "fastvae.models.quantizer",
     "VectorQuantizer": "fastvae.models.quantizer",

@@ -123,14 +123,14 @@ def test_import_loads_only_the_ops():
 
 def test_lazy_names_resolve():
     """Every public name is reachable, listed by dir(), and the same object as its module's."""
-    from fastvae.models import vae
+    from fastvae.models import build, vae
     from fastvae.training import trainer
 
     assert set(fv.__all__) <= set(dir(fv))
     for name in fv.__all__:
         assert getattr(fv, name) is not None
     assert fv.VAE is vae.VAE
-    assert fv.build_vae is vae.build_vae
+    assert fv.build_vae is build.build_vae  # vae.build_vae, or build_vqvae with quantizer="vq"
     assert fv.train is trainer.train
     assert fv.TrainConfig is trainer.TrainConfig
     with pytest.raises(AttributeError, match="no_such_name"):

@@ -95,6 +95,10 @@ def _vae_summary(metrics: dict[str, Any]) -> str:
 def _vae_sample(model, path: Path, args: argparse.Namespace, seed_: int):
     from fastvae.training import images
 
+    if args.prior is not None:
+        raise UsageError(f"--prior chooses a VQ-VAE's code prior; {args.checkpoint} holds a "
+                         "VAE, which samples its Gaussian prior")
+
     return images.save_samples(model, path, args.n, seed=seed_, ncols=args.ncols)
 
 
@@ -111,11 +115,46 @@ def _vae_interpolate(model, x, path: Path, args: argparse.Namespace):
                                       method=args.method)
 
 
+# -- the VQ-VAE -------------------------------------------------------------------------------
+
+
+def _vq_evaluate(model, images, args: argparse.Namespace, seed_: int) -> dict[str, Any]:
+    """``evaluate_vq``: deterministic (no noise: the seed is unused), no IWAE bound."""
+    from fastvae.training.trainer import evaluate_vq
+
+    return evaluate_vq(model, images, args.batch_size, progress=not args.no_progress)
+
+
+def _vq_summary(metrics: dict[str, Any]) -> str:
+    return (f"reconstruction {metrics['nll']:.3f}, commitment loss "
+            f"{metrics['commitment_loss']:.4f}, codebook loss {metrics['codebook_loss']:.4f}; "
+            f"codebook usage {metrics['codes_used']}/{metrics['codebook_size']} "
+            f"({metrics['usage']:.0%}), perplexity {metrics['perplexity']:.1f}")
+
+
+def _vq_sample(model, path: Path, args: argparse.Namespace, seed_: int):
+    """Codes drawn independently at each position from ``--prior``: the empirical prior (the
+    code histogram of the last training steps; default) or the uniform one."""
+    from fastvae.training import images
+
+    prior = args.prior or "empirical"
+    if prior == "empirical" and not bool(model.quantizer.usage_total.sum() > 0):
+        raise UsageError(f"{args.checkpoint} holds a VQ-VAE with no training steps in its "
+                         "quantizer's usage window: no empirical code prior to sample from "
+                         "(--prior uniform draws every code alike)")
+    return images.save_samples(model, path, args.n, seed=seed_, ncols=args.ncols, prior=prior)
+
+
 KINDS: dict[str, ModelKind] = {
     "vae": ModelKind("VAE", build=_vae_build, evaluate=_vae_evaluate, summary=_vae_summary,
                      input_shape=lambda model: tuple(model.build_config["input_shape"]),
                      sample=_vae_sample, reconstruct=_vae_reconstruct,
                      interpolate=_vae_interpolate),
+    # no interpolate: the latent is discrete, a path between two encodings leaves the codebook
+    "vqvae": ModelKind("VQ-VAE", build=_vae_build, evaluate=_vq_evaluate,
+                       summary=_vq_summary,
+                       input_shape=lambda model: tuple(model.build_config["input_shape"]),
+                       sample=_vq_sample, reconstruct=_vae_reconstruct),
 }
 
 
@@ -258,10 +297,13 @@ def add_parsers(sub) -> None:
                        description="Evaluate a checkpoint on held-out images: the ELBO, its "
                                    "reconstruction and KL terms, the IWAE bound on log p(x) "
                                    "(Burda et al. 2016; K importance samples, streamed) and "
-                                   "the active units. Prints one line, writes JSON.")
+                                   "the active units; of a VQ-VAE the reconstruction NLL, "
+                                   "the commitment and codebook losses, the codebook usage "
+                                   "and perplexity. Prints one line, writes JSON.")
     _add_common(p, data=True)
     p.add_argument("--iwae-samples", type=non_negative_int, default=1000, metavar="K",
-                   help="importance samples of the IWAE bound (0: skip it; papers use 5000)")
+                   help="importance samples of the IWAE bound (0: skip it; papers use 5000; "
+                        "a VQ-VAE has none)")
     p.add_argument("--batch-size", type=positive_int, default=512,
                    help="images per batch (512, as the trainer's final metrics)")
     p.add_argument("--seed", type=seed, default=None,
@@ -281,6 +323,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=seed, default=None,
                    help="the noise's seed (default: the checkpoint's training seed: the "
                         "trainer's samples.png)")
+    p.add_argument("--prior", choices=("empirical", "uniform"), default=None,
+                   help="a VQ-VAE's code prior: the code histogram of its last training steps "
+                        "(default) or uniform over the codebook")
     p.add_argument("--out", default="samples.png", help="the picture (default samples.png)")
     p.set_defaults(run=run_sample)
 

@@ -1,4 +1,5 @@
-"""``fastvae train``: train a VAE on a data set and write a checkpoint, metrics and pictures.
+"""``fastvae train``: train a VAE (or, with ``--quantizer vq``, a VQ-VAE) on a data set and write
+a checkpoint, metrics and pictures.
 
 Under ``torchrun`` every process runs this command: each trains its shard (the trainer's
 DistributedDataParallel) and rank 0 prints and writes.
@@ -38,6 +39,22 @@ from .args import (
 # active units and validation ELBOs -61.2, -6.5, 15.6, 30.0, 20.8 nats: -4 is the best of them;
 # at 0 (std 1, more than the data's own spread) the posterior collapses.
 GAUSSIAN_OBS_LOGVAR = -4.0
+
+# --quantizer vq defaults (VQ_DEFAULTS), chosen on the digits: see the README's VQ section.
+VQ_DEFAULTS = {"codebook_size": 64, "codebook_dim": 16, "num_tokens": 4, "decay": 0.9,
+               "commitment": 0.25, "dead_code_threshold": 1.0}
+# the options of the VAE's objective (the KL and its schedules), refused with --quantizer vq
+VAE_ONLY = {"latent_dim": "--latent-dim", "beta": "--beta", "warmup": "--warmup",
+            "cycles": "--cycles", "cycle_ratio": "--cycle-ratio", "beta_shape": "--beta-shape",
+            "capacity": "--capacity", "capacity_steps": "--capacity-steps",
+            "free_bits": "--free-bits", "logvar_limit": "--logvar-limit"}
+
+
+def decay_value(text: str) -> float:
+    value = number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0: a learned codebook), got {text}")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -100,10 +117,33 @@ def add_parser(sub) -> None:
     p.add_argument("--bins", type=positive_int, default=None,
                    help="levels of the pixel grid for --likelihood dmol (default: 17 for the "
                         "digits, whose values are 0..16 / 16; else 256)")
+    vq = p.add_argument_group("VQ-VAE (van den Oord et al. 2017)")
+    vq.add_argument("--quantizer", choices=("vq",), default=None,
+                    help="train a VQ-VAE: a deterministic encoder, a vector quantizer "
+                         "(fastvae.VectorQuantizer: exact nearest code, EMA codebook, k-means "
+                         "initialisation, dead-code restarts) and a decoder, on the "
+                         "reconstruction NLL plus the commitment loss")
+    d = VQ_DEFAULTS
+    vq.add_argument("--codebook-size", type=positive_int, default=None, metavar="K",
+                    help=f"codes in the codebook (default {d['codebook_size']})")
+    vq.add_argument("--codebook-dim", type=positive_int, default=None, metavar="D",
+                    help=f"dimension of a code (default {d['codebook_dim']})")
+    vq.add_argument("--num-tokens", type=positive_int, default=None, metavar="T",
+                    help=f"--arch mlp: codes per image (default {d['num_tokens']}); with --arch "
+                         "conv one code per position of the encoder's feature map")
+    vq.add_argument("--decay", type=decay_value, default=None,
+                    help=f"EMA decay of the codebook (default {d['decay']}; 0: a codebook "
+                         "learned by the codebook loss)")
+    vq.add_argument("--commitment", type=non_negative_float, default=None, metavar="BETA",
+                    help=f"weight of the commitment loss (default {d['commitment']})")
+    vq.add_argument("--dead-code-threshold", type=non_negative_float, default=None,
+                    metavar="T", help="restart the codes whose EMA cluster size falls below T "
+                                      f"from encoder outputs (default {d['dead_code_threshold']}; "
+                                      "0: never)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--no-images", action="store_true", help="skip the PNG grids")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, vae_only_defaults={k: p.get_default(k) for k in VAE_ONLY})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,13 +163,15 @@ def run(args: argparse.Namespace) -> int:
             fv.set_backend(args.backend)
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"--backend: {e}") from e
+    _check_quantizer_options(args)
     config = _train_config(args)
     record = data_record(args)
     first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 shows the bar
     images, name = load_data(record, command="train", progress=not args.no_progress and first)
     train_x, val_x = data.split(images, args.val_fraction, args.seed)
     record |= {"val_fraction": args.val_fraction, "split_seed": args.seed}
-    model_config = _model_config(args, tuple(images.shape[1:]))
+    model_config = (_vq_model_config(args, tuple(images.shape[1:])) if args.quantizer
+                    else _model_config(args, tuple(images.shape[1:])))
     if args.likelihood == "dmol":  # before anything is written or trained
         try:
             data.check_unit_range(images, name, " for --likelihood dmol")
@@ -140,8 +182,11 @@ def run(args: argparse.Namespace) -> int:
 
     with _process_group(world, device) as rank:
         if rank == 0:
+            model = (f"{args.arch} VQ-VAE, {model_config['codebook_size']} codes of dimension "
+                     f"{model_config['codebook_dim']}" if args.quantizer
+                     else f"{args.arch} VAE, latent {args.latent_dim}")
             print(f"{name}: {train_x.shape[0]} train / {val_x.shape[0]} validation images of "
-                  f"shape {tuple(images.shape[1:])}; {args.arch} VAE, latent {args.latent_dim}, "
+                  f"shape {tuple(images.shape[1:])}; {model}, "
                   f"{args.likelihood} likelihood; device {device}, fastvae backend "
                   f"{fv.get_backend()} ({resolve(device)} here)"
                   + (f", {world} processes" if world > 1 else ""))
@@ -167,9 +212,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_images:
         from fastvae.training import images as pictures
 
-        pictures.save_all(result.model, val_x, [asdict(m) for m in result.history], out_dir,
-                          seed=args.seed)
-    print(_summary(result.final, seconds))
+        save = pictures.save_all_vq if args.quantizer else pictures.save_all
+        save(result.model, val_x, [asdict(m) for m in result.history], out_dir, seed=args.seed)
+    print((_vq_summary if args.quantizer else _summary)(result.final, seconds))
     files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
     print(f"wrote {out_dir}/: {', '.join(files)}")
     return 0
@@ -225,6 +270,62 @@ def _model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dic
     return model_config
 
 
+def _check_quantizer_options(args: argparse.Namespace) -> None:
+    """The VQ options only with --quantizer; the VAE's KL options (at other values than their
+    defaults) not with it."""
+    if args.quantizer is None:
+        given = [f"--{k.replace('_', '-')}" for k in VQ_DEFAULTS if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to a VQ-VAE: add --quantizer vq")
+        return
+    given = [option for dest, option in VAE_ONLY.items()
+             if getattr(args, dest) != args.vae_only_defaults[dest]]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to the VAE's KL term, which a VQ-VAE "
+                         f"(--quantizer {args.quantizer}) does not have")
+
+
+def _vq_model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The build_vqvae arguments (with ``"kind": "vqvae"``); a model that cannot take these
+    images is a UsageError here, before anything is written."""
+    import torch
+
+    from fastvae.models.vqvae import build_vqvae
+
+    def option(name: str):
+        value = getattr(args, name)
+        return VQ_DEFAULTS[name] if value is None else value
+
+    if args.arch == "conv" and args.num_tokens is not None:
+        raise UsageError("--num-tokens applies to --arch mlp (with conv, one code per position "
+                         "of the feature map)")
+    decay = option("decay")
+    config: dict[str, Any] = {
+        "kind": "vqvae", "input_shape": list(image_shape),
+        "codebook_size": option("codebook_size"), "codebook_dim": option("codebook_dim"),
+        "num_tokens": option("num_tokens"), "arch": args.arch,
+        "hidden": list(args.hidden) if args.hidden else None, "likelihood": args.likelihood,
+        "obs_logvar": (args.obs_logvar if args.obs_logvar is not None
+                       else GAUSSIAN_OBS_LOGVAR if args.likelihood == "gaussian" else 0.0),
+        "decay": decay if decay > 0 else None, "commitment_weight": option("commitment"),
+        "kmeans_init": True, "dead_code_threshold": option("dead_code_threshold")}
+    if args.likelihood == "dmol":
+        bins = args.bins or (17 if args.data == "digits" else 256)
+        if bins < 2:
+            raise UsageError(f"--bins must be >= 2, got {bins}")
+        config |= {"n_mixtures": args.mixtures, "n_bins": bins}
+    try:
+        model = build_vqvae(**{k: v for k, v in config.items() if k != "kind"}).eval()
+        with torch.no_grad():  # the decoder's output must have the images' shape
+            out = model.decode(model.quantize(model.encode(torch.zeros(1, *image_shape)))[0])
+        if args.likelihood != "dmol" and tuple(out.shape[1:]) != tuple(image_shape):
+            raise ValueError(f"the decoder makes images of shape {tuple(out.shape[1:])}")
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--arch {args.arch}: cannot build a VQ-VAE for images of shape "
+                         f"{image_shape}: {e}") from e
+    return config
+
+
 def _make_out_dir(out_dir: Path) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out: {out_dir} exists and is not a directory")
@@ -258,3 +359,11 @@ def _summary(final: dict[str, Any], seconds: float) -> str:
         line += f", IWAE log p(x) (K={final['iwae_samples']}) {final['iwae_log_likelihood']:.3f}"
     return (line + f"; active units {final['active_units']}/{len(final['kl_per_dim'])}; "
             f"{seconds:.1f} s")
+
+
+def _vq_summary(final: dict[str, Any], seconds: float) -> str:
+    return (f"final (validation, per image): reconstruction {final['nll']:.3f} nats, "
+            f"commitment loss {final['commitment_loss']:.4f}, codebook loss "
+            f"{final['codebook_loss']:.4f}; codebook usage {final['codes_used']}/"
+            f"{final['codebook_size']} ({final['usage']:.0%}), perplexity "
+            f"{final['perplexity']:.1f}; {seconds:.1f} s")

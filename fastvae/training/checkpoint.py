@@ -146,19 +146,25 @@ def load(path: str | os.PathLike) -> Checkpoint:
 
 
 def save_vae(model, path: str | os.PathLike) -> Path:
-    """Write a VAE's weights to ``path`` (atomically, safetensors, no pickle), with the
-    ``build_vae`` arguments of a model built by ``build_vae`` (``model.build_config``), so that
-    ``load_vae(path)`` rebuilds it; a VAE built by the caller is stored under an empty config and
-    loads with ``load_vae(path, model=the_same_architecture)``. Returns the path."""
+    """Write a VAE's (or a VQ-VAE's) weights to ``path`` (atomically, safetensors, no pickle),
+    with the ``build_vae`` (``build_vqvae``) arguments of a model built by it
+    (``model.build_config``) and its kind (``"kind": "vqvae"`` for a VQ-VAE), so that
+    ``load_vae(path)`` rebuilds it; a model built by the caller is stored under an empty config
+    and loads with ``load_vae(path, model=the_same_architecture)``. Returns the path."""
+    from ..models.vqvae import VQVAE
+
     config = dict(getattr(model, "build_config", None) or {})
+    if config and isinstance(model, VQVAE):
+        config["kind"] = "vqvae"
     return save(path, Checkpoint(config, model.state_dict()))
 
 
 def load_vae(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
              model=None):
-    """The VAE stored in a checkpoint (of ``save_vae`` or ``fastvae train``), with its weights,
-    on ``map_location``, in eval mode. ``model`` given: the weights are loaded into it (a VAE
-    built by the caller, of the saved architecture); else the checkpoint's ``build_vae``
+    """The VAE (or VQ-VAE: ``fastvae.VQVAE``, by the kind the checkpoint records) stored in a
+    checkpoint (of ``save_vae`` or ``fastvae train``), with its weights, on ``map_location``,
+    in eval mode. ``model`` given: the weights are loaded into it (a model built by the caller,
+    of the saved architecture); else the checkpoint's ``build_vae`` (``build_vqvae``)
     arguments rebuild it. Raises ``CheckpointError`` (a ``ValueError``) for a missing or bad
     file, a model built by the caller without ``model``, or weights of another model."""
     return vae_from_checkpoint(load(path), path, map_location, model=model)
@@ -168,14 +174,21 @@ def vae_from_checkpoint(ckpt: Checkpoint, path: str | os.PathLike,
                         map_location: str | torch.device = "cpu", *, model=None):
     """``load_vae`` of a checkpoint already read (``path``: its file, for the messages)."""
     from ..models.vae import build_vae
+    from ..models.vqvae import build_vqvae
 
     if model is None:
         if not ckpt.model_config:
             raise CheckpointError(f"{path} holds a VAE built by the caller, not by build_vae: "
                                   "build the same model and pass it, load_vae(path, "
                                   "model=...)")
+        config = dict(ckpt.model_config)
+        kind = config.pop("kind", "vae")
+        builders = {"vae": build_vae, "vqvae": build_vqvae}
+        if kind not in builders:
+            raise CheckpointError(f"{path} holds a model of kind {kind!r}; this fastvae builds "
+                                  f"{', '.join(map(repr, builders))}")
         try:
-            model = build_vae(**ckpt.model_config)
+            model = builders[kind](**config)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path} records a model that cannot be built: {e}") from e
     try:

@@ -1,5 +1,5 @@
-"""Pictures of a trained VAE: image grids (Pillow), the loss curve and the per-dimension KL
-(matplotlib)."""
+"""Pictures of a trained VAE or VQ-VAE: image grids (Pillow), the loss curve, the per-dimension
+KL and the code-usage histogram (matplotlib)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def save_grid(images: Tensor, path: str | Path, ncols: int, *, min_size: int = 2
 
 
 def save_loss_curve(history: Sequence[dict], path: str | Path) -> Path:
-    """Train loss and validation negative ELBO per epoch (nats per example)."""
+    """Train loss and validation negative ELBO (and KL) per epoch, nats per example; for a
+    VQ-VAE's history (``VQEpochMetrics``) the train loss and the validation loss and
+    reconstruction NLL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,9 +47,15 @@ def save_loss_curve(history: Sequence[dict], path: str | Path) -> Path:
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss (with beta)")
-    ax.plot(epochs, [-h["val_elbo"] for h in history], label="validation -ELBO")
-    ax.plot(epochs, [h["val_kl"] for h in history], label="validation KL", linestyle="--")
+    if "val_elbo" in history[0]:
+        ax.plot(epochs, [h["train_loss"] for h in history], label="train loss (with beta)")
+        ax.plot(epochs, [-h["val_elbo"] for h in history], label="validation -ELBO")
+        ax.plot(epochs, [h["val_kl"] for h in history], label="validation KL", linestyle="--")
+    else:
+        ax.plot(epochs, [h["train_loss"] for h in history], label="train loss (NLL + VQ loss)")
+        ax.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+        ax.plot(epochs, [h["val_nll"] for h in history], label="validation reconstruction NLL",
+                linestyle="--")
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per example")
     ax.grid(alpha=0.3)
@@ -142,13 +150,15 @@ def save_kl_bars(model, data: Tensor, path: str | Path, *, threshold: float = 0.
 
 @torch.no_grad()
 def save_samples(model, path: str | Path, n: int = 64, *, seed: int = 0,
-                 ncols: int | None = None) -> Path:
-    """``n`` samples from the prior (``model.sample``, noise from a generator on the model's
-    device seeded with ``seed``), ``ncols`` per row (default ceil(sqrt(n)): 8 for 64)."""
+                 ncols: int | None = None, **options) -> Path:
+    """``n`` samples from the prior (``model.sample(n, generator=..., **options)``, noise from a
+    generator on the model's device seeded with ``seed``; ``options``: a VQ-VAE's ``prior``),
+    ``ncols`` per row (default ceil(sqrt(n)): 8 for 64)."""
     device = next(model.parameters()).device
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    return save_grid(model.sample(n, generator=gen), path, ncols or math.ceil(math.sqrt(n)))
+    return save_grid(model.sample(n, generator=gen, **options), path,
+                     ncols or math.ceil(math.sqrt(n)))
 
 
 @torch.no_grad()
@@ -192,3 +202,55 @@ def save_all(model, val_data: Tensor, history: Sequence[dict], out_dir: str | Pa
              save_kl_bars(model, val_data, out_dir / "kl_per_dimension.png"),
              save_loss_curve(history, out_dir / "loss_curve.png")]
     return paths
+
+
+@torch.no_grad()
+def save_code_usage(model, data: Tensor, path: str | Path, *, batch_size: int = 512) -> Path:
+    """A bar chart of how often each codebook entry of a VQ-VAE is the nearest code of a position
+    of ``data``'s encodings (x: the code index, y: the count), unused codes marked in red
+    on the axis; the title gives the codes used and the perplexity ``exp H`` of the
+    histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .trainer import code_counts, code_usage
+
+    counts = code_counts(model, data, batch_size).numpy()
+    K = counts.size
+    usage, perplexity = code_usage(torch.from_numpy(counts))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 0.08 * K + 2)), 3.5), dpi=120)
+    codes = np.arange(K)
+    ax.bar(codes, counts, width=1.0 if K > 64 else 0.8, color="tab:blue")
+    unused = codes[counts == 0]
+    if unused.size:
+        ax.scatter(unused, np.zeros(unused.size), marker="|", color="tab:red", zorder=3)
+    ax.set_xlim(-1, K)
+    ax.set_xlabel("code")
+    ax.set_ylabel("positions")
+    ax.set_title(f"{int((counts > 0).sum())}/{K} codes used ({usage:.0%}; unused in red), "
+                 f"perplexity {perplexity:.1f}, on {data.shape[0]} images", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def save_all_vq(model, val_data: Tensor, history: Sequence[dict], out_dir: str | Path, *,
+                seed: int = 0) -> list[Path]:
+    """A VQ-VAE's pictures: samples.png (64 images decoded from codes drawn independently at
+    each position from the empirical prior, the code histogram of the last training steps),
+    reconstructions.png (the first 32 validation images), code_usage.png (the validation
+    set's code histogram) and loss_curve.png. No interpolations, traversals or KL bars: the
+    latent is discrete (a straight path between two encodings leaves the codebook)."""
+    out_dir = Path(out_dir)
+    device = next(model.parameters()).device
+    x = val_data[:32].to(device)
+    return [save_samples(model, out_dir / "samples.png", 64, seed=seed),
+            save_reconstructions(model, x, out_dir / "reconstructions.png"),
+            save_code_usage(model, val_data, out_dir / "code_usage.png"),
+            save_loss_curve(history, out_dir / "loss_curve.png")]

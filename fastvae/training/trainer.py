@@ -1,6 +1,7 @@
 """Training: the loop, KL schedules, evaluation, diagnostics, checkpoints and resume.
 
-``train(...)`` fits a VAE with Adam, evaluates after every epoch, and, given ``out_dir``, writes
+``train(...)`` fits a VAE (or a VQ-VAE: ``fastvae.VQVAE``, ``build_vqvae`` arguments with
+``"kind": "vqvae"``) with Adam, evaluates after every epoch, and, given ``out_dir``, writes
 ``checkpoint.safetensors`` (every epoch, atomically), ``metrics.csv`` and ``metrics.json``.
 Under ``torch.distributed`` (launched by ``torchrun``) every rank trains on its shard of each
 epoch's permutation through DistributedDataParallel and rank 0 writes the files.
@@ -25,7 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..models.build import build_vae as build_any
 from ..models.vae import VAE, active_units, build_vae
+from ..models.vqvae import VQVAE, build_vqvae
 from ..ops import validation as check
 from . import checkpoint as ckpt_io
 from . import data as data_io
@@ -180,9 +183,36 @@ class EpochMetrics:
 
 
 @dataclass
+class VQEpochMetrics:
+    """One epoch of a VQ-VAE: the training means (loss = nll + vq_loss, nats per example and
+    the quantizer's loss, a mean over elements), the validation metrics of ``evaluate_vq``, and
+    the codebook over the epoch's training batches (all ranks): ``usage`` the fraction of the
+    K codes chosen at least once, ``perplexity`` exp of the entropy of their histogram,
+    ``restarts`` the dead codes restarted in the epoch."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    train_nll: float
+    train_vq_loss: float
+    val_loss: float
+    val_nll: float
+    val_commitment_loss: float
+    val_codebook_loss: float
+    val_usage: float
+    val_perplexity: float
+    usage: float
+    perplexity: float
+    restarts: int
+    skipped_steps: int
+    seconds: float
+    lr: float = math.nan
+
+
+@dataclass
 class TrainResult:
-    model: VAE
-    history: list[EpochMetrics] = field(default_factory=list)
+    model: VAE | VQVAE
+    history: list[EpochMetrics] | list[VQEpochMetrics] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     resumed: dict[str, Any] | None = None  # checkpoint, epoch and the settings that changed
 
@@ -257,13 +287,76 @@ def _eval_bar(n: int, iwae_samples: int, progress: bool):
     return tqdm(total=n, unit="image", desc="eval", disable=not progress)
 
 
+def code_usage(counts: Tensor) -> tuple[float, float]:
+    """``(usage, perplexity)`` of a code histogram ``counts (K,)``: the fraction of the K codes
+    counted at least once, and ``exp(H(p))`` of ``p = counts / sum`` (between 1 and K; 0 for an
+    empty histogram)."""
+    counts = counts.double().cpu()
+    total = float(counts.sum())
+    if total <= 0:
+        return 0.0, 0.0
+    p = counts / total
+    return float((counts > 0).double().mean()), float(torch.exp(-torch.special.xlogy(p, p).sum()))
+
+
+@torch.no_grad()
+def code_counts(model: VQVAE, data: Tensor, batch_size: int = 512) -> Tensor:
+    """How often each of the K codes is the nearest code of a position of ``data``'s
+    encodings: int64 ``(K,)`` on the CPU (evaluation mode: the codebook is not updated)."""
+    batch_size = check.integer("batch_size", batch_size, 1)
+    model.eval()
+    device = next(model.parameters()).device
+    counts = torch.zeros(model.codebook_size, dtype=torch.int64)
+    for start in range(0, data.shape[0], batch_size):
+        indices = model.encode_indices(data[start:start + batch_size].to(device))
+        counts += torch.bincount(indices.flatten().cpu(), minlength=model.codebook_size)
+    return counts
+
+
+@torch.no_grad()
+def evaluate_vq(model: VQVAE, data: Tensor, batch_size: int = 512, *,
+                progress: bool = False) -> dict[str, Any]:
+    """A VQ-VAE's held-out metrics (deterministic: no noise): per example the reconstruction
+    NLL (nats) and ``loss = nll + vq_loss`` (the training objective: the commitment loss with an
+    EMA codebook, plus the codebook loss with a learned one); the commitment loss
+    ``beta ||z_e - sg(q)||^2`` and the codebook loss ``||sg(z_e) - q||^2`` (means over
+    elements, van den Oord et al. 2017); and the codebook usage on ``data``: ``usage`` (the
+    fraction of the K codes that are some position's nearest code), ``codes_used``,
+    ``perplexity`` (``exp H`` of the code histogram)."""
+    from tqdm.auto import tqdm
+
+    batch_size = check.integer("batch_size", batch_size, 1)
+    model.eval()
+    device = next(model.parameters()).device
+    n = data.shape[0]
+    nll = commitment = codebook = 0.0
+    counts = torch.zeros(model.codebook_size, dtype=torch.int64)
+    with tqdm(total=n, unit="image", desc="eval", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            x = data[start:start + batch_size].to(device)
+            q = model.quantize(model.encode(x))
+            nll += float(model.nll(model.decode(q.quantized), x, "sum"))
+            commitment += float(q.commitment_loss) * x.shape[0]
+            codebook += float(q.codebook_loss) * x.shape[0]
+            counts += torch.bincount(q.indices.flatten().cpu(), minlength=model.codebook_size)
+            bar.update(x.shape[0])
+    usage, perplexity = code_usage(counts)
+    vq_loss = commitment + (0.0 if model.quantizer.ema else codebook)
+    return {"loss": (nll + vq_loss) / n, "nll": nll / n, "commitment_loss": commitment / n,
+            "codebook_loss": codebook / n, "usage": usage, "codes_used": int((counts > 0).sum()),
+            "codebook_size": model.codebook_size, "perplexity": perplexity}
+
+
 _TERMS = ("loss", "reconstruction NLL", "KL")
+_VQ_TERMS = ("loss", "reconstruction NLL", "VQ loss")
 
 
-def _nonfinite_terms(values: Tensor, world: int, device: torch.device) -> str | None:
-    """None when the step's loss terms (loss, NLL, KL) are finite on every rank, else what went
-    non-finite. Ranks agree (one all-reduce) so that they skip or stop together: a rank that
-    skipped its backward while the others ran theirs would hang DistributedDataParallel."""
+def _nonfinite_terms(values: Tensor, world: int, device: torch.device,
+                     terms: tuple[str, ...] = _TERMS) -> str | None:
+    """None when the step's loss terms (loss, NLL, KL or VQ loss: ``terms``) are finite on
+    every rank, else what went non-finite. Ranks agree (one all-reduce) so that they skip or
+    stop together: a rank that skipped its backward while the others ran theirs would hang
+    DistributedDataParallel."""
     finite = torch.isfinite(values)
     if world > 1:
         flags = finite.to(device=device, dtype=torch.int32)
@@ -272,13 +365,13 @@ def _nonfinite_terms(values: Tensor, world: int, device: torch.device) -> str | 
         if all(everywhere):
             return None
         if bool(finite.all()):
-            names = [n for n, ok in zip(_TERMS[1:], everywhere[1:], strict=True) if not ok]
+            names = [n for n, ok in zip(terms[1:], everywhere[1:], strict=True) if not ok]
             return f"the {' and the '.join(names or ['loss'])} became non-finite on another rank"
     elif bool(finite.all()):
         return None
-    # The loss is nll + beta * kl: name the parts that broke, with their values.
+    # The loss is nll + beta * kl (or nll + vq_loss): name the parts that broke, with values.
     parts = [f"the {name} ({value:g})" for name, value, ok in
-             zip(_TERMS[1:], values[1:].tolist(), finite[1:].tolist(), strict=True) if not ok]
+             zip(terms[1:], values[1:].tolist(), finite[1:].tolist(), strict=True) if not ok]
     return (" and ".join(parts) or f"the loss ({values[0].item():g})") + " became non-finite"
 
 
@@ -317,16 +410,24 @@ def _write_metrics(out_dir: Path, history: list[EpochMetrics], extra: dict[str, 
                          json.dumps({**extra, "history": rows}, indent=2).encode())
 
 
-def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
+def train(model: dict[str, Any] | VAE | VQVAE, train_data: Tensor, val_data: Tensor,
           config: TrainConfig, *, device: str | torch.device = "cpu",
           out_dir: str | Path | None = None, resume: str | Path | None = None,
           progress: bool = True, data_record: dict[str, Any] | None = None) -> TrainResult:
     """Train a VAE on ``train_data`` (``(n, *input_shape)`` images in [0, 1]).
 
     ``model``: keyword arguments of ``build_vae`` (built here, initial weights from
-    ``config.seed``; its checkpoint rebuilds it with ``checkpoint.load_vae``), or a ``VAE``
-    built by the caller, trained in place (its checkpoint holds the weights under an empty
-    config). ``resume``: a checkpoint written by an earlier run with the same model and configs;
+    ``config.seed``; its checkpoint rebuilds it with ``checkpoint.load_vae``), or of
+    ``build_vqvae`` with ``"kind": "vqvae"`` (a VQ-VAE: recorded with its kind), or a ``VAE`` or
+    ``VQVAE`` built by the caller, trained in place (its checkpoint holds the weights under an
+    empty config).
+
+    A VQ-VAE minimizes ``nll + vq_loss`` (``VQVAE.forward``; the KL settings of ``config``,
+    ``beta`` to ``free_bits``, and ``iwae_samples`` do not apply to it); its history is
+    ``VQEpochMetrics`` (codebook usage, perplexity and restarts per epoch) and its final
+    metrics are ``evaluate_vq``.
+
+    ``resume``: a checkpoint written by an earlier run with the same model and configs;
     training goes on from its epoch to the same result as an uninterrupted run. The settings
     passed now are the ones used and recorded (a new ``config.lr`` replaces the checkpoint's in
     the restored optimizer; ``metrics.json`` lists what changed under ``"resumed"``); only a
@@ -359,7 +460,8 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
         for name, data in (("train_data", train_data), ("val_data", val_data)):
             data_io.check_unit_range(data, name, " for the mixture of logistics")
             data_io.check_grid(data, model.n_bins, name)
-    if rank == 0:
+    vq = isinstance(model, VQVAE)
+    if rank == 0 and not vq:
         _warn_collapse(model, train_data)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -387,6 +489,17 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
         t_start = time.perf_counter()
         for epoch in range(start_epoch, config.epochs):
             t_epoch = time.perf_counter()
+            if vq:
+                step, metrics = _train_vq_epoch(net, model, optimizer, train_data, val_data,
+                                                config, epoch, step, device)
+                metrics.seconds = time.perf_counter() - t_epoch
+                history.append(metrics)
+                if bar is not None:
+                    _show_vq(bar, metrics)
+                if out_path is not None:
+                    _save(out_path, model, optimizer, history, files)
+                    _write_metrics(out_path, history, files)
+                continue
             step, train_means, beta, capacity, skipped = _train_epoch(
                 net, model, optimizer, train_data, config, epoch, step, steps_per_epoch, device)
             val = evaluate(model, val_data) if rank == 0 else {}
@@ -417,8 +530,9 @@ def train(model: dict[str, Any] | VAE, train_data: Tensor, val_data: Tensor,
 
     result = TrainResult(model, history, resumed=files.get("resumed"))
     if rank == 0:
-        result.final = evaluate(model, val_data, iwae_samples=config.iwae_samples,
-                                seed=config.seed, progress=progress)
+        result.final = (evaluate_vq(model, val_data, progress=progress) if vq else
+                        evaluate(model, val_data, iwae_samples=config.iwae_samples,
+                                 seed=config.seed, progress=progress))
         result.final["train_seconds"] = time.perf_counter() - t_start
         if out_path is not None:
             _write_metrics(out_path, history, {**files, "final": result.final})
@@ -442,22 +556,36 @@ def _warn_collapse(model: VAE, train_data: Tensor) -> None:
                       "'gaussian_learned'", UserWarning, stacklevel=3)
 
 
-def _build(model: dict[str, Any] | VAE, seed: int) -> tuple[VAE, dict[str, Any]]:
-    """The model and the build_vae arguments its checkpoint records (empty for a VAE built by
-    the caller)."""
+def _build(model: dict[str, Any] | VAE | VQVAE, seed: int
+           ) -> tuple[VAE | VQVAE, dict[str, Any]]:
+    """The model and the build_vae (or, with ``"kind": "vqvae"``, build_vqvae) arguments its
+    checkpoint records (empty for a model built by the caller)."""
     torch.manual_seed(seed)  # the initial weights, equal on every rank
-    if isinstance(model, VAE):
+    if isinstance(model, (VAE, VQVAE)):
         return model, {}
     if isinstance(model, dict):
-        return build_vae(**model), model
-    raise TypeError(f"model must be a fastvae.VAE or a dict of build_vae arguments, got "
-                    f"{type(model).__name__}")
+        kind = model.get("kind", "vae")
+        if kind == "vqvae":
+            return build_vqvae(**{k: v for k, v in model.items() if k != "kind"}), model
+        if kind != "vae":
+            raise ValueError(f"model['kind'] must be 'vae' or 'vqvae', got {kind!r}")
+        rest = {k: v for k, v in model.items() if k != "kind"}
+        if rest.get("quantizer") is not None:
+            # fv.build_vae(..., quantizer="vq"): a VQ-VAE, recorded as one
+            built = build_any(**rest)
+            return built, {"kind": "vqvae", **built.build_config}
+        return build_vae(**rest), model
+    raise TypeError(f"model must be a fastvae.VAE, a fastvae.VQVAE or a dict of build_vae "
+                    f"arguments, got {type(model).__name__}")
 
 
 # build_vae arguments that make another network: a checkpoint that differs in one of them is
 # another model. The others (obs_logvar, logvar_limit, beta, free_bits) are settings: the
 # caller's are used.
 MODEL_FIELDS = ("input_shape", "latent_dim", "arch", "hidden", "likelihood")
+# the same for a VQ-VAE (build_vqvae arguments; "kind" tells a VAE from a VQ-VAE)
+VQ_MODEL_FIELDS = ("kind", "input_shape", "codebook_size", "codebook_dim", "num_tokens", "arch",
+                   "hidden", "likelihood")
 
 
 def _resolved(model_config: dict[str, Any]) -> dict[str, Any]:
@@ -465,9 +593,11 @@ def _resolved(model_config: dict[str, Any]) -> dict[str, Any]:
     same numbers are equal)."""
     import inspect
 
-    defaults = {name: p.default for name, p in inspect.signature(build_vae).parameters.items()
+    kind = model_config.get("kind", "vae")
+    build = build_vqvae if kind == "vqvae" else build_vae
+    defaults = {name: p.default for name, p in inspect.signature(build).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    return json.loads(json.dumps({**defaults, **model_config}))
+    return json.loads(json.dumps({**defaults, "kind": kind, **model_config}))
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any], names) -> dict[str, dict[str, Any]]:
@@ -475,9 +605,9 @@ def _changes(old: dict[str, Any], new: dict[str, Any], names) -> dict[str, dict[
             if old.get(name) != new.get(name)}
 
 
-def _resume(path: str | Path, model: VAE, model_config: dict[str, Any],
+def _resume(path: str | Path, model: VAE | VQVAE, model_config: dict[str, Any],
             optimizer: torch.optim.Optimizer,
-            config: TrainConfig) -> tuple[int, list[EpochMetrics], dict[str, Any]]:
+            config: TrainConfig) -> tuple[int, list[Any], dict[str, Any]]:
     """Load a checkpoint into the model and the optimizer, the caller's learning rate set in
     the optimizer: the epochs done, their metrics, and a record of the resume (the settings
     that changed). A checkpoint of another model is a CheckpointError naming the fields."""
@@ -490,7 +620,8 @@ def _resume(path: str | Path, model: VAE, model_config: dict[str, Any],
     model_changes: dict[str, dict[str, Any]] = {}
     if model_config:
         old, new = _resolved(saved.model_config), _resolved(model_config)
-        mismatch = _changes(old, new, MODEL_FIELDS)
+        fields_of = VQ_MODEL_FIELDS if "vqvae" in (old["kind"], new["kind"]) else MODEL_FIELDS
+        mismatch = _changes(old, new, fields_of)
         if mismatch:
             fields_ = "; ".join(f"{k}: {v['checkpoint']} in the checkpoint, {v['now']} now"
                                 for k, v in mismatch.items())
@@ -506,7 +637,12 @@ def _resume(path: str | Path, model: VAE, model_config: dict[str, Any],
         optimizer.load_state_dict(saved.optimizer_state)
         for group in optimizer.param_groups:  # the restored state carries the old rate
             group["lr"] = config.lr
-    history = [EpochMetrics(**m) for m in saved.trainer_state.get("history", [])]
+    metrics_class = VQEpochMetrics if isinstance(model, VQVAE) else EpochMetrics
+    try:
+        history = [metrics_class(**m) for m in saved.trainer_state.get("history", [])]
+    except TypeError as e:
+        raise ckpt_io.CheckpointError(f"{path} holds the history of another kind of model: "
+                                      f"{e}") from e
     epoch = int(saved.trainer_state.get("epoch", 0))
     old_config = saved.trainer_state.get("train_config") or {}
     new_config = json.loads(json.dumps(config_record(config)))
@@ -578,8 +714,86 @@ def _train_epoch(net: nn.Module, model: VAE, optimizer: torch.optim.Optimizer,
     return step, means, beta, capacity, skipped
 
 
-def _save(out_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
-          history: list[EpochMetrics], files: dict[str, Any]) -> None:
+def _show_vq(bar, metrics: VQEpochMetrics) -> None:
+    bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_nll=f"{metrics.val_nll:.3f}",
+                    usage=f"{metrics.usage:.2f}", ppl=f"{metrics.perplexity:.1f}")
+    bar.update(1)
+
+
+def _train_vq_epoch(net: nn.Module, model: VQVAE, optimizer: torch.optim.Optimizer,
+                    train_data: Tensor, val_data: Tensor, config: TrainConfig, epoch: int,
+                    step: int, device: torch.device) -> tuple[int, VQEpochMetrics]:
+    """One pass of a VQ-VAE over this rank's shard of the epoch's permutation (the loop of
+    ``_train_epoch``, on ``nll + vq_loss``), then its metrics: the code histogram of the
+    epoch's steps (all ranks: one all-reduce, reached by every rank), the restarts and, on rank
+    0, ``evaluate_vq`` on ``val_data``. ``seconds`` is left for the caller."""
+    rank, world = _distributed()
+    model.train()
+    seed = _epoch_seed(config, epoch)
+    shuffle = torch.Generator().manual_seed(seed)  # the same permutation on every rank
+    torch.manual_seed(seed)  # restarts draw rank 0's randomness (broadcast by the quantizer)
+    order = torch.randperm(train_data.shape[0], generator=shuffle)
+    if world > 1:
+        # The quantizer's collectives (k-means, restarts) need batches of one size on every
+        # rank: pad the permutation with its first indices to a multiple of the world size,
+        # as DistributedSampler does.
+        order = torch.cat([order, order[:-order.numel() % world]])
+    order = order[rank::world]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.amp
+                else contextlib.nullcontext())
+    K = model.codebook_size
+    counts = torch.zeros(K, dtype=torch.int64, device=device)
+    restarts_before = int(model.quantizer.restarts)
+    sums = torch.zeros(3, dtype=torch.float64)
+    seen = skipped = 0
+    for i in range(0, order.numel(), config.batch_size):
+        x = train_data[order[i:i + config.batch_size]].to(device, non_blocking=True)
+        # The quantizer updates its codebook in the forward: a step to be skipped must not
+        # leave it changed (non-finite encodings would poison the EMA for good).
+        before = ({k: v.clone() for k, v in model.quantizer.state_dict().items()}
+                  if config.on_nonfinite == "skip" else None)
+        with autocast:
+            out = net(x)
+        step += 1
+        values = torch.stack([out.loss, out.nll, out.vq_loss]).detach().double().cpu()
+        bad = _nonfinite_terms(values, world, device, _VQ_TERMS)
+        if bad is None:
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            bad = _nonfinite_gradient(model, config.grad_clip)
+        if bad is not None:
+            if config.on_nonfinite == "stop":
+                raise NonFiniteLossError(f"step {step} (epoch {epoch + 1}): {bad}; lower the "
+                                         "learning rate, clip gradients, or skip such steps "
+                                         "(on_nonfinite='skip')")
+            optimizer.zero_grad(set_to_none=True)
+            if before is not None:
+                with torch.no_grad():
+                    model.quantizer.load_state_dict(before)
+            skipped += 1
+            continue
+        optimizer.step()
+        counts += torch.bincount(out.indices.flatten(), minlength=K)
+        sums += values * x.shape[0]
+        seen += x.shape[0]
+    if world > 1:
+        dist.all_reduce(counts)
+    usage, perplexity = code_usage(counts)
+    means = (sums / seen).tolist() if seen else [math.nan] * 3
+    val = evaluate_vq(model, val_data) if rank == 0 else {}
+    nan = math.nan
+    return step, VQEpochMetrics(
+        epoch=epoch + 1, step=step, train_loss=means[0], train_nll=means[1],
+        train_vq_loss=means[2], val_loss=val.get("loss", nan), val_nll=val.get("nll", nan),
+        val_commitment_loss=val.get("commitment_loss", nan),
+        val_codebook_loss=val.get("codebook_loss", nan), val_usage=val.get("usage", nan),
+        val_perplexity=val.get("perplexity", nan), usage=usage, perplexity=perplexity,
+        restarts=int(model.quantizer.restarts) - restarts_before, skipped_steps=skipped,
+        seconds=nan, lr=optimizer.param_groups[0]["lr"])
+
+
+def _save(out_dir: Path, model: VAE | VQVAE, optimizer: torch.optim.Optimizer,
+          history: list[Any], files: dict[str, Any]) -> None:
     """The checkpoint after an epoch (written atomically): weights, optimizer, epochs done, the
     settings used (and the resume record, if any)."""
     state = {"epoch": history[-1].epoch, "history": [asdict(m) for m in history],

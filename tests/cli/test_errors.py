@@ -66,6 +66,11 @@ def make_files(d: Path) -> None:
                     checkpoint.Checkpoint({**other, "arch": "rnn"}, weights))
     checkpoint.save(d / "wrong_weights.safetensors",
                     checkpoint.Checkpoint({**other, "latent_dim": 3}, weights))
+    from fastvae.models.vqvae import build_vqvae
+
+    torch.manual_seed(0)
+    fresh = build_vqvae((1, 8, 8), 4, codebook_dim=2, hidden=[4])  # no training steps
+    checkpoint.save_vae(fresh, d / "vq_model.safetensors")
     gone = {"source": str(d / "gone.npz"), "key": None, "pixel_max": None, "shape": None,
             "channels": None, "image_size": None, "strict": False, "val_fraction": 0.1,
             "split_seed": 0}
@@ -191,6 +196,30 @@ TRAIN = [
     ("resume_directory", ["--resume", "{d}/a_directory"], ["--resume", "a_directory"]),
     ("resume_other_model", ["--resume", "{d}/other_model.safetensors"],
      ["--resume", "other_model.safetensors", "another configuration"]),
+    # --quantizer vq and its options
+    ("quantizer_unknown", ["--quantizer", "fsq"], ["--quantizer", "'fsq'"]),
+    ("codebook_size_zero", ["--quantizer", "vq", "--codebook-size", "0"],
+     ["--codebook-size", ">= 1"]),
+    ("codebook_size_without_quantizer", ["--codebook-size", "64"],
+     ["--codebook-size", "--quantizer vq"]),
+    ("codebook_dim_word", ["--quantizer", "vq", "--codebook-dim", "wide"],
+     ["--codebook-dim", "'wide'"]),
+    ("num_tokens_zero", ["--quantizer", "vq", "--num-tokens", "0"], ["--num-tokens", ">= 1"]),
+    ("num_tokens_with_conv", ["--quantizer", "vq", "--arch", "conv", "--num-tokens", "2"],
+     ["--num-tokens", "--arch mlp"]),
+    ("decay_one", ["--quantizer", "vq", "--decay", "1"], ["--decay", "[0, 1)"]),
+    ("decay_nan", ["--quantizer", "vq", "--decay", "nan"], ["--decay"]),
+    ("decay_without_quantizer", ["--decay", "0.9"], ["--decay", "--quantizer vq"]),
+    ("commitment_negative", ["--quantizer", "vq", "--commitment", "-1"],
+     ["--commitment", ">= 0"]),
+    ("commitment_inf", ["--quantizer", "vq", "--commitment", "inf"], ["--commitment", "finite"]),
+    ("dead_code_threshold_negative", ["--quantizer", "vq", "--dead-code-threshold", "-1"],
+     ["--dead-code-threshold", ">= 0"]),
+    ("vq_with_kl_options", ["--quantizer", "vq", "--beta", "4", "--free-bits", "1"],
+     ["--beta", "--free-bits", "KL", "VQ-VAE"]),
+    ("vq_with_latent_dim", ["--quantizer", "vq", "--latent-dim", "4"], ["--latent-dim"]),
+    ("vq_resume_a_vae", ["--quantizer", "vq", "--resume", "{d}/other_model.safetensors"],
+     ["--resume", "other_model.safetensors", "another configuration", "kind"]),
 ]
 if not GPU:
     TRAIN += [("device_cuda_without_gpu", ["--device", "cuda"], ["--device cuda", "GPU"]),
@@ -275,6 +304,11 @@ EVAL = [*CHECKPOINT_ROWS, *HELD_OUT_ROWS,
         ("json_in_missing_directory", ["{ok}", "--json", "{d}/nowhere/m.json"],
          ["--json", "nowhere"])]
 SAMPLE = [*CHECKPOINT_ROWS, *OUT_ROWS,
+          ("vq_without_training_steps", ["{d}/vq_model.safetensors"],
+           ["vq_model.safetensors", "VQ-VAE", "prior", "--prior uniform"]),
+          ("prior_unknown", ["{d}/vq_model.safetensors", "--prior", "gaussian"],
+           ["--prior", "'gaussian'"]),
+          ("prior_with_a_vae", ["{ok}", "--prior", "uniform"], ["--prior", "VQ-VAE", "VAE"]),
           ("n_zero", ["{ok}", "--n", "0"], ["--n", ">= 1"]),
           ("ncols_word", ["{ok}", "--ncols", "many"], ["--ncols", "'many'"]),
           ("seed_huge", ["{ok}", "--seed", str(2**40)], ["--seed"]),
@@ -286,7 +320,9 @@ INTERPOLATE = [*CHECKPOINT_ROWS, *HELD_OUT_ROWS, *OUT_ROWS,
                ("steps_one", ["{ok}", "--data", "{d}/flat.npz", "--shape", "1,1,30",
                               "--steps", "1"], ["--steps", ">= 2"]),
                ("pairs_zero", ["{ok}", "--pairs", "0"], ["--pairs"]),
-               ("method_unknown", ["{ok}", "--method", "cubic"], ["--method", "'cubic'"])]
+               ("method_unknown", ["{ok}", "--method", "cubic"], ["--method", "'cubic'"]),
+               ("vq_model", ["{d}/vq_model.safetensors", "--data", "{d}/flat.npz", "--shape",
+                             "1,8,8"], ["vq_model.safetensors", "VQ-VAE", "interpolate"])]
 READERS = {"eval": EVAL, "sample": SAMPLE, "reconstruct": RECONSTRUCT,
            "interpolate": INTERPOLATE}
 
