@@ -256,11 +256,12 @@ def time_fn(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_group(fns: dict[str, Callable[[], object]], device: torch.device, *,
-               rounds: int = 5, min_round_time: float = 0.05) -> dict[str, float]:
+               rounds: int = 5, min_round_time: float = 0.05,
+               warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function. GPU: CUDA-event timing (triton's do_bench).
-    CPU: after a warm-up, ``rounds`` rounds that each time every function in turn for at
-    least ``min_round_time`` seconds, so that a change of load on the machine hits all of
-    them alike; the median over every call."""
+    CPU: after ``warmup`` calls of each, ``rounds`` rounds that each time every function in
+    turn for at least ``min_round_time`` seconds, so that a change of load on the machine hits
+    all of them alike; the median over every call."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -268,8 +269,8 @@ def time_group(fns: dict[str, Callable[[], object]], device: torch.device, *,
                 for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
-        fn()
-        fn()
+        for _ in range(warmup):
+            fn()
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
@@ -837,8 +838,10 @@ def run_vq_report(device: torch.device, *, sizes: Sequence[tuple[int, int, int]]
             return call
 
         load_before = os.getloadavg()[0]
+        small = N * K <= 1 << 22  # large: the first call was the warm-up, each round one call
         times = time_group({k: counted(k, f) for k, f in runners.items()}, device,
-                           rounds=rounds, min_round_time=0.05 if N * K <= 1 << 22 else 0.0)
+                           rounds=rounds, min_round_time=0.05 if small else 0.0,
+                           warmup=2 if small else 0)
         load_after = os.getloadavg()[0]
         peaks: dict[str, int | None] = {}
         for impl in times:
@@ -854,7 +857,8 @@ def run_vq_report(device: torch.device, *, sizes: Sequence[tuple[int, int, int]]
         group = []
         for impl, seconds in times.items():
             peak = peaks.get(impl)
-            group.append(VQRow(impl, N, K, D, seconds * 1e3, counts.get(impl, 0) - 2,
+            calls = counts.get(impl, 0) - (2 if small else 0)
+            group.append(VQRow(impl, N, K, D, seconds * 1e3, calls,
                                peak_extra_mb=None if peak is None else peak / 2**20,
                                peak_nk=None if peak is None else peak / (4 * N * K),
                                load_average=(load_before, load_after)))
