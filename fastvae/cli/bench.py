@@ -648,8 +648,11 @@ VQ_SIZES = {"cpu": [(1024, 512, 64), (32768, 4096, 64), (8192, 16384, 256), (327
                      (131072, 16384, 8), (32768, 16384, 256)]}
 # "cdist": plain eager torch.cdist + argmin, gather, straight-through, losses; "vqp" and
 # "vqp:compile": vector_quantize_pytorch.VectorQuantize eager and under torch.compile;
-# "fastvae": fastvae.VectorQuantize (the drop-in); "fastvae:vector_quantize": the function.
+# "fastvae": fastvae.VectorQuantize (the drop-in); "fastvae:vector_quantize": the function;
+# "fastvae:nearest_code": cdist's code with fv.nearest_code for the search (not by default: the
+# search alone, where the functions above are not there, e.g. on a branch).
 VQ_IMPLS = ("cdist", "vqp", "vqp:compile", "fastvae", "fastvae:vector_quantize")
+VQ_EXTRA_IMPLS = ("fastvae:nearest_code",)
 VQ_WORK = ("float32 forward + backward, one step of training with a fixed codebook: the modules "
            "in train mode called with freeze_codebook=True (no EMA update, no k-means), the "
            "straight-through estimator (rotation_trick=False), commitment loss (weight 1); the "
@@ -667,10 +670,14 @@ def _vq_inputs(N: int, K: int, D: int, device: torch.device,
     return _leaf(x), codebook, grad
 
 
-def eager_vq(x: Tensor, codebook: Tensor, beta: float = VQ_BETA):
+def eager_vq(x: Tensor, codebook: Tensor, beta: float = VQ_BETA, search: str = "cdist"):
     """What a user writes in plain PyTorch: ``cdist`` + ``argmin`` (the N x K matrix), gather,
-    straight-through, codebook and commitment losses."""
-    indices = torch.cdist(x, codebook[None]).argmin(dim=-1)
+    straight-through, codebook and commitment losses (``search="nearest_code"``: the indices
+    from ``fv.nearest_code`` instead)."""
+    if search == "nearest_code":
+        indices = fv.nearest_code(x.detach(), codebook.detach())[0]
+    else:
+        indices = torch.cdist(x, codebook[None]).argmin(dim=-1)
     q = codebook[indices]
     quantized = x + (q - x).detach()
     loss = F.mse_loss(q, x.detach()) + beta * F.mse_loss(x, q.detach())
@@ -681,12 +688,14 @@ def make_vq_runner(impl: str, N: int, K: int, D: int,
                    device: torch.device) -> Callable[[], object]:
     """A no-argument callable: one forward + backward of ``impl`` at N x K x D (``VQ_WORK``)."""
     x, codebook, grad = _vq_inputs(N, K, D, device)
-    if impl in ("cdist", "fastvae:vector_quantize"):
+    if impl in ("cdist", "fastvae:vector_quantize", "fastvae:nearest_code"):
         codebook = _leaf(codebook)
         leaves = (x, codebook)
-        if impl == "cdist":
+        if impl != "fastvae:vector_quantize":
+            search = "cdist" if impl == "cdist" else "nearest_code"
+
             def call():
-                return eager_vq(x, codebook)
+                return eager_vq(x, codebook, search=search)
         else:
             def call():
                 out = fv.vector_quantize(x, codebook, beta=VQ_BETA)
@@ -709,7 +718,8 @@ def make_vq_runner(impl: str, N: int, K: int, D: int,
         def call():
             return body(x, freeze_codebook=True)
     else:
-        raise ValueError(f"unknown VQ implementation {impl!r}; choose from {', '.join(VQ_IMPLS)}")
+        raise ValueError(f"unknown VQ implementation {impl!r}; choose from "
+                         f"{', '.join(VQ_IMPLS + VQ_EXTRA_IMPLS)}")
 
     def run():
         for leaf in leaves:
@@ -888,7 +898,7 @@ def _git_commit() -> str | None:
 
 
 def write_vq_results(rows: list[VQRow], device: torch.device, out_dir: Path,
-                     extra: dict | None = None) -> list[Path]:
+                     extra: dict | None = None, stem: str = "vq") -> list[Path]:
     """``vq.txt`` (the table and how it was measured), ``vq.json`` and ``vq.csv``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_name(device), "torch": torch.__version__,
@@ -901,7 +911,7 @@ def write_vq_results(rows: list[VQRow], device: torch.device, out_dir: Path,
 
         meta["vector_quantize_pytorch"] = version("vector-quantize-pytorch")
     records = [asdict(r) for r in rows]
-    paths = [out_dir / "vq.txt", out_dir / "vq.json", out_dir / "vq.csv"]
+    paths = [out_dir / f"{stem}.{ext}" for ext in ("txt", "json", "csv")]
     lines = [f"fastvae bench --ops vq: {meta['device']}, {meta['date']}, torch {meta['torch']}, "
              f"vector-quantize-pytorch {meta.get('vector_quantize_pytorch', '-')}, fastvae "
              f"{meta['fastvae']} ({meta['fastvae_commit']}), {meta['threads']} threads",
@@ -1138,7 +1148,7 @@ def run_command(args: argparse.Namespace) -> int:
     ops = names("--ops", args.ops, [*OPS, "vq"])
     with_vq = "vq" in ops
     ops = [op for op in ops if op != "vq"]
-    vq_impls = names("--vq-impls", args.vq_impls, VQ_IMPLS)
+    vq_impls = names("--vq-impls", args.vq_impls, VQ_IMPLS + VQ_EXTRA_IMPLS)
     if args.vq_rounds < 1:
         raise UsageError(f"--vq-rounds: must be at least 1, got {args.vq_rounds}")
     dtypes = names("--dtypes", args.dtypes, ("float32", "float16", "bfloat16", "float64"))

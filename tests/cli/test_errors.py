@@ -211,6 +211,10 @@ BENCH = [
     ("train_step_one_number", ["--train-step", "3"], ["--train-step", "'3'"]),
     ("out_is_a_file", ["--out", "{d}/a_file"], ["--out", "a_file"]),
     ("unknown_option", ["--size", "3"], ["--size"]),
+    ("vq_sizes_two_numbers", ["--ops", "vq", "--vq-sizes", "64x32"], ["--vq-sizes", "'64x32'"]),
+    ("vq_sizes_zero", ["--ops", "vq", "--vq-sizes", "0x32x8"], ["--vq-sizes", "'0x32x8'"]),
+    ("vq_impls_unknown", ["--ops", "vq", "--vq-impls", "nope"], ["--vq-impls", "nope"]),
+    ("vq_rounds_zero", ["--ops", "vq", "--vq-rounds", "0"], ["--vq-rounds", "0"]),
 ]
 if not GPU:
     BENCH += [("backends_cuda_without_gpu", ["--backends", "cuda"], ["--backends", "'cuda'"]),
@@ -348,7 +352,7 @@ def test_table_covers_every_option():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     harmless = {"--help", "--no-images", "--no-progress", "--amp", "--no-compile",
-                "--no-train-step"}
+                "--no-train-step", "--no-memory", "--small-batch"}
     assert set(sub.choices) == {"train", "bench", "info", *READERS}
     for command, rows in (("train", TRAIN), ("bench", BENCH), *READERS.items()):
         options = {o for a in sub.choices[command]._actions for o in a.option_strings
