@@ -916,6 +916,7 @@ def write_vq_results(rows: list[VQRow], device: torch.device, out_dir: Path,
              f"vector-quantize-pytorch {meta.get('vector_quantize_pytorch', '-')}, fastvae "
              f"{meta['fastvae']} ({meta['fastvae_commit']}), {meta['threads']} threads",
              f"work: {VQ_WORK}",
+             *(f"{key}: {value}" for key, value in (extra or {}).items()),
              "ms: median of every call (rounds interleaving the implementations); x cdist / x "
              "vqp / x vqp:c: speed-up against plain cdist, vector-quantize-pytorch eager and "
              "compiled; peak MB: peak extra resident memory of one forward + backward (fresh "
