@@ -1,4 +1,5 @@
-"""Every op x direction x implementation x size, timed by pytest-benchmark.
+"""Every op x direction x implementation x size, and the vector quantizer, timed by
+pytest-benchmark.
 
     pytest benchmarks --benchmark-only [-k loss_head] [--benchmark-group-by=group]
 
@@ -59,3 +60,20 @@ def test_train_step(benchmark, impl, size):
     step()
     benchmark.group = f"train step {size[0]}x{size[1]}"
     benchmark(step)
+
+
+# The vector quantizer: forward + backward with a fixed codebook (bench.VQ_WORK) of fastvae
+# against vector-quantize-pytorch (eager, compiled) and cdist + argmin, at bench.VQ_SIZES
+# (the tokenizer sizes take seconds per call on the CPU: select with -k, e.g. -k 1024x512x64).
+VQ_CASES = [(impl, size) for size in bench.VQ_SIZES[DEVICE.type] for impl in bench.VQ_IMPLS]
+
+
+@pytest.mark.parametrize(("impl", "size"), VQ_CASES,
+                         ids=[f"{impl}-{'x'.join(map(str, size))}" for impl, size in VQ_CASES])
+def test_vq(benchmark, impl, size):
+    if impl.startswith("vqp"):
+        pytest.importorskip("vector_quantize_pytorch")
+    runner = _synchronized(bench.make_vq_runner(impl, *size, DEVICE))
+    runner()  # compile / warm up outside the measurement
+    benchmark.group = f"vq fwd+bwd {'x'.join(map(str, size))}"
+    benchmark(runner)

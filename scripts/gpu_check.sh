@@ -17,6 +17,8 @@
 #                  then one op of each other family, at each op's GPU sizes (up to 64 Mi
 #                  elements; DMoL 16x3x256x256), fwd+bwd, float32, against eager and
 #                  torch.compile; results written after each case
+#   bench-vq       fastvae bench --ops vq: the vector quantizer against vector-quantize-pytorch
+#                  and cdist + argmin at the GPU sizes (its table in bench.log)
 # Everything lands in $OUT (at most 8 files, 2 levels): check.log (this script's output, the
 # build's included), smoke.txt, tests.log, junit.xml, bench.log, results/results.{json,csv}
 # and results/roofline.png. The summary is printed last. Exit status 0 when every phase is ok.
@@ -162,8 +164,26 @@ else
     # 16x3x256x256 with 10 mixtures (DMoL, 105 M parameter elements)
     BENCH=(--ops loss_head,dmol_nll,continuous_bernoulli_nll,bernoulli_nll,sample_and_kl,reparameterize,gaussian_kl,gaussian_nll)
 fi
-phase bench "$(bound 150 5)" "$PY" -m fastvae bench "${BENCH[@]}" --directions fwd+bwd \
+# bench-vq (below) keeps BENCH_VQ_RESERVE seconds
+if [ $DRY = 1 ]; then BENCH_LIMIT=150 BENCH_VQ_RESERVE=20 BENCH_VQ_LIMIT=60
+else BENCH_LIMIT=120 BENCH_VQ_RESERVE=40 BENCH_VQ_LIMIT=100; fi
+phase bench "$(bound $BENCH_LIMIT $BENCH_VQ_RESERVE)" "$PY" -m fastvae bench "${BENCH[@]}" --directions fwd+bwd \
     --dtypes float32 --no-train-step --out "$OUT/results" > "$OUT/bench.log" 2>&1
+
+# ---- bench-vq -------------------------------------------------------------------------------
+# The vector quantizer against vector-quantize-pytorch (eager, compiled) and cdist + argmin at
+# the GPU sizes (bench.VQ_SIZES["cuda"]: up to 131072 x 16384 x 8 and 32768 x 16384 x 256),
+# fwd+bwd with a fixed codebook, time and the CUDA allocator's peak. Its table is appended to
+# bench.log (the files of $OUT stay 8: vq.txt/json/csv go to a folder that does not come back).
+# vector-quantize-pytorch (and einx) are not in the GPU image: carry their wheels, else its
+# rows are reported as failed and cdist and fastvae still run.
+if [ $DRY = 1 ]; then
+    VQ=(--device cpu --vq-sizes 64x32x8 --vq-rounds 1 --no-compile --no-memory)
+else
+    VQ=(--vq-rounds 3)
+fi
+phase bench-vq "$(bound $BENCH_VQ_LIMIT 5)" "$PY" -m fastvae bench --ops vq "${VQ[@]}" \
+    --out "${TMPDIR:-/tmp}/fastvae-gpu-check-vq" >> "$OUT/bench.log" 2>&1
 
 # ---- summary --------------------------------------------------------------------------------
 echo
@@ -185,6 +205,7 @@ if [ -f "$OUT/bench.log" ]; then
     grep -E 'copy bandwidth|failed' "$OUT/bench.log" | head -6
     grep -E '^loss_head ' "$OUT/bench.log"
     grep -E '^[a-z_]+ +fwd\+bwd fastvae:' "$OUT/bench.log" | grep -v '^loss_head'
+    grep -E '^(fastvae|vqp|cdist)[a-z:_]* +[0-9]+x[0-9]+x[0-9]+ ' "$OUT/bench.log"
     tail -1 "$OUT/bench.log" | grep -E 'Error|wrote'
 fi
 echo "-- files in $OUT:"

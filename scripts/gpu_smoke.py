@@ -1,11 +1,13 @@
 """Smoke test of the GPU backends, for the one call of scripts/gpu_check.sh.
 
-Every op x backend (triton, cuda; cpu and triton under the interpreter with --dry-run) x the
-four dtypes x four layouts (contiguous; strided and transposed views; stride-0 broadcast
-operands; a second mode: K > 1 samples, free bits, a 3-D event), forward and backward (every
-input's gradient under random upstream gradients), against the ``torch`` backend on the same
-device, with the test suite's tolerances (tests/helpers.py), and each backend bitwise equal to
-itself run to run. One line per case, written as it finishes; the last line is the summary.
+Every op (the vector-quantization ops nearest_code and vector_quantize included) x backend
+(triton, cuda; cpu and triton under the interpreter with --dry-run) x the four dtypes x four
+layouts (contiguous; strided and transposed views; stride-0 broadcast operands; a second mode:
+K > 1 samples, free bits, a 3-D event, the cosine metric and the rotation trick), forward and
+backward (every input's gradient under random upstream gradients), against the ``torch``
+backend on the same device, with the test suite's tolerances (tests/helpers.py; indices
+exactly equal), and each backend bitwise equal to itself run to run. One line per case,
+written as it finishes; the last line is the summary.
 
     python scripts/gpu_smoke.py --out smoke.txt [--budget 60] [--dry-run]
 
@@ -39,7 +41,8 @@ from fastvae.ops import backends  # noqa: E402
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("contiguous", "strided", "broadcast", "variant")
 OPS = ("reparameterize", "gaussian_kl", "bernoulli_nll", "gaussian_nll", "sample_and_kl",
-       "iwae_log_likelihood", "continuous_bernoulli_nll", "discretized_mix_logistic_nll")
+       "iwae_log_likelihood", "continuous_bernoulli_nll", "discretized_mix_logistic_nll",
+       "nearest_code", "vector_quantize")
 NOISY = ("reparameterize", "sample_and_kl")  # noise agrees across backends to float32 only
 
 
@@ -153,6 +156,28 @@ class Case:
                 params = leaf(B, P, N, scale=1.5)
             self.call = lambda: fv.discretized_mix_logistic_nll(
                 params, x, n_mixtures=M, n_bins=bins, reduction="none")
+        elif op in ("nearest_code", "vector_quantize"):
+            # x: B x N vectors of D (contiguous; a transposed (D, B N) storage; one row of N
+            # vectors broadcast over B); codebook (K, D) with code K-1 a copy of code 0 (ties:
+            # the lowest index); variant: the cosine metric (and the rotation trick).
+            D, K = 3 + N // 40, max(7, N // 2 + 3)
+            grad = op == "vector_quantize"
+            if layout == "strided":
+                x = target(base(D, B * N, grad=grad).t())
+            elif layout == "broadcast":
+                x = target(base(1, N, D, grad=grad).expand(B, N, D))
+            else:
+                x = leaf(B, N, D, grad=grad)
+            cb = torch.randn(K, D, generator=g, dtype=torch.float64)
+            cb[K - 1] = cb[0]
+            codebook = target(cb.to(dtype).to(device).requires_grad_(grad))
+            metric = "cosine" if variant else "l2"
+            if op == "nearest_code":
+                self.call = lambda: fv.nearest_code(x, codebook, metric=metric)
+            else:
+                st = "rotation" if variant else "ste"
+                self.call = lambda: tuple(fv.vector_quantize(x, codebook, metric=metric,
+                                                             straight_through=st))
         else:
             raise ValueError(op)
         # Upstream gradients: one per output, drawn once (float32/64 like the outputs).
@@ -168,7 +193,10 @@ class Case:
         """Outputs, then the gradient of every leaf, under ``backend``."""
         with fv.use_backend(backend):
             outs = self._outputs()
-            grads = torch.autograd.grad(outs, self.leaves, self.out_grads)
+            # outputs without a gradient (nearest_code's, the indices) take no upstream one
+            pairs = [(o, g) for o, g in zip(outs, self.out_grads, strict=True) if o.requires_grad]
+            grads = (torch.autograd.grad([o for o, _ in pairs], self.leaves,
+                                         [g for _, g in pairs]) if self.leaves else ())
         return [o.detach() for o in outs] + list(grads)
 
 
@@ -176,6 +204,8 @@ def error(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, noisy: bool
     """The case's error measure (module docstring); inf for a shape or NaN mismatch."""
     if got.shape != want.shape or got.dtype != want.dtype:
         return float("inf")
+    if not got.is_floating_point():  # indices: exact
+        return 0.0 if torch.equal(got.cpu(), want.cpu()) else float("inf")
     tol = tolerance(got.dtype if got.is_floating_point() else dtype, noisy)
     g, w = got.double().cpu(), want.double().cpu()
     if not torch.equal(torch.isnan(g), torch.isnan(w)):

@@ -243,6 +243,10 @@ BENCH = [
     ("threads_zero", ["--threads", "0"], ["--threads", ">= 1"]),
     ("threads_letters", ["--threads", "two"], ["--threads", "'two'"]),
     ("small_batch_unknown_op", ["--small-batch", "--ops", "nope"], ["--ops", "nope"]),
+    ("vq_sizes_two_numbers", ["--ops", "vq", "--vq-sizes", "64x32"], ["--vq-sizes", "'64x32'"]),
+    ("vq_sizes_zero", ["--ops", "vq", "--vq-sizes", "0x32x8"], ["--vq-sizes", "'0x32x8'"]),
+    ("vq_impls_unknown", ["--ops", "vq", "--vq-impls", "nope"], ["--vq-impls", "nope"]),
+    ("vq_rounds_zero", ["--ops", "vq", "--vq-rounds", "0"], ["--vq-rounds", "0"]),
 ]
 if not GPU:
     BENCH += [("backends_cuda_without_gpu", ["--backends", "cuda"], ["--backends", "'cuda'"]),
@@ -387,7 +391,7 @@ def test_table_covers_every_option():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     harmless = {"--help", "--no-images", "--no-progress", "--amp", "--compile", "--no-compile",
-                "--no-train-step"}
+                "--no-train-step", "--no-memory"}
     assert set(sub.choices) == {"train", "bench", "info", *READERS}
     for command, rows in (("train", TRAIN), ("bench", BENCH), *READERS.items()):
         options = {o for a in sub.choices[command]._actions for o in a.option_strings
