@@ -81,18 +81,6 @@ def observation(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
                          f"{tuple(ref.shape)}; they must be equal")
 
 
-def broadcastable(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
-    """``t`` broadcasts to ``ref``'s shape (and shares its dtype and device)."""
-    same_dtype_and_device(name, t, ref_name, ref)
-    try:
-        shape = torch.broadcast_shapes(t.shape, ref.shape)
-    except RuntimeError:
-        shape = None
-    if shape != ref.shape:
-        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to "
-                         f"{ref_name}'s shape {tuple(ref.shape)}")
-
-
 def broadcast_parameter(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
     """``t`` is a broadcast parameter (a log-variance or prior of ``ref``): it broadcasts to
     ``ref``'s shape, on ``ref``'s device, any floating dtype. Like an observation it is promoted
