@@ -563,12 +563,12 @@ def launch(op: str, kernel, grid: tuple[int, ...], *args, **meta) -> None:
     A compiled kernel launched again with the same arguments (values, dtypes, alignments) skips
     Triton's argument binding and cache lookup: see ``_launch_fast``."""
     try:
-        if _INTERPRETER:
+        if (_JITFunction is not None and type(kernel) is _JITFunction and type(grid) is tuple
+                and _JITFunction.run is _JIT_RUN and not getattr(kernel, "pre_run_hooks", None)):
+            _launch_fast(kernel, grid, args, meta)  # a compiled kernel (the interpreter has none)
+        elif _INTERPRETER:
             with np.errstate(all="ignore"):
                 kernel[grid](*args, **meta)
-        elif (_JITFunction is not None and type(kernel) is _JITFunction and type(grid) is tuple
-                and _JITFunction.run is _JIT_RUN and not getattr(kernel, "pre_run_hooks", None)):
-            _launch_fast(kernel, grid, args, meta)
         else:
             kernel[grid](*args, **meta)
     except Exception as e:

@@ -72,7 +72,9 @@ def npz_array(path: Path, key: str | None = None) -> np.ndarray:
     """The array of an ``.npz`` file: the one named ``key``, else the file's only array. A file
     of several arrays and no ``key`` is a ``DataError`` listing them with their shapes."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        # the file opened here, so that it is closed whatever numpy makes of it (np.load of a
+        # path leaves the file open when the archive is broken)
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
             names = list(archive.keys())
             if key is not None and key in names:
                 return archive[key]

@@ -32,7 +32,8 @@ def test_train_writes_every_file(tmp_path, capsys):
         with Image.open(out / name) as image:
             image.verify()
             assert image.format == "PNG"
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     metrics = json.loads((out / "metrics.json").read_text())
     final = metrics["final"]

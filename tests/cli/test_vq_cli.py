@@ -43,7 +43,8 @@ def test_train_writes_the_vq_files_and_metrics(run):
         with Image.open(run / name) as image:
             image.verify()
             assert image.format == "PNG"
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
     assert set(rows[0]) == VQ_COLUMNS
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for r in rows:
