@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The Python side of a Triton launch, on a machine with no GPU (issue 19: <= 15 µs per launch).
+"""The Python side of a Triton launch, on a machine with no GPU (target: <= 15 µs per launch).
 
     env -u TRITON_INTERPRET python benchmarks/triton_launch.py [--arch 90] [--shape 64x784]
 

@@ -380,6 +380,18 @@ def conv_decoder(latent_dim: int, output_shape: Sequence[int],
     return nn.Sequential(*layers)
 
 
+def decoder_output_shape(input_shape: Sequence[int], likelihood: str,
+                         n_mixtures: int) -> tuple[int, ...]:
+    """What the decoder returns for images of ``input_shape``: the same shape, or for
+    ``likelihood="dmol"`` the mixture's parameters, ``(M (1 + 3C) or 3M, H, W)``."""
+    if likelihood != "dmol":
+        return tuple(input_shape)
+    if len(input_shape) != 3 or input_shape[0] not in (1, 3):
+        raise ValueError(f"likelihood 'dmol' needs (C, H, W) inputs with C = 1 or 3, got "
+                         f"{tuple(input_shape)}")
+    return (n_mixtures * reference.dmol_params_per_mixture(input_shape[0]), *input_shape[1:])
+
+
 def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
               hidden: Sequence[int] | None = None, likelihood: str = "bernoulli",
               obs_logvar: float = 0.0, beta: float = 1.0, free_bits: float = 0.0,
@@ -400,13 +412,8 @@ def build_vae(input_shape: Sequence[int], latent_dim: int, *, arch: str = "mlp",
               "hidden": None if hidden is None else list(hidden), "likelihood": likelihood,
               "obs_logvar": obs_logvar, "beta": beta, "free_bits": free_bits,
               "logvar_limit": logvar_limit}
-    output_shape = tuple(input_shape)
+    output_shape = decoder_output_shape(input_shape, likelihood, n_mixtures)
     if likelihood == "dmol":
-        if len(input_shape) != 3 or input_shape[0] not in (1, 3):
-            raise ValueError(f"likelihood 'dmol' needs (C, H, W) inputs with C = 1 or 3, got "
-                             f"{tuple(input_shape)}")
-        per = 3 if input_shape[0] == 1 else 1 + 3 * input_shape[0]
-        output_shape = (n_mixtures * per, *input_shape[1:])
         config.update(n_mixtures=n_mixtures, n_bins=n_bins)
     if arch == "mlp":
         hidden = tuple(hidden or (256, 256))

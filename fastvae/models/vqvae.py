@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .quantizer import VectorQuantizer
-from .vae import LIKELIHOODS, VAE, _Crop, _mlp
+from .vae import LIKELIHOODS, VAE, _Crop, _mlp, decoder_output_shape
 
 PRIORS = ("uniform", "empirical")
 
@@ -201,13 +201,8 @@ def build_vqvae(input_shape: Sequence[int], codebook_size: int, *, codebook_dim:
               "obs_logvar": obs_logvar, "decay": decay, "commitment_weight": commitment_weight,
               "kmeans_init": kmeans_init, "dead_code_threshold": dead_code_threshold,
               "straight_through": straight_through}
-    output_shape = tuple(input_shape)
+    output_shape = decoder_output_shape(input_shape, likelihood, n_mixtures)
     if likelihood == "dmol":
-        if len(input_shape) != 3 or input_shape[0] not in (1, 3):
-            raise ValueError(f"likelihood 'dmol' needs (C, H, W) inputs with C = 1 or 3, got "
-                             f"{tuple(input_shape)}")
-        per = 3 if input_shape[0] == 1 else 1 + 3 * input_shape[0]
-        output_shape = (n_mixtures * per, *input_shape[1:])
         config.update(n_mixtures=n_mixtures, n_bins=n_bins)
     quantizer = VectorQuantizer(codebook_dim, codebook_size, decay=decay,
                                 commitment_weight=commitment_weight, kmeans_init=kmeans_init,

@@ -1,5 +1,5 @@
 """``fastvae train --likelihood dmol`` (and ``fastvae.train``) refuse data off the grid of
-``--bins`` levels before training (issue 22, item 4): unquantized floats, the digits (17
+``--bins`` levels before training: unquantized floats, the digits (17
 levels) at 256 bins, 8-bit images at 17 bins. The message names ``--bins`` (``n_bins`` in
 Python) and the data; nothing is trained or written. Data on the grid passes the check."""
 

@@ -1,5 +1,5 @@
-"""Triton stores round float32 -> bfloat16 to nearest, ties to even, as a GPU does (issue 22,
-item 4): Triton's interpreter truncates (half of all values one ulp toward zero), so the kernels
+"""Triton stores round float32 -> bfloat16 to nearest, ties to even, as a GPU does:
+Triton's interpreter truncates (half of all values one ulp toward zero), so the kernels
 cast through ``kernels/_common.cast_rn``. Held bit for bit against torch's conversion (round to
 nearest even) over random magnitudes, ties, subnormals, the overflow threshold, infinities and
 NaN; and through an op whose float32 value is exact on every backend."""

@@ -1,4 +1,4 @@
-"""Broadcast parameters of another floating dtype (issue 22, item 3): the sigma-VAE pattern, a
+"""Broadcast parameters of another floating dtype: the sigma-VAE pattern, a
 float32 learned log-variance (scalar, per channel or full) next to a bfloat16 decoder mean under
 autocast. Every op with a broadcast parameter tensor computes in the common dtype of all its
 operands and returns each gradient in its own input's dtype: ``gaussian_nll``'s ``logvar``,

@@ -1,4 +1,4 @@
-"""Errors name the argument the user passed (issue 22, item 4), not the one a wrapper hands on:
+"""Errors name the argument the user passed, not the one a wrapper hands on:
 ``GaussianNLLLoss(var=...)`` says ``var``, not ``logvar`` (it passes ``log(var)`` on);
 ``DiagonalNormal.log_prob(value)`` says ``value``, not ``target``;
 ``DiagonalGaussianDistribution.nll(sample)`` / ``.kl(other)`` say ``sample`` / ``other``, not

@@ -1,4 +1,4 @@
-"""Integer options of the op layer (issue 22, item 4): every one accepts any ``__index__``
+"""Integer options of the op layer: every one accepts any ``__index__``
 integer (``int``, numpy's ``np.int64`` / ``np.uint8``, a one-element integer tensor, a class of
 one's own) with the result of the equal ``int``, and refuses ``bool`` and floats (``2.0``
 included) with a ``TypeError`` naming the option. One helper, ``validation.integer``, serves

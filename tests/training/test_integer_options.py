@@ -1,4 +1,4 @@
-"""Integer options of the model and training API (issue 22, item 4; the op layer's are in
+"""Integer options of the model and training API (the op layer's are in
 tests/ops/test_integer_options.py): each accepts numpy's integers (and any ``__index__``
 integer) with the result of the equal ``int``, keeps a Python ``int`` (the build config and
 the training config go to JSON), and refuses ``bool`` and floats with a ``TypeError`` naming
