@@ -369,15 +369,23 @@ def conv_decoder(latent_dim: int, output_shape: Sequence[int],
     c_out, height, width = output_shape
     scale = 2 ** len(channels)
     h0, w0 = -(-height // scale), -(-width // scale)
-    layers: list[nn.Module] = [nn.Linear(latent_dim, channels[0] * h0 * w0), nn.SiLU(),
-                               nn.Unflatten(1, (channels[0], h0, w0))]
+    return nn.Sequential(nn.Linear(latent_dim, channels[0] * h0 * w0), nn.SiLU(),
+                         nn.Unflatten(1, (channels[0], h0, w0)),
+                         *upsampling_layers(channels, c_out, height, width))
+
+
+def upsampling_layers(channels: Sequence[int], c_out: int, height: int,
+                      width: int) -> list[nn.Module]:
+    """4x4 transposed convolutions through ``channels`` to ``c_out``, each doubling H and W
+    (SiLU between them), cropped to ``(height, width)``: the conv decoders' shared tail."""
+    layers: list[nn.Module] = []
     for i, c in enumerate(channels):
         nxt = channels[i + 1] if i + 1 < len(channels) else c_out
         layers.append(nn.ConvTranspose2d(c, nxt, 4, stride=2, padding=1))
         if i + 1 < len(channels):
             layers.append(nn.SiLU())
     layers.append(_Crop(height, width))
-    return nn.Sequential(*layers)
+    return layers
 
 
 def decoder_output_shape(input_shape: Sequence[int], likelihood: str,

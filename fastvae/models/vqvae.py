@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .quantizer import VectorQuantizer
-from .vae import LIKELIHOODS, VAE, _Crop, _mlp, decoder_output_shape
+from .vae import LIKELIHOODS, VAE, _mlp, decoder_output_shape, upsampling_layers
 
 PRIORS = ("uniform", "empirical")
 
@@ -172,14 +172,8 @@ def vq_conv_decoder(codebook_dim: int, output_shape: Sequence[int],
     """A 1x1 convolution, then 4x4 transposed convolutions that each double H and W, cropped to
     ``output_shape``: ``z_q (B, codebook_dim, h, w) -> (B, C, H, W)``."""
     c_out, height, width = output_shape
-    layers: list[nn.Module] = [nn.Conv2d(codebook_dim, channels[0], 1), nn.SiLU()]
-    for i, c in enumerate(channels):
-        nxt = channels[i + 1] if i + 1 < len(channels) else c_out
-        layers.append(nn.ConvTranspose2d(c, nxt, 4, stride=2, padding=1))
-        if i + 1 < len(channels):
-            layers.append(nn.SiLU())
-    layers.append(_Crop(height, width))
-    return nn.Sequential(*layers)
+    return nn.Sequential(nn.Conv2d(codebook_dim, channels[0], 1), nn.SiLU(),
+                         *upsampling_layers(channels, c_out, height, width))
 
 
 def build_vqvae(input_shape: Sequence[int], codebook_size: int, *, codebook_dim: int = 16,
