@@ -171,8 +171,8 @@ def residual_vq_bwd(grad_q: Tensor, grad_commit: Tensor, grad_dist: Tensor, indi
                    g, g.stride(0), g.stride(1), gc, gc.stride(0), gc.stride(1),
                    indices, indices.stride(0), indices.stride(1), x, x.stride(0), x.stride(1),
                    codebooks, *codebooks.stride(), dx, N, D, L,
-                   ROTATION=bool(rotation), TINY=torch.finfo(x.dtype).tiny, BLOCK_R=br, BLOCK_D=bd, DTYPE=dtype,
-                   enable_fp_fusion=False)
+                   ROTATION=bool(rotation), TINY=torch.finfo(x.dtype).tiny, BLOCK_R=br,
+                   BLOCK_D=bd, DTYPE=dtype, enable_fp_fusion=False)
         out.append(dx)
     if needs[1]:
         dcb = torch.zeros((L, K, D), dtype=x.dtype, device=device)

@@ -324,7 +324,7 @@ class ResidualVQ(nn.Module):
     def __init__(self, *, dim: int, codebook_size: int, **kwargs: Any) -> None:
         super().__init__()
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in _RVQ_ARGS}
-        for name, value in kwargs.items():
+        for name in kwargs:
             if name not in _PACKAGE_ARGS:
                 raise TypeError(f"ResidualVQ got an unexpected keyword argument {name!r}")
         unsupported = [f"{n}={v!r}" for n, v in own.items()

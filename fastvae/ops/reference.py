@@ -914,7 +914,7 @@ def residual_vq_fwd(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
     Returns ``(quantized (N, D), indices int64 (N, L), commit (N, L), dist (N, L))``: ``commit``
     and ``dist`` hold the same distances (two outputs: the commitment term's gradient goes to
     ``x``, the codebook term's to the codebooks)."""
-    N, D = x.shape
+    N, _D = x.shape
     L = codebooks.shape[0]
     r = x
     q = torch.zeros_like(x)
@@ -971,7 +971,7 @@ def residual_vq_bwd(grad_q: Tensor, grad_commit: Tensor, grad_dist: Tensor, indi
     - ``dist_l = |sg(r_l) - c_l|^2``: ``d codebooks[l, i_l] += 2 g_dist_l (c_l - r_l)``
       (index-add, rows in order).
     """
-    N, D = x.shape
+    _N, _D = x.shape
     L = codebooks.shape[0]
     r = x
     dx = torch.zeros_like(x)

@@ -117,7 +117,7 @@ def test_ties_and_duplicates_give_the_lowest_index(backend):
     base[1, 2] = -base[1, 1]
     cb = torch.cat([base, base], 1)
     x = torch.cat([_x(40, 6, seed=6), base[0][:3], torch.zeros(2, 6)])
-    out, idx = _check(backend, x, cb)
+    _out, idx = _check(backend, x, cb)
     assert (idx < 5).all()
     assert torch.equal(idx[40:43, 0], torch.arange(3))
     # exact hits leave a zero residual: codes 1 and 2 of level 1 tie (if nearest), 1 wins
@@ -145,7 +145,8 @@ def test_quantize_dropout_masks(backend):
     a = _run(backend, x, cb, n_levels=2)
     b = _run(backend, x, cb, n_levels=torch.tensor(2))
     c = _run(backend, x, cb[:2])
-    assert torch.equal(a.indices, b.indices) and torch.equal(a.quantized, c.quantized)
+    assert torch.equal(a.indices, b.indices)
+    assert torch.equal(a.quantized, c.quantized)
     assert (a.indices[..., 2:] == -1).all()
     assert (_run(backend, x, cb, n_levels=0).quantized == 0).all()
 
@@ -156,7 +157,8 @@ def test_any_strides(backend):
     _check(backend, x, cb)
     want = _run(backend, x.contiguous(), cb.contiguous())
     got = _run(backend, x, cb)
-    assert torch.equal(got.indices, want.indices) and torch.equal(got.quantized, want.quantized)
+    assert torch.equal(got.indices, want.indices)
+    assert torch.equal(got.quantized, want.quantized)
 
 
 def test_mixed_dtypes_compute_in_the_common_one(backend):
@@ -172,9 +174,11 @@ def test_empty_inputs(backend):
     for reduction, want in (("sum", 0.0), ("none", None)):
         out = fv.residual_vector_quantize(torch.zeros(0, 4, device=device_for(backend)),
                                           cb.to(device_for(backend)), reduction=reduction)
-        assert out.indices.shape == (0, 3) and out.quantized.shape == (0, 4)
+        assert out.indices.shape == (0, 3)
+        assert out.quantized.shape == (0, 4)
         if want is not None:
-            assert (out.commitment_loss == 0).all() and out.commitment_loss.shape == (3,)
+            assert (out.commitment_loss == 0).all()
+            assert out.commitment_loss.shape == (3,)
     out = fv.residual_vector_quantize(torch.zeros(0, 4), cb)
     assert torch.isnan(out.loss)  # the mean over no elements, as torch
     x = torch.zeros(2, 5, 4, requires_grad=True)
@@ -261,7 +265,8 @@ def test_half_gradients_come_back_in_their_dtype(backend):
     cb = _x(2, 5, 4, seed=25, dtype=torch.float16).to(device).requires_grad_()
     out = fv.residual_vector_quantize(x, cb)
     (out.quantized.float().sum() + out.loss).backward()
-    assert x.grad.dtype == torch.bfloat16 and cb.grad.dtype == torch.float16
+    assert x.grad.dtype == torch.bfloat16
+    assert cb.grad.dtype == torch.float16
 
 
 def test_backward_saves_nothing_level_sized():
@@ -300,7 +305,7 @@ def test_cpu_bitwise_across_isas_and_threads():
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("kwargs, err, match", [
+@pytest.mark.parametrize(("kwargs", "err", "match"), [
     (dict(straight_through="gumbel"), ValueError, "straight_through"),
     (dict(beta=-1.0), ValueError, "beta"),
     (dict(beta="1"), TypeError, "beta"),
