@@ -198,7 +198,7 @@ def test_codes_and_outputs_from_indices(return_all_codes):
 def test_single_vectors_and_image_maps():
     theirs, ours = _pair(**BASE)
     x = _x(5, 8)
-    (qa, ia, la), (qb, ib, lb) = theirs(x), ours(x)
+    (qa, ia, _), (qb, ib, _) = theirs(x), ours(x)
     assert ib.shape == ia.shape == (5, 4)
     assert torch.equal(ia, ib)
     torch.testing.assert_close(qb, qa, **TOL)
