@@ -368,3 +368,22 @@ def test_compile_fullgraph(backend):
     (want[0].sum() + want[2]).backward()
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(ca.grad, cbb.grad)
+
+
+@pytest.mark.parametrize("mode", ["ste", "rotation"])
+def test_rows_longer_than_a_chunk(backend, mode):
+    # D = 300: more than one column chunk of the Triton kernels (256 under the interpreter)
+    device = device_for(backend)
+    x, cb = _x(9, 300, seed=34), _x(2, 5, 300, seed=35)
+    _check(backend, x, cb)
+    g = _x(9, 300, seed=36)
+    grads = []
+    for name in ("torch", backend):
+        with fv.use_backend(name):
+            xx = x.to(device).requires_grad_()
+            cc = cb.to(device).requires_grad_()
+            out = fv.residual_vector_quantize(xx, cc, straight_through=mode)
+            grads.append(torch.autograd.grad((out.quantized * g.to(device)).sum() + out.loss,
+                                             (xx, cc)))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
