@@ -1,6 +1,7 @@
 """Smoke test of the GPU backends, for the one call of scripts/gpu_check.sh.
 
-Every op (the vector-quantization ops nearest_code and vector_quantize included) x backend
+Every op (the vector-quantization ops nearest_code, vector_quantize and
+residual_vector_quantize included) x backend
 (triton, cuda; cpu and triton under the interpreter with --dry-run) x the four dtypes x four
 layouts (contiguous; strided and transposed views; stride-0 broadcast operands; a second mode:
 K > 1 samples, free bits, a 3-D event, the cosine metric and the rotation trick), forward and
@@ -42,7 +43,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("contiguous", "strided", "broadcast", "variant")
 OPS = ("reparameterize", "gaussian_kl", "bernoulli_nll", "gaussian_nll", "sample_and_kl",
        "iwae_log_likelihood", "continuous_bernoulli_nll", "discretized_mix_logistic_nll",
-       "nearest_code", "vector_quantize")
+       "nearest_code", "vector_quantize", "residual_vector_quantize")
 NOISY = ("reparameterize", "sample_and_kl")  # noise agrees across backends to float32 only
 
 
@@ -178,6 +179,26 @@ class Case:
                 st = "rotation" if variant else "ste"
                 self.call = lambda: tuple(fv.vector_quantize(x, codebook, metric=metric,
                                                              straight_through=st))
+        elif op == "residual_vector_quantize":
+            # x as above, 3 levels of K codes (code K-1 of level 0 a copy of code 0); variant:
+            # per-vector level counts (quantize dropout) and the rotation trick. The codebooks
+            # take no gradient (the cuda backend has no kernel for it; triton's is tested in
+            # tests/ops/test_residual_vq.py).
+            D, K = 3 + N // 40, max(7, N // 2 + 3)
+            if layout == "strided":
+                x = target(base(D, B * N).t())
+            elif layout == "broadcast":
+                x = target(base(1, N, D).expand(B, N, D))
+            else:
+                x = leaf(B, N, D)
+            cb = torch.randn(3, K, D, generator=g, dtype=torch.float64) * torch.tensor(
+                [1.0, 0.5, 0.25], dtype=torch.float64)[:, None, None]
+            cb[0, K - 1] = cb[0, 0]
+            codebooks = cb.to(dtype).to(device)
+            levels = (torch.randint(0, 4, (B, N), generator=g).to(device) if variant else None)
+            st = "rotation" if variant else "ste"
+            self.call = lambda: tuple(fv.residual_vector_quantize(
+                x, codebooks, n_levels=levels, straight_through=st, reduction="none"))
         else:
             raise ValueError(op)
         # Upstream gradients: one per output, drawn once (float32/64 like the outputs).
