@@ -277,7 +277,7 @@ _RVQ_ARGS: dict[str, Any] = {
     "eval_beam_size": None, "beam_score_quantizer_weights": None, "quant_grad_frac": 0.0,
     "return_zeros_for_masked_padding": True,
 }
-_RVQ_SUPPORTED = {"num_quantizers", "codebook_dim", "quantize_dropout",
+_RVQ_SUPPORTED = {"num_quantizers", "codebook_dim", "quantize_dropout", "shared_codebook",
                   "quantize_dropout_cutoff_index", "quantize_dropout_multiple_of",
                   "accept_image_fmap", "return_zeros_for_masked_padding"}
 # VectorQuantize arguments the residual levels do not support (beyond what fv.VectorQuantize
@@ -314,9 +314,15 @@ class ResidualVQ(nn.Module):
     drawn on the device with ``torch.randint`` (the package draws a seed and reads it on the
     host: the same distribution, not the same draw, and no host sync here).
 
-    Unsupported (``TypeError`` naming them, at non-default values): ``shared_codebook``,
-    ``diveq``, ``heads``, ``implicit_neural_codebook``, beam search, ``quant_grad_frac``,
-    ``use_cosine_sim``, ``learnable_codebook``/``ema_update=False``, and what
+    ``shared_codebook=True``: one codebook (the first level's module) for every level, the
+    package's manual EMA (each level's statistics in turn, one codebook update after the last);
+    with dead-code restarts it is refused (the package restarts codes between levels of one
+    call).
+
+    Unsupported (``TypeError`` naming them, at non-default values): ``shared_codebook`` with
+    ``threshold_ema_dead_code``, ``diveq``, ``heads``, ``implicit_neural_codebook``, beam
+    search, ``quant_grad_frac``, ``use_cosine_sim``, ``learnable_codebook`` /
+    ``ema_update=False``, ``channel_last=False``, ``route_gradients_to_input``, and what
     ``fv.VectorQuantize`` refuses; in ``forward``, ``mask``, ``indices`` (the cross-entropy over
     all codes is N x K by definition), ``beam_size``, ``sample_codebook_temp``.
     """
@@ -333,6 +339,9 @@ class ResidualVQ(nn.Module):
         unsupported += [f"{n}={v!r}" for n, v in kwargs.items()
                         if n in _LEVEL_UNSUPPORTED and not _is_default(v, _PACKAGE_ARGS[n])
                         and not (n == "ema_update" and v is True)]
+        if own.get("shared_codebook") and not _is_default(
+                kwargs.get("threshold_ema_dead_code", 0), 0):
+            unsupported.append("shared_codebook=True with threshold_ema_dead_code > 0")
         if unsupported:
             raise TypeError("fastvae.ResidualVQ does not support "
                             f"{', '.join(unsupported)} (vector-quantize-pytorch arguments)")
@@ -363,7 +372,10 @@ class ResidualVQ(nn.Module):
         self.quantize_dropout_cutoff_index = cutoff
         self.quantize_dropout_multiple_of = _positive_int("quantize_dropout_multiple_of",
                                                           a["quantize_dropout_multiple_of"])
-        self.shared_codebook = False
+        self.shared_codebook = bool(a["shared_codebook"])
+        if self.shared_codebook:  # every level holds the first level's codebook (same module)
+            for layer in self.layers[1:]:
+                layer._codebook = self.layers[0]._codebook
         self.uniform_codebook_size = True
         self.codebook_sizes = (K,) * L
 
@@ -480,6 +492,9 @@ class ResidualVQ(nn.Module):
         for layer in self.layers:
             if layer._kmeans_pending:
                 layer._kmeans_init(r, sync and layer.sync_kmeans)
+                if self.shared_codebook:  # initialized once, by the first level
+                    for other in self.layers:
+                        other._kmeans_pending = False
             embed = layer._codebook.embed[0].detach().float()
             index, _ = nearest_code(r, embed)
             r = r - embed.index_select(0, index)
@@ -489,7 +504,12 @@ class ResidualVQ(nn.Module):
                 sync: bool) -> None:
         """Level l's update (``fv.VectorQuantize``'s) on its residual ``r_l``, recomputed from
         the indices with the codes of the forward; a level that quantize dropout skipped keeps
-        its state (``torch.where`` over the level's flag: no host sync)."""
+        its state (``torch.where`` over the level's flag: no host sync). A shared codebook (the
+        package's manual EMA) takes every level's statistics in turn, then one codebook update
+        (restarts are refused with it)."""
+        if self.shared_codebook:
+            self._update_shared(flat, indices, codebooks, n_levels, sync)
+            return
         r = flat
         for level, layer in enumerate(self.layers):
             index = indices[:, level]
@@ -505,3 +525,27 @@ class ResidualVQ(nn.Module):
                 for t, old in zip(state, before, strict=True):
                     t.copy_(torch.where(active, t, old))
             r = r - code
+
+    @torch.no_grad()
+    def _update_shared(self, flat: Tensor, indices: Tensor, codebooks: Tensor,
+                       n_levels: Tensor | None, sync: bool) -> None:
+        first = self.layers[0]
+        cb = first._codebook
+        cluster_size, embed_avg = cb.cluster_size[0], cb.embed_avg[0]
+        r = flat
+        for level in range(self.num_quantizers):
+            index = indices[:, level]
+            code = codebooks[level].float().index_select(0, index.clamp_min(0))
+            counts, sums = _batch_stats(r, index.clamp_min(0), first.codebook_size, sync)
+            new_size = cluster_size.lerp(counts.to(cluster_size.dtype), 1.0 - first.decay)
+            new_avg = embed_avg.lerp(sums.to(embed_avg.dtype), 1.0 - first.decay)
+            if n_levels is not None:
+                active = n_levels > level
+                new_size = torch.where(active, new_size, cluster_size)
+                new_avg = torch.where(active, new_avg, embed_avg)
+            cluster_size.copy_(new_size)
+            embed_avg.copy_(new_avg)
+            r = r - code
+        if first.ema_update:
+            cb.embed.data[0].copy_(_smoothed_codebook(cluster_size, embed_avg, first.eps,
+                                                      first.metric))

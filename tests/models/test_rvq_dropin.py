@@ -121,6 +121,33 @@ def test_training_steps_same_indices_losses_gradients_and_codebooks(kwargs):
         torch.testing.assert_close(pb[k].grad, pa[k].grad, rtol=1e-5, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("extra", [dict(), dict(kmeans_init=True, kmeans_iters=3,
+                                                rotation_trick=False),
+                                   dict(quantize_dropout=True)], ids=["ema", "kmeans", "dropout"])
+def test_shared_codebook(extra):
+    # one codebook module for every level (repeated state_dict keys, as the package), the
+    # package's manual EMA: every level's statistics in turn, one codebook update at the end
+    theirs, ours = _pair(**BASE, shared_codebook=True, **extra)
+    assert ours.layers[1]._codebook is ours.layers[0]._codebook
+    for step in range(3):
+        x = _x(4, 100, 8, seed=step)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        seed = dict(rand_quantize_dropout_fixed_seed=step) if extra.get("quantize_dropout") \
+            else {}
+        outs = []
+        for vq, xi in ((theirs, xa), (ours, xb)):
+            torch.manual_seed(step)
+            outs.append(vq(xi, **seed))
+        (qa, ia, la), (qb, ib, lb) = outs
+        assert torch.equal(ia, ib)
+        torch.testing.assert_close(qb, qa, **TOL)
+        torch.testing.assert_close(lb, la, **TOL)
+        (qa.sum() + la.sum()).backward()
+        (qb.sum() + lb.sum()).backward()
+        torch.testing.assert_close(xb.grad, xa.grad, **TOL)
+        _assert_state_close(theirs, ours)
+
+
 def test_gradient_is_the_sum_of_per_level_straight_throughs():
     # with the codes subtracted stopped, every level passes the gradient to x: L g (STE)
     _, ours = _pair(**BASE, rotation_trick=False, commitment_weight=0.0)
@@ -230,7 +257,8 @@ def test_freeze_codebook_and_eval_leave_the_state():
 
 
 def test_unsupported_arguments_raise_type_error_naming_them():
-    for kwargs, name in [(dict(shared_codebook=True), "shared_codebook"),
+    for kwargs, name in [(dict(shared_codebook=True, threshold_ema_dead_code=1),
+                          "shared_codebook"),
                          (dict(beam_size=2), "beam_size"),
                          (dict(implicit_neural_codebook=True), "implicit_neural_codebook"),
                          (dict(quant_grad_frac=0.5), "quant_grad_frac"),
