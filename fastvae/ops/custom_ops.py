@@ -35,6 +35,8 @@ row says so. The interface, row by row:
     continuous_bernoulli_nll_bwd(grad, logits, target, needs[2]) -> grads
     discretized_mix_logistic_nll_fwd(params (B, P, S), x (B, C, S), n_mixtures, n_bins) -> (B,)
     discretized_mix_logistic_nll_bwd(grad, params, x, n_mixtures, n_bins) -> d_params
+    lfq_entropy_fwd(logits (R, C, d), eps) -> (sums (C, 2**d), entropy (R, C))
+    lfq_entropy_bwd(grad_sums, grad_entropy, logits, eps, needs[1]) -> [d_logits]
 
 Backends see B >= 1 and N >= 1 (empty inputs are answered here), a prior given as both
 tensors or neither, ``seed`` as an int64 tensor of one element on the tensors' device, a
@@ -203,6 +205,15 @@ OPS: list[OpSpec] = [
                x.new_empty(x.shape[:1], dtype=out_dtype(x.dtype))),
            is_empty=lambda x, codebook: x.shape[0] == 0 or x.shape[1] == 0,
            empty=_nearest_code_empty),
+    # logits (R, C, d) -> (code sums (C, 2**d), per-row entropy (R, C)): lookup-free
+    # quantization's entropy statistics (fastvae/ops/lfq.py)
+    OpSpec("lfq_entropy", "Tensor logits, float eps", "(Tensor, Tensor)",
+           grads=1, grad_arguments="Tensor grad_sums, Tensor grad_entropy",
+           backward_attributes=("eps",),
+           fake=lambda logits, eps: (
+               logits.new_empty((logits.shape[1], 1 << logits.shape[2]),
+                                dtype=out_dtype(logits.dtype)),
+               logits.new_empty(logits.shape[:2], dtype=out_dtype(logits.dtype)))),
 ]
 
 
