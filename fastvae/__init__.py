@@ -40,11 +40,13 @@ from .ops.losses import (
     GaussianKLLoss,
     GaussianNLLLoss,
 )
+from .ops.lfq import LFQEntropy, LFQOutput, lfq_entropy, lookup_free_quantize
 from .ops.quantize import VQOutput, nearest_code, vector_quantize
 from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
     from .models.build import build_vae
+    from .models.lfq import LFQ, LookupFreeQuantizer
     from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
     from .models.vae import VAE, VAEOutput
     from .models.vqvae import VQVAE, VQVAEOutput, build_vqvae
@@ -61,6 +63,8 @@ _LAZY = {
     "QuantizerOutput": "fastvae.models.quantizer",
     "VectorQuantize": "fastvae.models.quantizer",
     "VectorQuantizer": "fastvae.models.quantizer",
+    "LFQ": "fastvae.models.lfq",
+    "LookupFreeQuantizer": "fastvae.models.lfq",
     "VQVAE": "fastvae.models.vqvae",
     "VQVAEOutput": "fastvae.models.vqvae",
     "build_vqvae": "fastvae.models.vqvae",
@@ -95,6 +99,10 @@ __all__ = [
     "DiagonalNormal",
     "GaussianKLLoss",
     "GaussianNLLLoss",
+    "LFQ",
+    "LFQEntropy",
+    "LFQOutput",
+    "LookupFreeQuantizer",
     "NonFiniteLossError",
     "QuantizerOutput",
     "TrainConfig",
@@ -117,7 +125,9 @@ __all__ = [
     "gaussian_nll",
     "get_backend",
     "iwae_log_likelihood",
+    "lfq_entropy",
     "load_vae",
+    "lookup_free_quantize",
     "nearest_code",
     "reference",
     "reparameterize",
