@@ -34,13 +34,13 @@ from .ops.functional import (
     sample_and_kl,
     vae_loss,
 )
+from .ops.lfq import LFQEntropy, LFQOutput, lfq_entropy, lookup_free_quantize
 from .ops.losses import (
     BernoulliNLLLoss,
     ContinuousBernoulliNLLLoss,
     GaussianKLLoss,
     GaussianNLLLoss,
 )
-from .ops.lfq import LFQEntropy, LFQOutput, lfq_entropy, lookup_free_quantize
 from .ops.quantize import VQOutput, nearest_code, vector_quantize
 from .ops.validation import set_validation, validation_enabled
 
@@ -91,6 +91,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "LFQ",
     "VAE",
     "VQVAE",
     "BernoulliNLLLoss",
@@ -99,7 +100,6 @@ __all__ = [
     "DiagonalNormal",
     "GaussianKLLoss",
     "GaussianNLLLoss",
-    "LFQ",
     "LFQEntropy",
     "LFQOutput",
     "LookupFreeQuantizer",

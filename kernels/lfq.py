@@ -34,8 +34,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import compute_dtype, interpreted, launch, log1p_unit, next_power_of_2, on_device
-from ._common import torch_compute_dtype
+from ._common import (
+    compute_dtype,
+    interpreted,
+    launch,
+    log1p_unit,
+    next_power_of_2,
+    on_device,
+    torch_compute_dtype,
+)
 
 
 @triton.jit

@@ -293,9 +293,9 @@ class LFQ(nn.Module):
         if a["cosine_sim_project_in"]:
             scale = (self.codebook_scale if a["cosine_sim_project_in_scale"] is None
                      else _number("cosine_sim_project_in_scale", a["cosine_sim_project_in_scale"]))
-            make_in = lambda: CosineSimLinear(self.dim, codebook_dims, scale=scale)  # noqa: E731
+            make_in = lambda: CosineSimLinear(self.dim, codebook_dims, scale=scale)
         else:
-            make_in = lambda: nn.Linear(self.dim, codebook_dims,  # noqa: E731
+            make_in = lambda: nn.Linear(self.dim, codebook_dims,
                                         bias=bool(a["projection_has_bias"]))
         self.project_in = make_in() if has_projections else nn.Identity()
         self.project_out = (nn.Linear(codebook_dims, self.dim, bias=bool(a["projection_has_bias"]))

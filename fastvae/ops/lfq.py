@@ -218,8 +218,8 @@ def lookup_free_quantize(x: Tensor, *, num_codebooks: int = 1, codebook_scale: f
     quantized = (q + (xc - xc.detach())).flatten(-2).to(x.dtype)
     commitment = (xc - q).square().mean()
     if entropy:
-        ps, cb = lfq_entropy(xc.flatten(-2), num_codebooks=C, inv_temperature=inv_temperature, codebook_scale=s,
-                             spherical=bool(spherical), eps=eps, sync=sync)
+        ps, cb = lfq_entropy(xc.flatten(-2), num_codebooks=C, inv_temperature=inv_temperature,
+                             codebook_scale=s, spherical=bool(spherical), eps=eps, sync=sync)
     else:
         _float("inv_temperature", inv_temperature)
         _float("eps", eps)

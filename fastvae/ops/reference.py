@@ -925,7 +925,8 @@ def lfq_half_tables(logits: Tensor, with_log: bool) -> tuple[Tensor, Tensor | No
         lj = logits[..., j:j + 1]
         P = torch.stack((P * torch.sigmoid(-lj), P * torch.sigmoid(lj)), -1).flatten(-2)
         if with_log:
-            L = torch.stack((L + torch.nn.functional.logsigmoid(-lj), L + torch.nn.functional.logsigmoid(lj)), -1).flatten(-2)
+            logsig = torch.nn.functional.logsigmoid
+            L = torch.stack((L + logsig(-lj), L + logsig(lj)), -1).flatten(-2)
     return P, L
 
 
