@@ -41,9 +41,9 @@ def dense(x: torch.Tensor, num_codebooks: int = 1, inv_temperature: float = 100.
 
 def dense_op(logits: torch.Tensor, eps: float):
     """The op's outputs (sums (C, K), entropy (R, C)) from bit logits (R, C, d), float64."""
-    l = logits.double()
-    codes = _codes(l.shape[-1], 1.0, False)
-    p = (l / 2 @ codes.T).softmax(-1)
+    lg = logits.double()
+    codes = _codes(lg.shape[-1], 1.0, False)
+    p = (lg / 2 @ codes.T).softmax(-1)
     lp = p.clamp_min(eps).log() if eps > 0 else torch.where(p > 0, p, 1.0).log()
     return p.sum(0), -(p * lp).sum(-1)
 
@@ -67,7 +67,7 @@ def _close(actual, expected, dtype, scale=None):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("eps", [0.0, 1e-5])
-@pytest.mark.parametrize("d,C,R", [(1, 1, 5), (2, 3, 9), (3, 1, 40), (4, 2, 17), (5, 1, 33),
+@pytest.mark.parametrize(("d", "C", "R"), [(1, 1, 5), (2, 3, 9), (3, 1, 40), (4, 2, 17), (5, 1, 33),
                                    (6, 3, 11), (7, 1, 21), (8, 2, 30)])
 def test_op_matches_dense(backend, d, C, R, eps, dtype):
     g = torch.Generator().manual_seed(d * 100 + C)
@@ -76,7 +76,8 @@ def test_op_matches_dense(backend, d, C, R, eps, dtype):
     leaf = logits.clone().requires_grad_(True)
     sums, entropy = _ops.call(_ops.lfq_entropy, leaf, eps, backend)
     assert sums.dtype == entropy.dtype == dtype
-    assert sums.shape == (C, 1 << d) and entropy.shape == (R, C)
+    assert sums.shape == (C, 1 << d)
+    assert entropy.shape == (R, C)
     ref = logits.double().requires_grad_(True)
     S, H = dense_op(ref, eps)
     _close(sums, S.detach(), dtype)
@@ -126,10 +127,12 @@ def test_nan_stays_in_its_row_and_codebook(backend):
     logits = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(1))
     logits[2, 1, 0] = math.nan
     sums, entropy = _ops.call(_ops.lfq_entropy, logits, 1e-5, backend)
-    assert torch.isnan(entropy[2, 1]) and torch.isnan(sums[1]).all()
+    assert torch.isnan(entropy[2, 1])
+    assert torch.isnan(sums[1]).all()
     mask = torch.ones_like(entropy, dtype=torch.bool)
     mask[2, 1] = False
-    assert torch.isfinite(entropy[mask]).all() and torch.isfinite(sums[0]).all()
+    assert torch.isfinite(entropy[mask]).all()
+    assert torch.isfinite(sums[0]).all()
     _, H = fv.lfq_entropy(logits.flatten(-2), num_codebooks=2)
     assert torch.isnan(H)
 
@@ -157,7 +160,7 @@ def test_infinite_logits_are_hard_bits(backend):
 
 @pytest.mark.parametrize("spherical", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 1e-5])
-@pytest.mark.parametrize("C,d", [(1, 4), (2, 3), (3, 6)])
+@pytest.mark.parametrize(("C", "d"), [(1, 4), (2, 3), (3, 6)])
 def test_lfq_entropy_matches_dense(backend, C, d, eps, spherical):
     g = torch.Generator().manual_seed(C * 10 + d)
     x = torch.randn(4, 7, C * d, generator=g, dtype=torch.float64) * 0.05
@@ -231,9 +234,11 @@ def test_strides(backend):
 def test_empty(backend):
     x = torch.zeros(0, 4, requires_grad=True)
     ps, cb = fv.lfq_entropy(x)
-    assert torch.isnan(ps) and torch.isnan(cb)
+    assert torch.isnan(ps)
+    assert torch.isnan(cb)
     out = fv.lookup_free_quantize(x, entropy=False)
-    assert out.quantized.shape == (0, 4) and out.indices.shape == (0,)
+    assert out.quantized.shape == (0, 4)
+    assert out.indices.shape == (0,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +284,8 @@ def test_quantize_values_indices_and_straight_through():
                                   entropy_weight=0.0)
     torch.testing.assert_close(out.quantized, torch.tensor([[0.5, -0.5, -0.5, 0.5],
                                                             [-0.5, 0.5, 0.5, -0.5]]))
-    assert out.indices.tolist() == [0b1001, 0b0110] and out.indices.dtype == torch.int64
+    assert out.indices.tolist() == [0b1001, 0b0110]
+    assert out.indices.dtype == torch.int64
     q = out.quantized.detach()
     torch.testing.assert_close(out.commitment_loss, (x.detach() - q).square().mean())
     torch.testing.assert_close(out.loss, out.commitment_loss)
@@ -299,10 +305,11 @@ def test_quantize_loss_formula(backend):
     torch.testing.assert_close(out.per_sample_entropy, ps)
     torch.testing.assert_close(out.codebook_entropy, cb)
     torch.testing.assert_close(out.loss, 0.3 * (ps - 0.7 * cb) + 0.2 * out.commitment_loss)
-    assert out.indices.shape == (3, 5, 2) and out.quantized.shape == x.shape
+    assert out.indices.shape == (3, 5, 2)
+    assert out.quantized.shape == x.shape
 
 
-@pytest.mark.parametrize("kwargs,error", [
+@pytest.mark.parametrize(("kwargs", "error"), [
     (dict(x=torch.zeros(2, 4, dtype=torch.int64)), TypeError),
     (dict(x=torch.zeros(2, 5), num_codebooks=2), ValueError),
     (dict(x=torch.zeros(2, 4), num_codebooks=0), ValueError),
