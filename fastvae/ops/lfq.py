@@ -161,7 +161,9 @@ def lfq_entropy(x: Tensor, *, num_codebooks: int = 1, inv_temperature: float = 1
     sums, entropy = _ops.call(_ops.lfq_entropy, logits, eps, resolve(x.device))
     n = rows.shape[0]
     if sync:
-        sums = torch.distributed.nn.functional.all_reduce(sums)
+        from torch.distributed.nn.functional import all_reduce  # differentiable (backward: sum)
+
+        sums = all_reduce(sums)
         n = n * dist.get_world_size()
     per_sample = entropy.mean()
     codebook = _entropy_of_average(sums, n, eps)
