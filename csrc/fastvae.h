@@ -159,7 +159,7 @@ typedef struct fv_call {
     X(NEAREST_CODE_FWD, nearest_code_fwd, "x* codebook", "index% dist#",                         \
       FV_USES_K | FV_USES_SCALAR)                                                                \
     X(LFQ_ENTROPY_FWD, lfq_entropy_fwd, "logits*", "sums# entropy#", FV_USES_K | FV_USES_SCALAR)  \
-    X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits",           \
+    X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits?",          \
       FV_USES_K | FV_USES_SCALAR)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
