@@ -160,9 +160,12 @@ typedef struct fv_call {
     X(DMOL_NLL_BWD, discretized_mix_logistic_nll_bwd, "grad# params* x_r# (x_g x_b)?#",            \
       "d_params?", FV_USES_K | FV_USES_SCALAR)                                                  \
     X(NEAREST_CODE_FWD, nearest_code_fwd, "x* codebook", "index% dist#",                         \
+      FV_USES_K | FV_USES_SCALAR)                                                                \
+    X(LFQ_ENTROPY_FWD, lfq_entropy_fwd, "logits*", "sums# entropy#", FV_USES_K | FV_USES_SCALAR)  \
+    X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits?",          \
       FV_USES_K | FV_USES_SCALAR)                                                                  \
     X(RESIDUAL_VQ_FWD, residual_vq_fwd, "x* codebooks levels?%",                                   \
-      "index% quantized# commit# dist#"    , FV_USES_K | FV_USES_SCALAR)                            \
+      "index% quantized# commit# dist#", FV_USES_K | FV_USES_SCALAR)                               \
     X(RESIDUAL_VQ_BWD, residual_vq_bwd, "grad_q# grad_commit# grad_dist# index% x* codebooks",     \
       "d_x? d_codebooks?", FV_USES_K | FV_USES_SCALAR | FV_USES_REDUCE_DIM)
 

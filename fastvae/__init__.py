@@ -34,6 +34,7 @@ from .ops.functional import (
     sample_and_kl,
     vae_loss,
 )
+from .ops.lfq import LFQEntropy, LFQOutput, lfq_entropy, lookup_free_quantize
 from .ops.losses import (
     BernoulliNLLLoss,
     ContinuousBernoulliNLLLoss,
@@ -46,6 +47,7 @@ from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
     from .models.build import build_vae
+    from .models.lfq import LFQ, LookupFreeQuantizer
     from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
     from .models.residual_vq import ResidualVectorQuantizer, ResidualVQ
     from .models.vae import VAE, VAEOutput
@@ -63,6 +65,8 @@ _LAZY = {
     "QuantizerOutput": "fastvae.models.quantizer",
     "VectorQuantize": "fastvae.models.quantizer",
     "VectorQuantizer": "fastvae.models.quantizer",
+    "LFQ": "fastvae.models.lfq",
+    "LookupFreeQuantizer": "fastvae.models.lfq",
     "VQVAE": "fastvae.models.vqvae",
     "ResidualVQ": "fastvae.models.residual_vq",
     "ResidualVectorQuantizer": "fastvae.models.residual_vq",
@@ -91,6 +95,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "LFQ",
     "VAE",
     "VQVAE",
     "BernoulliNLLLoss",
@@ -99,6 +104,9 @@ __all__ = [
     "DiagonalNormal",
     "GaussianKLLoss",
     "GaussianNLLLoss",
+    "LFQEntropy",
+    "LFQOutput",
+    "LookupFreeQuantizer",
     "NonFiniteLossError",
     "QuantizerOutput",
     "RVQOutput",
@@ -124,7 +132,9 @@ __all__ = [
     "gaussian_nll",
     "get_backend",
     "iwae_log_likelihood",
+    "lfq_entropy",
     "load_vae",
+    "lookup_free_quantize",
     "nearest_code",
     "reference",
     "reparameterize",

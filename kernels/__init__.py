@@ -11,6 +11,7 @@ from .dmol import discretized_mix_logistic_nll_bwd, discretized_mix_logistic_nll
 from .gaussian_kl import gaussian_kl_bwd, gaussian_kl_fwd
 from .gaussian_nll import gaussian_nll_bwd, gaussian_nll_fwd
 from .iwae import iwae_bwd, iwae_fwd
+from .lfq import lfq_entropy_bwd, lfq_entropy_fwd
 from .nearest_code import nearest_code_fwd
 from .reparameterize import reparameterize_bwd, reparameterize_fwd
 from .residual_vq import residual_vq_bwd, residual_vq_fwd
@@ -29,6 +30,8 @@ __all__ = [
     "gaussian_nll_fwd",
     "iwae_bwd",
     "iwae_fwd",
+    "lfq_entropy_bwd",
+    "lfq_entropy_fwd",
     "nearest_code_fwd",
     "reparameterize_bwd",
     "reparameterize_fwd",

@@ -406,6 +406,21 @@ def _nearest_code(K, p):
     K.nearest_code_fwd(x, codebook, p["metric"])
 
 
+def _lfq(K, p):
+    """LFQ's bit logits (R, C, d): contiguous, or codebook-major (a transposed view)."""
+    R, C, d = p["size"]
+    if p["layout"] == "contiguous":
+        logits = empty(R, C, d, dtype=p["dtype"])
+    else:
+        logits = empty(C, R, d, dtype=p["dtype"]).transpose(0, 1)
+    if p["backward"]:
+        cdt = out_dtype(p["dtype"])
+        K.lfq_entropy_bwd(empty(C, 1 << d, dtype=cdt), empty(R, C, dtype=cdt), logits,
+                          p["eps"], [True])
+    else:
+        K.lfq_entropy_fwd(logits, p["eps"])
+
+
 def _residual_vq(K, p):
     """x (N, D) and codebooks (L, K, D) in a compute dtype (the op converts before it), the
     per-row level counts or none; the backward with its gradients (N, L) of a mean or not."""
@@ -487,6 +502,17 @@ FAMILIES = (
             "metric": ("l2", "cosine"), "K": (16384, 1001, 1, 40),
             "codebook": ("contiguous", "transposed", "padded")},
            ("metric",), _nearest_code),
+    # LFQ's entropy statistics, size (rows, codebooks, bits): MAGVIT-v2's d = 18 at a
+    # tokenizer's batch, d = 10 with 4 codebooks, d = 1, an odd d; eps = 0 (exact) or the
+    # package's clamp. Its own axis "size", not "shape": the (B, N) shapes do not apply
+    Family("lfq_entropy_fwd",
+           {"dtype": DTYPES, "size": ((16384, 1, 18), (4096, 4, 10), (7, 3, 1), (33, 2, 5)),
+            "layout": ("contiguous", "transposed"), "eps": (0.0, 1e-5), "backward": (False,)},
+           ("eps",), _lfq),
+    Family("lfq_entropy_bwd",
+           {"dtype": DTYPES, "size": ((16384, 1, 18), (4096, 4, 10), (7, 3, 1), (33, 2, 5)),
+            "layout": ("contiguous", "transposed"), "eps": (0.0, 1e-5), "backward": (True,)},
+           ("eps",), _lfq),
     # residual VQ: levels of the nearest-code search on the residual (above) and the update;
     # the backward's kernel per row block, D in one block (D = 300: 512 lanes)
     Family("residual_vq_fwd",

@@ -36,6 +36,8 @@ row says so. The interface, row by row:
     discretized_mix_logistic_nll_fwd(params (B, P, S), x (B, C, S), n_mixtures, n_bins) -> (B,)
     discretized_mix_logistic_nll_bwd(grad, params, x, n_mixtures, n_bins) -> d_params
     nearest_code_fwd(x (N, D), codebook (K, D), metric) -> (index (N,), dist (N,))
+    lfq_entropy_fwd(logits (R, C, d), eps) -> (sums (C, 2**d), entropy (R, C))
+    lfq_entropy_bwd(grad_sums, grad_entropy, logits, eps, needs[1]) -> [d_logits]
     residual_vq_fwd(x (N, D), codebooks (L, K, D), n_levels (N,) | None, rotation)
         -> (quantized (N, D), indices (N, L), commit (N, L), dist (N, L))
     residual_vq_bwd(grad_q, grad_commit, grad_dist, indices, x, codebooks, n_levels | None,
@@ -220,6 +222,15 @@ OPS: list[OpSpec] = [
                x.new_empty(x.shape[:1], dtype=out_dtype(x.dtype))),
            is_empty=lambda x, codebook: x.shape[0] == 0 or x.shape[1] == 0,
            empty=_nearest_code_empty),
+    # logits (R, C, d) -> (code sums (C, 2**d), per-row entropy (R, C)): lookup-free
+    # quantization's entropy statistics (fastvae/ops/lfq.py)
+    OpSpec("lfq_entropy", "Tensor logits, float eps", "(Tensor, Tensor)",
+           grads=1, grad_arguments="Tensor grad_sums, Tensor grad_entropy",
+           backward_attributes=("eps",),
+           fake=lambda logits, eps: (
+               logits.new_empty((logits.shape[1], 1 << logits.shape[2]),
+                                dtype=out_dtype(logits.dtype)),
+               logits.new_empty(logits.shape[:2], dtype=out_dtype(logits.dtype)))),
     # x (N, D), codebooks (L, K, D) in one compute dtype, n_levels int64 (N,) or None; the
     # indices are saved, the residuals recomputed by the backward
     OpSpec("residual_vq", "Tensor x, Tensor codebooks, Tensor? n_levels, int rotation",

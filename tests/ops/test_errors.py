@@ -243,6 +243,34 @@ BAD_INPUTS = [
     ("nearest_code_mixed", lambda: fv.nearest_code(t(3, 4), t(5, 4, dtype=torch.float64)),
      TypeError, ["codebook", "x"]),
     ("nearest_code_list", lambda: fv.nearest_code([[1.0]], t(5, 1)), TypeError, ["x"]),
+    # --- lookup-free quantization
+    ("lfq_entropy_codebooks", lambda: fv.lfq_entropy(t(3, 5), num_codebooks=2), ValueError,
+     ["num_codebooks", "x"]),
+    ("lfq_entropy_bits", lambda: fv.lfq_entropy(t(3, 31)), ValueError, ["bits"]),
+    ("lfq_entropy_x_0d", lambda: fv.lfq_entropy(scalar), ValueError, ["x"]),
+    ("lfq_entropy_temperature", lambda: fv.lfq_entropy(a, inv_temperature=-1.0), ValueError,
+     ["inv_temperature"]),
+    ("lfq_entropy_int_x", lambda: fv.lfq_entropy(i34), TypeError, ["x"]),
+    ("lfq_entropy_sync", lambda: fv.lfq_entropy(a, sync=1), TypeError, ["sync"]),
+    ("lfq_quantize_weight", lambda: fv.lookup_free_quantize(a, entropy_weight=-0.1), ValueError,
+     ["entropy_weight"]),
+    ("lfq_quantize_scale", lambda: fv.lookup_free_quantize(a, codebook_scale="1"), TypeError,
+     ["codebook_scale"]),
+    # --- residual vector quantization
+    ("rvq_codebooks_2d", lambda: fv.residual_vector_quantize(t(3, 4), t(5, 4)), ValueError,
+     ["codebooks"]),
+    ("rvq_n_levels", lambda: fv.residual_vector_quantize(t(3, 4), t(2, 5, 4), n_levels=3),
+     ValueError, ["n_levels"]),
+    ("rvq_straight_through",
+     lambda: fv.residual_vector_quantize(t(3, 4), t(2, 5, 4), straight_through="gumbel"),
+     ValueError, ["straight_through"]),
+    ("rvq_device", lambda: fv.residual_vector_quantize(t(3, 4), t(2, 5, 4, device="meta")),
+     ValueError, ["codebooks", "device"]),
+    ("rvq_int_codebooks", lambda: fv.residual_vector_quantize(t(3, 4), i34), TypeError,
+     ["codebooks"]),
+    ("rvq_n_levels_float",
+     lambda: fv.residual_vector_quantize(t(3, 4), t(2, 5, 4), n_levels=1.5), TypeError,
+     ["n_levels"]),
     # --- the loss modules check at construction
     ("module_reduction", lambda: fv.BernoulliNLLLoss(reduction="avg"), ValueError,
      ["reduction"]),
@@ -280,6 +308,7 @@ def test_bad_input_table_is_complete():
     ids = [i for i, *_ in BAD_INPUTS]
     assert len(ids) == len(set(ids))
     for op in ("kl", "bernoulli", "gaussian_nll", "reparameterize", "sample_and_kl", "vae",
-               "iwae", "continuous_bernoulli", "dmol", "nearest_code"):
+               "iwae", "continuous_bernoulli", "dmol", "nearest_code", "lfq_entropy",
+               "lfq_quantize", "rvq"):
         kinds = {e for i, _, e, _ in BAD_INPUTS if i.startswith(op)}
         assert kinds == {ValueError, TypeError}, f"{op}: {kinds}"
