@@ -44,7 +44,9 @@
  * scalar the mode (0 the tanh bound, +1 preserve_symmetry, +2 hard clamp); codes (B, N) in the
  * storage dtype and index (int64, (B,), element stride stride[2]) the mixed-radix index
  * sum_j level_j basis_j (-1 for a row with a NaN). The backward's d_z = grad d code / d z
- * (straight through the rounding). The formulas: fv::fsq in fastvae_math.h.
+ * (straight through the rounding). The formulas: fv::fsq in fastvae_math.h. Levels must be in
+ * [2, 2^24] and their product at most 2^63 - 1 (the caller checks; other values give
+ * meaningless results, never a memory fault).
  *
  * The prior is both tensors or neither. Noise element (k, b, j) is tl.randn(seed, (k*B + b)*N
  * + j), seed read from memory on the call's device (so CUDA launches never sync the host).
@@ -123,7 +125,8 @@ typedef struct fv_call {
  *   #   has the compute dtype (sums, gradients of sums, IWAE's ll and log-weights); an operand
  *       without # or ~ has the storage dtype (CUDA requires it; the CPU converts any float dtype)
  *   ~   any float dtype (IWAE's log_px and its gradient)
- *   %   int64 indices (FV_INT64; nearest_code's index); no other operand may be int64
+ *   %   int64 (FV_INT64): indices (nearest_code's, FSQ's) and integer inputs (FSQ's level
+ *       counts and basis); no other operand may be int64
  *   !   an input: the noise, drawn from the seed where absent; an output: made from the noise.
  *       A call needs the seed when it wants a ! output and does not give the ! input.
  *   (a b)?  a and b are given together or not at all
@@ -167,7 +170,7 @@ typedef struct fv_call {
       FV_USES_K | FV_USES_SCALAR)                                                                  \
     X(FSQ_FWD, finite_scalar_quantize_fwd, "z* levels% basis% a# b#", "codes index%",              \
       FV_USES_SCALAR)                                                                              \
-    X(FSQ_BWD, finite_scalar_quantize_bwd, "grad z* levels% a# b#", "d_z", FV_USES_SCALAR)
+    X(FSQ_BWD, finite_scalar_quantize_bwd, "grad z* levels% a# b#", "d_z?", FV_USES_SCALAR)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
 typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;
