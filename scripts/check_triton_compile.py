@@ -420,6 +420,12 @@ def _fsq(K, p):
         K.finite_scalar_quantize_fwd(z, levels, basis, a, b, p["mode"])
 
 
+def _fsq_dims(p: dict) -> dict | None:
+    """FSQ has at most 62 dimensions (2**62 codes of two levels): not the wide shapes of
+    DTYPE_SHAPES."""
+    return p if p["shape"][1] <= 64 else None
+
+
 def _common_axes(**extra) -> dict:
     return {"dtype": DTYPES, "shape": SHAPES, "layout": LAYOUTS, **extra}
 
@@ -488,12 +494,12 @@ FAMILIES = (
            {"dtype": DTYPES, "shape": ((65536, 6), (4096, 16), (3, 5), (1, 1), (2**31 + 1, 6)),
             "layout": ("contiguous", "padded", "transposed", "misaligned"),
             "mode": (0, 1, 2, 3), "backward": (False,)},
-           ("mode",), _fsq),
+           ("mode",), _fsq, fix=_fsq_dims),
     Family("finite_scalar_quantize_bwd",
            {"dtype": DTYPES, "shape": ((65536, 6), (4096, 16), (3, 5), (1, 1), (2**31 + 1, 6)),
             "layout": ("contiguous", "transposed"), "grad": ("contiguous", "row", "padded"),
             "mode": (0, 1, 2, 3), "backward": (True,)},
-           ("mode",), _fsq),
+           ("mode",), _fsq, fix=_fsq_dims),
 )
 
 
