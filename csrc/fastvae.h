@@ -166,7 +166,10 @@ typedef struct fv_call {
       FV_USES_K | FV_USES_SCALAR)                                                                  \
     X(DMOL_NLL_BWD, discretized_mix_logistic_nll_bwd, "grad# params* x_r# (x_g x_b)?#",            \
       "d_params?", FV_USES_K | FV_USES_SCALAR)                                                  \
-    X(NEAREST_CODE_FWD, nearest_code_fwd, "x* codebook", "index% dist#",                         \
+    X(NEAREST_CODE_FWD, nearest_code_fwd, "x* codebook", "index% dist#",                           \
+      FV_USES_K | FV_USES_SCALAR)                                                                  \
+    X(LFQ_ENTROPY_FWD, lfq_entropy_fwd, "logits*", "sums# entropy#", FV_USES_K | FV_USES_SCALAR)   \
+    X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits?",           \
       FV_USES_K | FV_USES_SCALAR)                                                                  \
     X(FSQ_FWD, finite_scalar_quantize_fwd, "z* levels% basis% a# b#", "codes index%",              \
       FV_USES_SCALAR)                                                                              \

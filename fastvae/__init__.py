@@ -35,6 +35,7 @@ from .ops.functional import (
     sample_and_kl,
     vae_loss,
 )
+from .ops.lfq import LFQEntropy, LFQOutput, lfq_entropy, lookup_free_quantize
 from .ops.losses import (
     BernoulliNLLLoss,
     ContinuousBernoulliNLLLoss,
@@ -47,6 +48,7 @@ from .ops.validation import set_validation, validation_enabled
 if TYPE_CHECKING:
     from .models.build import build_vae
     from .models.fsq import FSQ, FiniteScalarQuantizer
+    from .models.lfq import LFQ, LookupFreeQuantizer
     from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
     from .models.vae import VAE, VAEOutput
     from .models.vqvae import VQVAE, VQVAEOutput, build_vqvae
@@ -65,6 +67,8 @@ _LAZY = {
     "FiniteScalarQuantizer": "fastvae.models.fsq",
     "VectorQuantize": "fastvae.models.quantizer",
     "VectorQuantizer": "fastvae.models.quantizer",
+    "LFQ": "fastvae.models.lfq",
+    "LookupFreeQuantizer": "fastvae.models.lfq",
     "VQVAE": "fastvae.models.vqvae",
     "VQVAEOutput": "fastvae.models.vqvae",
     "build_vqvae": "fastvae.models.vqvae",
@@ -92,6 +96,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "FSQ",
+    "LFQ",
     "VAE",
     "VQVAE",
     "BernoulliNLLLoss",
@@ -102,6 +107,9 @@ __all__ = [
     "FiniteScalarQuantizer",
     "GaussianKLLoss",
     "GaussianNLLLoss",
+    "LFQEntropy",
+    "LFQOutput",
+    "LookupFreeQuantizer",
     "NonFiniteLossError",
     "QuantizerOutput",
     "TrainConfig",
@@ -127,7 +135,9 @@ __all__ = [
     "gaussian_nll",
     "get_backend",
     "iwae_log_likelihood",
+    "lfq_entropy",
     "load_vae",
+    "lookup_free_quantize",
     "nearest_code",
     "reference",
     "reparameterize",
