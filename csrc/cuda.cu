@@ -794,7 +794,7 @@ int check_dtypes(int32_t op, const fv_call& c) {
         return set_error(FV_ERR_INVALID, "compute dtype %d does not go with storage dtype %d",
                          c.compute, storage);
     for (int i = 0; i < FV_MAX_IN; ++i) {
-        if (c.in[i].data == nullptr || bit(s.in.compute | s.in.any, i)) continue;
+        if (c.in[i].data == nullptr || bit(s.in.compute | s.in.any | s.in.index, i)) continue;
         if (c.in[i].dtype != storage)
             return set_error(FV_ERR_INVALID, "input %d has dtype code %d, the CUDA kernels "
                              "expect %d", i, c.in[i].dtype, storage);
@@ -1531,6 +1531,108 @@ int launch_lfq(int32_t op, const fv_call& c, cudaStream_t stream) {
     return check_launch("the LFQ backward kernel");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Finite scalar quantization: the forward one thread per row (its D <= 64 dimensions in order,
+// then the row's int64 index), the backward one thread per element; grid-stride loops. The math
+// is fv::fsq (fastvae_math.h), with the products that meet an addition rounded by __fmul_rn.
+// ---------------------------------------------------------------------------------------------
+
+template <class T>
+struct FsqDims {
+    const int64_t* levels;
+    int64_t s_levels;
+    const int64_t* basis;
+    int64_t s_basis;
+    const T* a;
+    int64_t s_a;
+    const T* b;
+    int64_t s_b;
+};
+
+template <class T, class S, bool SYM, bool HARD>
+__global__ void fsq_fwd_kernel(In<S> z, FsqDims<T> k, Out<S> codes, int64_t* index,
+                               int64_t s_index, int64_t B, int64_t D) {
+    const int64_t step = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < B; row += step) {
+        int64_t acc = 0;
+        bool nan = false;
+        for (int64_t j = 0; j < D; ++j) {
+            const fsq::Dim<T> d =
+                fsq::dim<T>(k.levels[j * k.s_levels], k.a[j * k.s_a], k.b[j * k.s_b]);
+            const T zv = from_storage<T>(z.p[row * z.sb + j * z.sn]);
+            const fsq::Code<T> q = fsq::code<T, SYM, HARD>(zv, d.a, d.b, d.hw, d.top, d.offset);
+            codes.p[row * codes.sb + j * codes.sn] = ToStorage<S>::cvt(q.code);
+            nan |= q.level != q.level;
+            acc += (q.level == q.level ? int64_t(q.level) : int64_t(0)) * k.basis[j * k.s_basis];
+        }
+        index[row * s_index] = nan ? -1 : acc;
+    }
+}
+
+template <class T, class S, bool SYM, bool HARD>
+__global__ void fsq_bwd_kernel(In<S> g, In<S> z, FsqDims<T> k, Out<S> dz, int64_t B,
+                               int64_t D) {
+    const int64_t step = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B * D; i += step) {
+        const int64_t row = i / D, j = i - row * D;
+        const fsq::Dim<T> d =
+            fsq::dim<T>(k.levels[j * k.s_levels], k.a[j * k.s_a], k.b[j * k.s_b]);
+        const T gv = from_storage<T>(g.p[row * g.sb + j * g.sn]);
+        const T zv = from_storage<T>(z.p[row * z.sb + j * z.sn]);
+        dz.p[row * dz.sb + j * dz.sn] =
+            ToStorage<S>::cvt(fsq::grad<T, SYM, HARD>(gv, zv, d.a, d.b, d.hw));
+    }
+}
+
+// levels at in[l], then basis (the forward only), a and b.
+template <class T>
+FsqDims<T> fsq_dims(const fv_call& c, int l, bool basis) {
+    const fv_tensor &L = c.in[l], &A = c.in[basis ? l + 2 : l + 1],
+                    &Bc = c.in[basis ? l + 3 : l + 2];
+    return {static_cast<const int64_t*>(L.data), L.stride[2],
+            basis ? static_cast<const int64_t*>(c.in[l + 1].data) : nullptr,
+            basis ? c.in[l + 1].stride[2] : 0,
+            static_cast<const T*>(A.data), A.stride[2],
+            static_cast<const T*>(Bc.data), Bc.stride[2]};
+}
+
+inline unsigned fsq_blocks(int64_t n) {
+    const int64_t blocks = cdiv(n, kThreads);
+    return unsigned(blocks < 65535 ? blocks : 65535);
+}
+
+template <class T, class S, bool SYM, bool HARD>
+void fsq_launch(const fv_call& c, bool forward, const FsqDims<T>& k, cudaStream_t stream) {
+    if (forward) {
+        fsq_fwd_kernel<T, S, SYM, HARD><<<fsq_blocks(c.B), kThreads, 0, stream>>>(
+            make_in<S>(c.in[0]), k, make_out<S>(c.out[0]), static_cast<int64_t*>(c.out[1].data),
+            c.out[1].stride[2], c.B, c.N);
+    } else {
+        fsq_bwd_kernel<T, S, SYM, HARD><<<fsq_blocks(c.B * c.N), kThreads, 0, stream>>>(
+            make_in<S>(c.in[0]), make_in<S>(c.in[1]), k, make_out<S>(c.out[0]), c.B, c.N);
+    }
+}
+
+template <class T, class S>
+int launch_fsq(const fv_call& c, bool forward, cudaStream_t stream) {
+    if (c.N > 64)
+        return set_error(FV_ERR_INVALID, "finite_scalar_quantize: at most 64 dimensions, got "
+                         "%lld", static_cast<long long>(c.N));
+    const int mode = int(c.scalar);
+    if (double(mode) != c.scalar || mode < 0 || mode > 3)
+        return set_error(FV_ERR_INVALID, "finite_scalar_quantize: the mode (scalar) is 0 .. 3, "
+                         "got %g", c.scalar);
+    const FsqDims<T> k = fsq_dims<T>(c, forward ? 1 : 2, forward);
+    switch (mode) {
+        case 0: fsq_launch<T, S, false, false>(c, forward, k, stream); break;
+        case 1: fsq_launch<T, S, true, false>(c, forward, k, stream); break;
+        case 2: fsq_launch<T, S, false, true>(c, forward, k, stream); break;
+        default: fsq_launch<T, S, true, true>(c, forward, k, stream); break;
+    }
+    return check_launch(forward ? "the finite-scalar-quantization kernel"
+                                : "the finite-scalar-quantization backward kernel");
+}
+
 // Every op of FV_OPS has a case here: a missing one is a compile error (-Werror=switch).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic error "-Wswitch"
@@ -1623,6 +1725,11 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
                 st);
         case FV_OP_NEAREST_CODE_FWD:
             return launch_nearest_code<T, S>(c, st);
+        case FV_OP_FSQ_FWD:
+            return launch_fsq<T, S>(c, true, st);
+        case FV_OP_FSQ_BWD:
+            if (out[0].data == nullptr) return FV_OK;  // no gradient wanted
+            return launch_fsq<T, S>(c, false, st);
         case FV_OP_LFQ_ENTROPY_FWD:
         case FV_OP_LFQ_ENTROPY_BWD:
             return launch_lfq<T, S>(op, c, st);

@@ -39,6 +39,15 @@
  * to it, computed in the one order of docs/numerics.md: t = x_j - e_j, acc = acc + t*t for
  * j = 0 .. D-1 (each operation rounded, no fused multiply-add), from acc = 0.
  *
+ * Finite scalar quantization: z is the (B, N) rows, N = D <= 64 dimensions; levels and basis
+ * (int64) and a, b (compute dtype) are (D,) operands as (B, N) views with stride 0 along B;
+ * scalar the mode (0 the tanh bound, +1 preserve_symmetry, +2 hard clamp); codes (B, N) in the
+ * storage dtype and index (int64, (B,), element stride stride[2]) the mixed-radix index
+ * sum_j level_j basis_j (-1 for a row with a NaN). The backward's d_z = grad d code / d z
+ * (straight through the rounding). The formulas: fv::fsq in fastvae_math.h. Levels must be in
+ * [2, 2^24] and their product at most 2^63 - 1 (the caller checks; other values give
+ * meaningless results, never a memory fault).
+ *
  * The prior is both tensors or neither. Noise element (k, b, j) is tl.randn(seed, (k*B + b)*N
  * + j), seed read from memory on the call's device (so CUDA launches never sync the host).
  * Compute happens in `compute` (FV_FLOAT32, or FV_FLOAT64 for float64 inputs); sums come
@@ -116,13 +125,15 @@ typedef struct fv_call {
  *   #   has the compute dtype (sums, gradients of sums, IWAE's ll and log-weights); an operand
  *       without # or ~ has the storage dtype (CUDA requires it; the CPU converts any float dtype)
  *   ~   any float dtype (IWAE's log_px and its gradient)
- *   %   int64 indices (FV_INT64; nearest_code's index); no other operand may be int64
- * residual_vq (residual_vq.inc): K codes per level, scalar = L - 1, reduce_dim = 1 for the
- * rotation trick (backward); codebooks at offset_of(k, level, j); levels (B,) along stride[1];
- * index/commit/dist/grad_commit/grad_dist (B, L) at offset_of(0, b, level).
+ *   %   int64 (FV_INT64): indices (nearest_code's, FSQ's, residual VQ's) and integer
+ *       inputs (FSQ's level counts and basis, residual VQ's levels per row); no other operand
+ *       may be int64
  *   !   an input: the noise, drawn from the seed where absent; an output: made from the noise.
  *       A call needs the seed when it wants a ! output and does not give the ! input.
  *   (a b)?  a and b are given together or not at all
+ * residual_vq (residual_vq.inc): K codes per level, scalar = L - 1, reduce_dim = 1 for the
+ * rotation trick (backward); codebooks at offset_of(k, level, j); levels (B,) along stride[1];
+ * index/commit/dist/grad_commit/grad_dist (B, L) at offset_of(0, b, level).
  * `uses`: which of K, reduce_dim and scalar the op reads, as FV_USES_* bits (0: none); an op
  * without FV_USES_K is called with K = 1.
  * Shapes (their layout in a call: above): (B, N) but for (K, B, N): eps, z, grad_z, d_eps of
@@ -159,15 +170,18 @@ typedef struct fv_call {
       FV_USES_K | FV_USES_SCALAR)                                                                  \
     X(DMOL_NLL_BWD, discretized_mix_logistic_nll_bwd, "grad# params* x_r# (x_g x_b)?#",            \
       "d_params?", FV_USES_K | FV_USES_SCALAR)                                                  \
-    X(NEAREST_CODE_FWD, nearest_code_fwd, "x* codebook", "index% dist#",                         \
-      FV_USES_K | FV_USES_SCALAR)                                                                \
-    X(LFQ_ENTROPY_FWD, lfq_entropy_fwd, "logits*", "sums# entropy#", FV_USES_K | FV_USES_SCALAR)  \
-    X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits?",          \
+    X(NEAREST_CODE_FWD, nearest_code_fwd, "x* codebook", "index% dist#",                           \
+      FV_USES_K | FV_USES_SCALAR)                                                                  \
+    X(LFQ_ENTROPY_FWD, lfq_entropy_fwd, "logits*", "sums# entropy#", FV_USES_K | FV_USES_SCALAR)   \
+    X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits?",           \
       FV_USES_K | FV_USES_SCALAR)                                                                  \
     X(RESIDUAL_VQ_FWD, residual_vq_fwd, "x* codebooks levels?%",                                   \
       "index% quantized# commit# dist#", FV_USES_K | FV_USES_SCALAR)                               \
     X(RESIDUAL_VQ_BWD, residual_vq_bwd, "grad_q# grad_commit# grad_dist# index% x* codebooks",     \
-      "d_x? d_codebooks?", FV_USES_K | FV_USES_SCALAR | FV_USES_REDUCE_DIM)
+      "d_x? d_codebooks?", FV_USES_K | FV_USES_SCALAR | FV_USES_REDUCE_DIM)                        \
+    X(FSQ_FWD, finite_scalar_quantize_fwd, "z* levels% basis% a# b#", "codes index%",              \
+      FV_USES_SCALAR)                                                                              \
+    X(FSQ_BWD, finite_scalar_quantize_bwd, "grad z* levels% a# b#", "d_z?", FV_USES_SCALAR)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
 typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;

@@ -35,7 +35,10 @@ row says so. The interface, row by row:
     continuous_bernoulli_nll_bwd(grad, logits, target, needs[2]) -> grads
     discretized_mix_logistic_nll_fwd(params (B, P, S), x (B, C, S), n_mixtures, n_bins) -> (B,)
     discretized_mix_logistic_nll_bwd(grad, params, x, n_mixtures, n_bins) -> d_params
-    nearest_code_fwd(x (N, D), codebook (K, D), metric) -> (index (N,), dist (N,))
+    nearest_code_fwd(x (N, D), codebook (K, D), metric) -> (index int64 (N,), dist (N,))
+    finite_scalar_quantize_fwd(z (N, D), levels, basis, a, b, mode)
+        -> (codes (N, D) in z's dtype, index int64 (N,))
+    finite_scalar_quantize_bwd(grad (N, D), z, levels, basis, a, b, mode) -> d_z
     lfq_entropy_fwd(logits (R, C, d), eps) -> (sums (C, 2**d), entropy (R, C))
     lfq_entropy_bwd(grad_sums, grad_entropy, logits, eps, needs[1]) -> [d_logits]
     residual_vq_fwd(x (N, D), codebooks (L, K, D), n_levels (N,) | None, rotation)
@@ -222,6 +225,15 @@ OPS: list[OpSpec] = [
                x.new_empty(x.shape[:1], dtype=out_dtype(x.dtype))),
            is_empty=lambda x, codebook: x.shape[0] == 0 or x.shape[1] == 0,
            empty=_nearest_code_empty),
+    # z (N, D); levels, basis int64 (D,); a, b (D,) the bound's constants in the compute dtype
+    # (fastvae/ops/fsq.py); mode: reference.FSQ_SYMMETRIC | FSQ_HARD_CLAMP bits. Codes in z's
+    # dtype, the mixed-radix index int64 (exact); the gradient reaches z only.
+    OpSpec("finite_scalar_quantize",
+           "Tensor z, Tensor levels, Tensor basis, Tensor a, Tensor b, int mode",
+           "(Tensor, Tensor)", grads=1, backward_attributes=("mode",), non_differentiable=(1,),
+           needs=False,
+           fake=lambda z, levels, basis, a, b, mode: (
+               z.new_empty(z.shape), z.new_empty(z.shape[:1], dtype=torch.int64))),
     # logits (R, C, d) -> (code sums (C, 2**d), per-row entropy (R, C)): lookup-free
     # quantization's entropy statistics (fastvae/ops/lfq.py)
     OpSpec("lfq_entropy", "Tensor logits, float eps", "(Tensor, Tensor)",

@@ -76,7 +76,7 @@ def test_backend_methods_agree_with_the_table():
         reduce_dim = "reduce_dim" in params or (name == "residual_vq_bwd" and "rotation" in params)
         assert reduce_dim == bool(flags & FV_USES_REDUCE_DIM), name
         scalar = any(p in params for p in ("logvar_value", "n_bins", "metric", "clamp",
-                                           "codebooks"))
+                                           "codebooks", "mode"))
         assert scalar == bool(flags & FV_USES_SCALAR), name
 
 
