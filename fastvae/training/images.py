@@ -226,7 +226,7 @@ def save_code_usage(model, data: Tensor, path: str | Path, *, batch_size: int = 
     K, L = counter.codebook_size, counter.levels
     dense = counter.dense_counts()
     fig, axes = plt.subplots(L, 1, squeeze=False, dpi=120,
-                             figsize=(min(12.0, max(5.0, 0.08 * K + 2)) if dense is not None
+                             figsize=(min(12.0, max(6.0, 0.08 * K + 2)) if dense is not None
                                       else 6.0, 3.5 if L == 1 else 1.1 + 2.2 * L))
     for level, (ax, counts) in enumerate(zip(axes[:, 0], counter.counts(), strict=True)):
         usage, perplexity = code_usage(counts, K)
@@ -249,10 +249,16 @@ def save_code_usage(model, data: Tensor, path: str | Path, *, batch_size: int = 
             ax.set_xlabel("used codes, most used first")
             what = "implicit codebook"
         ax.set_ylabel("positions")
-        prefix = f"level {level}: " if L > 1 else ""
-        ax.set_title(f"{prefix}{used}/{K} codes used ({usage:.0%}; {what}), perplexity "
-                     f"{perplexity:.1f}, on {data.shape[0]} images", fontsize=10)
+        line = (f"{used}/{K} codes used ({usage:.0%}; {what}), perplexity {perplexity:.1f}, on "
+                f"{data.shape[0]} images")
+        if L > 1:
+            line = (f"level {level}: {used}/{K} codes used ({usage:.0%}), perplexity "
+                    f"{perplexity:.1f}")
+        ax.set_title(line, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
+    if L > 1:
+        fig.suptitle(f"residual VQ, {L} levels, on {data.shape[0]} images"
+                     + ("; unused codes in red" if dense is not None else ""), fontsize=10)
     return _save_figure(fig, path)
 
 
