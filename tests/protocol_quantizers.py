@@ -137,3 +137,24 @@ class SignLFQ(nn.Module):
     def perplexity(self) -> Tensor:
         p = self.usage_total.double() / self.usage_total.sum().clamp_min(1)
         return torch.exp(-torch.special.xlogy(p, p).sum()).float()
+
+
+STAND_INS = {
+    "rvq": ("rvq", lambda dim, K, o: StackedRVQ(dim, K, o["num_quantizers"])),
+    "fsq": ("fsq", lambda dim, K, o: RoundingFSQ(o["levels"])),
+    "lfq": ("lfq", lambda dim, K, o: SignLFQ(dim, o["commitment_weight"])),
+}
+
+
+def use_stand_ins(monkeypatch) -> None:
+    """Where fastvae's own module of a kind (``fastvae.models.<kind>``) is not there yet, build
+    that kind with the stand-in above (the same protocol)."""
+    import dataclasses
+    import importlib.util
+
+    from fastvae.models import quantizers
+
+    for kind, (module, build) in STAND_INS.items():
+        if importlib.util.find_spec(f"fastvae.models.{module}") is None:
+            monkeypatch.setitem(quantizers.QUANTIZERS, kind,
+                                dataclasses.replace(quantizers.QUANTIZERS[kind], build=build))
