@@ -38,13 +38,14 @@ def test_every_kind_trains_decodes_and_samples(kind):
     L = m.num_levels
     assert m.latent_shape == (3, 4)  # FSQ: len(levels); LFQ: log2(codebook_size)
     assert m.codebook_size == (24 if kind == "fsq" else 8)
-    assert L == (3 if kind == "rvq" else 1)
+    assert (3 if kind == "rvq" else 1) == L
     x = torch.rand(5, 1, 8, 8)
     out = m(x)
     spatial = (5, 4, *((L,) if L > 1 else ()))
     assert out.indices.shape == spatial
     assert out.indices.dtype == torch.int64
-    assert int(out.indices.min()) >= 0 and int(out.indices.max()) < m.codebook_size
+    assert int(out.indices.min()) >= 0
+    assert int(out.indices.max()) < m.codebook_size
     torch.testing.assert_close(out.loss, out.nll + out.vq_loss)
     out.loss.backward()
     assert m.encoder[1].weight.grad.abs().sum() > 0  # through the straight-through estimator

@@ -110,7 +110,8 @@ def test_code_counter_dense_and_sparse_agree(monkeypatch, levels):
     dense = trainer.CodeCounter(levels, 50, "cpu")
     monkeypatch.setattr(trainer, "DENSE_COUNTS", 10)
     sparse = trainer.CodeCounter(levels, 50, "cpu")
-    assert dense.dense and not sparse.dense
+    assert dense.dense
+    assert not sparse.dense
     for b in batches:
         dense.add(b)
         sparse.add(b)
