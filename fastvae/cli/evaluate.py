@@ -108,8 +108,9 @@ def _sample(model, path: Path, args: argparse.Namespace, seed_: int):
         return images.save_samples(model, path, args.n, seed=seed_, ncols=args.ncols,
                                    **options)
     except ValueError as e:  # an empirical prior without a histogram
-        raise UsageError(f"{args.checkpoint}: {e} (--prior uniform draws every code "
-                         "alike)") from e
+        why = str(e).split(";")[0]  # without the Python advice that follows
+        raise UsageError(f"{args.checkpoint} holds a VQ-VAE with no empirical code prior to "
+                         f"sample from ({why}): --prior uniform draws every code alike") from e
 
 
 def _vae_reconstruct(model, x, path: Path, args: argparse.Namespace):
