@@ -140,7 +140,7 @@ class SignLFQ(nn.Module):
 
 
 STAND_INS = {
-    "rvq": ("rvq", lambda dim, K, o: StackedRVQ(dim, K, o["num_quantizers"])),
+    "rvq": ("residual_vq", lambda dim, K, o: StackedRVQ(dim, K, o["num_quantizers"])),
     "fsq": ("fsq", lambda dim, K, o: RoundingFSQ(o["levels"])),
     "lfq": ("lfq", lambda dim, K, o: SignLFQ(dim, o["commitment_weight"])),
 }

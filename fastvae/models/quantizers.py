@@ -51,14 +51,23 @@ def check_quantizer(quantizer: object) -> None:
                         "fastvae.models.quantizers)")
 
 
+# The buffers in which fastvae's quantizers keep the code histogram of their recent training
+# steps (the protocol has no accessor for it): VectorQuantizer's window total, the residual
+# VQ's decayed counts (L, K), FSQ's EMA counts (K,) (per dimension past max_tracked_codes: not
+# a code histogram, so not used).
+_HISTOGRAMS = ("usage_total", "usage_counts", "usage_ema")
+
+
 def level_counts(quantizer: nn.Module) -> Tensor | None:
-    """The code histogram of the quantizer's recent training steps, ``(L, K)`` int64 (one row
-    per level), or None when the module keeps none (``usage_total``: ``(K,)`` or ``(L, K)``)."""
-    counts = getattr(quantizer, "usage_total", None)
+    """The code histogram of the quantizer's recent training steps, ``(L, K)`` (one row per
+    level; counts, or decayed counts), or None when the module keeps none over its codes."""
     L, K = quantizer.num_levels, quantizer.codebook_size
-    if not isinstance(counts, Tensor) or counts.numel() != L * K:
-        return None
-    return counts.reshape(L, K)
+    for name in _HISTOGRAMS:
+        counts = getattr(quantizer, name, None)
+        if isinstance(counts, Tensor) and counts.numel() == L * K and \
+                counts.shape[-1] == K:
+            return counts.reshape(L, K)
+    return None
 
 
 # -- the kinds ---------------------------------------------------------------------------------
@@ -102,7 +111,7 @@ def _vq(dim: int, K: int, o: dict[str, Any]) -> nn.Module:
 
 
 def _rvq(dim: int, K: int, o: dict[str, Any]) -> nn.Module:
-    from .rvq import ResidualVectorQuantizer
+    from .residual_vq import ResidualVectorQuantizer
 
     return ResidualVectorQuantizer(dim, K, o["num_quantizers"], decay=o["decay"],
                                    commitment_weight=o["commitment_weight"],
@@ -133,7 +142,7 @@ def _fsq_resolve(codebook_size, codebook_dim, options):
 def _fsq(dim: int, K: int, o: dict[str, Any]) -> nn.Module:
     from .fsq import FiniteScalarQuantizer
 
-    return FiniteScalarQuantizer(o["levels"])
+    return FiniteScalarQuantizer(dim, o["levels"])
 
 
 def _lfq_resolve(codebook_size, codebook_dim, options):

@@ -390,7 +390,8 @@ def evaluate_vq(model: VQVAE, data: Tensor, batch_size: int = 512, *,
     NLL (nats) and ``loss = nll + vq_loss`` (the training objective: the quantizer's ``loss``,
     e.g. the commitment loss with an EMA codebook, plus the codebook loss with a learned one,
     plus LFQ's entropy loss); the commitment loss ``beta ||z_e - sg(q)||^2`` and the codebook
-    loss ``||sg(z_e) - q||^2`` (means over elements, van den Oord et al. 2017); and the
+    loss ``||sg(z_e) - q||^2`` (means over elements, van den Oord et al. 2017; summed over the
+    levels of a residual VQ); and the
     codebook usage on ``data``: ``usage`` (the fraction of the K codes that are some
     position's nearest code), ``codes_used``, ``perplexity`` (``exp H`` of the code
     histogram), lists of one value per level for a residual VQ."""
@@ -408,8 +409,9 @@ def evaluate_vq(model: VQVAE, data: Tensor, batch_size: int = 512, *,
             q = model.quantize(model.encode(x))
             nll += float(model.nll(model.decode(q.quantized), x, "sum"))
             vq_loss += float(q.loss) * x.shape[0]
-            commitment += float(q.commitment_loss) * x.shape[0]
-            codebook += float(q.codebook_loss) * x.shape[0]
+            # a residual VQ's are per level (L,): their sum is the quantizer's
+            commitment += float(q.commitment_loss.sum()) * x.shape[0]
+            codebook += float(q.codebook_loss.sum()) * x.shape[0]
             counter.add(q.indices)
             bar.update(x.shape[0])
     stats = counter.stats()

@@ -16,7 +16,7 @@ from fastvae.training.checkpoint import CheckpointError
 KINDS = {  # build_vqvae arguments of a tiny model of each kind
     "vq": {"codebook_size": 8, "codebook_dim": 3},
     "rvq": {"codebook_size": 8, "codebook_dim": 3, "num_quantizers": 3},
-    "fsq": {"levels": [3, 4, 2]},
+    "fsq": {"levels": [3, 4, 3]},
     "lfq": {"codebook_size": 8},
 }
 
@@ -37,7 +37,7 @@ def test_every_kind_trains_decodes_and_samples(kind):
     m = _model(kind)
     L = m.num_levels
     assert m.latent_shape == (3, 4)  # FSQ: len(levels); LFQ: log2(codebook_size)
-    assert m.codebook_size == (24 if kind == "fsq" else 8)
+    assert m.codebook_size == (36 if kind == "fsq" else 8)
     assert (3 if kind == "rvq" else 1) == L
     x = torch.rand(5, 1, 8, 8)
     out = m(x)
@@ -69,10 +69,10 @@ def test_the_empirical_prior_draws_each_level_from_its_histogram():
     assert m.default_prior == "empirical"
     with pytest.raises(ValueError, match="training steps"):
         m.sample(2)
-    for level, code in enumerate((3, 5, 0)):
-        m.quantizer.layers[level].usage_total[code] = 7  # one code used per level
-    counts = level_counts(m.quantizer)
+    counts = level_counts(m.quantizer)  # a view of the quantizer's histogram
     assert counts.shape == (3, 8)
+    for level, code in enumerate((3, 5, 0)):
+        counts[level, code] = 7  # one code used per level
     idx = m.draw_indices(6, "empirical", torch.Generator().manual_seed(0))
     assert idx.shape == (6, 4, 3)
     assert (idx == torch.tensor([3, 5, 0])).all()
@@ -80,11 +80,31 @@ def test_the_empirical_prior_draws_each_level_from_its_histogram():
     assert all(len(uniform[..., level].unique()) == 8 for level in range(3))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_samples_its_training_codes(kind):
+    """After training steps the default prior of every fastvae quantizer is the empirical one:
+    it draws only codes that the steps chose."""
+    m = _model(kind)
+    x = torch.rand(16, 1, 8, 8)
+    chosen = m(x).indices
+    m.eval()
+    counts = level_counts(m.quantizer)
+    if counts is None:  # a module that keeps no histogram: uniform
+        assert m.default_prior == "uniform"
+        return
+    assert m.default_prior == "empirical"
+    idx = m.draw_indices(50, generator=torch.Generator().manual_seed(1))
+    L = m.num_levels
+    for level in range(L):
+        used = set(chosen.reshape(-1, L)[:, level].tolist())
+        assert set(idx.reshape(-1, L)[:, level].tolist()) <= used
+
+
 def test_a_quantizer_without_histogram_samples_uniformly():
-    m = _model("fsq")
+    m = fv.VQVAE(nn.Identity(), nn.Identity(), RoundingFSQ([3, 3]), (2, 4))
     assert level_counts(m.quantizer) is None
     assert m.default_prior == "uniform"
-    assert m.sample(2).shape == (2, 1, 8, 8)  # the default prior
+    assert m.sample(2).shape == (2, 2, 4)  # the default prior
     with pytest.raises(ValueError, match="no code histogram"):
         m.sample(2, prior="empirical")
 
@@ -139,11 +159,11 @@ def test_build_vqvae_quantizer_rules(kwargs, words):
 
 
 def test_build_vae_with_each_quantizer():
-    fsq = fv.build_vae((1, 8, 8), 3, quantizer="fsq", levels=[3, 4, 2], hidden=[8])
+    fsq = fv.build_vae((1, 8, 8), 3, quantizer="fsq", levels=[3, 4, 3], hidden=[8])
     assert fsq.build_config["quantizer"] == "fsq"
-    assert (fsq.codebook_size, fsq.latent_shape[0]) == (24, 3)
+    assert (fsq.codebook_size, fsq.latent_shape[0]) == (36, 3)
     with pytest.raises(ValueError, match="len"):  # latent_dim is the latent dimension
-        fv.build_vae((1, 8, 8), 4, quantizer="fsq", levels=[3, 4, 2])
+        fv.build_vae((1, 8, 8), 4, quantizer="fsq", levels=[3, 4, 3])
     lfq = fv.build_vae((1, 8, 8), 5, quantizer="lfq", codebook_size=32, hidden=[8])
     assert lfq.latent_shape[0] == 5
     rvq = fv.build_vae((1, 8, 8), 4, quantizer="rvq", codebook_size=8, num_quantizers=2,
