@@ -193,3 +193,13 @@ def missing_names(message: str, words: list[str]) -> list[str]:
 # The small VAE of the model and training tests, on the embedded 8x8 digits.
 DIGITS_CONFIG = {"input_shape": [1, 8, 8], "latent_dim": 4, "arch": "mlp", "hidden": [64],
                  "likelihood": "bernoulli", "obs_logvar": 0.0}
+
+
+def assert_pngs(folder, names) -> None:
+    """Every file ``names`` in ``folder`` is a whole PNG."""
+    from PIL import Image
+
+    for name in names:
+        with Image.open(folder / name) as image:
+            image.verify()
+            assert image.format == "PNG", name

@@ -1,7 +1,7 @@
 """Small plain-torch modules of the quantizer protocol (``fastvae.models.quantizers``), with
-its shapes and members and nothing else: a residual VQ of ``VectorQuantizer`` levels, a finite
-scalar quantizer without a usage histogram, a sign (lookup-free) quantizer with one. They test
-that the VQ-VAE, the trainer and the command line rely on the protocol only."""
+its shapes and members and nothing else, as a user's own quantizer would be: a residual VQ of
+``VectorQuantizer`` levels, a finite scalar quantizer without a usage histogram, a sign
+(lookup-free) quantizer with one. They test that the VQ-VAE relies on the protocol only."""
 
 from __future__ import annotations
 
@@ -138,23 +138,3 @@ class SignLFQ(nn.Module):
         p = self.usage_total.double() / self.usage_total.sum().clamp_min(1)
         return torch.exp(-torch.special.xlogy(p, p).sum()).float()
 
-
-STAND_INS = {
-    "rvq": ("residual_vq", lambda dim, K, o: StackedRVQ(dim, K, o["num_quantizers"])),
-    "fsq": ("fsq", lambda dim, K, o: RoundingFSQ(o["levels"])),
-    "lfq": ("lfq", lambda dim, K, o: SignLFQ(dim, o["commitment_weight"])),
-}
-
-
-def use_stand_ins(monkeypatch) -> None:
-    """Where fastvae's own module of a kind (``fastvae.models.<kind>``) is not there yet, build
-    that kind with the stand-in above (the same protocol)."""
-    import dataclasses
-    import importlib.util
-
-    from fastvae.models import quantizers
-
-    for kind, (module, build) in STAND_INS.items():
-        if importlib.util.find_spec(f"fastvae.models.{module}") is None:
-            monkeypatch.setitem(quantizers.QUANTIZERS, kind,
-                                dataclasses.replace(quantizers.QUANTIZERS[kind], build=build))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import assert_pngs
 
 import fastvae as fv
 from fastvae.cli import main
@@ -39,10 +39,7 @@ def run(tmp_path_factory):
 
 def test_train_writes_the_vq_files_and_metrics(run):
     assert {p.name for p in run.iterdir()} == FILES  # no interpolations, traversals, KL bars
-    for name in FILES - {"checkpoint.safetensors", "metrics.csv", "metrics.json"}:
-        with Image.open(run / name) as image:
-            image.verify()
-            assert image.format == "PNG"
+    assert_pngs(run, FILES - {"checkpoint.safetensors", "metrics.csv", "metrics.json"})
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert set(rows[0]) == VQ_COLUMNS

@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-from PIL import Image
-from protocol_quantizers import use_stand_ins
+from helpers import assert_pngs
 
 import fastvae as fv
 from fastvae.cli import main
@@ -31,24 +30,19 @@ CODEBOOK = {"usage", "perplexity", "val_usage", "val_perplexity"}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two epochs of a tiny VQ-VAE of each kind on the digits, with its pictures."""
-    with pytest.MonkeyPatch.context() as mp:
-        use_stand_ins(mp)
-        out = {}
-        for kind, options in TINY.items():
-            out[kind] = tmp_path_factory.mktemp(kind)
-            assert main(["train", "--quantizer", kind, *options, "--hidden", "16", "--epochs",
-                         "2", "--seed", "3", "--out", str(out[kind]), "--no-progress"]) == 0
-        yield out, mp
+    out = {}
+    for kind, options in TINY.items():
+        out[kind] = tmp_path_factory.mktemp(kind)
+        assert main(["train", "--quantizer", kind, *options, "--hidden", "16", "--epochs", "2",
+                     "--seed", "3", "--out", str(out[kind]), "--no-progress"]) == 0
+    return out
 
 
 @pytest.mark.parametrize("kind", TINY)
 def test_train_writes_the_files_and_the_codebook_columns(runs, kind):
-    run = runs[0][kind]
+    run = runs[kind]
     assert {p.name for p in run.iterdir()} == FILES
-    for name in FILES - {"checkpoint.safetensors", "metrics.csv", "metrics.json"}:
-        with Image.open(run / name) as image:
-            image.verify()
-            assert image.format == "PNG"
+    assert_pngs(run, FILES - {"checkpoint.safetensors", "metrics.csv", "metrics.json"})
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     levels = 2 if kind == "rvq" else 1
@@ -79,7 +73,7 @@ def test_train_writes_the_files_and_the_codebook_columns(runs, kind):
 
 @pytest.mark.parametrize("kind", TINY)
 def test_eval_sample_reconstruct_on_each_checkpoint(runs, kind, tmp_path, capsys):
-    run = runs[0][kind]
+    run = runs[kind]
     ckpt = str(run / "checkpoint.safetensors")
     model = fv.load_vae(ckpt)
     assert isinstance(model, fv.VQVAE)
@@ -122,8 +116,7 @@ def test_options_of_another_quantizer_are_refused(argv, words, tmp_path, capsys)
     assert not out.exists()
 
 
-def test_levels_are_parsed(tmp_path, monkeypatch):
-    use_stand_ins(monkeypatch)
+def test_levels_are_parsed(tmp_path):
     out = tmp_path / "out"
     assert main(["train", "--quantizer", "fsq", "--levels", "8,5,5,5", "--hidden", "8",
                  "--epochs", "1", "--out", str(out), "--no-progress", "--no-images"]) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from protocol_quantizers import RoundingFSQ, SignLFQ, StackedRVQ, use_stand_ins
+from protocol_quantizers import RoundingFSQ, SignLFQ, StackedRVQ
 from torch import nn
 
 import fastvae as fv
@@ -19,11 +19,6 @@ KINDS = {  # build_vqvae arguments of a tiny model of each kind
     "fsq": {"levels": [3, 4, 3]},
     "lfq": {"codebook_size": 8},
 }
-
-
-@pytest.fixture(autouse=True)
-def _kinds(monkeypatch):
-    use_stand_ins(monkeypatch)
 
 
 def _model(kind: str, **extra) -> fv.VQVAE:
@@ -111,7 +106,9 @@ def test_a_quantizer_without_histogram_samples_uniformly():
 
 def test_a_huge_implicit_codebook_is_drawn_without_a_dense_histogram():
     """FSQ [4]*16: 2^32 codes; the uniform prior is randint, never a K-sized weight vector."""
-    m = fv.VQVAE(nn.Identity(), nn.Identity(), RoundingFSQ([4] * 16), (16, 2))
+    m = fv.VQVAE(nn.Identity(), nn.Identity(), fv.FiniteScalarQuantizer(16, [4] * 16), (16, 2))
+    assert m.codebook_size == 2 ** 32
+    assert m.default_prior == "uniform"  # its usage is tracked per dimension, not per code
     idx = m.draw_indices(5, "uniform", torch.Generator().manual_seed(0))
     assert idx.shape == (5, 2)
     assert int(idx.max()) < 2 ** 32

@@ -137,14 +137,11 @@ def test_csv_rows_spread_levels_over_columns():
         "epoch": 1, "usage_l0": 0.5, "usage_l1": 0.25, "perplexity": 3.0}
 
 
-def test_the_objective_is_the_quantizers_loss(monkeypatch):
+def test_the_objective_is_the_quantizers_loss():
     """The trainer minimizes nll + the quantizer's own ``loss`` (whatever it weighs), and
     evaluate_vq's loss is nll + that loss on the held-out data."""
-    from protocol_quantizers import use_stand_ins
-
     from fastvae.training.trainer import evaluate_vq
 
-    use_stand_ins(monkeypatch)
     x = torch.rand(24, 1, 4, 4)
     config = {**CONFIG, "quantizer": "lfq", "codebook_dim": None, "codebook_size": 16}
     result = fv.train(config, x[:16], x[16:], fv.TrainConfig(epochs=1, batch_size=16),
