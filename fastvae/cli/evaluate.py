@@ -4,7 +4,10 @@ metrics and pictures, from its checkpoint.
 Every command reads the checkpoint through ``load_model``, which finds the kind of model in it
 (``model_config["kind"]``, ``"vae"`` when absent) in ``KINDS`` and builds it. A new kind of
 model (the VQ-VAE) is one more ``ModelKind`` entry: how to build it from a checkpoint, how to
-evaluate it, and the pictures it can draw (None: that command says the kind cannot).
+evaluate it, and the pictures it can draw (None: that command says the kind cannot). Every
+quantizer of a VQ-VAE (``model_config["quantizer"]``: vq, rvq, fsq, lfq) is the one
+``"vqvae"`` kind: its metrics, summary and pictures are per level where it has levels.
+``sample``, ``reconstruct`` and ``interpolate`` run through one path (``_run_picture``).
 
 Held-out data: ``--data`` (a file or a folder of images, read as ``fastvae train`` reads it),
 or by default the validation split that ``fastvae train`` used for that checkpoint (the data
