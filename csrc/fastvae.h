@@ -124,7 +124,7 @@ typedef struct fv_call {
  *       without # or ~ has the storage dtype (CUDA requires it; the CPU converts any float dtype)
  *   ~   any float dtype (IWAE's log_px and its gradient)
  *   %   int64 indices (FV_INT64; nearest_code's index); no other operand may be int64
- * residual_vq (residual_vq.inc): K codes per level, scalar = L levels, reduce_dim = 1 for the
+ * residual_vq (residual_vq.inc): K codes per level, scalar = L - 1, reduce_dim = 1 for the
  * rotation trick (backward); codebooks at offset_of(k, level, j); levels (B,) along stride[1];
  * index/commit/dist/grad_commit/grad_dist (B, L) at offset_of(0, b, level).
  *   !   an input: the noise, drawn from the seed where absent; an output: made from the noise.
@@ -169,7 +169,7 @@ typedef struct fv_call {
     X(NEAREST_CODE_FWD, nearest_code_fwd, "x* codebook", "index% dist#",                         \
       FV_USES_K | FV_USES_SCALAR)                                                                  \
     X(RESIDUAL_VQ_FWD, residual_vq_fwd, "x* codebooks levels?%",                                   \
-      "index% quantized#? commit#? dist#?", FV_USES_K | FV_USES_SCALAR)                            \
+      "index% quantized# commit# dist#"    , FV_USES_K | FV_USES_SCALAR)                            \
     X(RESIDUAL_VQ_BWD, residual_vq_bwd, "grad_q# grad_commit# grad_dist# index% x* codebooks",     \
       "d_x? d_codebooks?", FV_USES_K | FV_USES_SCALAR | FV_USES_REDUCE_DIM)                       \
     X(FSQ_FWD, finite_scalar_quantize_fwd, "z* levels% basis% a# b#", "codes index%",              \

@@ -558,7 +558,7 @@ NativeBackend.nearest_code_fwd = _nearest_code_fwd
 
 # ---------------------------------------------------------------------------------------------
 # residual_vq (residual vector quantization; csrc/residual_vq.inc). x and the codebooks come in
-# the compute dtype; K codes per level, the scalar L, reduce_dim the rotation flag; (N, L)
+# the compute dtype; K codes per level, the scalar L - 1, reduce_dim the rotation flag; (N, L)
 # operands are 2-D slots (row, level).
 # ---------------------------------------------------------------------------------------------
 
@@ -578,7 +578,7 @@ def _residual_vq_fwd(self: NativeBackend, x: Tensor, codebooks: Tensor,
     levels = None if n_levels is None else (n_levels, (0, n_levels.stride(0), 0))
     self._call("residual_vq_fwd", x, (x, cb, levels),
                (index, q, commit, dist),
-               K=K, scalar=float(L))
+               K=K, scalar=float(L - 1))
     return q, index, commit, dist
 
 
@@ -597,7 +597,7 @@ def _residual_vq_bwd(self: NativeBackend, grad_q: Tensor, grad_commit: Tensor,
                (g, grad_commit.to(x.dtype), grad_dist.to(x.dtype), indices, x, cb),
                (dx, None if dcb is None else (dcb, (dcb.stride(1), dcb.stride(0),
                                                     dcb.stride(2)))),
-               K=K, scalar=float(L), reduce_dim=int(rotation))
+               K=K, scalar=float(L - 1), reduce_dim=int(rotation))
     return [t for t in (dx, dcb) if t is not None]
 
 

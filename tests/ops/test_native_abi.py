@@ -68,12 +68,15 @@ def test_python_uses_the_library_table():
 
 def test_backend_methods_agree_with_the_table():
     """A method takes a seed exactly when its op may draw noise, a reduce_dim when the op reads
-    call->reduce_dim, a logvar_value (or n_bins) when it reads call->scalar."""
+    call->reduce_dim, a logvar_value (or n_bins) when it reads call->scalar. residual_vq: the
+    scalar is the codebooks' level count, and its backward's rotation flag is the reduce_dim."""
     for name, _, _, flags in table():
         params = inspect.signature(getattr(_native.NativeBackend, name)).parameters
         assert ("seed" in params) == bool(flags & FV_DRAWS_NOISE), name
-        assert ("reduce_dim" in params) == bool(flags & FV_USES_REDUCE_DIM), name
-        scalar = "logvar_value" in params or "n_bins" in params or "metric" in params
+        reduce_dim = "reduce_dim" in params or (name == "residual_vq_bwd" and "rotation" in params)
+        assert reduce_dim == bool(flags & FV_USES_REDUCE_DIM), name
+        scalar = ("logvar_value" in params or "n_bins" in params or "metric" in params
+                  or "codebooks" in params)
         assert scalar == bool(flags & FV_USES_SCALAR), name
 
 
@@ -233,6 +236,7 @@ def test_a_refused_library_leaves_the_backend_unusable(load_doctored):
 
 # One buffer for every operand: all strides 0, so any call reads and writes element 0 only.
 _BUFFER = torch.zeros(4, dtype=torch.float64)
+_INDICES = torch.zeros(4, dtype=torch.int64)  # index inputs (%): valid indices (code 0)
 _SEED = torch.zeros(1, dtype=torch.int64)
 
 
@@ -240,9 +244,10 @@ def full_call(inputs: str, outputs: str, flags: int) -> _native._Call:
     """A call of B=2, N=3 with every slot of the lists given: float32 storage and compute."""
     call = _native._Call()
     call.B, call.N, call.K = 2, 3, 2 if flags & FV_USES_K else 1
-    for slots, spec in ((call.inputs, inputs), (call.outputs, outputs)):
+    for slots, spec, is_input in ((call.inputs, inputs, True), (call.outputs, outputs, False)):
         for slot, (_, marks) in zip(slots, operands(spec), strict=False):
-            slot.data = _BUFFER.data_ptr()
+            given = _INDICES if "%" in marks and is_input else _BUFFER
+            slot.data = given.data_ptr()
             slot.dtype = FLOAT16 if "~" in marks else INT64 if "%" in marks else FLOAT32
     call.seed = _SEED.data_ptr()
     call.reduce_dim = 1
