@@ -99,7 +99,8 @@ class FiniteScalarQuantizer(nn.Module):
         self.register_buffer("_basis64", torch.tensor(plan.basis), persistent=False)
         self.register_buffer("_levels64", torch.tensor(plan.levels), persistent=False)
         self.register_buffer("usage_ema", torch.zeros(sum(sizes)))
-        self.register_buffer("last_used", torch.full((sum(sizes),), -1, dtype=torch.int64))
+        # the step (from 1) each code was last used in; never: far below any window
+        self.register_buffer("last_used", torch.full((sum(sizes),), -(2**62), dtype=torch.int64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
         self.register_buffer("_zero", torch.zeros(()), persistent=False)

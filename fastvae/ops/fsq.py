@@ -37,6 +37,7 @@ __all__ = ["FSQOutput", "finite_scalar_quantize", "fsq_codes_to_indices",
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
+MAX_LEVEL = 2**24  # levels per dimension: every level index exact in float32
 
 
 class FSQOutput(NamedTuple):
@@ -72,6 +73,9 @@ def _plan(levels: tuple, preserve_symmetry: bool, hard_clamp: bool) -> _Plan:
     for i, level in enumerate(levels):
         if level < 2:
             raise ValueError(f"levels[{i}] must be >= 2, got {level}")
+        if level > MAX_LEVEL:
+            raise ValueError(f"levels[{i}] = {level} exceeds 2**24, the most levels whose codes "
+                             f"float32 represents exactly")
         if level == 2 and not preserve_symmetry:
             raise ValueError(f"levels[{i}] = 2 needs preserve_symmetry=True (the tanh bound's "
                              f"two levels are not symmetric about 0; vector-quantize-pytorch "
@@ -100,10 +104,17 @@ def _flag(name: str, value: object) -> bool:
 
 
 def fsq_plan(levels: object, preserve_symmetry: bool = False, hard_clamp: bool = False) -> _Plan:
-    """The validated levels, their basis, the codebook size and the bound's constants (cached).
-    Raises as ``finite_scalar_quantize`` does."""
+    """The validated levels, their basis, the codebook size and the bound's constants (cached;
+    a constant for torch.compile, which runs it while tracing). Raises as
+    ``finite_scalar_quantize`` does."""
     return _plan(_levels_tuple(levels), _flag("preserve_symmetry", preserve_symmetry),
                  _flag("hard_clamp", hard_clamp))
+
+
+# What torch.compiler.assume_constant_result does (set here without importing torch._dynamo,
+# which `import fastvae` does not load): the compiler runs fsq_plan while tracing and keeps its
+# result as a constant (it computes the bound's constants with torch ops on the CPU).
+fsq_plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def index_dtype_for(size: int) -> torch.dtype:
@@ -165,8 +176,8 @@ def finite_scalar_quantize(z: Tensor, levels: Sequence[int] | Tensor, *,
 
     Args:
         z: ``(..., D)`` floating tensor (float16, bfloat16, float32, float64), any strides.
-        levels: ``D`` integers >= 2 (2 only with ``preserve_symmetry``) whose product (the
-            codebook size) is at most 2**63 - 1; a sequence or a 1-D integer tensor.
+        levels: ``D`` integers in [2, 2**24] (2 only with ``preserve_symmetry``) whose product
+            (the codebook size) is at most 2**63 - 1; a sequence or a 1-D integer tensor.
         preserve_symmetry: the symmetric quantizer above.
         hard_clamp: clamp instead of tanh.
         index_dtype: ``torch.int32`` or ``torch.int64``; default int32 when the codebook has at
@@ -180,7 +191,7 @@ def finite_scalar_quantize(z: Tensor, levels: Sequence[int] | Tensor, *,
         TypeError: ``z`` is not a floating tensor; ``levels`` not integers; the flags not bools;
             ``index_dtype`` not int32/int64.
         ValueError: ``z.shape[-1] != len(levels)``; ``z`` 0-d; empty levels, a level < 2 (or 2
-            without ``preserve_symmetry``); a codebook beyond 2**63 - 1 codes, or beyond
+            without ``preserve_symmetry``) or > 2**24; a codebook beyond 2**63 - 1 codes, or beyond
             2**31 - 1 with ``index_dtype=torch.int32``.
     """
     check.tensor("z", z)

@@ -32,6 +32,8 @@ def _every_op(device):
     fv.nearest_code(leaf(5, 4), leaf(3, 4))  # no backward: not differentiable
     rvq = fv.residual_vector_quantize(leaf(5, 4), leaf(2, 3, 4))
     losses = (*losses, rvq.quantized.sum() + rvq.loss)
+    codes, _ = fv.finite_scalar_quantize(leaf(5, 3), [8, 5, 5])
+    losses = (*losses, codes.sum())
     torch.stack(losses).sum().backward()
 
 
