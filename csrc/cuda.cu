@@ -1428,6 +1428,7 @@ int launch_lfq(int32_t op, const fv_call& c, cudaStream_t stream) {
         return check_launch("the LFQ entropy kernel");
     }
     const fv_tensor &G = c.in[0], &GH = c.in[1], &L = c.in[2], &D = c.out[0];
+    if (D.data == nullptr) return FV_OK;  // no gradient wanted
     lfq_backward_kernel<T, S><<<unsigned(rows_grid), kLfqThreads, 0, stream>>>(
         static_cast<const T*>(G.data), G.stride[0], G.stride[2], static_cast<const T*>(GH.data),
         GH.stride[0], GH.stride[1], static_cast<const S*>(L.data), L.stride[0], L.stride[1],

@@ -179,7 +179,7 @@ typedef struct fv_call {
       FV_USES_SCALAR)                                                                              \
     X(FSQ_BWD, finite_scalar_quantize_bwd, "grad z* levels% a# b#", "d_z?", FV_USES_SCALAR)        \
     X(LFQ_ENTROPY_FWD, lfq_entropy_fwd, "logits*", "sums# entropy#", FV_USES_K | FV_USES_SCALAR)  \
-    X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits",           \
+    X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits?",          \
       FV_USES_K | FV_USES_SCALAR)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,

@@ -115,7 +115,7 @@ def _sums_kernel(l_ptr, s_r, s_c, s_j, out_ptr, o_c, o_k, R, dA, dB, n_a, n_b,
 
 
 @triton.jit
-def _entropy_kernel(l_ptr, s_r, s_c, s_j, h_ptr, h_r, h_c, R, dA, dB, leps, n_rb,
+def _entropy_kernel(l_ptr, s_r, s_c, s_j, h_ptr, h_r, h_c, R, dA, dB, leps_ptr, n_rb,
                     BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                     CLAMPED: tl.constexpr, DTYPE: tl.constexpr):
     pid = tl.program_id(0)
@@ -125,6 +125,7 @@ def _entropy_kernel(l_ptr, s_r, s_c, s_j, h_ptr, h_r, h_c, R, dA, dB, leps, n_rb
     l_row = l_ptr + cb.to(tl.int64) * s_c + rows.to(tl.int64) * s_r
     h = tl.zeros((BLOCK_R,), DTYPE)
     if CLAMPED:
+        leps = tl.load(leps_ptr)
         KA = 1 << dA
         KB = 1 << dB
         for a0 in range(0, KA, BLOCK_A):
@@ -156,7 +157,7 @@ def _bit_sums(r, codes, dh, valid, DP: tl.constexpr):
 
 @triton.jit
 def _backward_kernel(g_ptr, g_c, g_k, gh_ptr, gh_r, gh_c, l_ptr, s_r, s_c, s_j,
-                     d_ptr, d_r, d_c, d_j, R, dA, dB, leps, n_rb,
+                     d_ptr, d_r, d_c, d_j, R, dA, dB, leps_ptr, n_rb,
                      BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                      DP: tl.constexpr, CLAMPED: tl.constexpr, DTYPE: tl.constexpr):
     pid = tl.program_id(0)
@@ -166,6 +167,7 @@ def _backward_kernel(g_ptr, g_c, g_k, gh_ptr, gh_r, gh_c, l_ptr, s_r, s_c, s_j,
     l_row = l_ptr + cb.to(tl.int64) * s_c + rows.to(tl.int64) * s_r
     gh = tl.load(gh_ptr + cb.to(tl.int64) * gh_c + rows.to(tl.int64) * gh_r, mask=rmask,
                  other=0.0).to(DTYPE)
+    leps = tl.load(leps_ptr)
     KA = 1 << dA
     KB = 1 << dB
     s1a = tl.zeros((BLOCK_R, DP), DTYPE)
@@ -222,14 +224,17 @@ def _backward_kernel(g_ptr, g_c, g_k, gh_ptr, gh_r, gh_c, l_ptr, s_r, s_c, s_j,
         tl.store(ptr, out.to(d_ptr.dtype.element_ty), mask=m)
 
 
-def _blocks(R: int, dA: int, dB: int, interp: bool) -> tuple[int, int, int]:
+def _blocks(R: int, dA: int, dB: int, interp: bool, elems: int) -> tuple[int, int, int]:
+    """(rows, kA codes, kB codes) per 3-D tile. GPU: about ``elems`` values per tile (4096
+    float32 values = 32 per thread of 4 warps; callers halve it for float64 and for kernels
+    that hold several tiles); ptxas -v: scripts/check_triton_compile.py --only lfq."""
     KA, KB = 1 << dA, 1 << dB
     if interp:  # few, large programs (each costs ~ms of Python)
         ba, bb = min(next_power_of_2(KA), 64), min(next_power_of_2(KB), 64)
         br = max(1, min(next_power_of_2(R), 65536 // (ba * bb), 256))
         return br, ba, bb
-    ba, bb = min(next_power_of_2(KA), 16), min(next_power_of_2(KB), 32)
-    return max(1, min(16, 8192 // (ba * bb))), ba, bb
+    ba, bb = min(next_power_of_2(KA), 16), min(next_power_of_2(KB), 16)
+    return max(1, min(16, elems // (ba * bb))), ba, bb
 
 
 def lfq_entropy_fwd(logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -241,19 +246,21 @@ def lfq_entropy_fwd(logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     device = logits.device
     sums = torch.empty((C, 1 << d), dtype=cdt, device=device)
     entropy = torch.empty((R, C), dtype=cdt, device=device)
-    br, ba, bb = _blocks(R, dA, dB, interpreted(device))
-    dtype = compute_dtype(logits.dtype)
     clamped = eps > 0
-    leps = math.log(eps) if clamped else 0.0
+    elems = 4096 if cdt == torch.float32 else 2048
+    br, ba, bb = _blocks(R, dA, dB, interpreted(device), elems)
+    brh = _blocks(R, dA, dB, interpreted(device), elems // 4 if clamped else elems)[0]
+    dtype = compute_dtype(logits.dtype)
+    leps = torch.full((1,), math.log(eps) if clamped else 0.0, dtype=cdt, device=device)
     n_a, n_b = -(-(1 << dA) // ba), -(-(1 << dB) // bb)
-    n_rb = -(-R // br)
+    n_rb = -(-R // brh)
     sr, sc, sj = logits.stride()
     op = "fastvae::lfq_entropy"
     with on_device(logits):
         launch(op, _sums_kernel, (C * n_a * n_b,), logits, sr, sc, sj, sums, *sums.stride(),
                R, dA, dB, n_a, n_b, BLOCK_R=br, BLOCK_A=ba, BLOCK_B=bb, DTYPE=dtype)
         launch(op, _entropy_kernel, (C * n_rb,), logits, sr, sc, sj, entropy,
-               *entropy.stride(), R, dA, dB, leps, n_rb, BLOCK_R=br, BLOCK_A=ba, BLOCK_B=bb,
+               *entropy.stride(), R, dA, dB, leps, n_rb, BLOCK_R=brh, BLOCK_A=ba, BLOCK_B=bb,
                CLAMPED=clamped, DTYPE=dtype)
     return sums, entropy
 
@@ -271,12 +278,11 @@ def lfq_entropy_bwd(grad_sums: Tensor, grad_entropy: Tensor, logits: Tensor, eps
     gs = grad_sums.to(cdt)
     ge = grad_entropy.to(cdt)
     d_logits = torch.empty((R, C, d), dtype=logits.dtype, device=device)
-    br, ba, bb = _blocks(R, dA, dB, interpreted(device))
-    if not interpreted(device):
-        br = max(1, min(br, 4096 // (ba * bb)))
-    dp = max(1, next_power_of_2(max(dA, dB)))
     clamped = eps > 0
-    leps = math.log(eps) if clamped else 0.0
+    elems = (4096 if cdt == torch.float32 else 2048) // (4 if clamped else 2)
+    br, ba, bb = _blocks(R, dA, dB, interpreted(device), elems)
+    dp = max(1, next_power_of_2(max(dA, dB)))
+    leps = torch.full((1,), math.log(eps) if clamped else 0.0, dtype=cdt, device=device)
     n_rb = -(-R // br)
     with on_device(logits):
         launch("fastvae::lfq_entropy_backward", _backward_kernel, (C * n_rb,),

@@ -420,6 +420,21 @@ def _fsq(K, p):
         K.finite_scalar_quantize_fwd(z, levels, basis, a, b, p["mode"])
 
 
+def _lfq(K, p):
+    """LFQ's bit logits (R, C, d): contiguous, or codebook-major (a transposed view)."""
+    R, C, d = p["size"]
+    if p["layout"] == "contiguous":
+        logits = empty(R, C, d, dtype=p["dtype"])
+    else:
+        logits = empty(C, R, d, dtype=p["dtype"]).transpose(0, 1)
+    if p["backward"]:
+        cdt = out_dtype(p["dtype"])
+        K.lfq_entropy_bwd(empty(C, 1 << d, dtype=cdt), empty(R, C, dtype=cdt), logits,
+                          p["eps"], [True])
+    else:
+        K.lfq_entropy_fwd(logits, p["eps"])
+
+
 def _common_axes(**extra) -> dict:
     return {"dtype": DTYPES, "shape": SHAPES, "layout": LAYOUTS, **extra}
 
@@ -494,6 +509,17 @@ FAMILIES = (
             "layout": ("contiguous", "transposed"), "grad": ("contiguous", "row", "padded"),
             "mode": (0, 1, 2, 3), "backward": (True,)},
            ("mode",), _fsq),
+    # LFQ's entropy statistics, size (rows, codebooks, bits): MAGVIT-v2's d = 18 at a
+    # tokenizer's batch, d = 10 with 4 codebooks, d = 1, an odd d; eps = 0 (exact) or the
+    # package's clamp. Its own axis "size", not "shape": the (B, N) shapes do not apply
+    Family("lfq_entropy_fwd",
+           {"dtype": DTYPES, "size": ((16384, 1, 18), (4096, 4, 10), (7, 3, 1), (33, 2, 5)),
+            "layout": ("contiguous", "transposed"), "eps": (0.0, 1e-5), "backward": (False,)},
+           ("eps",), _lfq),
+    Family("lfq_entropy_bwd",
+           {"dtype": DTYPES, "size": ((16384, 1, 18), (4096, 4, 10), (7, 3, 1), (33, 2, 5)),
+            "layout": ("contiguous", "transposed"), "eps": (0.0, 1e-5), "backward": (True,)},
+           ("eps",), _lfq),
 )
 
 

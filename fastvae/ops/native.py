@@ -648,9 +648,10 @@ def _lfq_views(logits: Tensor) -> tuple:
     return (logits, (sc, sr, sj)), logits[:, 0, :]
 
 
-def _lfq_entropy_fwd(self: NativeBackend, logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _lfq_entropy_fwd(self: NativeBackend, logits: Tensor,
+                     clamp: float) -> tuple[Tensor, Tensor]:
     """``logits (R, C, d)`` (R, C, d >= 1) -> ``(sums (C, 2**d), entropy (R, C))`` in the
-    compute dtype."""
+    compute dtype; ``clamp``: the op's ``eps`` (the call's scalar)."""
     R, C, d = logits.shape
     dtype = _compute_dtype(logits.dtype)
     sums = torch.empty((C, 1 << d), dtype=dtype, device=logits.device)
@@ -658,12 +659,12 @@ def _lfq_entropy_fwd(self: NativeBackend, logits: Tensor, eps: float) -> tuple[T
     operand, like = _lfq_views(logits)
     self._call("lfq_entropy_fwd", like, (operand,),
                ((sums, (sums.stride(0), 0, sums.stride(1))),
-                (entropy, (entropy.stride(1), entropy.stride(0), 0))), K=C, scalar=float(eps))
+                (entropy, (entropy.stride(1), entropy.stride(0), 0))), K=C, scalar=float(clamp))
     return sums, entropy
 
 
 def _lfq_entropy_bwd(self: NativeBackend, grad_sums: Tensor, grad_entropy: Tensor,
-                     logits: Tensor, eps: float, needs: Sequence[bool]) -> list[Tensor]:
+                     logits: Tensor, clamp: float, needs: Sequence[bool]) -> list[Tensor]:
     """The gradient of the logits from those of the code sums ``(C, 2**d)`` and of the per-row
     entropies ``(R, C)``."""
     if not needs[0]:
@@ -678,7 +679,7 @@ def _lfq_entropy_bwd(self: NativeBackend, grad_sums: Tensor, grad_entropy: Tenso
                ((gs, (gs.stride(0), 0, gs.stride(1))), (ge, (ge.stride(1), ge.stride(0), 0)),
                 operand),
                ((d_logits, (d_logits.stride(1), d_logits.stride(0), d_logits.stride(2))),),
-               K=C, scalar=float(eps))
+               K=C, scalar=float(clamp))
     return [d_logits]
 
 

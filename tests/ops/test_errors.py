@@ -254,6 +254,19 @@ BAD_INPUTS = [
     ("fsq_int_z", lambda: fv.finite_scalar_quantize(i34, [8, 5, 5, 5]), TypeError, ["z"]),
     ("fsq_float_level", lambda: fv.finite_scalar_quantize(t(3, 2), [8.0, 5]), TypeError,
      ["levels"]),
+    # --- lookup-free quantization
+    ("lfq_entropy_codebooks", lambda: fv.lfq_entropy(t(3, 5), num_codebooks=2), ValueError,
+     ["num_codebooks", "x"]),
+    ("lfq_entropy_bits", lambda: fv.lfq_entropy(t(3, 31)), ValueError, ["bits"]),
+    ("lfq_entropy_x_0d", lambda: fv.lfq_entropy(scalar), ValueError, ["x"]),
+    ("lfq_entropy_temperature", lambda: fv.lfq_entropy(a, inv_temperature=-1.0), ValueError,
+     ["inv_temperature"]),
+    ("lfq_entropy_int_x", lambda: fv.lfq_entropy(i34), TypeError, ["x"]),
+    ("lfq_entropy_sync", lambda: fv.lfq_entropy(a, sync=1), TypeError, ["sync"]),
+    ("lfq_quantize_weight", lambda: fv.lookup_free_quantize(a, entropy_weight=-0.1), ValueError,
+     ["entropy_weight"]),
+    ("lfq_quantize_scale", lambda: fv.lookup_free_quantize(a, codebook_scale="1"), TypeError,
+     ["codebook_scale"]),
     # --- the loss modules check at construction
     ("module_reduction", lambda: fv.BernoulliNLLLoss(reduction="avg"), ValueError,
      ["reduction"]),
@@ -291,6 +304,7 @@ def test_bad_input_table_is_complete():
     ids = [i for i, *_ in BAD_INPUTS]
     assert len(ids) == len(set(ids))
     for op in ("kl", "bernoulli", "gaussian_nll", "reparameterize", "sample_and_kl", "vae",
-               "iwae", "continuous_bernoulli", "dmol", "nearest_code", "fsq"):
+               "iwae", "continuous_bernoulli", "dmol", "nearest_code", "fsq", "lfq_entropy",
+               "lfq_quantize"):
         kinds = {e for i, _, e, _ in BAD_INPUTS if i.startswith(op)}
         assert kinds == {ValueError, TypeError}, f"{op}: {kinds}"

@@ -312,6 +312,15 @@ def _cases(geometry, dtype, g):
                   torch.tensor(plan.a, dtype=out_dtype), torch.tensor(plan.b, dtype=out_dtype))
         yield "finite_scalar_quantize_fwd", (mu[:, :D], *consts, mode), False
         yield "finite_scalar_quantize_bwd", (gz[:, :D], mu[:, :D], *consts, mode), False
+    # LFQ's entropy statistics: the rows' first 6 columns as 2 codebooks of 3 bit logits (the
+    # geometry's layout), the exact entropy and the clamped one
+    if N >= 6:
+        lq = mu[:, :6].unflatten(-1, (2, 3))
+        g_sums = torch.randn(2, 8, generator=g, dtype=torch.float64).to(out_dtype)
+        g_ent = torch.randn(B, 2, generator=g, dtype=torch.float64).to(out_dtype)
+        for clamp in (0.0, 1e-5):
+            yield "lfq_entropy_fwd", (lq, clamp), False
+            yield "lfq_entropy_bwd", (g_sums, g_ent, lq, clamp, [True]), False
     # The mixture of logistics, RGB with M = 2 and grey with M = 3: params (B, P, N) and x
     # (B, C, N) on the grid, in the geometry's layout (a broadcast params row for "broadcast");
     # grey on the smaller geometries only (the float64 oracle of "wide" takes seconds).
@@ -366,6 +375,8 @@ def _grad_inputs(op, args):
         like, needs = [args[1]] * 3, args[5]
     elif op == "finite_scalar_quantize_bwd":
         like, needs = [args[1]], [True]
+    elif op == "lfq_entropy_bwd":
+        like, needs = [args[2]], args[4]
     else:  # sample_and_kl_bwd
         like, needs = [args[2], args[3]], args[6]
     return [t for t, need in zip(like, needs, strict=True) if need]

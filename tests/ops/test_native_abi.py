@@ -75,8 +75,8 @@ def test_backend_methods_agree_with_the_table():
         assert ("seed" in params) == bool(flags & FV_DRAWS_NOISE), name
         reduce_dim = "reduce_dim" in params or (name == "residual_vq_bwd" and "rotation" in params)
         assert reduce_dim == bool(flags & FV_USES_REDUCE_DIM), name
-        scalar = ("logvar_value" in params or "n_bins" in params or "metric" in params
-                  or "codebooks" in params or "mode" in params)
+        scalar = any(p in params for p in ("logvar_value", "n_bins", "metric", "clamp",
+                                           "codebooks", "mode"))
         assert scalar == bool(flags & FV_USES_SCALAR), name
 
 

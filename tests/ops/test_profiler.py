@@ -28,7 +28,8 @@ def _every_op(device):
               fv.continuous_bernoulli_nll(logits, target))
     params = leaf(2, 6, 3)  # discretized mixture of logistics: M = 2, C = 1, 3 pixels
     x = torch.randint(0, 256, (2, 1, 3), generator=g).to(device) * (2.0 / 255.0) - 1.0
-    losses = (*losses, fv.discretized_mix_logistic_nll(params, x, n_mixtures=2))
+    losses = (*losses, fv.discretized_mix_logistic_nll(params, x, n_mixtures=2),
+              *fv.lfq_entropy(leaf(3, 4), num_codebooks=2))
     fv.nearest_code(leaf(5, 4), leaf(3, 4))  # no backward: not differentiable
     rvq = fv.residual_vector_quantize(leaf(5, 4), leaf(2, 3, 4))
     losses = (*losses, rvq.quantized.sum() + rvq.loss)
