@@ -71,6 +71,12 @@ def test_train_writes_the_files_and_the_codebook_columns(runs, kind):
     assert final["usage"] == pytest.approx(last)
 
 
+def test_the_learning_rate_is_the_common_one_for_the_others(runs):
+    for kind, run in runs.items():
+        lr = json.loads((run / "metrics.json").read_text())["train_config"]["lr"]
+        assert lr == (1e-3 if kind == "fsq" else 2e-3), kind
+
+
 @pytest.mark.parametrize("kind", TINY)
 def test_eval_sample_reconstruct_on_each_checkpoint(runs, kind, tmp_path, capsys):
     run = runs[kind]
@@ -120,8 +126,10 @@ def test_levels_are_parsed(tmp_path):
     out = tmp_path / "out"
     assert main(["train", "--quantizer", "fsq", "--levels", "8,5,5,5", "--hidden", "8",
                  "--epochs", "1", "--out", str(out), "--no-progress", "--no-images"]) == 0
-    config = json.loads((out / "metrics.json").read_text())["model_config"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = metrics["model_config"]
     assert (config["levels"], config["codebook_size"], config["codebook_dim"]) == \
         ([8, 5, 5, 5], 1000, 4)
+    assert metrics["train_config"]["lr"] == 1e-3  # FSQ's default learning rate
     model = fv.load_vae(out / "checkpoint.safetensors")
     assert model.encode_indices(torch.rand(2, 1, 8, 8)).shape == (2, 4)
