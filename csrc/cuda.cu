@@ -1128,13 +1128,6 @@ int64_t nc_workspace_bytes(const fv_call& c) {
     return (c.K + c.B) * c.N * int64_t(dtype_size(c.compute)) + 256;
 }
 
-// Residual VQ has no CUDA kernel yet: the "triton" backend serves CUDA tensors (docs/backends.md).
-template <class T, class S>
-int launch_residual_vq(int32_t op, const fv_call&, cudaStream_t) {
-    return set_error(FV_ERR_NOT_BUILT, "%s: no CUDA kernel (use the triton backend)",
-                     op == FV_OP_RESIDUAL_VQ_FWD ? "residual_vq_fwd" : "residual_vq_bwd");
-}
-
 template <class T, class S>
 int launch_nearest_code(const fv_call& c, cudaStream_t stream) {
     const int64_t B = c.B, K = c.K, D = c.N;
@@ -1437,6 +1430,209 @@ int launch_lfq(int32_t op, const fv_call& c, cudaStream_t stream) {
     return check_launch("the LFQ backward kernel");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Residual VQ (residual_vq.inc's order, docs/numerics.md "the residual"): x packed once into the
+// residual r (workspace), then per level the nearest-code search above on r against that level's
+// packed codebook, and rvq_update_kernel (one thread per row): c = codebook[i], r = r - c,
+// q = q + c with the _rn intrinsics where the row is active. Workspace: the packed level
+// codebook (K x D), r and q (B x D each), the level's indices and distances (B each).
+// The backward (one thread per row, levels in order) advances r in the workspace and
+// accumulates d x; the codebooks' gradient (a learned codebook) is not implemented here (the
+// Triton backend has it).
+// ---------------------------------------------------------------------------------------------
+
+int64_t rvq_workspace_bytes(const fv_call& c) {
+    const int64_t T = int64_t(dtype_size(c.compute));
+    if (c.in[1].data == nullptr) return 0;
+    return (c.K * c.N + 2 * c.B * c.N + c.B) * T + c.B * int64_t(sizeof(int64_t)) + 512;
+}
+
+int64_t rvq_bwd_workspace_bytes(const fv_call& c) {
+    return c.B * c.N * int64_t(dtype_size(c.compute)) + 256;
+}
+
+template <class T>
+__global__ void rvq_update_kernel(T* r, T* q, const T* codebook, const int64_t* index,
+                                  const T* dist, const int64_t* levels, int64_t s_levels,
+                                  int64_t level, int64_t B, int64_t D, int64_t* out_index,
+                                  int64_t s_i_b, int64_t s_i_l, T* commit, int64_t s_c_b,
+                                  int64_t s_c_l, T* out_dist, int64_t s_d_b, int64_t s_d_l) {
+    for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < B;
+         b += int64_t(gridDim.x) * blockDim.x) {
+        const bool active = levels == nullptr || level < levels[b * s_levels];
+        int64_t k = -1;
+        T d = T(0);
+        if (active) {
+            k = index[b];
+            d = dist[b];
+            const T* e = codebook + k * D;
+            T* rb = r + b * D;
+            T* qb = q + b * D;
+            for (int64_t j = 0; j < D; ++j) {
+                rb[j] = nc_sub(rb[j], e[j]);
+                qb[j] = nc_add(qb[j], e[j]);
+            }
+        }
+        out_index[b * s_i_b + level * s_i_l] = k;
+        commit[b * s_c_b + level * s_c_l] = d;
+        out_dist[b * s_d_b + level * s_d_l] = d;
+    }
+}
+
+template <class T>
+__global__ void rvq_store_kernel(const T* q, int64_t B, int64_t D, T* out, int64_t s_b,
+                                 int64_t s_d) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * D;
+         i += int64_t(gridDim.x) * blockDim.x)
+        out[(i / D) * s_b + (i % D) * s_d] = q[i];
+}
+
+template <class T, class S>
+int launch_residual_vq_fwd(const fv_call& c, cudaStream_t stream) {
+    const int64_t B = c.B, K = c.K, D = c.N, L = int64_t(c.scalar) + 1;
+    if (L < 1) return set_error(FV_ERR_INVALID, "residual_vq_fwd: L = %lld levels",
+                                static_cast<long long>(L));
+    if (c.workspace == nullptr || c.workspace_bytes < rvq_workspace_bytes(c))
+        return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
+                         "fv_cuda_workspace_bytes() asked for",
+                         static_cast<long long>(rvq_workspace_bytes(c)));
+    T* cb = static_cast<T*>(c.workspace);
+    T* r = cb + K * D;
+    T* q = r + B * D;
+    T* dist = q + B * D;
+    int64_t* index = reinterpret_cast<int64_t*>(
+        (reinterpret_cast<uintptr_t>(dist + B) + 255) & ~uintptr_t(255));
+    const fv_tensor &X = c.in[0], &E = c.in[1], &Lev = c.in[2];
+    auto blocks = [](int64_t m) {
+        const int64_t n = cdiv(m, kNcThreads);
+        return unsigned(n < 65535 ? n : 65535);
+    };
+    nc_pack_kernel<T, S><<<blocks(B), kNcThreads, 0, stream>>>(
+        static_cast<const S*>(X.data), X.stride[1], X.stride[2], B, D, false, r);
+    int status = check_launch("the residual-VQ rows kernel");
+    if (status != FV_OK) return status;
+    cudaError_t err = cudaMemsetAsync(q, 0, size_t(B * D) * sizeof(T), stream);
+    if (err != cudaSuccess) return cuda_error(err, "clearing the residual-VQ sum");
+    int64_t tile = kNcSharedBytes / (D * int64_t(sizeof(T)));
+    if (tile < 1) tile = 1;
+    const int64_t grid = cdiv(B, kNcThreads);
+    if (grid > kMaxGridX) return set_error(FV_ERR_INVALID, "residual_vq_fwd: too many rows");
+    for (int64_t l = 0; l < L; ++l) {
+        const S* level = static_cast<const S*>(E.data) + l * E.stride[1];
+        nc_pack_kernel<T, S><<<blocks(K), kNcThreads, 0, stream>>>(level, E.stride[0],
+                                                                    E.stride[2], K, D, false, cb);
+        status = check_launch("the residual-VQ codebook kernel");
+        if (status != FV_OK) return status;
+        if (D * int64_t(sizeof(T)) > kNcSharedBytes)
+            nc_search_global_kernel<T><<<unsigned(grid), kNcThreads, 0, stream>>>(
+                r, cb, B, K, D, false, index, 1, dist, 1);
+        else
+            nc_search_kernel<T><<<unsigned(grid), kNcThreads, 0, stream>>>(
+                r, cb, B, K, D, false, tile, index, 1, dist, 1);
+        status = check_launch("the residual-VQ search kernel");
+        if (status != FV_OK) return status;
+        rvq_update_kernel<T><<<blocks(B), kNcThreads, 0, stream>>>(
+            r, q, cb, index, dist, static_cast<const int64_t*>(Lev.data), Lev.stride[1], l, B, D,
+            static_cast<int64_t*>(c.out[0].data), c.out[0].stride[1], c.out[0].stride[2],
+            static_cast<T*>(c.out[2].data), c.out[2].stride[1], c.out[2].stride[2],
+            static_cast<T*>(c.out[3].data), c.out[3].stride[1], c.out[3].stride[2]);
+        status = check_launch("the residual-VQ update kernel");
+        if (status != FV_OK) return status;
+    }
+    rvq_store_kernel<T><<<blocks(B * D), kNcThreads, 0, stream>>>(
+        q, B, D, static_cast<T*>(c.out[1].data), c.out[1].stride[1], c.out[1].stride[2]);
+    return check_launch("the residual-VQ store kernel");
+}
+
+// One thread per row: d x = sum over the active levels of ST_l(g) + (2 g_commit_l) (r_l - c_l)
+// (residual_vq.inc's rvq_rotation for ST with the rotation trick), r advanced in place.
+template <class T, class S>
+__global__ void rvq_bwd_kernel(const T* gq, int64_t s_g_b, int64_t s_g_d, const T* gc,
+                               int64_t s_gc_b, int64_t s_gc_l, const int64_t* index,
+                               int64_t s_i_b, int64_t s_i_l, const S* e, int64_t s_e_k,
+                               int64_t s_e_l, int64_t s_e_d, int64_t B, int64_t D, int64_t L,
+                               int64_t K, bool rotation, T* r, T* dx, int64_t s_dx_b,
+                               int64_t s_dx_d) {
+    for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < B;
+         b += int64_t(gridDim.x) * blockDim.x) {
+        T* rb = r + b * D;
+        const T* g = gq + b * s_g_b;
+        for (int64_t j = 0; j < D; ++j) dx[b * s_dx_b + j * s_dx_d] = T(0);
+        for (int64_t l = 0; l < L; ++l) {
+            const int64_t k = index[b * s_i_b + l * s_i_l];
+            if (k < 0 || k >= K) continue;
+            const S* code = e + k * s_e_k + l * s_e_l;
+            const T gcl = gc[b * s_gc_b + l * s_gc_l];
+            T lam = T(0), rd = T(1), cd = T(1), wd = T(1), wg = T(0), cg = T(0);
+            bool ok = false;
+            if (rotation) {
+                const T tiny = sizeof(T) == 4 ? T(1.17549435e-38f) : T(2.2250738585072014e-308);
+                T rr = T(0), cc = T(0), rc = T(0), rg = T(0), cgs = T(0);
+                for (int64_t j = 0; j < D; ++j) {
+                    const T rv = rb[j], cv = from_storage<T>(code[j * s_e_d]);
+                    const T gv = g[j * s_g_d];
+                    rr += rv * rv;
+                    cc += cv * cv;
+                    rc += rv * cv;
+                    rg += rv * gv;
+                    cgs += cv * gv;
+                }
+                const T rn = nc_sqrt(rr), cn = nc_sqrt(cc);
+                rd = rn > tiny ? rn : tiny;
+                cd = cn > tiny ? cn : tiny;
+                const T wn = nc_sqrt(rr / (rd * rd) + T(2) * rc / (rd * cd) + cc / (cd * cd));
+                wd = wn > tiny ? wn : tiny;
+                wg = (rg / rd + cgs / cd) / wd;
+                cg = cgs / cd;
+                lam = cn / rd;
+                ok = rn > T(0) && (wn > T(1e-6) || cn == T(0));
+            }
+            for (int64_t j = 0; j < D; ++j) {
+                const T rv = rb[j], cv = from_storage<T>(code[j * s_e_d]), gv = g[j * s_g_d];
+                T st = gv;
+                if (ok) {
+                    const T u = rv / rd;
+                    const T w = (u + cv / cd) / wd;
+                    st = lam * (gv - T(2) * w * wg + T(2) * u * cg);
+                }
+                const T ev = nc_sub(rv, cv);
+                T* out = dx + b * s_dx_b + j * s_dx_d;
+                *out = *out + (st + T(2) * gcl * ev);
+                rb[j] = ev;
+            }
+        }
+    }
+}
+
+template <class T, class S>
+int launch_residual_vq_bwd(const fv_call& c, cudaStream_t stream) {
+    const int64_t B = c.B, K = c.K, D = c.N, L = int64_t(c.scalar) + 1;
+    if (c.out[1].data != nullptr)
+        return set_error(FV_ERR_NOT_BUILT, "residual_vq_bwd: the codebooks' gradient has no "
+                         "CUDA kernel (a learned codebook: use the triton backend)");
+    if (c.out[0].data == nullptr) return FV_OK;
+    if (c.workspace == nullptr || c.workspace_bytes < rvq_bwd_workspace_bytes(c))
+        return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
+                         "fv_cuda_workspace_bytes() asked for",
+                         static_cast<long long>(rvq_bwd_workspace_bytes(c)));
+    T* r = static_cast<T*>(c.workspace);
+    const fv_tensor &X = c.in[4], &E = c.in[5];
+    const int64_t n = cdiv(B, kNcThreads);
+    const unsigned grid = unsigned(n < 65535 ? n : 65535);
+    nc_pack_kernel<T, S><<<grid, kNcThreads, 0, stream>>>(
+        static_cast<const S*>(X.data), X.stride[1], X.stride[2], B, D, false, r);
+    const int status = check_launch("the residual-VQ rows kernel");
+    if (status != FV_OK) return status;
+    rvq_bwd_kernel<T, S><<<grid, kNcThreads, 0, stream>>>(
+        static_cast<const T*>(c.in[0].data), c.in[0].stride[1], c.in[0].stride[2],
+        static_cast<const T*>(c.in[1].data), c.in[1].stride[1], c.in[1].stride[2],
+        static_cast<const int64_t*>(c.in[3].data), c.in[3].stride[1], c.in[3].stride[2],
+        static_cast<const S*>(E.data), E.stride[0], E.stride[1], E.stride[2], B, D, L, K,
+        c.reduce_dim == 1, r, static_cast<T*>(c.out[0].data), c.out[0].stride[1],
+        c.out[0].stride[2]);
+    return check_launch("the residual-VQ backward kernel");
+}
+
 // Every op of FV_OPS has a case here: a missing one is a compile error (-Werror=switch).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic error "-Wswitch"
@@ -1530,8 +1726,9 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
         case FV_OP_NEAREST_CODE_FWD:
             return launch_nearest_code<T, S>(c, st);
         case FV_OP_RESIDUAL_VQ_FWD:
+            return launch_residual_vq_fwd<T, S>(c, st);
         case FV_OP_RESIDUAL_VQ_BWD:
-            return launch_residual_vq<T, S>(op, c, st);
+            return launch_residual_vq_bwd<T, S>(c, st);
         case FV_OP_FSQ_FWD:
             return launch_fsq<T, S>(c, true, st);
         case FV_OP_FSQ_BWD:
@@ -1609,6 +1806,8 @@ int64_t workspace_bytes(int32_t op, const fv_call* call) {
             return plan_sum(c, 1, compute_size, 1).workspace_bytes;
         }
         case FV_OP_NEAREST_CODE_FWD: return nc_workspace_bytes(c);
+        case FV_OP_RESIDUAL_VQ_FWD: return rvq_workspace_bytes(c);
+        case FV_OP_RESIDUAL_VQ_BWD: return rvq_bwd_workspace_bytes(c);
         default: return 0;
     }
 }

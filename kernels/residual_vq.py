@@ -9,9 +9,10 @@ every backend (fastvae/ops/reference.py ``residual_vq_fwd``, docs/numerics.md "t
 each operation rounded, no fusion (``enable_fp_fusion=False``). Memory: the residual and the
 sum (N x D), the search's O(N + K D); nothing N x K, no host sync.
 
-``residual_vq_bwd``: ``_bwd_kernel`` (per row block, levels in a loop) recomputes the residuals
-from the indices (nothing L x N x D saved) and accumulates ``d x += ST_l(g) + 2 g_commit_l
-(r_l - c_l)`` over the active levels (``ST``: the identity, or the rotation trick). The
+``residual_vq_bwd``: ``_bwd_kernel`` (per row block, levels in a loop, D in chunks) recomputes
+the residuals from the indices in an (N, D) buffer (nothing L x N x D saved) and accumulates
+``d x += ST_l(g) + 2 g_commit_l (r_l - c_l)`` over the active levels (``ST``: the identity, or
+the rotation trick, whose norms and dot products a first pass over the chunks forms). The
 codebooks' gradient (a learned codebook) replays the forward's residual updates level by level
 with ``_update_kernel`` and index-adds ``-2 g_dist_l r_{l+1}`` (``r_{l+1} = r_l - c_l``, the
 same bits as the reference's difference).
@@ -64,13 +65,14 @@ def _update_kernel(r_ptr, q_ptr, e_ptr, s_e_k, s_e_d, idx_ptr, dist_ptr, lev_ptr
         tl.store(out_dist_ptr + rows * s_o_n + level, tl.where(active, d, 0.0), mask=row_ok)
 
 
-def _block_d(D: int) -> int:
-    return min(triton.next_power_of_2(max(D, 1)), 256)
+def _block_d(D: int, device: torch.device) -> int:
+    """Columns per chunk: 64 on a GPU (32 x 64 values per program: no spills in float64)."""
+    return min(triton.next_power_of_2(max(D, 1)), 256 if interpreted(device) else 64)
 
 
 def _block_rows(N: int, D: int, device: torch.device) -> int:
     if interpreted(device):
-        return max(1, min(triton.next_power_of_2(N), 16384 // _block_d(D)))
+        return max(1, min(triton.next_power_of_2(N), 16384 // _block_d(D, device)))
     return 32
 
 
@@ -88,7 +90,7 @@ def residual_vq_fwd(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
     index = torch.empty((N, L), dtype=torch.int64, device=device)
     commit = torch.empty((N, L), dtype=x.dtype, device=device)
     dist = torch.empty((N, L), dtype=x.dtype, device=device)
-    br, bd = _block_rows(N, D, device), _block_d(D)
+    br, bd = _block_rows(N, D, device), _block_d(D, device)
     dtype = compute_dtype(x.dtype)
     levels = n_levels if n_levels is not None else index  # unused when HAS_LEVELS is False
     for level in range(L):
@@ -105,49 +107,71 @@ def residual_vq_fwd(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
 
 @triton.jit
 def _bwd_kernel(gq_ptr, s_g_n, s_g_d, gc_ptr, s_gc_n, s_gc_l, idx_ptr, s_i_n, s_i_l,
-                x_ptr, s_x_n, s_x_d, e_ptr, s_e_l, s_e_k, s_e_d, dx_ptr, N, D, L,
+                r_ptr, e_ptr, s_e_l, s_e_k, s_e_d, dx_ptr, N, D, L,
                 ROTATION: tl.constexpr, TINY: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
-    """d x for rows [pid BLOCK_R, ...) (D <= BLOCK_D: a row in registers), levels in order."""
+    """d x for rows [pid BLOCK_R, ...), levels in order, D in chunks of BLOCK_D. ``r`` (N, D)
+    contiguous holds x on entry and is advanced level by level (r_l - c_l, the forward's bits);
+    ``dx`` (N, D) contiguous holds zeros on entry and accumulates. With ROTATION, a first pass
+    over the chunks forms the row's norms and dot products (|r|^2, |c|^2, r.c, r.g, c.g)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
-    m = row_ok[:, None] & (cols < D)[None, :]
-    cols64 = cols.to(tl.int64)[None, :]
-    r = tl.load(x_ptr + rows[:, None] * s_x_n + cols64 * s_x_d, mask=m, other=0.0).to(DTYPE)
-    g = tl.load(gq_ptr + rows[:, None] * s_g_n + cols64 * s_g_d, mask=m, other=0.0).to(DTYPE)
-    dx = tl.zeros([BLOCK_R, BLOCK_D], DTYPE)
     for level in range(L):
         k = tl.load(idx_ptr + rows * s_i_n + level * s_i_l, mask=row_ok, other=-1)
-        active = k >= 0
-        ma = m & active[:, None]
-        c = tl.load(e_ptr + level * s_e_l + tl.maximum(k, 0)[:, None] * s_e_k + cols64 * s_e_d,
-                    mask=ma, other=0.0).to(DTYPE)
-        gc = tl.load(gc_ptr + rows * s_gc_n + level * s_gc_l, mask=row_ok & active,
-                     other=0.0).to(DTYPE)
-        e = r - c
+        active = row_ok & (k >= 0)
+        kk = tl.maximum(k, 0)
+        gc = tl.load(gc_ptr + rows * s_gc_n + level * s_gc_l, mask=active, other=0.0).to(DTYPE)
         if ROTATION:
+            rr = tl.zeros([BLOCK_R], DTYPE)
+            cc = tl.zeros([BLOCK_R], DTYPE)
+            rc = tl.zeros([BLOCK_R], DTYPE)
+            rg = tl.zeros([BLOCK_R], DTYPE)
+            cg = tl.zeros([BLOCK_R], DTYPE)
+            for d0 in range(0, D, BLOCK_D):
+                cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+                m = active[:, None] & (cols < D)[None, :]
+                r = tl.load(r_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0)
+                c = tl.load(e_ptr + level * s_e_l + kk[:, None] * s_e_k + cols[None, :] * s_e_d,
+                            mask=m, other=0.0).to(DTYPE)
+                g = tl.load(gq_ptr + rows[:, None] * s_g_n + cols[None, :] * s_g_d, mask=m,
+                            other=0.0).to(DTYPE)
+                rr += tl.sum(r * r, axis=1)
+                cc += tl.sum(c * c, axis=1)
+                rc += tl.sum(r * c, axis=1)
+                rg += tl.sum(r * g, axis=1)
+                cg += tl.sum(c * g, axis=1)
             tiny = tl.full([BLOCK_R], TINY, DTYPE)
-            rn = _sqrt_rn(tl.sum(r * r, axis=1), DTYPE)
-            cn = _sqrt_rn(tl.sum(c * c, axis=1), DTYPE)
+            rn = _sqrt_rn(rr, DTYPE)
+            cn = _sqrt_rn(cc, DTYPE)
             rd = tl.maximum(rn, tiny)
             cd = tl.maximum(cn, tiny)
-            u = r / rd[:, None]
-            ch = c / cd[:, None]
-            w = u + ch
-            wn = _sqrt_rn(tl.sum(w * w, axis=1), DTYPE)
-            w = w / tl.maximum(wn, tiny)[:, None]
+            # |u + c^|^2 = |u|^2 + 2 u.c^ + |c^|^2
+            wn = _sqrt_rn(rr / (rd * rd) + 2.0 * rc / (rd * cd) + cc / (cd * cd), DTYPE)
+            wd = tl.maximum(wn, tiny)
+            wg = (rg / rd + cg / cd) / wd
+            cgh = cg / cd
             lam = cn / rd
-            wg = tl.sum(w * g, axis=1)
-            cg = tl.sum(ch * g, axis=1)
-            rot = lam[:, None] * (g - 2.0 * w * wg[:, None] + 2.0 * u * cg[:, None])
             ok = (rn > 0) & ((wn > 1e-6) | (cn == 0))
-            st = tl.where(ok[:, None], rot, g)
-        else:
-            st = g
-        dx = tl.where(ma, dx + (st + 2.0 * gc[:, None] * e), dx)
-        r = tl.where(ma, e, r)
-    tl.store(dx_ptr + rows[:, None] * D + cols64, dx, mask=m)
+        for d0 in range(0, D, BLOCK_D):
+            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            m = active[:, None] & (cols < D)[None, :]
+            off = rows[:, None] * D + cols[None, :]
+            r = tl.load(r_ptr + off, mask=m, other=0.0)
+            c = tl.load(e_ptr + level * s_e_l + kk[:, None] * s_e_k + cols[None, :] * s_e_d,
+                        mask=m, other=0.0).to(DTYPE)
+            g = tl.load(gq_ptr + rows[:, None] * s_g_n + cols[None, :] * s_g_d, mask=m,
+                        other=0.0).to(DTYPE)
+            e = r - c
+            if ROTATION:
+                u = r / rd[:, None]
+                w = (u + c / cd[:, None]) / wd[:, None]
+                rot = lam[:, None] * (g - 2.0 * w * wg[:, None] + 2.0 * u * cgh[:, None])
+                st = tl.where(ok[:, None], rot, g)
+            else:
+                st = g
+            dx = tl.load(dx_ptr + off, mask=m, other=0.0)
+            tl.store(dx_ptr + off, dx + (st + 2.0 * gc[:, None] * e), mask=m)
+            tl.store(r_ptr + off, e, mask=m)
 
 
 def residual_vq_bwd(grad_q: Tensor, grad_commit: Tensor, grad_dist: Tensor, indices: Tensor,
@@ -160,16 +184,15 @@ def residual_vq_bwd(grad_q: Tensor, grad_commit: Tensor, grad_dist: Tensor, indi
     dtype = compute_dtype(x.dtype)
     out = []
     if needs[0]:
-        dx = torch.empty((N, D), dtype=x.dtype, device=device)
-        bd = triton.next_power_of_2(max(D, 1))
-        br = (max(1, min(triton.next_power_of_2(N), 16384 // bd)) if interpreted(device)
-              else max(1, min(32, 4096 // bd)))
+        dx = torch.zeros((N, D), dtype=x.dtype, device=device)
+        r = x.contiguous().clone()
+        br, bd = _block_rows(N, D, device), _block_d(D, device)
         g = grad_q.to(x.dtype)
         gc = grad_commit.to(x.dtype)
         with on_device(x):
             launch(OP, _bwd_kernel, (triton.cdiv(N, br),),
                    g, g.stride(0), g.stride(1), gc, gc.stride(0), gc.stride(1),
-                   indices, indices.stride(0), indices.stride(1), x, x.stride(0), x.stride(1),
+                   indices, indices.stride(0), indices.stride(1), r,
                    codebooks, *codebooks.stride(), dx, N, D, L,
                    ROTATION=bool(rotation), TINY=torch.finfo(x.dtype).tiny, BLOCK_R=br,
                    BLOCK_D=bd, DTYPE=dtype, enable_fp_fusion=False)
@@ -177,7 +200,7 @@ def residual_vq_bwd(grad_q: Tensor, grad_commit: Tensor, grad_dist: Tensor, indi
     if needs[1]:
         dcb = torch.zeros((L, K, D), dtype=x.dtype, device=device)
         r = x.contiguous().clone()
-        br, bd = _block_rows(N, D, device), _block_d(D)
+        br, bd = _block_rows(N, D, device), _block_d(D, device)
         gd = grad_dist.to(x.dtype)
         for level in range(L):
             e = codebooks[level]

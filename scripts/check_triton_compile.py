@@ -435,6 +435,25 @@ def _lfq(K, p):
         K.lfq_entropy_fwd(logits, p["eps"])
 
 
+def _residual_vq(K, p):
+    """x (N, D) and codebooks (L, K, D) in a compute dtype (the op converts before it), the
+    per-row level counts or none; the backward with its gradients (N, L) of a mean or not."""
+    N, D = p["shape"]
+    L, codes = p["levels"], p["K"]
+    x = operand(N, D, p["dtype"], p["layout"])
+    codebooks = empty(L, codes, D, dtype=p["dtype"])
+    n_levels = empty(N, dtype=torch.int64) if p["dropout"] else None
+    if not p["backward"]:
+        K.residual_vq_fwd(x, codebooks, n_levels, 0)
+        return
+    grad_q = operand(N, D, p["dtype"], "contiguous")
+    grad = (empty(N, L, dtype=p["dtype"]) if p["grad"] == "contiguous"
+            else empty(L, dtype=p["dtype"]).expand(N, L))
+    indices = empty(N, L, dtype=torch.int64)
+    K.residual_vq_bwd(grad_q, grad, grad, indices, x, codebooks, n_levels, p["rotation"],
+                      list(p["needs"]))
+
+
 def _common_axes(**extra) -> dict:
     return {"dtype": DTYPES, "shape": SHAPES, "layout": LAYOUTS, **extra}
 
@@ -520,6 +539,22 @@ FAMILIES = (
            {"dtype": DTYPES, "size": ((16384, 1, 18), (4096, 4, 10), (7, 3, 1), (33, 2, 5)),
             "layout": ("contiguous", "transposed"), "eps": (0.0, 1e-5), "backward": (True,)},
            ("eps",), _lfq),
+    # residual VQ: levels of the nearest-code search on the residual (above) and the update;
+    # the backward's kernel per row block, D in one block (D = 300: 512 lanes)
+    Family("residual_vq_fwd",
+           {"dtype": (torch.float32, torch.float64),
+            "shape": ((4096, 64), (32768, 8), (1000, 3), (256, 300), (1, 1)),
+            "layout": ("contiguous", "padded", "transposed", "misaligned"),
+            "levels": (8, 1), "K": (1024, 1001, 1), "dropout": (False, True),
+            "backward": (False,)},
+           ("dropout",), _residual_vq),
+    Family("residual_vq_bwd",
+           {"dtype": (torch.float32, torch.float64),
+            "shape": ((4096, 64), (32768, 8), (1000, 3), (256, 300), (1, 1)),
+            "layout": ("contiguous", "padded", "transposed", "misaligned"),
+            "levels": (8, 1), "K": (1024, 1), "dropout": (False,), "backward": (True,),
+            "rotation": (0, 1), "needs": subsets(2), "grad": ("contiguous", "broadcast")},
+           ("rotation", "needs"), _residual_vq, needs="needs"),
 )
 
 

@@ -23,6 +23,12 @@ pytestmark = pytest.mark.filterwarnings(
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _codebook_grad(backend: str) -> bool:
+    """The CUDA library has no kernel for the codebooks' gradient (learned codebooks): it says
+    so (test_cuda_codebook_gradient_says_so); the other backends have it."""
+    return backend != "cuda"
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     with fv.use_backend(request.param):
@@ -235,15 +241,17 @@ def test_gradients_match_autograd_of_the_formula(backend, mode, dropout):
     q, commit, book = _autograd_oracle(xa, ca, n, 0.3, mode)
     want = torch.autograd.grad((q * gq).sum() + (commit * gc).sum() + (book * gb).sum(),
                                (xa, ca))
-    xb, cbb = x.to(device).requires_grad_(), cb.to(device).requires_grad_()
+    xb, cbb = x.to(device).requires_grad_(), cb.to(device).requires_grad_(_codebook_grad(backend))
     out = fv.residual_vector_quantize(xb, cbb, n_levels=None if n is None else n.to(device),
                                       beta=0.3, straight_through=mode, reduction="none")
     torch.testing.assert_close(out.quantized.cpu(), q.detach())
     got = torch.autograd.grad((out.quantized * gq.to(device)).sum()
                               + (out.commitment_loss * gc.to(device)).sum()
-                              + (out.codebook_loss * gb.to(device)).sum(), (xb, cbb))
+                              + (out.codebook_loss * gb.to(device)).sum(),
+                              (xb, cbb) if _codebook_grad(backend) else (xb,))
     torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-10, atol=1e-12)
+    if _codebook_grad(backend):
+        torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -262,11 +270,13 @@ def test_reductions(backend, reduction):
 def test_half_gradients_come_back_in_their_dtype(backend):
     device = device_for(backend)
     x = _x(12, 4, seed=24, dtype=torch.bfloat16).to(device).requires_grad_()
-    cb = _x(2, 5, 4, seed=25, dtype=torch.float16).to(device).requires_grad_()
+    cb = _x(2, 5, 4, seed=25, dtype=torch.float16).to(device).requires_grad_(
+        _codebook_grad(backend))
     out = fv.residual_vector_quantize(x, cb)
     (out.quantized.float().sum() + out.loss).backward()
     assert x.grad.dtype == torch.bfloat16
-    assert cb.grad.dtype == torch.float16
+    if _codebook_grad(backend):
+        assert cb.grad.dtype == torch.float16
 
 
 def test_backward_saves_nothing_level_sized():
@@ -340,7 +350,8 @@ def test_shape_and_type_errors():
 def test_opcheck(backend, dropout):
     device = device_for(backend)
     x = _x(6, 4, seed=30, dtype=torch.float64).to(device).requires_grad_()
-    cb = _x(3, 5, 4, seed=31, dtype=torch.float64).to(device).requires_grad_()
+    cb = _x(3, 5, 4, seed=31, dtype=torch.float64).to(device).requires_grad_(
+        _codebook_grad(backend))
     n = torch.tensor([0, 1, 2, 3, 3, 1], device=device) if dropout else None
     for rotation in (0, 1):
         torch.library.opcheck(_ops.residual_vq, (x, cb, n, rotation, backend))
@@ -358,13 +369,42 @@ def test_compile_fullgraph(backend):
         return out.quantized, out.indices, out.loss
 
     torch._dynamo.reset()
-    xa, ca = x.clone().requires_grad_(), cb.clone().requires_grad_()
+    grad_cb = _codebook_grad(backend)
+    xa, ca = x.clone().requires_grad_(), cb.clone().requires_grad_(grad_cb)
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(xa, ca)
-    xb, cbb = x.clone().requires_grad_(), cb.clone().requires_grad_()
+    xb, cbb = x.clone().requires_grad_(), cb.clone().requires_grad_(grad_cb)
     want = f(xb, cbb)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     (got[0].sum() + got[2]).backward()
     (want[0].sum() + want[2]).backward()
     torch.testing.assert_close(xa.grad, xb.grad)
-    torch.testing.assert_close(ca.grad, cbb.grad)
+    if grad_cb:
+        torch.testing.assert_close(ca.grad, cbb.grad)
+
+
+@pytest.mark.parametrize("mode", ["ste", "rotation"])
+def test_rows_longer_than_a_chunk(backend, mode):
+    # D = 300: more than one column chunk of the Triton kernels (256 under the interpreter)
+    device = device_for(backend)
+    x, cb = _x(9, 300, seed=34), _x(2, 5, 300, seed=35)
+    _check(backend, x, cb)
+    g = _x(9, 300, seed=36)
+    grads = []
+    for name in ("torch", backend):
+        with fv.use_backend(name):
+            xx = x.to(device).requires_grad_()
+            cc = cb.to(device).requires_grad_(_codebook_grad(backend))
+            out = fv.residual_vector_quantize(xx, cc, straight_through=mode)
+            grads.append(torch.autograd.grad((out.quantized * g.to(device)).sum() + out.loss,
+                                             (xx, cc) if _codebook_grad(backend) else (xx,)))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="no CUDA backend here")
+def test_cuda_codebook_gradient_says_so():
+    x = _x(6, 4).cuda()
+    cb = _x(2, 5, 4).cuda().requires_grad_()
+    with fv.use_backend("cuda"), pytest.raises(RuntimeError, match="no CUDA kernel"):
+        fv.residual_vector_quantize(x, cb).loss.backward()
