@@ -193,3 +193,35 @@ def missing_names(message: str, words: list[str]) -> list[str]:
 # The small VAE of the model and training tests, on the embedded 8x8 digits.
 DIGITS_CONFIG = {"input_shape": [1, 8, 8], "latent_dim": 4, "arch": "mlp", "hidden": [64],
                  "likelihood": "bernoulli", "obs_logvar": 0.0}
+
+
+def assert_pngs(folder, names) -> None:
+    """Every file ``names`` in ``folder`` is a whole PNG."""
+    from PIL import Image
+
+    for name in names:
+        with Image.open(folder / name) as image:
+            image.verify()
+            assert image.format == "PNG", name
+
+
+def assert_checkpoint_reproduces_run(run, out, keys) -> dict:
+    """``fastvae eval`` on the checkpoint of the ``fastvae train`` run in folder ``run`` gives
+    the trainer's final metrics ``keys`` exactly, and ``sample`` and ``reconstruct`` write the
+    trainer's pictures byte for byte (its seed, its validation images); files go to ``out``.
+    Returns eval's JSON."""
+    import json
+
+    from fastvae.cli import main
+
+    ckpt = str(run / "checkpoint.safetensors")
+    assert main(["eval", ckpt, "--no-progress", "--json", str(out / "m.json")]) == 0
+    got = json.loads((out / "m.json").read_text())
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    for key in keys:
+        assert got[key] == final[key], key
+    for command, name in (("sample", "samples.png"), ("reconstruct", "reconstructions.png")):
+        extra = [] if command == "sample" else ["--no-progress"]
+        assert main([command, ckpt, "--out", str(out / name), *extra]) == 0
+        assert (out / name).read_bytes() == (run / name).read_bytes(), name
+    return got

@@ -4,7 +4,10 @@ metrics and pictures, from its checkpoint.
 Every command reads the checkpoint through ``load_model``, which finds the kind of model in it
 (``model_config["kind"]``, ``"vae"`` when absent) in ``KINDS`` and builds it. A new kind of
 model (the VQ-VAE) is one more ``ModelKind`` entry: how to build it from a checkpoint, how to
-evaluate it, and the pictures it can draw (None: that command says the kind cannot).
+evaluate it, and the pictures it can draw (None: that command says the kind cannot). Every
+quantizer of a VQ-VAE (``model_config["quantizer"]``: vq, rvq, fsq, lfq) is the one
+``"vqvae"`` kind: its metrics, summary and pictures are per level where it has levels.
+``sample``, ``reconstruct`` and ``interpolate`` run through one path (``_run_picture``).
 
 Held-out data: ``--data`` (a file or a folder of images, read as ``fastvae train`` reads it),
 or by default the validation split that ``fastvae train`` used for that checkpoint (the data
@@ -92,14 +95,25 @@ def _vae_summary(metrics: dict[str, Any]) -> str:
     return line + f"; active units {metrics['active_units']}/{len(metrics['kl_per_dim'])}"
 
 
-def _vae_sample(model, path: Path, args: argparse.Namespace, seed_: int):
+def _sample(model, path: Path, args: argparse.Namespace, seed_: int):
+    """Samples of the model's prior: a VAE's Gaussian; a VQ-VAE's codes drawn independently at
+    each position from ``--prior`` (default: the empirical prior, the code histogram of its
+    last training steps, where its quantizer keeps one; else uniform)."""
     from fastvae.training import images
 
+    options = {}
     if args.prior is not None:
-        raise UsageError(f"--prior chooses a VQ-VAE's code prior; {args.checkpoint} holds a "
-                         "VAE, which samples its Gaussian prior")
-
-    return images.save_samples(model, path, args.n, seed=seed_, ncols=args.ncols)
+        if not hasattr(model, "default_prior"):
+            raise UsageError(f"--prior chooses a VQ-VAE's code prior; {args.checkpoint} holds a "
+                             "VAE, which samples its Gaussian prior")
+        options["prior"] = args.prior
+    try:
+        return images.save_samples(model, path, args.n, seed=seed_, ncols=args.ncols,
+                                   **options)
+    except ValueError as e:  # an empirical prior without a histogram
+        why = str(e).split(";")[0]  # without the Python advice that follows
+        raise UsageError(f"{args.checkpoint} holds a VQ-VAE with no empirical code prior to "
+                         f"sample from ({why}): --prior uniform draws every code alike") from e
 
 
 def _vae_reconstruct(model, x, path: Path, args: argparse.Namespace):
@@ -125,36 +139,32 @@ def _vq_evaluate(model, images, args: argparse.Namespace, seed_: int) -> dict[st
     return evaluate_vq(model, images, args.batch_size, progress=not args.no_progress)
 
 
-def _vq_summary(metrics: dict[str, Any]) -> str:
-    return (f"reconstruction {metrics['nll']:.3f}, commitment loss "
-            f"{metrics['commitment_loss']:.4f}, codebook loss {metrics['codebook_loss']:.4f}; "
-            f"codebook usage {metrics['codes_used']}/{metrics['codebook_size']} "
-            f"({metrics['usage']:.0%}), perplexity {metrics['perplexity']:.1f}")
-
-
-def _vq_sample(model, path: Path, args: argparse.Namespace, seed_: int):
-    """Codes drawn independently at each position from ``--prior``: the empirical prior (the
-    code histogram of the last training steps; default) or the uniform one."""
-    from fastvae.training import images
-
-    prior = args.prior or "empirical"
-    if prior == "empirical" and not bool(model.quantizer.usage_total.sum() > 0):
-        raise UsageError(f"{args.checkpoint} holds a VQ-VAE with no training steps in its "
-                         "quantizer's usage window: no empirical code prior to sample from "
-                         "(--prior uniform draws every code alike)")
-    return images.save_samples(model, path, args.n, seed=seed_, ncols=args.ncols, prior=prior)
+def vq_summary(metrics: dict[str, Any]) -> str:
+    """A VQ-VAE's metrics (``evaluate_vq``) in one line; per level for a residual VQ."""
+    usage, used, perplexity = (metrics[k] for k in ("usage", "codes_used", "perplexity"))
+    if isinstance(usage, list):
+        codebook = "; ".join(f"level {i}: {u}/{metrics['codebook_size']} ({f:.0%}), perplexity "
+                             f"{p:.1f}" for i, (f, u, p) in
+                             enumerate(zip(usage, used, perplexity, strict=True)))
+    else:
+        codebook = (f"{used}/{metrics['codebook_size']} ({usage:.0%}), perplexity "
+                    f"{perplexity:.1f}")
+    return (f"reconstruction {metrics['nll']:.3f} nats, VQ loss {metrics['vq_loss']:.4f} "
+            f"(commitment {metrics['commitment_loss']:.4f}, codebook "
+            f"{metrics['codebook_loss']:.4f}); codebook usage {codebook}")
 
 
 KINDS: dict[str, ModelKind] = {
     "vae": ModelKind("VAE", build=_vae_build, evaluate=_vae_evaluate, summary=_vae_summary,
                      input_shape=lambda model: tuple(model.build_config["input_shape"]),
-                     sample=_vae_sample, reconstruct=_vae_reconstruct,
+                     sample=_sample, reconstruct=_vae_reconstruct,
                      interpolate=_vae_interpolate),
-    # no interpolate: the latent is discrete, a path between two encodings leaves the codebook
+    # every quantizer (vq, rvq, fsq, lfq; model_config["quantizer"]); no interpolate: the
+    # latent is discrete, a path between two encodings leaves the codebook
     "vqvae": ModelKind("VQ-VAE", build=_vae_build, evaluate=_vq_evaluate,
-                       summary=_vq_summary,
+                       summary=vq_summary,
                        input_shape=lambda model: tuple(model.build_config["input_shape"]),
-                       sample=_vq_sample, reconstruct=_vae_reconstruct),
+                       sample=_sample, reconstruct=_vae_reconstruct),
 }
 
 
@@ -392,43 +402,58 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sample(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class _Picture:
+    """One picture command: the ``ModelKind`` field that draws it, what a kind without it
+    lacks, whether it reads held-out images, and what it says when done."""
+
+    field: str
+    lacks: str
+    held_out: bool
+    done: Callable[[argparse.Namespace, Path, dict[str, Any], int], str]
+
+
+_PICTURES = {
+    "sample": _Picture("sample", "prior to sample from", False,
+                       lambda args, out, about, seed_: f"wrote {out}: {args.n} samples, "
+                                                       f"seed {seed_}"),
+    "reconstruct": _Picture("reconstruct", "reconstructions", True,
+                            lambda args, out, about, seed_: f"wrote {out}: "
+                            f"{min(args.n, about['images'])} images and their reconstructions"),
+    "interpolate": _Picture("interpolate", "latent paths", True,
+                            lambda args, out, about, seed_: f"wrote {out}: "
+                            f"{min(args.pairs, about['images'] // 2)} paths of {args.steps} "
+                            f"steps ({args.method})"),
+}
+
+
+def _run_picture(args: argparse.Namespace) -> int:
+    """``fastvae sample``, ``reconstruct`` and ``interpolate``: the model, the output checked,
+    the kind's drawing (a kind without it says so), the held-out images where the picture
+    needs them, then the picture."""
+    picture = _PICTURES[args.command]
     loaded = _setup(args)
     out = _check_out("--out", Path(args.out), picture=True)
-    if loaded.kind.sample is None:
-        _unsupported(loaded, "sample", "prior to sample from")
-    seed_ = _seed_of(args, loaded)
-    loaded.kind.sample(loaded.model, out, args, seed_)
-    print(f"wrote {out}: {args.n} samples, seed {seed_}")
-    return 0
-
-
-def run_reconstruct(args: argparse.Namespace) -> int:
-    loaded = _setup(args)
-    out = _check_out("--out", Path(args.out), picture=True)
-    if loaded.kind.reconstruct is None:
-        _unsupported(loaded, "reconstruct", "reconstructions")
-    images, about = held_out(args, loaded)
-    loaded.kind.reconstruct(loaded.model, images, out, args)
-    print(f"wrote {out}: {min(args.n, about['images'])} images and their reconstructions")
-    return 0
-
-
-def run_interpolate(args: argparse.Namespace) -> int:
-    loaded = _setup(args)
-    out = _check_out("--out", Path(args.out), picture=True)
-    if loaded.kind.interpolate is None:
-        _unsupported(loaded, "interpolate", "latent paths")
-    if args.steps < 2:
+    draw = getattr(loaded.kind, picture.field)
+    if draw is None:
+        _unsupported(loaded, args.command, picture.lacks)
+    if args.command == "interpolate" and args.steps < 2:
         raise UsageError(f"--steps must be >= 2 (both ends), got {args.steps}")
-    images, about = held_out(args, loaded)
-    if about["images"] < 2:
-        raise UsageError(f"interpolations need at least 2 held-out images, got "
-                         f"{about['images']}")
-    loaded.kind.interpolate(loaded.model, images, out, args)
-    pairs = min(args.pairs, about["images"] // 2)
-    print(f"wrote {out}: {pairs} paths of {args.steps} steps ({args.method})")
+    if picture.held_out:
+        images, about = held_out(args, loaded)
+        if args.command == "interpolate" and about["images"] < 2:
+            raise UsageError(f"interpolations need at least 2 held-out images, got "
+                             f"{about['images']}")
+        draw(loaded.model, images, out, args)
+        print(picture.done(args, out, about, 0))
+    else:
+        seed_ = _seed_of(args, loaded)
+        draw(loaded.model, out, args, seed_)
+        print(picture.done(args, out, {}, seed_))
     return 0
+
+
+run_sample = run_reconstruct = run_interpolate = _run_picture
 
 
 __all__ = ["KINDS", "Loaded", "ModelKind", "add_parsers", "held_out", "load_model"]

@@ -1,5 +1,5 @@
-"""``fastvae train``: train a VAE (or, with ``--quantizer vq``, a VQ-VAE) on a data set and write
-a checkpoint, metrics and pictures.
+"""``fastvae train``: train a VAE (or, with ``--quantizer vq|rvq|fsq|lfq``, a VQ-VAE) on a data
+set and write a checkpoint, metrics and pictures.
 
 Under ``torchrun`` every process runs this command: each trains its shard (the trainer's
 DistributedDataParallel) and rank 0 prints and writes.
@@ -40,14 +40,37 @@ from .args import (
 # at 0 (std 1, more than the data's own spread) the posterior collapses.
 GAUSSIAN_OBS_LOGVAR = -4.0
 
-# --quantizer vq defaults (VQ_DEFAULTS), chosen on the digits: see the README's VQ section.
-VQ_DEFAULTS = {"codebook_size": 64, "codebook_dim": 16, "num_tokens": 4, "decay": 0.9,
-               "commitment": 0.25, "dead_code_threshold": 1.0}
-# the options of the VAE's objective (the KL and its schedules), refused with --quantizer vq
+# The options of each --quantizer and their defaults, chosen on the digits: see the README's
+# VQ section. An option given with a quantizer that does not take it is a UsageError.
+QUANTIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vq": {"codebook_size": 64, "codebook_dim": 16, "num_tokens": 4, "decay": 0.9,
+           "commitment": 0.25, "dead_code_threshold": 1.0},
+    "rvq": {"codebook_size": 32, "codebook_dim": 16, "num_tokens": 4, "num_quantizers": 4,
+            "decay": 0.9, "commitment": 0.25, "dead_code_threshold": 1.0},
+    "fsq": {"levels": (8, 5, 5, 5), "num_tokens": 4},
+    "lfq": {"codebook_size": 1024, "num_tokens": 4, "commitment": 0.25,
+            "entropy_weight": 0.1},
+}
+VQ_DEFAULTS = QUANTIZER_DEFAULTS["vq"]
+# Adam's learning rate, and where a quantizer needs another: on the digits at 2e-3 FSQ's
+# encoder outputs ran into the flat tails of its tanh bound in the first epoch at two seeds of
+# four (every code but 3 or 4 unused for good, validation NLL 27.2 nats); at 1e-3 none did.
+LR = 2e-3
+LR_DEFAULTS = {"fsq": 1e-3}
+# every quantizer option (argparse dest -> option)
+QUANTIZER_OPTIONS = {dest: "--" + dest.replace("_", "-")
+                     for dest in ("codebook_size", "codebook_dim", "num_tokens", "decay",
+                                  "commitment", "dead_code_threshold", "levels",
+                                  "num_quantizers", "entropy_weight")}
+# the options of the VAE's objective (the KL and its schedules), refused with --quantizer
 VAE_ONLY = {"latent_dim": "--latent-dim", "beta": "--beta", "warmup": "--warmup",
             "cycles": "--cycles", "cycle_ratio": "--cycle-ratio", "beta_shape": "--beta-shape",
             "capacity": "--capacity", "capacity_steps": "--capacity-steps",
             "free_bits": "--free-bits", "logvar_limit": "--logvar-limit"}
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def decay_value(text: str) -> float:
@@ -68,7 +91,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="output directory (default: runs/<data name>)")
     p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help=f"Adam's learning rate (default {LR:g}; {LR_DEFAULTS['fsq']:g} with "
+                        "--quantizer fsq)")
     p.add_argument("--latent-dim", type=positive_int, default=8)
     p.add_argument("--hidden", type=int_list, default=None,
                    help="hidden sizes (mlp) or channels (conv), e.g. 256,256")
@@ -117,29 +142,51 @@ def add_parser(sub) -> None:
     p.add_argument("--bins", type=positive_int, default=None,
                    help="levels of the pixel grid for --likelihood dmol (default: 17 for the "
                         "digits, whose values are 0..16 / 16; else 256)")
-    vq = p.add_argument_group("VQ-VAE (van den Oord et al. 2017)")
-    vq.add_argument("--quantizer", choices=("vq",), default=None,
-                    help="train a VQ-VAE: a deterministic encoder, a vector quantizer "
-                         "(fastvae.VectorQuantizer: exact nearest code, EMA codebook, k-means "
-                         "initialisation, dead-code restarts) and a decoder, on the "
-                         "reconstruction NLL plus the commitment loss")
-    d = VQ_DEFAULTS
+    vq = p.add_argument_group(
+        "VQ-VAE (van den Oord et al. 2017)",
+        "each option applies to the quantizers named in its help (others refuse it); the "
+        "defaults were chosen on the digits")
+    vq.add_argument("--quantizer", choices=tuple(QUANTIZER_DEFAULTS), default=None,
+                    help="train a VQ-VAE: a deterministic encoder, a quantizer and a decoder, on "
+                         "the reconstruction NLL plus the quantizer's loss. vq: "
+                         "fastvae.VectorQuantizer (exact nearest code, EMA codebook, k-means "
+                         "initialisation, dead-code restarts); rvq: residual VQ, "
+                         "--num-quantizers codebooks applied to what the previous left "
+                         "(Zeghidour et al. 2021); fsq: finite scalar quantization, --levels "
+                         "(Mentzer et al. 2023); lfq: lookup-free quantization, sign bits with "
+                         "an entropy loss (Yu et al. 2023)")
+
+    def defaults(dest: str) -> str:
+        return ", ".join(f"{kind} {_show(d[dest])}" for kind, d in QUANTIZER_DEFAULTS.items()
+                         if dest in d)
+
     vq.add_argument("--codebook-size", type=positive_int, default=None, metavar="K",
-                    help=f"codes in the codebook (default {d['codebook_size']})")
+                    help="codes in the codebook (of each level for rvq; a power of 2 for lfq, "
+                         f"whose latent has log2(K) bits); default {defaults('codebook_size')}")
     vq.add_argument("--codebook-dim", type=positive_int, default=None, metavar="D",
-                    help=f"dimension of a code (default {d['codebook_dim']})")
+                    help=f"dimension of a code (vq, rvq); default {defaults('codebook_dim')}")
     vq.add_argument("--num-tokens", type=positive_int, default=None, metavar="T",
-                    help=f"--arch mlp: codes per image (default {d['num_tokens']}); with --arch "
-                         "conv one code per position of the encoder's feature map")
+                    help="--arch mlp: codes per image (default 4); with --arch conv one code "
+                         "per position of the encoder's feature map")
     vq.add_argument("--decay", type=decay_value, default=None,
-                    help=f"EMA decay of the codebook (default {d['decay']}; 0: a codebook "
-                         "learned by the codebook loss)")
+                    help="EMA decay of the codebook (vq, rvq; 0: a codebook learned by the "
+                         f"codebook loss); default {defaults('decay')}")
     vq.add_argument("--commitment", type=non_negative_float, default=None, metavar="BETA",
-                    help=f"weight of the commitment loss (default {d['commitment']})")
+                    help=f"weight of the commitment loss (vq, rvq, lfq); default "
+                         f"{defaults('commitment')}")
     vq.add_argument("--dead-code-threshold", type=non_negative_float, default=None,
                     metavar="T", help="restart the codes whose EMA cluster size falls below T "
-                                      f"from encoder outputs (default {d['dead_code_threshold']}; "
-                                      "0: never)")
+                                      "from encoder outputs (vq, rvq; 0: never); default "
+                                      f"{defaults('dead_code_threshold')}")
+    vq.add_argument("--levels", type=int_list, default=None, metavar="L1,L2,...",
+                    help="fsq: the number of levels of each latent dimension (the latent "
+                         "dimension is their count, the codebook their product); default "
+                         f"{defaults('levels')}")
+    vq.add_argument("--num-quantizers", type=positive_int, default=None, metavar="L",
+                    help=f"rvq: the number of residual levels; default "
+                         f"{defaults('num_quantizers')}")
+    vq.add_argument("--entropy-weight", type=non_negative_float, default=None, metavar="W",
+                    help=f"lfq: weight of the entropy loss; default {defaults('entropy_weight')}")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--no-images", action="store_true", help="skip the PNG grids")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -182,8 +229,7 @@ def run(args: argparse.Namespace) -> int:
 
     with _process_group(world, device) as rank:
         if rank == 0:
-            model = (f"{args.arch} VQ-VAE, {model_config['codebook_size']} codes of dimension "
-                     f"{model_config['codebook_dim']}" if args.quantizer
+            model = (_vq_description(model_config) if args.quantizer
                      else f"{args.arch} VAE, latent {args.latent_dim}")
             print(f"{name}: {train_x.shape[0]} train / {val_x.shape[0]} validation images of "
                   f"shape {tuple(images.shape[1:])}; {model}, "
@@ -225,7 +271,8 @@ def _train_config(args: argparse.Namespace):
     from fastvae.training.trainer import TrainConfig
 
     try:
-        return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        lr = args.lr if args.lr is not None else LR_DEFAULTS.get(args.quantizer, LR)
+        return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                            beta=args.beta, warmup_epochs=args.warmup, cycles=args.cycles,
                            cycle_ratio=args.cycle_ratio, beta_shape=args.beta_shape,
                            capacity=args.capacity, capacity_steps=args.capacity_steps,
@@ -252,16 +299,7 @@ def _model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dic
 
     model_config = {"input_shape": list(image_shape), "latent_dim": args.latent_dim,
                     "arch": args.arch, "hidden": list(args.hidden) if args.hidden else None,
-                    "likelihood": args.likelihood,
-                    "obs_logvar": (args.obs_logvar if args.obs_logvar is not None
-                                   else GAUSSIAN_OBS_LOGVAR if args.likelihood == "gaussian"
-                                   else 0.0),
-                    "logvar_limit": args.logvar_limit}
-    if args.likelihood == "dmol":
-        bins = args.bins or (17 if args.data == "digits" else 256)
-        if bins < 2:
-            raise UsageError(f"--bins must be >= 2, got {bins}")
-        model_config |= {"n_mixtures": args.mixtures, "n_bins": bins}
+                    "logvar_limit": args.logvar_limit, **_likelihood_options(args)}
     try:
         build_vae(**model_config)
     except (ValueError, RuntimeError) as e:
@@ -271,13 +309,19 @@ def _model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dic
 
 
 def _check_quantizer_options(args: argparse.Namespace) -> None:
-    """The VQ options only with --quantizer; the VAE's KL options (at other values than their
-    defaults) not with it."""
+    """The quantizer options only with a --quantizer that takes them; the VAE's KL options (at
+    other values than their defaults) not with one."""
+    given = [dest for dest in QUANTIZER_OPTIONS if getattr(args, dest) is not None]
     if args.quantizer is None:
-        given = [f"--{k.replace('_', '-')}" for k in VQ_DEFAULTS if getattr(args, k) is not None]
         if given:
-            raise UsageError(f"{', '.join(given)} apply to a VQ-VAE: add --quantizer vq")
+            raise UsageError(f"{', '.join(QUANTIZER_OPTIONS[d] for d in given)} apply to a "
+                             "VQ-VAE: add --quantizer vq (or rvq, fsq, lfq)")
         return
+    takes = QUANTIZER_DEFAULTS[args.quantizer]
+    wrong = [QUANTIZER_OPTIONS[d] for d in given if d not in takes]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)}: not options of --quantizer {args.quantizer}, "
+                         f"which takes {', '.join(QUANTIZER_OPTIONS[d] for d in takes)}")
     given = [option for dest, option in VAE_ONLY.items()
              if getattr(args, dest) != args.vae_only_defaults[dest]]
     if given:
@@ -285,35 +329,47 @@ def _check_quantizer_options(args: argparse.Namespace) -> None:
                          f"(--quantizer {args.quantizer}) does not have")
 
 
-def _vq_model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict[str, Any]:
-    """The build_vqvae arguments (with ``"kind": "vqvae"``); a model that cannot take these
-    images is a UsageError here, before anything is written."""
-    import torch
-
-    from fastvae.models.vqvae import build_vqvae
-
-    def option(name: str):
-        value = getattr(args, name)
-        return VQ_DEFAULTS[name] if value is None else value
-
-    if args.arch == "conv" and args.num_tokens is not None:
-        raise UsageError("--num-tokens applies to --arch mlp (with conv, one code per position "
-                         "of the feature map)")
-    decay = option("decay")
-    config: dict[str, Any] = {
-        "kind": "vqvae", "input_shape": list(image_shape),
-        "codebook_size": option("codebook_size"), "codebook_dim": option("codebook_dim"),
-        "num_tokens": option("num_tokens"), "arch": args.arch,
-        "hidden": list(args.hidden) if args.hidden else None, "likelihood": args.likelihood,
+def _likelihood_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The likelihood's options of build_vae / build_vqvae: the Gaussian's log-variance, the
+    mixture of logistics' components and bins."""
+    options: dict[str, Any] = {
+        "likelihood": args.likelihood,
         "obs_logvar": (args.obs_logvar if args.obs_logvar is not None
-                       else GAUSSIAN_OBS_LOGVAR if args.likelihood == "gaussian" else 0.0),
-        "decay": decay if decay > 0 else None, "commitment_weight": option("commitment"),
-        "kmeans_init": True, "dead_code_threshold": option("dead_code_threshold")}
+                       else GAUSSIAN_OBS_LOGVAR if args.likelihood == "gaussian" else 0.0)}
     if args.likelihood == "dmol":
         bins = args.bins or (17 if args.data == "digits" else 256)
         if bins < 2:
             raise UsageError(f"--bins must be >= 2, got {bins}")
-        config |= {"n_mixtures": args.mixtures, "n_bins": bins}
+        options |= {"n_mixtures": args.mixtures, "n_bins": bins}
+    return options
+
+
+def _vq_model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The build_vqvae arguments (with ``"kind": "vqvae"``): the --quantizer's options, its
+    defaults for those not given; a model that cannot take these images is a UsageError here,
+    before anything is written."""
+    import torch
+
+    from fastvae.models.vqvae import build_vqvae
+
+    if args.arch == "conv" and args.num_tokens is not None:
+        raise UsageError("--num-tokens applies to --arch mlp (with conv, one code per position "
+                         "of the feature map)")
+    options = {dest: default if getattr(args, dest) is None else getattr(args, dest)
+               for dest, default in QUANTIZER_DEFAULTS[args.quantizer].items()}
+    # the CLI's names -> build_vqvae's
+    renamed = {"commitment": "commitment_weight"}
+    options = {renamed.get(k, k): v for k, v in options.items()}
+    if "levels" in options:
+        options["levels"] = list(options["levels"])
+    if "decay" in options:
+        options["decay"] = options["decay"] or None  # 0: a learned codebook
+    if args.quantizer in ("vq", "rvq"):
+        options["kmeans_init"] = True
+    config: dict[str, Any] = {
+        "kind": "vqvae", "input_shape": list(image_shape), "quantizer": args.quantizer,
+        "arch": args.arch, "hidden": list(args.hidden) if args.hidden else None,
+        **options, **_likelihood_options(args)}
     try:
         model = build_vqvae(**{k: v for k, v in config.items() if k != "kind"}).eval()
         with torch.no_grad():  # the decoder's output must have the images' shape
@@ -321,9 +377,24 @@ def _vq_model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> 
         if args.likelihood != "dmol" and tuple(out.shape[1:]) != tuple(image_shape):
             raise ValueError(f"the decoder makes images of shape {tuple(out.shape[1:])}")
     except (ValueError, RuntimeError) as e:
-        raise UsageError(f"--arch {args.arch}: cannot build a VQ-VAE for images of shape "
-                         f"{image_shape}: {e}") from e
+        names = "|".join(sorted(QUANTIZER_OPTIONS, key=len, reverse=True))
+        message = re.sub(rf"\b({names}|commitment_weight)\b",
+                         lambda m: QUANTIZER_OPTIONS.get(m[1], "--commitment"), str(e))
+        raise UsageError(f"--quantizer {args.quantizer}, --arch {args.arch}: cannot build a "
+                         f"VQ-VAE for images of shape {image_shape}: {message}") from e
+    config["codebook_size"], config["codebook_dim"] = model.build_config["codebook_size"], \
+        model.build_config["codebook_dim"]
     return config
+
+
+def _vq_description(config: dict[str, Any]) -> str:
+    kind = config["quantizer"]
+    codes = {"vq": f"{config['codebook_size']} codes of dimension {config['codebook_dim']}",
+             "rvq": f"{config.get('num_quantizers')} levels of {config['codebook_size']} codes "
+                    f"of dimension {config['codebook_dim']}",
+             "fsq": f"levels {config.get('levels')} ({config['codebook_size']} codes)",
+             "lfq": f"{config['codebook_dim']} bits ({config['codebook_size']} codes)"}[kind]
+    return f"{config['arch']} VQ-VAE ({kind}), {codes}"
 
 
 def _make_out_dir(out_dir: Path) -> Path:
@@ -362,8 +433,6 @@ def _summary(final: dict[str, Any], seconds: float) -> str:
 
 
 def _vq_summary(final: dict[str, Any], seconds: float) -> str:
-    return (f"final (validation, per image): reconstruction {final['nll']:.3f} nats, "
-            f"commitment loss {final['commitment_loss']:.4f}, codebook loss "
-            f"{final['codebook_loss']:.4f}; codebook usage {final['codes_used']}/"
-            f"{final['codebook_size']} ({final['usage']:.0%}), perplexity "
-            f"{final['perplexity']:.1f}; {seconds:.1f} s")
+    from .evaluate import vq_summary
+
+    return f"final (validation, per image): {vq_summary(final)}; {seconds:.1f} s"

@@ -210,6 +210,8 @@ class VectorQuantizer(nn.Module):
     ``usage_counts``, ``usage_total``, ``steps``, ``restarts``.
     """
 
+    num_levels = 1  # one codebook (the quantizer protocol of fastvae.models.quantizers)
+
     def __init__(self, dim: int, codebook_size: int, *, metric: str = "l2",
                  decay: float | None = 0.99, commitment_weight: float = 0.25,
                  kmeans_init: bool = False, kmeans_iters: int = 10,

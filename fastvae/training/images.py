@@ -60,6 +60,13 @@ def save_loss_curve(history: Sequence[dict], path: str | Path) -> Path:
     ax.set_ylabel("nats per example")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -141,11 +148,7 @@ def save_kl_bars(model, data: Tensor, path: str | Path, *, threshold: float = 0.
     # Legend entries drawn by hand: a group with no bars would show the default colour.
     ax.legend(handles=[Patch(label=k, **v) for k, v in styles.items()], loc="upper right",
               ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -208,8 +211,10 @@ def save_all(model, val_data: Tensor, history: Sequence[dict], out_dir: str | Pa
 def save_code_usage(model, data: Tensor, path: str | Path, *, batch_size: int = 512) -> Path:
     """A bar chart of how often each codebook entry of a VQ-VAE is the nearest code of a position
     of ``data``'s encodings (x: the code index, y: the count), unused codes marked in red
-    on the axis; the title gives the codes used and the perplexity ``exp H`` of the
-    histogram."""
+    on the axis; one panel per level of a residual VQ (level 0 on top). Each title gives the
+    codes used and the perplexity ``exp H`` of the histogram. An implicit codebook too large
+    to count densely (FSQ, LFQ past ``trainer.DENSE_COUNTS`` codes) is drawn as the counts of
+    its used codes, most used first (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,36 +222,56 @@ def save_code_usage(model, data: Tensor, path: str | Path, *, batch_size: int = 
 
     from .trainer import code_counts, code_usage
 
-    counts = code_counts(model, data, batch_size).numpy()
-    K = counts.size
-    usage, perplexity = code_usage(torch.from_numpy(counts))
-    fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 0.08 * K + 2)), 3.5), dpi=120)
-    codes = np.arange(K)
-    ax.bar(codes, counts, width=1.0 if K > 64 else 0.8, color="tab:blue")
-    unused = codes[counts == 0]
-    if unused.size:
-        ax.scatter(unused, np.zeros(unused.size), marker="|", color="tab:red", zorder=3)
-    ax.set_xlim(-1, K)
-    ax.set_xlabel("code")
-    ax.set_ylabel("positions")
-    ax.set_title(f"{int((counts > 0).sum())}/{K} codes used ({usage:.0%}; unused in red), "
-                 f"perplexity {perplexity:.1f}, on {data.shape[0]} images", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    counter = code_counts(model, data, batch_size)
+    K, L = counter.codebook_size, counter.levels
+    dense = counter.dense_counts()
+    fig, axes = plt.subplots(L, 1, squeeze=False, dpi=120,
+                             figsize=(min(12.0, max(6.0, 0.08 * K + 2)) if dense is not None
+                                      else 6.0, 3.5 if L == 1 else 1.1 + 2.2 * L))
+    for level, (ax, counts) in enumerate(zip(axes[:, 0], counter.counts(), strict=True)):
+        usage, perplexity = code_usage(counts, K)
+        used = int((counts > 0).sum())
+        counts = counts.numpy()
+        if dense is not None:
+            codes = np.arange(K)
+            ax.bar(codes, counts, width=1.0 if K > 64 else 0.8, color="tab:blue")
+            unused = codes[counts == 0]
+            if unused.size:
+                ax.scatter(unused, np.zeros(unused.size), marker="|", color="tab:red",
+                           zorder=3)
+            ax.set_xlim(-1, K)
+            ax.set_xlabel("code")
+            what = "unused in red"
+        else:
+            ranked = np.sort(counts[counts > 0])[::-1]
+            ax.bar(np.arange(ranked.size), ranked, width=1.0, color="tab:blue")
+            ax.set_yscale("log")
+            ax.set_xlabel("used codes, most used first")
+            what = "implicit codebook"
+        ax.set_ylabel("positions")
+        line = (f"{used}/{K} codes used ({usage:.0%}; {what}), perplexity {perplexity:.1f}, on "
+                f"{data.shape[0]} images")
+        if L > 1:
+            line = (f"level {level}: {used}/{K} codes used ({usage:.0%}), perplexity "
+                    f"{perplexity:.1f}")
+        ax.set_title(line, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    if L > 1:
+        fig.suptitle(f"residual VQ, {L} levels, on {data.shape[0]} images"
+                     + ("; unused codes in red" if dense is not None else ""), fontsize=10)
+    return _save_figure(fig, path)
 
 
 @torch.no_grad()
 def save_all_vq(model, val_data: Tensor, history: Sequence[dict], out_dir: str | Path, *,
                 seed: int = 0) -> list[Path]:
     """A VQ-VAE's pictures: samples.png (64 images decoded from codes drawn independently at
-    each position from the empirical prior, the code histogram of the last training steps),
+    each position from the model's default prior: the empirical one, the code histogram of
+    the last training steps, or uniform for a quantizer that keeps no histogram),
     reconstructions.png (the first 32 validation images), code_usage.png (the validation
-    set's code histogram) and loss_curve.png. No interpolations, traversals or KL bars: the
-    latent is discrete (a straight path between two encodings leaves the codebook)."""
+    set's code histogram, one panel per level of a residual VQ) and loss_curve.png. No
+    interpolations, traversals or KL bars: the latent is discrete (a straight path between
+    two encodings leaves the codebook)."""
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     x = val_data[:32].to(device)

@@ -188,7 +188,9 @@ class VQEpochMetrics:
     the quantizer's loss, a mean over elements), the validation metrics of ``evaluate_vq``, and
     the codebook over the epoch's training batches (all ranks): ``usage`` the fraction of the
     K codes chosen at least once, ``perplexity`` exp of the entropy of their histogram,
-    ``restarts`` the dead codes restarted in the epoch."""
+    ``restarts`` the dead codes restarted in the epoch. With a residual VQ of L levels,
+    ``usage``, ``perplexity``, ``val_usage`` and ``val_perplexity`` are lists, one value per
+    level (``metrics.csv`` spreads them over the columns ``usage_l0`` ... ``usage_l{L-1}``)."""
 
     epoch: int
     step: int
@@ -199,10 +201,10 @@ class VQEpochMetrics:
     val_nll: float
     val_commitment_loss: float
     val_codebook_loss: float
-    val_usage: float
-    val_perplexity: float
-    usage: float
-    perplexity: float
+    val_usage: float | list[float]
+    val_perplexity: float | list[float]
+    usage: float | list[float]
+    perplexity: float | list[float]
     restarts: int
     skipped_steps: int
     seconds: float
@@ -287,64 +289,137 @@ def _eval_bar(n: int, iwae_samples: int, progress: bool):
     return tqdm(total=n, unit="image", desc="eval", disable=not progress)
 
 
-def code_usage(counts: Tensor) -> tuple[float, float]:
+def code_usage(counts: Tensor, codebook_size: int | None = None) -> tuple[float, float]:
     """``(usage, perplexity)`` of a code histogram ``counts (K,)``: the fraction of the K codes
     counted at least once, and ``exp(H(p))`` of ``p = counts / sum`` (between 1 and K; 0 for an
-    empty histogram)."""
+    empty histogram). ``codebook_size``: K when ``counts`` holds only some of the codes' counts
+    (the used ones, of an implicit codebook too large to count densely)."""
     counts = counts.double().cpu()
     total = float(counts.sum())
     if total <= 0:
         return 0.0, 0.0
+    K = counts.numel() if codebook_size is None else codebook_size
     p = counts / total
-    return float((counts > 0).double().mean()), float(torch.exp(-torch.special.xlogy(p, p).sum()))
+    return (float((counts > 0).sum()) / K,
+            float(torch.exp(-torch.special.xlogy(p, p).sum())))
+
+
+# Above this many counters (levels x codes), CodeCounter keeps the indices of the used codes
+# instead of a dense histogram (FSQ's and LFQ's implicit codebooks reach 2^32 codes and more).
+DENSE_COUNTS = 1 << 22
+
+
+class CodeCounter:
+    """The code histogram of each level of a quantizer, over the indices ``add``-ed: ``(...)``
+    or, with ``levels`` L > 1, ``(..., L)``. Dense ``(L, K)`` counts on the indices' device
+    (a ``bincount`` per call, no host sync) while ``L * K <= DENSE_COUNTS``; else the indices
+    are kept and counted by ``torch.unique`` when read (memory O(positions), not O(K))."""
+
+    def __init__(self, levels: int, codebook_size: int, device: torch.device | str) -> None:
+        self.levels, self.codebook_size = levels, codebook_size
+        self.dense = levels * codebook_size <= DENSE_COUNTS
+        self._counts = (torch.zeros(levels * codebook_size, dtype=torch.int64, device=device)
+                        if self.dense else None)
+        self._kept: list[Tensor] = []
+        self._offsets = torch.arange(levels, device=device) * codebook_size
+
+    def add(self, indices: Tensor) -> None:
+        rows = indices.reshape(-1, self.levels)
+        if self._counts is not None:
+            self._counts += torch.bincount((rows + self._offsets).flatten(),
+                                           minlength=self._counts.numel())
+        else:
+            self._kept.append(rows.detach())
+
+    def all_reduce(self) -> None:
+        """Sum the histograms of every rank (each rank must call it)."""
+        if self._counts is not None:
+            dist.all_reduce(self._counts)
+            return
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self._rows().cpu())
+        self._kept = [torch.cat(gathered)]
+
+    def _rows(self) -> Tensor:
+        device = self._offsets.device
+        return (torch.cat(self._kept) if self._kept else
+                torch.zeros(0, self.levels, dtype=torch.int64, device=device))
+
+    def counts(self) -> list[Tensor]:
+        """Per level, on the CPU: the dense ``(K,)`` histogram, or (past ``DENSE_COUNTS``) the
+        counts of the codes used, in code order."""
+        if self._counts is not None:
+            return list(self._counts.cpu().view(self.levels, self.codebook_size))
+        rows = self._rows().cpu()
+        return [torch.unique(rows[:, level], return_counts=True)[1]
+                for level in range(self.levels)]
+
+    def dense_counts(self) -> Tensor | None:
+        """The ``(L, K)`` histogram on the CPU, None past ``DENSE_COUNTS``."""
+        return None if self._counts is None else \
+            self._counts.cpu().view(self.levels, self.codebook_size)
+
+    def stats(self) -> dict[str, Any]:
+        """``usage``, ``perplexity`` and ``codes_used``: numbers, or lists of one per level
+        for more than one level."""
+        per_level = [(*code_usage(c, self.codebook_size), int((c > 0).sum()))
+                     for c in self.counts()]
+        names = ("usage", "perplexity", "codes_used")
+        if self.levels == 1:
+            return dict(zip(names, per_level[0], strict=True))
+        return {name: [level[i] for level in per_level] for i, name in enumerate(names)}
 
 
 @torch.no_grad()
-def code_counts(model: VQVAE, data: Tensor, batch_size: int = 512) -> Tensor:
-    """How often each of the K codes is the nearest code of a position of ``data``'s
-    encodings: int64 ``(K,)`` on the CPU (evaluation mode: the codebook is not updated)."""
+def code_counts(model: VQVAE, data: Tensor, batch_size: int = 512) -> CodeCounter:
+    """How often each code (of each level) is the nearest code of a position of ``data``'s
+    encodings (evaluation mode: the codebook is not updated)."""
     batch_size = check.integer("batch_size", batch_size, 1)
     model.eval()
     device = next(model.parameters()).device
-    counts = torch.zeros(model.codebook_size, dtype=torch.int64)
+    counter = CodeCounter(model.num_levels, model.codebook_size, device)
     for start in range(0, data.shape[0], batch_size):
-        indices = model.encode_indices(data[start:start + batch_size].to(device))
-        counts += torch.bincount(indices.flatten().cpu(), minlength=model.codebook_size)
-    return counts
+        counter.add(model.encode_indices(data[start:start + batch_size].to(device)))
+    return counter
 
 
 @torch.no_grad()
 def evaluate_vq(model: VQVAE, data: Tensor, batch_size: int = 512, *,
                 progress: bool = False) -> dict[str, Any]:
     """A VQ-VAE's held-out metrics (deterministic: no noise): per example the reconstruction
-    NLL (nats) and ``loss = nll + vq_loss`` (the training objective: the commitment loss with an
-    EMA codebook, plus the codebook loss with a learned one); the commitment loss
-    ``beta ||z_e - sg(q)||^2`` and the codebook loss ``||sg(z_e) - q||^2`` (means over
-    elements, van den Oord et al. 2017); and the codebook usage on ``data``: ``usage`` (the
-    fraction of the K codes that are some position's nearest code), ``codes_used``,
-    ``perplexity`` (``exp H`` of the code histogram)."""
+    NLL (nats) and ``loss = nll + vq_loss`` (the training objective: the quantizer's ``loss``,
+    e.g. the commitment loss with an EMA codebook, plus the codebook loss with a learned one,
+    plus LFQ's entropy loss); the commitment loss ``beta ||z_e - sg(q)||^2`` and the codebook
+    loss ``||sg(z_e) - q||^2`` (means over elements, van den Oord et al. 2017; summed over the
+    levels of a residual VQ); and the
+    codebook usage on ``data``: ``usage`` (the fraction of the K codes that are some
+    position's nearest code), ``codes_used``, ``perplexity`` (``exp H`` of the code
+    histogram), lists of one value per level for a residual VQ."""
     from tqdm.auto import tqdm
 
     batch_size = check.integer("batch_size", batch_size, 1)
     model.eval()
     device = next(model.parameters()).device
     n = data.shape[0]
-    nll = commitment = codebook = 0.0
-    counts = torch.zeros(model.codebook_size, dtype=torch.int64)
+    nll = vq_loss = commitment = codebook = 0.0
+    counter = CodeCounter(model.num_levels, model.codebook_size, device)
     with tqdm(total=n, unit="image", desc="eval", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             x = data[start:start + batch_size].to(device)
             q = model.quantize(model.encode(x))
             nll += float(model.nll(model.decode(q.quantized), x, "sum"))
-            commitment += float(q.commitment_loss) * x.shape[0]
-            codebook += float(q.codebook_loss) * x.shape[0]
-            counts += torch.bincount(q.indices.flatten().cpu(), minlength=model.codebook_size)
+            vq_loss += float(q.loss) * x.shape[0]
+            # a residual VQ's are per level (L,): their sum is the quantizer's
+            commitment += float(q.commitment_loss.sum()) * x.shape[0]
+            codebook += float(q.codebook_loss.sum()) * x.shape[0]
+            counter.add(q.indices)
             bar.update(x.shape[0])
-    usage, perplexity = code_usage(counts)
-    vq_loss = commitment + (0.0 if model.quantizer.ema else codebook)
-    return {"loss": (nll + vq_loss) / n, "nll": nll / n, "commitment_loss": commitment / n,
-            "codebook_loss": codebook / n, "usage": usage, "codes_used": int((counts > 0).sum()),
-            "codebook_size": model.codebook_size, "perplexity": perplexity}
+    stats = counter.stats()
+    return {"loss": (nll + vq_loss) / n, "nll": nll / n, "vq_loss": vq_loss / n,
+            "commitment_loss": commitment / n, "codebook_loss": codebook / n,
+            "usage": stats["usage"], "codes_used": stats["codes_used"],
+            "codebook_size": model.codebook_size, "num_levels": model.num_levels,
+            "perplexity": stats["perplexity"]}
 
 
 _TERMS = ("loss", "reconstruction NLL", "KL")
@@ -398,13 +473,26 @@ def _epoch_seed(config: TrainConfig, epoch: int) -> int:
     return config.seed * 1_000_003 + epoch
 
 
+def csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row for ``metrics.csv``: a list value (one per level of a residual VQ) spread
+    over the columns ``<name>_l0``, ``<name>_l1``, ..."""
+    flat: dict[str, Any] = {}
+    for name, value in row.items():
+        if isinstance(value, list):
+            flat.update((f"{name}_l{i}", v) for i, v in enumerate(value))
+        else:
+            flat[name] = value
+    return flat
+
+
 def _write_metrics(out_dir: Path, history: list[EpochMetrics], extra: dict[str, Any]) -> None:
     """metrics.csv and metrics.json, each written atomically (as the checkpoint)."""
     rows = [asdict(m) for m in history]
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    flat = [csv_row(r) for r in rows]
+    writer = csv.DictWriter(table, fieldnames=list(flat[0]))
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(flat)
     ckpt_io.atomic_write(out_dir / "metrics.csv", table.getvalue().encode())
     ckpt_io.atomic_write(out_dir / "metrics.json",
                          json.dumps({**extra, "history": rows}, indent=2).encode())
@@ -493,27 +581,22 @@ def train(model: dict[str, Any] | VAE | VQVAE, train_data: Tensor, val_data: Ten
                 step, metrics = _train_vq_epoch(net, model, optimizer, train_data, val_data,
                                                 config, epoch, step, device)
                 metrics.seconds = time.perf_counter() - t_epoch
-                history.append(metrics)
-                if bar is not None:
-                    _show_vq(bar, metrics)
-                if out_path is not None:
-                    _save(out_path, model, optimizer, history, files)
-                    _write_metrics(out_path, history, files)
-                continue
-            step, train_means, beta, capacity, skipped = _train_epoch(
-                net, model, optimizer, train_data, config, epoch, step, steps_per_epoch, device)
-            val = evaluate(model, val_data) if rank == 0 else {}
-            metrics = EpochMetrics(
-                epoch=epoch + 1, step=step, beta=beta, train_loss=train_means[0],
-                train_nll=train_means[1], train_kl=train_means[2],
-                val_elbo=val.get("elbo", math.nan), val_nll=val.get("nll", math.nan),
-                val_kl=val.get("kl", math.nan), active_units=val.get("active_units", 0),
-                skipped_steps=skipped, seconds=time.perf_counter() - t_epoch,
-                lr=optimizer.param_groups[0]["lr"],
-                capacity=math.nan if capacity is None else capacity)
+            else:
+                step, train_means, beta, capacity, skipped = _train_epoch(
+                    net, model, optimizer, train_data, config, epoch, step, steps_per_epoch,
+                    device)
+                val = evaluate(model, val_data) if rank == 0 else {}
+                metrics = EpochMetrics(
+                    epoch=epoch + 1, step=step, beta=beta, train_loss=train_means[0],
+                    train_nll=train_means[1], train_kl=train_means[2],
+                    val_elbo=val.get("elbo", math.nan), val_nll=val.get("nll", math.nan),
+                    val_kl=val.get("kl", math.nan), active_units=val.get("active_units", 0),
+                    skipped_steps=skipped, seconds=time.perf_counter() - t_epoch,
+                    lr=optimizer.param_groups[0]["lr"],
+                    capacity=math.nan if capacity is None else capacity)
             history.append(metrics)
             if bar is not None:
-                _show(bar, metrics)
+                (_show_vq if vq else _show)(bar, metrics)
             if out_path is not None:
                 _save(out_path, model, optimizer, history, files)
                 _write_metrics(out_path, history, files)
@@ -584,8 +667,8 @@ def _build(model: dict[str, Any] | VAE | VQVAE, seed: int
 # caller's are used.
 MODEL_FIELDS = ("input_shape", "latent_dim", "arch", "hidden", "likelihood")
 # the same for a VQ-VAE (build_vqvae arguments; "kind" tells a VAE from a VQ-VAE)
-VQ_MODEL_FIELDS = ("kind", "input_shape", "codebook_size", "codebook_dim", "num_tokens", "arch",
-                   "hidden", "likelihood")
+VQ_MODEL_FIELDS = ("kind", "input_shape", "quantizer", "codebook_size", "codebook_dim",
+                   "num_tokens", "arch", "hidden", "likelihood", "levels", "num_quantizers")
 
 
 def _resolved(model_config: dict[str, Any]) -> dict[str, Any]:
@@ -714,9 +797,15 @@ def _train_epoch(net: nn.Module, model: VAE, optimizer: torch.optim.Optimizer,
     return step, means, beta, capacity, skipped
 
 
+def _per_level(value: float | list[float], spec: str) -> str:
+    values = value if isinstance(value, list) else [value]
+    return "/".join(format(v, spec) for v in values)
+
+
 def _show_vq(bar, metrics: VQEpochMetrics) -> None:
     bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_nll=f"{metrics.val_nll:.3f}",
-                    usage=f"{metrics.usage:.2f}", ppl=f"{metrics.perplexity:.1f}")
+                    usage=_per_level(metrics.usage, ".2f"),
+                    ppl=_per_level(metrics.perplexity, ".1f"))
     bar.update(1)
 
 
@@ -741,8 +830,7 @@ def _train_vq_epoch(net: nn.Module, model: VQVAE, optimizer: torch.optim.Optimiz
     order = order[rank::world]
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.amp
                 else contextlib.nullcontext())
-    K = model.codebook_size
-    counts = torch.zeros(K, dtype=torch.int64, device=device)
+    counter = CodeCounter(model.num_levels, model.codebook_size, device)
     restarts_before = int(model.quantizer.restarts)
     sums = torch.zeros(3, dtype=torch.float64)
     seen = skipped = 0
@@ -773,12 +861,12 @@ def _train_vq_epoch(net: nn.Module, model: VQVAE, optimizer: torch.optim.Optimiz
             skipped += 1
             continue
         optimizer.step()
-        counts += torch.bincount(out.indices.flatten(), minlength=K)
+        counter.add(out.indices)
         sums += values * x.shape[0]
         seen += x.shape[0]
     if world > 1:
-        dist.all_reduce(counts)
-    usage, perplexity = code_usage(counts)
+        counter.all_reduce()
+    codes = counter.stats()
     means = (sums / seen).tolist() if seen else [math.nan] * 3
     val = evaluate_vq(model, val_data) if rank == 0 else {}
     nan = math.nan
@@ -787,7 +875,8 @@ def _train_vq_epoch(net: nn.Module, model: VQVAE, optimizer: torch.optim.Optimiz
         train_vq_loss=means[2], val_loss=val.get("loss", nan), val_nll=val.get("nll", nan),
         val_commitment_loss=val.get("commitment_loss", nan),
         val_codebook_loss=val.get("codebook_loss", nan), val_usage=val.get("usage", nan),
-        val_perplexity=val.get("perplexity", nan), usage=usage, perplexity=perplexity,
+        val_perplexity=val.get("perplexity", nan), usage=codes["usage"],
+        perplexity=codes["perplexity"],
         restarts=int(model.quantizer.restarts) - restarts_before, skipped_steps=skipped,
         seconds=nan, lr=optimizer.param_groups[0]["lr"])
 

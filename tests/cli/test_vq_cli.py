@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import assert_checkpoint_reproduces_run, assert_pngs
 
 import fastvae as fv
 from fastvae.cli import main
@@ -39,10 +39,7 @@ def run(tmp_path_factory):
 
 def test_train_writes_the_vq_files_and_metrics(run):
     assert {p.name for p in run.iterdir()} == FILES  # no interpolations, traversals, KL bars
-    for name in FILES - {"checkpoint.safetensors", "metrics.csv", "metrics.json"}:
-        with Image.open(run / name) as image:
-            image.verify()
-            assert image.format == "PNG"
+    assert_pngs(run, FILES - {"checkpoint.safetensors", "metrics.csv", "metrics.json"})
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert set(rows[0]) == VQ_COLUMNS
@@ -86,22 +83,13 @@ def test_the_checkpoint_is_a_vqvae(run):
 def test_eval_sample_reconstruct_on_the_checkpoint(run, tmp_path, capsys):
     ckpt = str(run / "checkpoint.safetensors")
     capsys.readouterr()
-    assert main(["eval", ckpt, "--no-progress", "--json", str(tmp_path / "m.json")]) == 0
+    got = assert_checkpoint_reproduces_run(run, tmp_path, (
+        "loss", "nll", "commitment_loss", "codebook_loss", "usage", "codes_used", "perplexity"))
     printed = capsys.readouterr().out
     assert "codebook usage" in printed
     assert "perplexity" in printed
     assert "IWAE" not in printed
-    got = json.loads((tmp_path / "m.json").read_text())
-    final = json.loads((run / "metrics.json").read_text())["final"]
     assert got["kind"] == "VQ-VAE"
-    for key in ("loss", "nll", "commitment_loss", "codebook_loss", "usage", "codes_used",
-                "perplexity"):
-        assert got[key] == final[key], key
-    # the pictures are the trainer's (its seed, its validation images)
-    for command, name in (("sample", "samples.png"), ("reconstruct", "reconstructions.png")):
-        extra = [] if command == "sample" else ["--no-progress"]
-        assert main([command, ckpt, "--out", str(tmp_path / name), *extra]) == 0
-        assert (tmp_path / name).read_bytes() == (run / name).read_bytes(), name
     # the uniform prior: other codes, another picture; an untrained VQ-VAE samples it too
     assert main(["sample", ckpt, "--prior", "uniform", "--out", str(tmp_path / "u.png")]) == 0
     assert (tmp_path / "u.png").read_bytes() != (run / "samples.png").read_bytes()

@@ -27,7 +27,8 @@ def test_build_vae_with_a_quantizer_is_build_vqvae():
 
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"codebook_size": 8}, ["codebook_size", "quantizer='vq'"]),
-    ({"quantizer": "fsq", "codebook_size": 8}, ["quantizer", "'fsq'"]),
+    ({"quantizer": "pq", "codebook_size": 8}, ["quantizer", "'pq'", "'rvq'"]),
+    ({"quantizer": "fsq"}, ["levels", "'fsq'"]),
     ({"quantizer": "vq"}, ["codebook_size"]),
     ({"quantizer": "vq", "codebook_size": 8, "beta": 2.0, "free_bits": 1.0},
      ["beta", "free_bits", "KL"]),

@@ -95,3 +95,62 @@ def test_epoch_usage_counts_the_codes_of_the_steps():
     assert result.history[0].usage == pytest.approx(float(q.codebook_usage()))
     assert result.history[0].perplexity == pytest.approx(float(q.perplexity()), rel=1e-5)
     assert result.history[0].restarts == int(q.restarts)
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_code_counter_dense_and_sparse_agree(monkeypatch, levels):
+    """Past DENSE_COUNTS the counter keeps indices and counts them when read: the same usage,
+    perplexity and codes used as the dense histogram."""
+    from fastvae.training import trainer
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 50, (7, 5, levels), generator=g) for _ in range(3)]
+    if levels == 1:
+        batches = [b[..., 0] for b in batches]
+    dense = trainer.CodeCounter(levels, 50, "cpu")
+    monkeypatch.setattr(trainer, "DENSE_COUNTS", 10)
+    sparse = trainer.CodeCounter(levels, 50, "cpu")
+    assert dense.dense
+    assert not sparse.dense
+    for b in batches:
+        dense.add(b)
+        sparse.add(b)
+    a, b = dense.stats(), sparse.stats()
+    assert a.keys() == b.keys() == {"usage", "perplexity", "codes_used"}
+    for key in a:
+        assert a[key] == pytest.approx(b[key]), key
+    assert sparse.dense_counts() is None
+    flat = torch.stack(batches).reshape(-1, levels)
+    for level in range(levels):
+        expected = code_usage(torch.bincount(flat[:, level], minlength=50))
+        got = (a["usage"], a["perplexity"]) if levels == 1 else \
+            (a["usage"][level], a["perplexity"][level])
+        assert got == pytest.approx(expected)
+    # usage of a partial histogram: the fraction of K
+    assert code_usage(torch.tensor([2, 2]), 8) == pytest.approx((0.25, 2.0))
+
+
+def test_csv_rows_spread_levels_over_columns():
+    from fastvae.training.trainer import csv_row
+
+    assert csv_row({"epoch": 1, "usage": [0.5, 0.25], "perplexity": 3.0}) == {
+        "epoch": 1, "usage_l0": 0.5, "usage_l1": 0.25, "perplexity": 3.0}
+
+
+def test_the_objective_is_the_quantizers_loss():
+    """The trainer minimizes nll + the quantizer's own ``loss`` (whatever it weighs), and
+    evaluate_vq's loss is nll + that loss on the held-out data."""
+    from fastvae.training.trainer import evaluate_vq
+
+    x = torch.rand(24, 1, 4, 4)
+    config = {**CONFIG, "quantizer": "lfq", "codebook_dim": None, "codebook_size": 16}
+    result = fv.train(config, x[:16], x[16:], fv.TrainConfig(epochs=1, batch_size=16),
+                      progress=False)
+    model = result.model
+    epoch = result.history[0]
+    assert epoch.train_loss == pytest.approx(epoch.train_nll + epoch.train_vq_loss)
+    final = evaluate_vq(model, x[16:])
+    with torch.no_grad():
+        q = model.quantize(model.encode(x[16:]))
+    assert final["vq_loss"] == pytest.approx(float(q.loss))
+    assert final["loss"] == pytest.approx(final["nll"] + final["vq_loss"])
