@@ -87,16 +87,16 @@ def _inputs(seed: int, N: int, dim: int, device: torch.device,
 def _module_runner(impl: str, make_package: Callable[[], torch.nn.Module],
                    make_fastvae: Callable[[], torch.nn.Module], x: Tensor, grad: Tensor,
                    device: torch.device, call_kwargs: dict | None = None,
-                   has_loss: bool = True) -> Callable[[], object]:
+                   has_loss: bool = True, copy_state: bool = True) -> Callable[[], object]:
     """One forward + backward of the package's module (``vqp``, ``vqp:compile``) or fastvae's
-    drop-in (``fastvae``, loaded from the package's ``state_dict``), in train mode: the
-    gradient of ``sum(grad * quantized) + sum(loss)`` to ``x``."""
-    package = make_package().to(device)
+    drop-in (``fastvae``; with ``copy_state`` loaded from the package's ``state_dict``), in
+    train mode: the gradient of ``sum(grad * quantized) + sum(loss)`` to ``x``."""
     if impl == FASTVAE:
         module = make_fastvae().to(device)
-        module.load_state_dict(package.state_dict())
+        if copy_state:
+            module.load_state_dict(make_package().to(device).state_dict())
     elif impl in (PACKAGE, PACKAGE_COMPILED):
-        module = package
+        module = make_package().to(device)
     else:
         raise ValueError(f"unknown implementation {impl!r}")
     module.train()
@@ -277,7 +277,7 @@ def make_fsq_runner(impl: str, size: Size, device: torch.device) -> Callable[[],
         return FSQ(levels=list(levels))
 
     return _module_runner(impl, make_package, lambda: fv.FSQ(levels=list(levels)), x, grad,
-                          device, has_loss=False)
+                          device, has_loss=False, copy_state=False)
 
 
 def format_fsq_size(size: Size) -> str:
@@ -326,7 +326,8 @@ def make_lfq_runner(impl: str, size: Size, device: torch.device) -> Callable[[],
 
         return LFQ(**kwargs)
 
-    return _module_runner(impl, make_package, lambda: fv.LFQ(**kwargs), x, grad, device)
+    return _module_runner(impl, make_package, lambda: fv.LFQ(**kwargs), x, grad, device,
+                          copy_state=False)
 
 
 # ---------------------------------------------------------------------------------------------
