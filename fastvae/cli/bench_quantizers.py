@@ -227,7 +227,12 @@ RVQ_SIZES = {"cpu": [(1024, 8, 1024, 128), (16384, 8, 1024, 128), (16384, 8, 102
 RVQ_WORK = ("float32 forward + backward of ResidualVQ(dim=D, num_quantizers=L, codebook_size=K, "
             "rotation_trick=False) in train mode called with freeze_codebook=True (no EMA "
             "update), level l's codebook random with scale 2^-l; the gradient of "
-            "sum(g * quantized) + sum(commitment losses) to x.")
+            "sum(g * quantized) + sum(commitment losses) to x. "
+            "fastvae:residual_vector_quantize (the function, beta 1) also gives the codebooks "
+            "their gradient (the codebook losses).")
+
+
+RVQ_IMPLS = (PACKAGE, PACKAGE_COMPILED, FASTVAE, "fastvae:residual_vector_quantize")
 
 
 def make_rvq_runner(impl: str, size: Size, device: torch.device) -> Callable[[], object]:
@@ -236,6 +241,15 @@ def make_rvq_runner(impl: str, size: Size, device: torch.device) -> Callable[[],
     x, grad = _inputs(4, N, D, device)
     g = torch.Generator(device="cpu").manual_seed(5)
     codebooks = torch.randn(L, K, D, generator=g) * 0.5 ** torch.arange(L)[:, None, None]
+    if impl == "fastvae:residual_vector_quantize":
+        codebooks = _leaf(codebooks.to(device))
+
+        def run():
+            x.grad = codebooks.grad = None
+            out = fv.residual_vector_quantize(x, codebooks, beta=1.0)
+            torch.autograd.backward((out.quantized, out.loss), (grad, None))
+
+        return run
 
     def make_package():
         from vector_quantize_pytorch import ResidualVQ
@@ -342,7 +356,7 @@ QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in [
               dense_elements=lambda s: s[0] * s[1], input_elements=lambda s: s[0] * s[2],
               memory_of_compiled=True, size_example="1024x512x64,32768x16384x8"),
     Quantizer("rvq", "residual vector quantization", RVQ_WORK, "N x L x K x D", RVQ_SIZES,
-              (PACKAGE, PACKAGE_COMPILED, FASTVAE), (), (PACKAGE, PACKAGE_COMPILED),
+              RVQ_IMPLS, (), (PACKAGE, PACKAGE_COMPILED),
               make_rvq_runner, _int_sizes(4, "N x L x K x D", "16384x8x1024x128"),
               lambda s: "x".join(map(str, s)),
               dense_elements=lambda s: s[0] * s[2], input_elements=lambda s: s[0] * s[3],
