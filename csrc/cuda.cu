@@ -1128,6 +1128,13 @@ int64_t nc_workspace_bytes(const fv_call& c) {
     return (c.K + c.B) * c.N * int64_t(dtype_size(c.compute)) + 256;
 }
 
+// Residual VQ has no CUDA kernel yet: the "triton" backend serves CUDA tensors (docs/backends.md).
+template <class T, class S>
+int launch_residual_vq(int32_t op, const fv_call&, cudaStream_t) {
+    return set_error(FV_ERR_NOT_BUILT, "%s: no CUDA kernel (use the triton backend)",
+                     op == FV_OP_RESIDUAL_VQ_FWD ? "residual_vq_fwd" : "residual_vq_bwd");
+}
+
 template <class T, class S>
 int launch_nearest_code(const fv_call& c, cudaStream_t stream) {
     const int64_t B = c.B, K = c.K, D = c.N;
@@ -1261,6 +1268,9 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
                 st);
         case FV_OP_NEAREST_CODE_FWD:
             return launch_nearest_code<T, S>(c, st);
+        case FV_OP_RESIDUAL_VQ_FWD:
+        case FV_OP_RESIDUAL_VQ_BWD:
+            return launch_residual_vq<T, S>(op, c, st);
     }
     return set_error(FV_ERR_INVALID, "unknown op code %d", op);
 }

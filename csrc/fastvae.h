@@ -117,6 +117,9 @@ typedef struct fv_call {
  *       without # or ~ has the storage dtype (CUDA requires it; the CPU converts any float dtype)
  *   ~   any float dtype (IWAE's log_px and its gradient)
  *   %   int64 indices (FV_INT64; nearest_code's index); no other operand may be int64
+ * residual_vq (residual_vq.inc): K codes per level, scalar = L levels, reduce_dim = 1 for the
+ * rotation trick (backward); codebooks at offset_of(k, level, j); levels (B,) along stride[1];
+ * index/commit/dist/grad_commit/grad_dist (B, L) at offset_of(0, b, level).
  *   !   an input: the noise, drawn from the seed where absent; an output: made from the noise.
  *       A call needs the seed when it wants a ! output and does not give the ! input.
  *   (a b)?  a and b are given together or not at all
@@ -157,7 +160,11 @@ typedef struct fv_call {
     X(DMOL_NLL_BWD, discretized_mix_logistic_nll_bwd, "grad# params* x_r# (x_g x_b)?#",            \
       "d_params?", FV_USES_K | FV_USES_SCALAR)                                                  \
     X(NEAREST_CODE_FWD, nearest_code_fwd, "x* codebook", "index% dist#",                         \
-      FV_USES_K | FV_USES_SCALAR)
+      FV_USES_K | FV_USES_SCALAR)                                                                  \
+    X(RESIDUAL_VQ_FWD, residual_vq_fwd, "x* codebooks levels?%",                                   \
+      "index% quantized#? commit#? dist#?", FV_USES_K | FV_USES_SCALAR)                            \
+    X(RESIDUAL_VQ_BWD, residual_vq_bwd, "grad_q# grad_commit# grad_dist# index% x* codebooks",     \
+      "d_x? d_codebooks?", FV_USES_K | FV_USES_SCALAR | FV_USES_REDUCE_DIM)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
 typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;

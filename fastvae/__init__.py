@@ -41,11 +41,13 @@ from .ops.losses import (
     GaussianNLLLoss,
 )
 from .ops.quantize import VQOutput, nearest_code, vector_quantize
+from .ops.residual_quantize import RVQOutput, residual_vector_quantize
 from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
     from .models.build import build_vae
     from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
+    from .models.residual_vq import ResidualVectorQuantizer, ResidualVQ
     from .models.vae import VAE, VAEOutput
     from .models.vqvae import VQVAE, VQVAEOutput, build_vqvae
     from .training.checkpoint import load_vae, save_vae
@@ -62,6 +64,8 @@ _LAZY = {
     "VectorQuantize": "fastvae.models.quantizer",
     "VectorQuantizer": "fastvae.models.quantizer",
     "VQVAE": "fastvae.models.vqvae",
+    "ResidualVQ": "fastvae.models.residual_vq",
+    "ResidualVectorQuantizer": "fastvae.models.residual_vq",
     "VQVAEOutput": "fastvae.models.vqvae",
     "build_vqvae": "fastvae.models.vqvae",
     "NonFiniteLossError": "fastvae.training.trainer",
@@ -97,6 +101,9 @@ __all__ = [
     "GaussianNLLLoss",
     "NonFiniteLossError",
     "QuantizerOutput",
+    "RVQOutput",
+    "ResidualVQ",
+    "ResidualVectorQuantizer",
     "TrainConfig",
     "TrainResult",
     "VAEOutput",
@@ -121,6 +128,7 @@ __all__ = [
     "nearest_code",
     "reference",
     "reparameterize",
+    "residual_vector_quantize",
     "sample_and_kl",
     "save_vae",
     "set_backend",

@@ -35,6 +35,11 @@ row says so. The interface, row by row:
     continuous_bernoulli_nll_bwd(grad, logits, target, needs[2]) -> grads
     discretized_mix_logistic_nll_fwd(params (B, P, S), x (B, C, S), n_mixtures, n_bins) -> (B,)
     discretized_mix_logistic_nll_bwd(grad, params, x, n_mixtures, n_bins) -> d_params
+    nearest_code_fwd(x (N, D), codebook (K, D), metric) -> (index (N,), dist (N,))
+    residual_vq_fwd(x (N, D), codebooks (L, K, D), n_levels (N,) | None, rotation)
+        -> (indices (N, L), quantized (N, D), commit (N, L), dist (N, L))
+    residual_vq_bwd(grad_q, grad_commit, grad_dist, indices, x, codebooks, n_levels | None,
+        rotation, needs[2]) -> grads
 
 Backends see B >= 1 and N >= 1 (empty inputs are answered here), a prior given as both
 tensors or neither, ``seed`` as an int64 tensor of one element on the tensors' device, a
@@ -147,6 +152,18 @@ def _nearest_code_empty(x: Tensor, codebook: Tensor, metric: str) -> tuple[Tenso
     return index, dist
 
 
+def _residual_vq_empty(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
+                      rotation: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """N = 0, or D = 0 (every code at distance 0: code 0 at every active level)."""
+    N, L = x.shape[0], codebooks.shape[0]
+    index = x.new_zeros((N, L), dtype=torch.int64)
+    if n_levels is not None:
+        active = torch.arange(L, device=x.device) < n_levels[:, None]
+        index = torch.where(active, index, -1)
+    dist = x.new_zeros((N, L))
+    return index, x.new_zeros(x.shape), dist, dist.clone()
+
+
 OPS: list[OpSpec] = [
     OpSpec("reparameterize",
            "Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed, int n_samples", "Tensor",
@@ -203,6 +220,19 @@ OPS: list[OpSpec] = [
                x.new_empty(x.shape[:1], dtype=out_dtype(x.dtype))),
            is_empty=lambda x, codebook: x.shape[0] == 0 or x.shape[1] == 0,
            empty=_nearest_code_empty),
+    # x (N, D), codebooks (L, K, D) in one compute dtype, n_levels int64 (N,) or None; the
+    # indices are saved, the residuals recomputed by the backward
+    OpSpec("residual_vq", "Tensor x, Tensor codebooks, Tensor? n_levels, int rotation",
+           "(Tensor, Tensor, Tensor, Tensor)", grads=2,
+           grad_arguments="Tensor grad_q, Tensor grad_commit, Tensor grad_dist, Tensor indices",
+           saved_outputs=(0,), non_differentiable=(0,), backward_attributes=("rotation",),
+           fake=lambda x, codebooks, n_levels, rotation: (
+               x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.int64),
+               x.new_empty(x.shape),
+               x.new_empty((x.shape[0], codebooks.shape[0])),
+               x.new_empty((x.shape[0], codebooks.shape[0]))),
+           is_empty=lambda x, codebooks, n_levels: x.shape[0] == 0 or x.shape[1] == 0,
+           empty=_residual_vq_empty),
 ]
 
 

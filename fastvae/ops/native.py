@@ -554,3 +554,52 @@ def _nearest_code_fwd(self: NativeBackend, x: Tensor, codebook: Tensor,
 
 
 NativeBackend.nearest_code_fwd = _nearest_code_fwd
+
+
+# ---------------------------------------------------------------------------------------------
+# residual_vq (residual vector quantization; csrc/residual_vq.inc). x and the codebooks come in
+# the compute dtype; K codes per level, the scalar L, reduce_dim the rotation flag; (N, L)
+# operands are 2-D slots (row, level).
+# ---------------------------------------------------------------------------------------------
+
+
+def _residual_vq_fwd(self: NativeBackend, x: Tensor, codebooks: Tensor,
+                     n_levels: Tensor | None, rotation: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x (N, D)``, ``codebooks (L, K, D)`` (one compute dtype), ``n_levels`` int64 (N,) or
+    None -> ``(indices (N, L), quantized (N, D), commit (N, L), dist (N, L))``."""
+    N, D = x.shape
+    L, K, _ = codebooks.shape
+    index = torch.empty((N, L), dtype=torch.int64, device=x.device)
+    q = torch.empty((N, D), dtype=x.dtype, device=x.device)
+    commit = torch.empty((N, L), dtype=x.dtype, device=x.device)
+    dist = torch.empty((N, L), dtype=x.dtype, device=x.device)
+    cb = (codebooks, (codebooks.stride(1), codebooks.stride(0), codebooks.stride(2)))
+    levels = None if n_levels is None else (n_levels, (0, n_levels.stride(0), 0))
+    self._call("residual_vq_fwd", x, (x, cb, levels),
+               (index, q, commit, dist),
+               K=K, scalar=float(L))
+    return index, q, commit, dist
+
+
+def _residual_vq_bwd(self: NativeBackend, grad_q: Tensor, grad_commit: Tensor,
+                     grad_dist: Tensor, indices: Tensor, x: Tensor, codebooks: Tensor,
+                     n_levels: Tensor | None, rotation: int, needs: list[bool]) -> list[Tensor]:
+    """The gradients of ``x`` and ``codebooks`` asked for (the inactive levels are the -1
+    indices: ``n_levels`` is not read)."""
+    L, K, _ = codebooks.shape
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else None
+    dcb = (torch.empty_like(codebooks, memory_format=torch.contiguous_format)
+           if needs[1] else None)
+    g = grad_q.to(x.dtype)
+    cb = (codebooks, (codebooks.stride(1), codebooks.stride(0), codebooks.stride(2)))
+    self._call("residual_vq_bwd", x,
+               (g, grad_commit.to(x.dtype), grad_dist.to(x.dtype), indices, x, cb),
+               (dx, None if dcb is None else (dcb, (dcb.stride(1), dcb.stride(0),
+                                                    dcb.stride(2)))),
+               K=K, scalar=float(L), reduce_dim=int(rotation))
+    return [t for t in (dx, dcb) if t is not None]
+
+
+NativeBackend.residual_vq_fwd = _residual_vq_fwd
+NativeBackend.residual_vq_bwd = _residual_vq_bwd

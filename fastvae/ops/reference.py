@@ -891,3 +891,108 @@ def nearest_code_fwd(x: Tensor, codebook: Tensor, metric: str,
     # rows with no distance below +inf: code 0's distance (O(N D); no host sync)
     first = nearest_code_distances(x, codebook[:1], metric)[:, 0]
     return index, torch.where(best < math.inf, best, first)
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual vector quantization: L nearest-code searches on the running residual
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_vq_fwd(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
+                    rotation: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``"torch"`` backend of ``residual_vq`` (SoundStream, Zeghidour et al. 2021, alg. 1;
+    Encodec): ``x (N, D)`` and ``codebooks (L, K, D)`` in one compute dtype (float32 or
+    float64), ``n_levels`` int64 ``(N,)`` (the active levels of each row: level l is active when
+    ``l < n_levels[n]``) or None (all L). ``rotation`` is the backward's (unused here).
+
+    In the one order of every backend (docs/numerics.md, "the residual"): ``r = x``, ``q = 0``;
+    for l = 0 .. L-1 and an active row: ``i_l = nearest_code(r, codebooks[l])`` (its order),
+    ``c = codebooks[l, i_l]``, ``d_l = that distance`` (= ``sum_j (r_j - c_j)^2`` in j order),
+    then ``r = r - c`` and ``q = q + c`` elementwise (each rounded). An inactive level leaves
+    ``r`` and ``q`` as they are, with index -1 and distance 0.
+
+    Returns ``(indices int64 (N, L), quantized (N, D), commit (N, L), dist (N, L))``: ``commit``
+    and ``dist`` hold the same distances (two outputs: the commitment term's gradient goes to
+    ``x``, the codebook term's to the codebooks)."""
+    N, D = x.shape
+    L = codebooks.shape[0]
+    r = x
+    q = torch.zeros_like(x)
+    indices = torch.empty((N, L), dtype=torch.int64, device=x.device)
+    dist = torch.empty((N, L), dtype=x.dtype, device=x.device)
+    for level in range(L):
+        index, d = nearest_code_fwd(r, codebooks[level], "l2")
+        c = codebooks[level].index_select(0, index)
+        if n_levels is None:
+            r, q = r - c, q + c
+            indices[:, level], dist[:, level] = index, d
+        else:
+            active = n_levels > level
+            r = torch.where(active[:, None], r - c, r)
+            q = torch.where(active[:, None], q + c, q)
+            indices[:, level] = torch.where(active, index, -1)
+            dist[:, level] = torch.where(active, d, 0)
+    return indices, q, dist, dist.clone()
+
+
+def rotation_trick_grad(r: Tensor, c: Tensor, g: Tensor) -> Tensor:
+    """The gradient the rotation trick (Fifty et al. 2024, eq. 4.2) passes from the quantized
+    ``c`` back to its input ``r`` (rows): ``lambda (g - 2 w (w.g) + 2 u (c^.g))`` with
+    ``u = r/|r|``, ``c^ = c/|c|``, ``w = (u + c^)/|u + c^|``, ``lambda = |c|/|r|``; rows where
+    the rotation is not defined (``r = 0``, or ``u = -c^``) pass ``g`` through (as
+    ``vector_quantize``'s ``_RotationTrick``)."""
+    tiny = torch.finfo(r.dtype).tiny
+    rn = r.norm(dim=-1, keepdim=True)
+    cn = c.norm(dim=-1, keepdim=True)
+    u = r / rn.clamp_min(tiny)
+    ch = c / cn.clamp_min(tiny)
+    w = u + ch
+    wn = w.norm(dim=-1, keepdim=True)
+    w = w / wn.clamp_min(tiny)
+    lam = cn / rn.clamp_min(tiny)
+    rotated = lam * (g - 2 * w * (w * g).sum(-1, keepdim=True)
+                     + 2 * u * (ch * g).sum(-1, keepdim=True))
+    ok = (rn > 0) & ((wn > 1e-6) | (cn == 0))
+    return torch.where(ok, rotated, g)
+
+
+def residual_vq_bwd(grad_q: Tensor, grad_commit: Tensor, grad_dist: Tensor, indices: Tensor,
+                    x: Tensor, codebooks: Tensor, n_levels: Tensor | None, rotation: int,
+                    needs: list[bool]) -> list[Tensor]:
+    """The gradients of ``residual_vq_fwd``'s outputs, with the residuals recomputed from the
+    indices in the forward's order (nothing L x N x D saved). Per active level l of a row, with
+    ``r_l`` the residual and ``c_l`` its code (``r_l - c_l = r_{l+1}``):
+
+    - ``quantized = sum_l c_l`` passes the gradient straight through each level to ``r_l``
+      (``rotation=0``: ``g``; ``rotation=1``: the rotation trick's ``lambda_l R_l^T g``), and
+      ``r_l`` reaches ``x`` by the identity (the codes are subtracted stopped, as in
+      vector-quantize-pytorch's ResidualVQ): ``d x += sum_l ST_l(g)``;
+    - ``commit_l = |r_l - sg(c_l)|^2``: ``d x += 2 g_commit_l (r_l - c_l)``;
+    - ``dist_l = |sg(r_l) - c_l|^2``: ``d codebooks[l, i_l] += 2 g_dist_l (c_l - r_l)``
+      (index-add, rows in order).
+    """
+    N, D = x.shape
+    L = codebooks.shape[0]
+    r = x
+    dx = torch.zeros_like(x)
+    dcb = torch.zeros_like(codebooks) if needs[1] else None
+    for level in range(L):
+        index = indices[:, level]
+        active = index >= 0
+        c = codebooks[level].index_select(0, index.clamp_min(0))
+        e = r - c
+        if needs[0]:
+            st = rotation_trick_grad(r, c, grad_q) if rotation else grad_q
+            step = st + 2 * grad_commit[:, level, None] * e
+            dx = torch.where(active[:, None], dx + step, dx)
+        if dcb is not None:
+            dcb[level].index_add_(0, index.clamp_min(0),
+                                  torch.where(active[:, None],
+                                              -2 * grad_dist[:, level, None] * e, 0))
+        r = torch.where(active[:, None], e, r)
+    out = []
+    if needs[0]:
+        out.append(dx)
+    if needs[1]:
+        out.append(dcb)
+    return out
