@@ -541,7 +541,7 @@ class QuantizerRow:
 
 
 def _header(q: Quantizer) -> str:
-    return (f"{'impl':24s} {q.size_layout:>18s} {'ms':>10s} {'calls':>5s} "
+    return (f"{'impl':32s} {q.size_layout:>18s} {'ms':>10s} {'calls':>5s} "
             + " ".join(f"{'x ' + _short(b):>7s}" for b in q.baselines)
             + f" {'peak MB':>9s} {'/ vqp':>6s} {'/ NxK':>7s} {'/ x':>7s} {'load':>9s}")
 
@@ -562,7 +562,7 @@ def _small(v: float | None) -> str:
 
 def format_row(q: Quantizer, r: QuantizerRow) -> str:
     load = f"{r.load_average[0]:.1f}-{r.load_average[1]:.1f}" if r.load_average else "-"
-    line = (f"{r.impl:24s} {r.shape:>18s} {_num(r.ms, '10.2f'):>10s} {r.calls:5d} "
+    line = (f"{r.impl:32s} {r.shape:>18s} {_num(r.ms, '10.2f'):>10s} {r.calls:5d} "
             + " ".join(f"{_num(r.vs.get(b), '.2f'):>7s}" for b in q.baselines)
             + f" {_num(r.peak_extra_mb, '.1f'):>9s} {_small(r.peak_vs_package):>6s} "
               f"{_small(r.peak_dense):>7s} {_num(r.peak_input, '.2f'):>7s} {load:>9s}")
@@ -616,7 +616,7 @@ def summary_lines(q: Quantizer, rows: Sequence[QuantizerRow]) -> list[str]:
 
 def run_report(quantizer: Quantizer, device: torch.device, *,
                sizes: Sequence[Size] | None = None, impls: Sequence[str] | None = None,
-               rounds: int = 5, memory: bool = True,
+               rounds: int = 5, memory: bool = True, timing: bool = True,
                memory_limit_bytes: int | None = int(DEFAULT_MEMORY_LIMIT_GB * 2**30),
                log: Callable[[str], None] = print,
                on_rows: Callable[[list[QuantizerRow]], None] | None = None
@@ -627,7 +627,8 @@ def run_report(quantizer: Quantizer, device: torch.device, *,
     ``rounds`` rounds, each calling every implementation in turn; the median over every call).
     On the CPU this process runs under the same limit (``address_space_limit``), so an
     implementation that asks for more fails with its error, recorded in its row. GPU: the peak
-    from the CUDA allocator's statistics, the out-of-memory error recorded likewise."""
+    from the CUDA allocator's statistics, the out-of-memory error recorded likewise. Without
+    ``timing`` (CPU) only the memory processes run."""
     impls = list(impls or quantizer.impls)
     rows: list[QuantizerRow] = []
     cpu = device.type == "cpu"
@@ -646,7 +647,7 @@ def run_report(quantizer: Quantizer, device: torch.device, *,
         runners: dict[str, Callable[[], object]] = {}
         first_call: dict[str, float] = {}
         with address_space_limit(memory_limit_bytes if cpu else None):
-            for impl in impls:
+            for impl in impls if timing or not cpu else ():
                 peak = peaks.get(impl)
                 if isinstance(peak, str) and is_out_of_memory(peak):
                     errors[impl] = peak  # it would fail here too: not tried again
@@ -798,6 +799,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantizer-rounds", "--vq-rounds", dest="quantizer_rounds", type=int,
                    default=5, help="--ops vq/rvq/fsq/lfq: timing rounds, each calling every "
                                    "implementation in turn")
+    p.add_argument("--memory-only", action="store_true",
+                   help="--ops vq/rvq/fsq/lfq on the CPU: only the peak-memory processes, no "
+                        "timing (the results say ms -)")
     p.add_argument("--memory-limit-gb", type=float, default=DEFAULT_MEMORY_LIMIT_GB,
                    help="--ops vq/rvq/fsq/lfq on the CPU: the address space an implementation "
                         "may add to its process (its memory process and the timing process); "
@@ -824,6 +828,7 @@ class Plan:
     rounds: int
     memory: bool
     memory_limit_bytes: int | None
+    timing: bool = True
 
     def __bool__(self) -> bool:
         return bool(self.quantizers)
@@ -852,7 +857,11 @@ def prepare(names: Sequence[str], args: argparse.Namespace,
             quantizers.append((q, impls, getattr(args, f"{name}_sizes")))
     quantizers.sort(key=lambda t: list(names).index(t[0].name))
     limit = int(args.memory_limit_gb * 2**30) if args.memory_limit_gb > 0 else None
-    return Plan(quantizers, args.quantizer_rounds, not args.no_memory, limit)
+    if args.memory_only and (args.no_memory or args.device.startswith("cuda")):
+        raise UsageError("--memory-only: the CPU's memory processes alone; not with "
+                         "--no-memory or a GPU --device")
+    return Plan(quantizers, args.quantizer_rounds, not args.no_memory, limit,
+                timing=not args.memory_only)
 
 
 def run(plan: Plan, device: torch.device, out: Path) -> None:
@@ -877,7 +886,8 @@ def run(plan: Plan, device: torch.device, out: Path) -> None:
                 return write_results(q, rows, device, out, memory_limit_bytes=limit)
 
             rows = run_report(q, device, sizes=sizes, impls=impls, rounds=plan.rounds,
-                              memory=plan.memory, memory_limit_bytes=limit, on_rows=save)
+                              memory=plan.memory, timing=plan.timing or device.type != "cpu",
+                              memory_limit_bytes=limit, on_rows=save)
             paths = save(rows)
             print("\n".join(summary_lines(q, rows)))
             print(f"wrote {', '.join(str(p) for p in paths)}")

@@ -261,6 +261,8 @@ BENCH = [
      ["--lfq-impls", "nope"]),
     ("memory_limit_negative", ["--ops", "lfq", "--memory-limit-gb", "-1"],
      ["--memory-limit-gb", "-1"]),
+    ("memory_only_without_memory", ["--ops", "lfq", "--memory-only", "--no-memory"],
+     ["--memory-only", "--no-memory"]),
     ("memory_limit_nan", ["--ops", "lfq", "--memory-limit-gb", "nan"], ["--memory-limit-gb"]),
     ("memory_limit_word", ["--ops", "lfq", "--memory-limit-gb", "lots"],
      ["--memory-limit-gb", "'lots'"]),
