@@ -12,8 +12,8 @@ from .gaussian_kl import gaussian_kl_bwd, gaussian_kl_fwd
 from .gaussian_nll import gaussian_nll_bwd, gaussian_nll_fwd
 from .iwae import iwae_bwd, iwae_fwd
 from .nearest_code import nearest_code_fwd
-from .residual_vq import residual_vq_bwd, residual_vq_fwd
 from .reparameterize import reparameterize_bwd, reparameterize_fwd
+from .residual_vq import residual_vq_bwd, residual_vq_fwd
 from .sample_and_kl import sample_and_kl_bwd, sample_and_kl_fwd
 
 __all__ = [

@@ -78,7 +78,7 @@ def residual_vq_fwd(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
                     rotation: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``"triton"`` backend of ``residual_vq``: ``x (N, D)`` and ``codebooks (L, K, D)`` in
     one compute dtype (float32/float64), any strides; ``n_levels`` int64 ``(N,)`` or None.
-    Returns ``(indices (N, L), quantized (N, D), commit (N, L), dist (N, L))``, bitwise those of
+    Returns ``(quantized (N, D), indices (N, L), commit (N, L), dist (N, L))``, bitwise those of
     ``fastvae.ops.reference.residual_vq_fwd``."""
     N, D = x.shape
     L = codebooks.shape[0]
@@ -100,7 +100,7 @@ def residual_vq_fwd(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
                    index, index.stride(0), commit, dist, commit.stride(0), level, N, D,
                    HAS_LEVELS=n_levels is not None, WRITE=True, BLOCK_R=br, BLOCK_D=bd,
                    DTYPE=dtype, enable_fp_fusion=False)
-    return index, q, commit, dist
+    return q, index, commit, dist
 
 
 @triton.jit
@@ -171,8 +171,8 @@ def residual_vq_bwd(grad_q: Tensor, grad_commit: Tensor, grad_dist: Tensor, indi
                    g, g.stride(0), g.stride(1), gc, gc.stride(0), gc.stride(1),
                    indices, indices.stride(0), indices.stride(1), x, x.stride(0), x.stride(1),
                    codebooks, *codebooks.stride(), dx, N, D, L,
-                   ROTATION=bool(rotation), TINY=torch.finfo(x.dtype).tiny, BLOCK_R=br, BLOCK_D=bd, DTYPE=dtype,
-                   enable_fp_fusion=False)
+                   ROTATION=bool(rotation), TINY=torch.finfo(x.dtype).tiny, BLOCK_R=br,
+                   BLOCK_D=bd, DTYPE=dtype, enable_fp_fusion=False)
         out.append(dx)
     if needs[1]:
         dcb = torch.zeros((L, K, D), dtype=x.dtype, device=device)

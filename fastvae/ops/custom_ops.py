@@ -37,7 +37,7 @@ row says so. The interface, row by row:
     discretized_mix_logistic_nll_bwd(grad, params, x, n_mixtures, n_bins) -> d_params
     nearest_code_fwd(x (N, D), codebook (K, D), metric) -> (index (N,), dist (N,))
     residual_vq_fwd(x (N, D), codebooks (L, K, D), n_levels (N,) | None, rotation)
-        -> (indices (N, L), quantized (N, D), commit (N, L), dist (N, L))
+        -> (quantized (N, D), indices (N, L), commit (N, L), dist (N, L))
     residual_vq_bwd(grad_q, grad_commit, grad_dist, indices, x, codebooks, n_levels | None,
         rotation, needs[2]) -> grads
 
@@ -161,7 +161,7 @@ def _residual_vq_empty(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
         active = torch.arange(L, device=x.device) < n_levels[:, None]
         index = torch.where(active, index, -1)
     dist = x.new_zeros((N, L))
-    return index, x.new_zeros(x.shape), dist, dist.clone()
+    return x.new_zeros(x.shape), index, dist, dist.clone()
 
 
 OPS: list[OpSpec] = [
@@ -225,10 +225,10 @@ OPS: list[OpSpec] = [
     OpSpec("residual_vq", "Tensor x, Tensor codebooks, Tensor? n_levels, int rotation",
            "(Tensor, Tensor, Tensor, Tensor)", grads=2,
            grad_arguments="Tensor grad_q, Tensor grad_commit, Tensor grad_dist, Tensor indices",
-           saved_outputs=(0,), non_differentiable=(0,), backward_attributes=("rotation",),
+           saved_outputs=(1,), non_differentiable=(1,), backward_attributes=("rotation",),
            fake=lambda x, codebooks, n_levels, rotation: (
-               x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.int64),
                x.new_empty(x.shape),
+               x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.int64),
                x.new_empty((x.shape[0], codebooks.shape[0])),
                x.new_empty((x.shape[0], codebooks.shape[0]))),
            is_empty=lambda x, codebooks, n_levels: x.shape[0] == 0 or x.shape[1] == 0,

@@ -567,7 +567,7 @@ def _residual_vq_fwd(self: NativeBackend, x: Tensor, codebooks: Tensor,
                      n_levels: Tensor | None, rotation: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``x (N, D)``, ``codebooks (L, K, D)`` (one compute dtype), ``n_levels`` int64 (N,) or
-    None -> ``(indices (N, L), quantized (N, D), commit (N, L), dist (N, L))``."""
+    None -> ``(quantized (N, D), indices (N, L), commit (N, L), dist (N, L))``."""
     N, D = x.shape
     L, K, _ = codebooks.shape
     index = torch.empty((N, L), dtype=torch.int64, device=x.device)
@@ -579,7 +579,7 @@ def _residual_vq_fwd(self: NativeBackend, x: Tensor, codebooks: Tensor,
     self._call("residual_vq_fwd", x, (x, cb, levels),
                (index, q, commit, dist),
                K=K, scalar=float(L))
-    return index, q, commit, dist
+    return q, index, commit, dist
 
 
 def _residual_vq_bwd(self: NativeBackend, grad_q: Tensor, grad_commit: Tensor,

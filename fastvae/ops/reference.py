@@ -911,10 +911,10 @@ def residual_vq_fwd(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
     then ``r = r - c`` and ``q = q + c`` elementwise (each rounded). An inactive level leaves
     ``r`` and ``q`` as they are, with index -1 and distance 0.
 
-    Returns ``(indices int64 (N, L), quantized (N, D), commit (N, L), dist (N, L))``: ``commit``
+    Returns ``(quantized (N, D), indices int64 (N, L), commit (N, L), dist (N, L))``: ``commit``
     and ``dist`` hold the same distances (two outputs: the commitment term's gradient goes to
     ``x``, the codebook term's to the codebooks)."""
-    N, D = x.shape
+    N, _D = x.shape
     L = codebooks.shape[0]
     r = x
     q = torch.zeros_like(x)
@@ -932,7 +932,7 @@ def residual_vq_fwd(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
             q = torch.where(active[:, None], q + c, q)
             indices[:, level] = torch.where(active, index, -1)
             dist[:, level] = torch.where(active, d, 0)
-    return indices, q, dist, dist.clone()
+    return q, indices, dist, dist.clone()
 
 
 def rotation_trick_grad(r: Tensor, c: Tensor, g: Tensor) -> Tensor:
@@ -971,7 +971,7 @@ def residual_vq_bwd(grad_q: Tensor, grad_commit: Tensor, grad_dist: Tensor, indi
     - ``dist_l = |sg(r_l) - c_l|^2``: ``d codebooks[l, i_l] += 2 g_dist_l (c_l - r_l)``
       (index-add, rows in order).
     """
-    N, D = x.shape
+    _N, _D = x.shape
     L = codebooks.shape[0]
     r = x
     dx = torch.zeros_like(x)

@@ -138,7 +138,7 @@ def residual_vector_quantize(x: Tensor, codebooks: Tensor, *, n_levels: int | Te
         compute = torch.float32
     xc = x.reshape(N, D).to(compute)
     cb = codebooks.to(compute)
-    indices, q, commit, dist = _ops.call(_ops.residual_vq, xc, cb, levels,
+    q, indices, commit, dist = _ops.call(_ops.residual_vq, xc, cb, levels,
                                          int(straight_through == "rotation"), resolve(x.device))
     quantized = q.to(x.dtype).view(x.shape)
     if reduction == "none":

@@ -1,0 +1,89 @@
+"""Two ranks (torchrun, gloo) train fv.ResidualVectorQuantizer and fv.ResidualVQ with k-means
+initialization and dead-code restarts, each on its half of every batch: after several steps
+both ranks hold the same codebooks (bit for bit), equal to one process on the whole batches
+(to float rounding: the all-reduce adds two partial sums), with the same indices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastvae as fv
+
+STEPS, PER_RANK, DIM, K, L = 4, 24, 4, 16, 3
+
+
+def batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(200 + step)
+    return torch.randn(2 * PER_RANK, DIM, generator=g)
+
+
+KINDS = ("native", "dropin")
+
+
+def build(kind: str) -> torch.nn.Module:
+    if kind == "native":
+        return fv.ResidualVectorQuantizer(DIM, K, L, decay=0.8, kmeans_init=True,
+                                          kmeans_iters=3, dead_code_threshold=1.0)
+    return fv.ResidualVQ(dim=DIM, num_quantizers=L, codebook_size=K, decay=0.8,
+                         kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=1.0)
+
+
+def run(kind: str, rank: int | None) -> tuple[dict, list[torch.Tensor]]:
+    """Trains one quantizer for STEPS steps on rank ``rank``'s half of each batch (or the
+    whole batch for None); returns its state and the indices of every step."""
+    torch.manual_seed(0)
+    rvq = build(kind)
+    indices = []
+    for step in range(STEPS):
+        x = batch(step)
+        if rank is not None:
+            x = x[rank * PER_RANK:(rank + 1) * PER_RANK]
+        out = rvq(x[None]) if kind == "dropin" else rvq(x)
+        indices.append(out[1].reshape(-1, L))
+    return rvq.state_dict(), indices
+
+
+SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_rvq_ddp import KINDS, run
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+result = {{kind: run(kind, rank) for kind in KINDS}}
+torch.save(result, f"{{sys.argv[1]}}/rank{{rank}}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_the_single_process_codebooks(tmp_path):
+    script = tmp_path / "rvq_ddp.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(tests=os.path.dirname(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for kind in KINDS:
+        (state0, idx0), (state1, idx1) = ranks[0][kind], ranks[1][kind]
+        single, idx = run(kind, None)
+        assert list(state0) == list(single)
+        for key in single:
+            assert torch.equal(state0[key], state1[key]), (kind, key)
+            torch.testing.assert_close(state0[key], single[key], rtol=1e-5, atol=1e-5,
+                                       msg=f"{kind} {key}")
+        for step in range(STEPS):
+            assert torch.equal(torch.cat([idx0[step], idx1[step]]), idx[step]), (kind, step)
+    state = ranks[0]["native"][0]
+    assert int(state["restarts"]) > 0  # the restarts were exercised
+    assert int(state["steps"]) == STEPS
