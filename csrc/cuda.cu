@@ -794,7 +794,7 @@ int check_dtypes(int32_t op, const fv_call& c) {
         return set_error(FV_ERR_INVALID, "compute dtype %d does not go with storage dtype %d",
                          c.compute, storage);
     for (int i = 0; i < FV_MAX_IN; ++i) {
-        if (c.in[i].data == nullptr || bit(s.in.compute | s.in.any, i)) continue;
+        if (c.in[i].data == nullptr || bit(s.in.compute | s.in.any | s.in.index, i)) continue;
         if (c.in[i].dtype != storage)
             return set_error(FV_ERR_INVALID, "input %d has dtype code %d, the CUDA kernels "
                              "expect %d", i, c.in[i].dtype, storage);
@@ -1176,6 +1176,106 @@ int launch_nearest_code(const fv_call& c, cudaStream_t stream) {
     return check_launch("the nearest-code search kernel");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Finite scalar quantization: the forward one thread per row (its D <= 64 dimensions in order,
+// then the row's int64 index), the backward one thread per element; grid-stride loops. The math
+// is fv::fsq (fastvae_math.h), with the products that meet an addition rounded by __fmul_rn.
+// ---------------------------------------------------------------------------------------------
+
+template <class T>
+struct FsqDims {
+    const int64_t* levels;
+    int64_t s_levels;
+    const int64_t* basis;
+    int64_t s_basis;
+    const T* a;
+    int64_t s_a;
+    const T* b;
+    int64_t s_b;
+};
+
+template <class T, class S, bool SYM, bool HARD>
+__global__ void fsq_fwd_kernel(In<S> z, FsqDims<T> k, Out<S> codes, int64_t* index, int64_t s_index,
+                               int64_t B, int64_t D) {
+    const int64_t step = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < B; row += step) {
+        int64_t acc = 0;
+        bool nan = false;
+        for (int64_t j = 0; j < D; ++j) {
+            const fsq::Dim<T> d =
+                fsq::dim<T>(k.levels[j * k.s_levels], k.a[j * k.s_a], k.b[j * k.s_b]);
+            const T zv = from_storage<T>(z.p[row * z.sb + j * z.sn]);
+            const fsq::Code<T> q = fsq::code<T, SYM, HARD>(zv, d.a, d.b, d.hw, d.top, d.offset);
+            codes.p[row * codes.sb + j * codes.sn] = ToStorage<S>::cvt(q.code);
+            nan |= q.level != q.level;
+            acc += (q.level == q.level ? int64_t(q.level) : int64_t(0)) * k.basis[j * k.s_basis];
+        }
+        index[row * s_index] = nan ? -1 : acc;
+    }
+}
+
+template <class T, class S, bool SYM, bool HARD>
+__global__ void fsq_bwd_kernel(In<S> g, In<S> z, FsqDims<T> k, Out<S> dz, int64_t B, int64_t D) {
+    const int64_t step = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B * D; i += step) {
+        const int64_t row = i / D, j = i - row * D;
+        const fsq::Dim<T> d = fsq::dim<T>(k.levels[j * k.s_levels], k.a[j * k.s_a], k.b[j * k.s_b]);
+        const T gv = from_storage<T>(g.p[row * g.sb + j * g.sn]);
+        const T zv = from_storage<T>(z.p[row * z.sb + j * z.sn]);
+        dz.p[row * dz.sb + j * dz.sn] = ToStorage<S>::cvt(fsq::grad<T, SYM, HARD>(gv, zv, d.a, d.b, d.hw));
+    }
+}
+
+template <class T>
+FsqDims<T> fsq_dims(const fv_call& c, int l, bool basis) {
+    const fv_tensor &L = c.in[l], &A = c.in[basis ? l + 2 : l + 1], &Bc = c.in[basis ? l + 3 : l + 2];
+    return {static_cast<const int64_t*>(L.data), L.stride[2],
+            basis ? static_cast<const int64_t*>(c.in[l + 1].data) : nullptr,
+            basis ? c.in[l + 1].stride[2] : 0,
+            static_cast<const T*>(A.data), A.stride[2], static_cast<const T*>(Bc.data), Bc.stride[2]};
+}
+
+inline unsigned fsq_blocks(int64_t n) {
+    const int64_t blocks = cdiv(n, kThreads);
+    return unsigned(blocks < 65535 ? blocks : 65535);
+}
+
+template <class T, class S>
+int launch_fsq(const fv_call& c, bool forward, cudaStream_t stream) {
+    if (c.N > 64)
+        return set_error(FV_ERR_INVALID, "finite_scalar_quantize: at most 64 dimensions, got %lld",
+                         static_cast<long long>(c.N));
+    const int mode = int(c.scalar);
+    if (double(mode) != c.scalar || mode < 0 || mode > 3)
+        return set_error(FV_ERR_INVALID, "finite_scalar_quantize: the mode (scalar) is 0 .. 3, "
+                         "got %g", c.scalar);
+    const FsqDims<T> k = fsq_dims<T>(c, forward ? 1 : 2, forward);
+    if (forward) {
+        const In<S> z = make_in<S>(c.in[0]);
+        const Out<S> codes = make_out<S>(c.out[0]);
+        int64_t* index = static_cast<int64_t*>(c.out[1].data);
+        const int64_t si = c.out[1].stride[2];
+        const unsigned grid = fsq_blocks(c.B);
+        switch (mode) {
+            case 0: fsq_fwd_kernel<T, S, false, false><<<grid, kThreads, 0, stream>>>(z, k, codes, index, si, c.B, c.N); break;
+            case 1: fsq_fwd_kernel<T, S, true, false><<<grid, kThreads, 0, stream>>>(z, k, codes, index, si, c.B, c.N); break;
+            case 2: fsq_fwd_kernel<T, S, false, true><<<grid, kThreads, 0, stream>>>(z, k, codes, index, si, c.B, c.N); break;
+            default: fsq_fwd_kernel<T, S, true, true><<<grid, kThreads, 0, stream>>>(z, k, codes, index, si, c.B, c.N); break;
+        }
+        return check_launch("the finite-scalar-quantization kernel");
+    }
+    const In<S> g = make_in<S>(c.in[0]), z = make_in<S>(c.in[1]);
+    const Out<S> dz = make_out<S>(c.out[0]);
+    const unsigned grid = fsq_blocks(c.B * c.N);
+    switch (mode) {
+        case 0: fsq_bwd_kernel<T, S, false, false><<<grid, kThreads, 0, stream>>>(g, z, k, dz, c.B, c.N); break;
+        case 1: fsq_bwd_kernel<T, S, true, false><<<grid, kThreads, 0, stream>>>(g, z, k, dz, c.B, c.N); break;
+        case 2: fsq_bwd_kernel<T, S, false, true><<<grid, kThreads, 0, stream>>>(g, z, k, dz, c.B, c.N); break;
+        default: fsq_bwd_kernel<T, S, true, true><<<grid, kThreads, 0, stream>>>(g, z, k, dz, c.B, c.N); break;
+    }
+    return check_launch("the finite-scalar-quantization backward kernel");
+}
+
 // Every op of FV_OPS has a case here: a missing one is a compile error (-Werror=switch).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic error "-Wswitch"
@@ -1271,6 +1371,11 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
         case FV_OP_RESIDUAL_VQ_FWD:
         case FV_OP_RESIDUAL_VQ_BWD:
             return launch_residual_vq<T, S>(op, c, st);
+        case FV_OP_FSQ_FWD:
+            return launch_fsq<T, S>(c, true, st);
+        case FV_OP_FSQ_BWD:
+            if (out[0].data == nullptr) return FV_OK;  // no gradient wanted
+            return launch_fsq<T, S>(c, false, st);
     }
     return set_error(FV_ERR_INVALID, "unknown op code %d", op);
 }

@@ -39,6 +39,13 @@
  * to it, computed in the one order of docs/numerics.md: t = x_j - e_j, acc = acc + t*t for
  * j = 0 .. D-1 (each operation rounded, no fused multiply-add), from acc = 0.
  *
+ * Finite scalar quantization: z is the (B, N) rows, N = D <= 64 dimensions; levels and basis
+ * (int64) and a, b (compute dtype) are (D,) operands as (B, N) views with stride 0 along B;
+ * scalar the mode (0 the tanh bound, +1 preserve_symmetry, +2 hard clamp); codes (B, N) in the
+ * storage dtype and index (int64, (B,), element stride stride[2]) the mixed-radix index
+ * sum_j level_j basis_j (-1 for a row with a NaN). The backward's d_z = grad d code / d z
+ * (straight through the rounding). The formulas: fv::fsq in fastvae_math.h.
+ *
  * The prior is both tensors or neither. Noise element (k, b, j) is tl.randn(seed, (k*B + b)*N
  * + j), seed read from memory on the call's device (so CUDA launches never sync the host).
  * Compute happens in `compute` (FV_FLOAT32, or FV_FLOAT64 for float64 inputs); sums come
@@ -164,7 +171,10 @@ typedef struct fv_call {
     X(RESIDUAL_VQ_FWD, residual_vq_fwd, "x* codebooks levels?%",                                   \
       "index% quantized#? commit#? dist#?", FV_USES_K | FV_USES_SCALAR)                            \
     X(RESIDUAL_VQ_BWD, residual_vq_bwd, "grad_q# grad_commit# grad_dist# index% x* codebooks",     \
-      "d_x? d_codebooks?", FV_USES_K | FV_USES_SCALAR | FV_USES_REDUCE_DIM)
+      "d_x? d_codebooks?", FV_USES_K | FV_USES_SCALAR | FV_USES_REDUCE_DIM)                 \
+    X(FSQ_FWD, finite_scalar_quantize_fwd, "z* levels% basis% a# b#", "codes index%",              \
+      FV_USES_SCALAR)                                                                              \
+    X(FSQ_BWD, finite_scalar_quantize_bwd, "grad z* levels% a# b#", "d_z", FV_USES_SCALAR)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
 typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;

@@ -797,5 +797,106 @@ FV_HD DmolTerm<T> dmol_channel(T c, T s, T x, const DmolBins<T>& k) {
     return r;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Finite scalar quantization (Mentzer et al. 2023; as vector-quantize-pytorch 1.32.0's FSQ)
+// ---------------------------------------------------------------------------------------------
+//
+// One element of dimension j with L levels, hw = L / 2, top = L - 1 - hw, and the constants a, b
+// of fastvae.reference.fsq_bound_constants (float32 values): the tanh bound
+//   u = z + b (b = shift), r = round_half_even(tanh(u) a - offset) in [-hw, top],
+//   code = (r + 0) / hw, level = r + hw;
+// symmetric (Zhao et al. 2024): level = floor(a (tanh(z) + 1) / 2 + 1/2), code = b level - 1
+// (a = L - 1, b = 2 / (L - 1)); HARD: clamp(., -1, 1) instead of tanh. Every product that
+// meets an addition is rounded first (mul_rn; the CPU kernels compile with fp-contract=off), as
+// PyTorch rounds it: the decisions of round and floor are those of the reference's formula.
+// tanh(u) = sign(u) (1 - e) / (1 + e), e = e^(-2|u|), 1 - e by the expm1 series for |2u| < 1
+// (the mixture's dmol_coupling, a few ulps), sech^2(u) = 4 e / (1 + e)^2 (no cancellation).
+namespace fsq {
+
+#if defined(__CUDA_ARCH__)
+FV_HD float mul_rn(float x, float y) { return __fmul_rn(x, y); }
+FV_HD double mul_rn(double x, double y) { return __dmul_rn(x, y); }
+#else
+FV_HD float mul_rn(float x, float y) { return x * y; }
+FV_HD double mul_rn(double x, double y) { return x * y; }
+#endif
+
+// Round half to even, branch-free: below 2^23 (2^52) by adding and subtracting that power of
+// two to |x| (exact under round-to-nearest-even), above it x is an integer already; NaN passes.
+template <class T>
+FV_HD T round_half_even(T x) {
+    const T big = sizeof(T) == 8 ? T(4503599627370496.0) : T(8388608.0f);
+    const T ax = abs_(x);
+    const T r = (ax + big) - big;
+    const T s = x < T(0) ? -r : r;
+    return ax < big ? s : x;
+}
+
+template <class T>
+FV_HD T floor_(T x) {
+#if defined(__CUDA_ARCH__)
+    return ::floor(x);
+#else
+    return __builtin_floor(x);
+#endif
+}
+FV_HD float floor_(float x) {
+#if defined(__CUDA_ARCH__)
+    return ::floorf(x);
+#else
+    return __builtin_floorf(x);
+#endif
+}
+
+template <class T>
+FV_HD T clamp_unit(T u) {  // clamp(u, -1, 1), NaN passes
+    const T lo = u < T(-1) ? T(-1) : u;
+    return lo > T(1) ? T(1) : lo;
+}
+
+// The per-dimension constants of one level count, in the compute dtype.
+template <class T>
+struct Dim {
+    T a, b, hw, top, offset;
+};
+
+template <class T>
+FV_HD Dim<T> dim(int64_t L, T a, T b) {
+    const int64_t hw = L / 2;
+    return {a, b, T(hw), T(L - 1 - hw), (L & 1) ? T(0) : T(0.5)};
+}
+
+template <class T>
+struct Code {
+    T code, level;  // level: integer valued in [0, L - 1]; NaN where z is NaN
+};
+
+template <class T, bool SYM, bool HARD>
+FV_HD Code<T> code(T z, T a, T b, T hw, T top, T offset) {
+    if (SYM) {
+        const T t = HARD ? clamp_unit(z) : dmol_tanh(z);
+        const T level = floor_(mul_rn(a, t + T(1)) / T(2) + T(0.5));
+        return {mul_rn(b, level) - T(1), level};
+    }
+    const T u = z + b;
+    const T t = HARD ? clamp_unit(u) : dmol_tanh(u);
+    T r = round_half_even(mul_rn(t, a) - offset);
+    r = r < -hw ? -hw : r;
+    r = r > top ? top : r;
+    return {(r + T(0)) / hw, r + hw};
+}
+
+// d code / d z times g: straight through the rounding, times the bound's derivative.
+template <class T, bool SYM, bool HARD>
+FV_HD T grad(T g, T z, T a, T b, T hw) {
+    const T u = SYM ? z : z + b;
+    const T slope = HARD ? (u != u ? u : (u >= T(-1) && u <= T(1)) ? T(1) : T(0))
+                         : dmol_sech2(u);
+    const T scaled = SYM ? ((g * b) / T(2)) * a : (g / hw) * a;
+    return scaled * slope;
+}
+
+}  // namespace fsq
+
 }  // namespace FV_MATH_NAMESPACE
 }  // namespace fv

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .ops import reference
 from .ops.backends import backends, get_backend, set_backend, use_backend
 from .ops.distributions import DiagonalGaussianDistribution, DiagonalNormal
+from .ops.fsq import FSQOutput, finite_scalar_quantize, fsq_codes_to_indices, fsq_indices_to_codes
 from .ops.functional import (
     bernoulli_nll,
     continuous_bernoulli_nll,
@@ -46,6 +47,7 @@ from .ops.validation import set_validation, validation_enabled
 
 if TYPE_CHECKING:
     from .models.build import build_vae
+    from .models.fsq import FSQ, FiniteScalarQuantizer
     from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
     from .models.residual_vq import ResidualVectorQuantizer, ResidualVQ
     from .models.vae import VAE, VAEOutput
@@ -61,6 +63,8 @@ _LAZY = {
     "VAEOutput": "fastvae.models.vae",
     "build_vae": "fastvae.models.build",
     "QuantizerOutput": "fastvae.models.quantizer",
+    "FSQ": "fastvae.models.fsq",
+    "FiniteScalarQuantizer": "fastvae.models.fsq",
     "VectorQuantize": "fastvae.models.quantizer",
     "VectorQuantizer": "fastvae.models.quantizer",
     "VQVAE": "fastvae.models.vqvae",
@@ -91,12 +95,15 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "FSQ",
     "VAE",
     "VQVAE",
     "BernoulliNLLLoss",
     "ContinuousBernoulliNLLLoss",
     "DiagonalGaussianDistribution",
     "DiagonalNormal",
+    "FSQOutput",
+    "FiniteScalarQuantizer",
     "GaussianKLLoss",
     "GaussianNLLLoss",
     "NonFiniteLossError",
@@ -119,6 +126,9 @@ __all__ = [
     "continuous_bernoulli_nll",
     "discretized_mix_logistic_nll",
     "discretized_mix_logistic_sample",
+    "finite_scalar_quantize",
+    "fsq_codes_to_indices",
+    "fsq_indices_to_codes",
     "gaussian_kl",
     "gaussian_kl_per_dim",
     "gaussian_nll",

@@ -8,6 +8,7 @@ that to run the kernels on CPU tensors.
 from .bernoulli_nll import bernoulli_nll_bwd, bernoulli_nll_fwd
 from .continuous_bernoulli_nll import continuous_bernoulli_nll_bwd, continuous_bernoulli_nll_fwd
 from .dmol import discretized_mix_logistic_nll_bwd, discretized_mix_logistic_nll_fwd
+from .fsq import finite_scalar_quantize_bwd, finite_scalar_quantize_fwd
 from .gaussian_kl import gaussian_kl_bwd, gaussian_kl_fwd
 from .gaussian_nll import gaussian_nll_bwd, gaussian_nll_fwd
 from .iwae import iwae_bwd, iwae_fwd
@@ -23,6 +24,8 @@ __all__ = [
     "continuous_bernoulli_nll_fwd",
     "discretized_mix_logistic_nll_bwd",
     "discretized_mix_logistic_nll_fwd",
+    "finite_scalar_quantize_bwd",
+    "finite_scalar_quantize_fwd",
     "gaussian_kl_bwd",
     "gaussian_kl_fwd",
     "gaussian_nll_bwd",

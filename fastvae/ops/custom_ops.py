@@ -40,6 +40,10 @@ row says so. The interface, row by row:
         -> (quantized (N, D), indices (N, L), commit (N, L), dist (N, L))
     residual_vq_bwd(grad_q, grad_commit, grad_dist, indices, x, codebooks, n_levels | None,
         rotation, needs[2]) -> grads
+    nearest_code_fwd(x (N, D), codebook (K, D), metric) -> (index int64 (N,), dist (N,))
+    finite_scalar_quantize_fwd(z (N, D), levels, basis, a, b, mode)
+        -> (codes (N, D) in z's dtype, index int64 (N,))
+    finite_scalar_quantize_bwd(grad (N, D), z, levels, basis, a, b, mode) -> d_z
 
 Backends see B >= 1 and N >= 1 (empty inputs are answered here), a prior given as both
 tensors or neither, ``seed`` as an int64 tensor of one element on the tensors' device, a
@@ -233,6 +237,15 @@ OPS: list[OpSpec] = [
                x.new_empty((x.shape[0], codebooks.shape[0]))),
            is_empty=lambda x, codebooks, n_levels: x.shape[0] == 0 or x.shape[1] == 0,
            empty=_residual_vq_empty),
+    # z (N, D); levels, basis int64 (D,); a, b (D,) the bound's constants in the compute dtype
+    # (fastvae/ops/fsq.py); mode: reference.FSQ_SYMMETRIC | FSQ_HARD_CLAMP bits. Codes in z's
+    # dtype, the mixed-radix index int64 (exact); the gradient reaches z only.
+    OpSpec("finite_scalar_quantize",
+           "Tensor z, Tensor levels, Tensor basis, Tensor a, Tensor b, int mode",
+           "(Tensor, Tensor)", grads=1, backward_attributes=("mode",), non_differentiable=(1,),
+           needs=False,
+           fake=lambda z, levels, basis, a, b, mode: (
+               z.new_empty(z.shape), z.new_empty(z.shape[:1], dtype=torch.int64))),
 ]
 
 

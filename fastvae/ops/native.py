@@ -603,3 +603,40 @@ def _residual_vq_bwd(self: NativeBackend, grad_q: Tensor, grad_commit: Tensor,
 
 NativeBackend.residual_vq_fwd = _residual_vq_fwd
 NativeBackend.residual_vq_bwd = _residual_vq_bwd
+
+
+# ---------------------------------------------------------------------------------------------
+# finite_scalar_quantize: the (D,) operands (levels, basis: int64, the % of FV_OPS; a, b: the
+# compute dtype) go as (B, D) views with stride 0 along B; the mode as the call's scalar.
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_dim(t: Tensor) -> tuple:
+    return t, (0, t.stride(0))
+
+
+def _fsq_fwd(self: NativeBackend, z: Tensor, levels: Tensor, basis: Tensor, a: Tensor, b: Tensor,
+             mode: int) -> tuple[Tensor, Tensor]:
+    """``z (N, D)`` -> ``(codes (N, D) in z's dtype, index int64 (N,))``."""
+    codes = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    index = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    compute = _compute_dtype(z.dtype)
+    self._call("finite_scalar_quantize_fwd", z,
+               (z, _per_dim(levels), _per_dim(basis), _per_dim(a.to(compute)),
+                _per_dim(b.to(compute))), (codes, index), scalar=float(mode))
+    return codes, index
+
+
+def _fsq_bwd(self: NativeBackend, grad: Tensor, z: Tensor, levels: Tensor, basis: Tensor,
+             a: Tensor, b: Tensor, mode: int) -> Tensor:
+    """d codes / d z times ``grad (N, D)``, in z's dtype."""
+    d_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    compute = _compute_dtype(z.dtype)
+    self._call("finite_scalar_quantize_bwd", z,
+               (grad.to(z.dtype), z, _per_dim(levels), _per_dim(a.to(compute)),
+                _per_dim(b.to(compute))), (d_z,), scalar=float(mode))
+    return d_z
+
+
+NativeBackend.finite_scalar_quantize_fwd = _fsq_fwd
+NativeBackend.finite_scalar_quantize_bwd = _fsq_bwd

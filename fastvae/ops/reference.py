@@ -996,3 +996,107 @@ def residual_vq_bwd(grad_q: Tensor, grad_commit: Tensor, grad_dist: Tensor, indi
     if needs[1]:
         out.append(dcb)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite scalar quantization (Mentzer et al. 2023)
+# ---------------------------------------------------------------------------------------------
+#
+# Per dimension j with L levels (hw = L // 2), the "torch" backend on canonical views: z (N, D),
+# levels and basis int64 (D,), a and b (D,) in the compute dtype, `mode` the bits FSQ_SYMMETRIC
+# and FSQ_HARD_CLAMP. The constants a, b are those of vector-quantize-pytorch 1.32.0, computed
+# once in float32 by fsq_bound_constants (widened exactly for float64 inputs):
+#   tanh bound (mode 0):  a = half_l = (L - 1)(1 + 1e-3)/2, b = shift = atanh(offset / half_l),
+#                         offset = 1/2 for even L, else 0;
+#       u = z + b, t = tanh(u), r = round_half_even(t a - offset) clamped to [-hw, L - 1 - hw],
+#       code = (r + 0) / hw (+0, never -0, as vqp's round_ste gives), level = r + hw;
+#   hard clamp (bit 2):   t = clamp(u, -1, 1) and b = offset / half_l (no atanh);
+#   symmetric (bit 1):    a = L - 1, b = 2 / (L - 1) (Zhao et al. 2024, section 3.2):
+#       t = tanh(z) (or clamp), level = floor(a (t + 1) / 2 + 1/2), code = b level - 1;
+#   index = sum_j level_j basis_j in int64 (basis = cumprod([1] + levels[:-1])), -1 for a row
+#   with a NaN; a NaN z gives NaN codes.
+# Backward (straight through the rounding, times the bound's derivative, closed form):
+#   tanh bound: dz = ((g / hw) a) sech^2(u), sech^2(u) = 4e / (1 + e)^2 with e = e^(-2|u|)
+#   (no 1 - tanh^2 cancellation); symmetric: dz = (((g b) / 2) a) sech^2(z); a hard clamp
+#   replaces sech^2 by 1 on [-1, 1], 0 outside (NaN stays NaN).
+
+FSQ_SYMMETRIC = 1
+FSQ_HARD_CLAMP = 2
+
+
+def fsq_bound_constants(levels: list[int], mode: int) -> tuple[Tensor, Tensor]:
+    """The per-dimension constants ``(a, b)`` of the bound, float32 on the CPU, computed as
+    vector-quantize-pytorch 1.32.0's ``FSQ`` computes them (float32 tensors whatever the input
+    dtype): ``half_l = (L - 1) * (1 + 1e-3) / 2`` and ``shift = atanh(offset / half_l)``
+    (``offset / half_l`` with a hard clamp), or ``L - 1`` and ``2 / (L - 1)`` with
+    ``preserve_symmetry``."""
+    L = torch.tensor(levels, dtype=torch.int64)
+    lm1 = (L - 1).to(torch.float32)
+    if mode & FSQ_SYMMETRIC:
+        return lm1, torch.tensor(2.0, dtype=torch.float32) / lm1
+    half_l = lm1 * torch.tensor(1 + 1e-3, dtype=torch.float32) / 2
+    offset = torch.where(L % 2 == 0, 0.5, 0.0).to(torch.float32)
+    ratio = offset / half_l
+    return half_l, ratio if mode & FSQ_HARD_CLAMP else torch.atanh(ratio)
+
+
+def _fsq_compute(z: Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _sech2(u: Tensor) -> Tensor:
+    """sech^2(u) = 4e / (1 + e)^2, e = e^(-2|u|): no cancellation where tanh(u)^2 nears 1."""
+    e = torch.exp(-2 * u.abs())
+    return 4 * e / ((1 + e) * (1 + e))
+
+
+def fsq_levels_and_codes(z: Tensor, levels: Tensor, a: Tensor, b: Tensor,
+                         mode: int) -> tuple[Tensor, Tensor]:
+    """``(level, code)`` of every element of ``z (N, D)``, both in the compute dtype (``level``
+    integer valued in [0, L - 1], NaN where ``z`` is NaN)."""
+    zc = z.to(_fsq_compute(z))
+    a, b = a.to(zc.dtype), b.to(zc.dtype)
+    if mode & FSQ_SYMMETRIC:
+        t = zc.clamp(-1.0, 1.0) if mode & FSQ_HARD_CLAMP else torch.tanh(zc)
+        level = torch.floor(a * (t + 1) / 2 + 0.5)
+        return level, b * level - 1
+    hw = (levels // 2).to(zc.dtype)
+    top = (levels - 1 - levels // 2).to(zc.dtype)
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0).to(zc.dtype)
+    u = zc + b
+    t = u.clamp(-1.0, 1.0) if mode & FSQ_HARD_CLAMP else torch.tanh(u)
+    r = torch.round(t * a - offset)
+    r = torch.where(r < -hw, -hw, torch.where(r > top, top, r))  # NaN passes
+    return r + hw, (r + 0.0) / hw
+
+
+def fsq_index(level: Tensor, basis: Tensor) -> Tensor:
+    """The mixed-radix index ``sum_j level_j basis_j`` of integer-valued levels ``(N, D)``, in
+    int64 (exact), -1 for a row with a NaN level."""
+    nan = torch.isnan(level)
+    digits = torch.where(nan, 0, level).to(torch.int64)
+    return torch.where(nan.any(-1), -1, (digits * basis).sum(-1))
+
+
+def finite_scalar_quantize_fwd(z: Tensor, levels: Tensor, basis: Tensor, a: Tensor, b: Tensor,
+                               mode: int) -> tuple[Tensor, Tensor]:
+    """The ``"torch"`` backend of ``finite_scalar_quantize``: ``z (N, D)`` -> ``(codes (N, D) in
+    z's dtype, indices int64 (N,))``, computed in float32 (float64 for float64 inputs)."""
+    level, code = fsq_levels_and_codes(z, levels, a, b, mode)
+    return code.to(z.dtype), fsq_index(level, basis)
+
+
+def finite_scalar_quantize_bwd(grad: Tensor, z: Tensor, levels: Tensor, basis: Tensor,
+                               a: Tensor, b: Tensor, mode: int) -> Tensor:
+    """d codes / d z times ``grad`` (straight through the rounding), in z's dtype."""
+    compute = _fsq_compute(z)
+    g, zc = grad.to(compute), z.to(compute)
+    a, b = a.to(compute), b.to(compute)
+    u = zc if mode & FSQ_SYMMETRIC else zc + b
+    if mode & FSQ_HARD_CLAMP:
+        slope = torch.where(torch.isnan(u), u, ((u >= -1) & (u <= 1)).to(compute))
+    else:
+        slope = _sech2(u)
+    scaled = (((g * b) / 2) * a if mode & FSQ_SYMMETRIC
+              else (g / (levels // 2).to(compute)) * a)
+    return (scaled * slope).to(z.dtype)
