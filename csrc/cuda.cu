@@ -1276,6 +1276,164 @@ int launch_fsq(const fv_call& c, bool forward, cudaStream_t stream) {
     return check_launch("the finite-scalar-quantization backward kernel");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Lookup-free quantization: the entropy statistics (lfq.inc has the math and the CPU version).
+// Direct loops: one thread per (codebook, code) for the sums over rows, one per (row, codebook)
+// for the per-row entropy and the backward, each pair (n, k) formed from the row's 2d bit
+// factors (O(N K d) work, O(d) registers per thread; no N x K memory). Sums over rows per tile
+// of kLfqTileRows, then added (blocked summation, as on the CPU); no atomics.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kLfqThreads = 256;
+constexpr int kLfqTileRows = 32;
+constexpr int kLfqMaxBits = 30;
+
+template <class T, class S>
+__global__ void lfq_sums_kernel(const S* __restrict l, int64_t s_c, int64_t s_r, int64_t s_j,
+                                int64_t R, int d, T* __restrict sums, int64_t o_c, int64_t o_k) {
+    __shared__ T sig[kLfqTileRows][kLfqMaxBits][2];
+    const int64_t K = int64_t(1) << d;
+    const int64_t cb = blockIdx.y;
+    const int64_t k = int64_t(blockIdx.x) * kLfqThreads + threadIdx.x;
+    T acc = T(0);
+    for (int64_t n0 = 0; n0 < R; n0 += kLfqTileRows) {
+        const int nt = int(R - n0 < kLfqTileRows ? R - n0 : kLfqTileRows);
+        __syncthreads();
+        for (int i = threadIdx.x; i < nt * d; i += kLfqThreads) {
+            const int r = i / d, j = i % d;
+            const T v = from_storage<T>(l[cb * s_c + (n0 + r) * s_r + j * s_j]);
+            sig[r][j][0] = cuda_math::lfq_sigmoid(-v);
+            sig[r][j][1] = cuda_math::lfq_sigmoid(v);
+        }
+        __syncthreads();
+        if (k < K) {
+            T tile = T(0);
+            for (int r = 0; r < nt; ++r) {
+                T p = T(1);
+                for (int j = 0; j < d; ++j) p *= sig[r][j][(k >> (d - 1 - j)) & 1];
+                tile += p;
+            }
+            acc += tile;
+        }
+    }
+    if (k < K) sums[cb * o_c + k * o_k] = acc;
+}
+
+template <class T, class S>
+__global__ void lfq_entropy_kernel(const S* __restrict l, int64_t s_c, int64_t s_r, int64_t s_j,
+                                   int64_t R, int64_t C, int d, T eps, T* __restrict h,
+                                   int64_t h_c, int64_t h_r) {
+    const int64_t i = int64_t(blockIdx.x) * kLfqThreads + threadIdx.x;
+    if (i >= R * C) return;
+    const int64_t n = i / C, cb = i % C;
+    T lg[kLfqMaxBits][2], sg[kLfqMaxBits][2];
+    T sum = T(0);
+    for (int j = 0; j < d; ++j) {
+        const T v = from_storage<T>(l[cb * s_c + n * s_r + j * s_j]);
+        lg[j][0] = cuda_math::lfq_log_sigmoid(-v);
+        lg[j][1] = cuda_math::lfq_log_sigmoid(v);
+        sg[j][0] = cuda_math::lfq_sigmoid(-v);
+        sg[j][1] = cuda_math::lfq_sigmoid(v);
+        sum += cuda_math::lfq_bit_entropy(v);
+    }
+    if (eps > T(0)) {
+        const T leps = cuda_math::log_(eps);
+        const int64_t K = int64_t(1) << d;
+        sum = T(0);
+        for (int64_t k = 0; k < K; ++k) {
+            T t = T(0), p = T(1);
+            for (int j = 0; j < d; ++j) {
+                const int b = int((k >> (d - 1 - j)) & 1);
+                t += lg[j][b];
+                p *= sg[j][b];
+            }
+            sum -= p * (t > leps ? t : leps);
+        }
+    }
+    h[cb * h_c + n * h_r] = sum;
+}
+
+template <class T, class S>
+__global__ void lfq_backward_kernel(const T* __restrict g, int64_t g_c, int64_t g_k,
+                                    const T* __restrict gh, int64_t gh_c, int64_t gh_r,
+                                    const S* __restrict l, int64_t s_c, int64_t s_r, int64_t s_j,
+                                    int64_t R, int64_t C, int d, T eps, S* __restrict dl,
+                                    int64_t d_c, int64_t d_r, int64_t d_j) {
+    const int64_t i = int64_t(blockIdx.x) * kLfqThreads + threadIdx.x;
+    if (i >= R * C) return;
+    const int64_t n = i / C, cb = i % C;
+    T lg[kLfqMaxBits][2], sg[kLfqMaxBits][2], s1[kLfqMaxBits], s0[kLfqMaxBits], v[kLfqMaxBits];
+    for (int j = 0; j < d; ++j) {
+        v[j] = from_storage<T>(l[cb * s_c + n * s_r + j * s_j]);
+        lg[j][0] = cuda_math::lfq_log_sigmoid(-v[j]);
+        lg[j][1] = cuda_math::lfq_log_sigmoid(v[j]);
+        sg[j][0] = cuda_math::lfq_sigmoid(-v[j]);
+        sg[j][1] = cuda_math::lfq_sigmoid(v[j]);
+        s1[j] = s0[j] = T(0);
+    }
+    const T ghn = gh[cb * gh_c + n * gh_r];
+    const bool clamped = eps > T(0);
+    const T leps = clamped ? cuda_math::log_(eps) : T(0);
+    const int64_t K = int64_t(1) << d;
+    for (int64_t k = 0; k < K; ++k) {
+        T t = T(0), p = T(1);
+        for (int j = 0; j < d; ++j) {
+            const int b = int((k >> (d - 1 - j)) & 1);
+            t += lg[j][b];
+            p *= sg[j][b];
+        }
+        T coef = g[cb * g_c + k * g_k];
+        if (clamped) {
+            const bool above = t > leps;
+            coef = coef - ghn * ((above ? t : leps) + (above ? T(1) : T(0)));
+        }
+        const T w = p * coef;
+        for (int j = 0; j < d; ++j) {
+            if ((k >> (d - 1 - j)) & 1) s1[j] += w;
+            else s0[j] += w;
+        }
+    }
+    for (int j = 0; j < d; ++j) {
+        T out = sg[j][0] * s1[j] - sg[j][1] * s0[j];
+        if (!clamped) out += ghn * cuda_math::lfq_bit_entropy_grad(v[j]);
+        dl[cb * d_c + n * d_r + j * d_j] = ToStorage<S>::cvt(out);
+    }
+}
+
+template <class T, class S>
+int launch_lfq(int32_t op, const fv_call& c, cudaStream_t stream) {
+    const int64_t R = c.B, C = c.K;
+    if (c.N > kLfqMaxBits)
+        return set_error(FV_ERR_INVALID, "lfq_entropy: at most %d bits, got %lld", kLfqMaxBits,
+                         static_cast<long long>(c.N));
+    if (C > kMaxGridY) return set_error(FV_ERR_INVALID, "lfq_entropy: too many codebooks");
+    const int d = int(c.N);
+    const int64_t K = int64_t(1) << d;
+    const T eps = T(c.scalar);
+    const int64_t rows_grid = cdiv(R * C, kLfqThreads);
+    if (rows_grid > kMaxGridX) return set_error(FV_ERR_INVALID, "lfq_entropy: too many rows");
+    if (op == FV_OP_LFQ_ENTROPY_FWD) {
+        const fv_tensor &L = c.in[0], &Sm = c.out[0], &H = c.out[1];
+        const dim3 grid(unsigned(cdiv(K, kLfqThreads)), unsigned(C));
+        lfq_sums_kernel<T, S><<<grid, kLfqThreads, 0, stream>>>(
+            static_cast<const S*>(L.data), L.stride[0], L.stride[1], L.stride[2], R, d,
+            static_cast<T*>(Sm.data), Sm.stride[0], Sm.stride[2]);
+        const int status = check_launch("the LFQ code-sums kernel");
+        if (status != FV_OK) return status;
+        lfq_entropy_kernel<T, S><<<unsigned(rows_grid), kLfqThreads, 0, stream>>>(
+            static_cast<const S*>(L.data), L.stride[0], L.stride[1], L.stride[2], R, C, d, eps,
+            static_cast<T*>(H.data), H.stride[0], H.stride[1]);
+        return check_launch("the LFQ entropy kernel");
+    }
+    const fv_tensor &G = c.in[0], &GH = c.in[1], &L = c.in[2], &D = c.out[0];
+    lfq_backward_kernel<T, S><<<unsigned(rows_grid), kLfqThreads, 0, stream>>>(
+        static_cast<const T*>(G.data), G.stride[0], G.stride[2], static_cast<const T*>(GH.data),
+        GH.stride[0], GH.stride[1], static_cast<const S*>(L.data), L.stride[0], L.stride[1],
+        L.stride[2], R, C, d, eps, static_cast<S*>(D.data), D.stride[0], D.stride[1],
+        D.stride[2]);
+    return check_launch("the LFQ backward kernel");
+}
+
 // Every op of FV_OPS has a case here: a missing one is a compile error (-Werror=switch).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic error "-Wswitch"
@@ -1376,6 +1534,9 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
         case FV_OP_FSQ_BWD:
             if (out[0].data == nullptr) return FV_OK;  // no gradient wanted
             return launch_fsq<T, S>(c, false, st);
+        case FV_OP_LFQ_ENTROPY_FWD:
+        case FV_OP_LFQ_ENTROPY_BWD:
+            return launch_lfq<T, S>(op, c, st);
     }
     return set_error(FV_ERR_INVALID, "unknown op code %d", op);
 }

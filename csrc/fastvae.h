@@ -174,7 +174,10 @@ typedef struct fv_call {
       "d_x? d_codebooks?", FV_USES_K | FV_USES_SCALAR | FV_USES_REDUCE_DIM)                 \
     X(FSQ_FWD, finite_scalar_quantize_fwd, "z* levels% basis% a# b#", "codes index%",              \
       FV_USES_SCALAR)                                                                              \
-    X(FSQ_BWD, finite_scalar_quantize_bwd, "grad z* levels% a# b#", "d_z", FV_USES_SCALAR)
+    X(FSQ_BWD, finite_scalar_quantize_bwd, "grad z* levels% a# b#", "d_z", FV_USES_SCALAR)         \
+    X(LFQ_ENTROPY_FWD, lfq_entropy_fwd, "logits*", "sums# entropy#", FV_USES_K | FV_USES_SCALAR)  \
+    X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits",           \
+      FV_USES_K | FV_USES_SCALAR)
 
 #define FV_OP_ENUM_(CODE, name, inputs, outputs, uses) FV_OP_##CODE,
 typedef enum fv_op { FV_OPS(FV_OP_ENUM_) } fv_op;

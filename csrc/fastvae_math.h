@@ -372,6 +372,39 @@ FV_HD T bernoulli_grad_logits(T g, T l, T x) {
     return g * d;
 }
 
+// Lookup-free quantization (LFQ): one bit of a code, with logit l = 4 inv_temperature s x_j.
+// P(bit = 1) = sigmoid(l), P(bit = 0) = sigmoid(-l), each as e / (1 + e) or 1 / (1 + e) with
+// e = e^(-|l|) (no cancellation, nothing overflows); log P(bit = 1) = -(max(-l, 0) +
+// log1p(e)). The binary entropy h(l) = log1p(e) + |l| e / (1 + e) (0 * inf guarded: h(+-inf)
+// = 0), and dh/dl = -l sigmoid(l) sigmoid(-l) = -l e / (1 + e)^2.
+template <class T>
+FV_HD T lfq_sigmoid(T l) {
+    const T e = exp_(-abs_(l));
+    const T r = T(1) / (T(1) + e);
+    return l >= T(0) ? r : e * r;
+}
+
+template <class T>
+FV_HD T lfq_log_sigmoid(T l) {
+    const T e = exp_(-abs_(l));
+    return -((l < T(0) ? -l : T(0)) + log1p_unit(e));
+}
+
+template <class T>
+FV_HD T lfq_bit_entropy(T l) {
+    const T al = abs_(l);
+    const T e = exp_(-al);
+    const T tail = e == T(0) ? T(0) : al * (e / (T(1) + e));
+    return log1p_unit(e) + tail;
+}
+
+template <class T>
+FV_HD T lfq_bit_entropy_grad(T l) {
+    const T e = exp_(-abs_(l));
+    const T r = T(1) / (T(1) + e);
+    return e == T(0) ? T(0) : -l * ((e * r) * r);
+}
+
 // Gaussian NLL, in terms of r = x - m and q = quarter_scale(lv) (one exp per log-variance, so
 // a scalar log-variance costs one exp per call): with u = r e^(-lv/2) sqrt(1/2),
 // lv / 2 + log(2 pi) / 2 + u^2 (a zero residual adds exactly 0, whatever lv).

@@ -35,6 +35,7 @@ from .ops.functional import (
     sample_and_kl,
     vae_loss,
 )
+from .ops.lfq import LFQEntropy, LFQOutput, lfq_entropy, lookup_free_quantize
 from .ops.losses import (
     BernoulliNLLLoss,
     ContinuousBernoulliNLLLoss,
@@ -48,6 +49,7 @@ from .ops.validation import set_validation, validation_enabled
 if TYPE_CHECKING:
     from .models.build import build_vae
     from .models.fsq import FSQ, FiniteScalarQuantizer
+    from .models.lfq import LFQ, LookupFreeQuantizer
     from .models.quantizer import QuantizerOutput, VectorQuantize, VectorQuantizer
     from .models.residual_vq import ResidualVectorQuantizer, ResidualVQ
     from .models.vae import VAE, VAEOutput
@@ -67,6 +69,8 @@ _LAZY = {
     "FiniteScalarQuantizer": "fastvae.models.fsq",
     "VectorQuantize": "fastvae.models.quantizer",
     "VectorQuantizer": "fastvae.models.quantizer",
+    "LFQ": "fastvae.models.lfq",
+    "LookupFreeQuantizer": "fastvae.models.lfq",
     "VQVAE": "fastvae.models.vqvae",
     "ResidualVQ": "fastvae.models.residual_vq",
     "ResidualVectorQuantizer": "fastvae.models.residual_vq",
@@ -96,6 +100,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "FSQ",
+    "LFQ",
     "VAE",
     "VQVAE",
     "BernoulliNLLLoss",
@@ -106,6 +111,9 @@ __all__ = [
     "FiniteScalarQuantizer",
     "GaussianKLLoss",
     "GaussianNLLLoss",
+    "LFQEntropy",
+    "LFQOutput",
+    "LookupFreeQuantizer",
     "NonFiniteLossError",
     "QuantizerOutput",
     "RVQOutput",
@@ -134,7 +142,9 @@ __all__ = [
     "gaussian_nll",
     "get_backend",
     "iwae_log_likelihood",
+    "lfq_entropy",
     "load_vae",
+    "lookup_free_quantize",
     "nearest_code",
     "reference",
     "reparameterize",

@@ -12,6 +12,7 @@ from .fsq import finite_scalar_quantize_bwd, finite_scalar_quantize_fwd
 from .gaussian_kl import gaussian_kl_bwd, gaussian_kl_fwd
 from .gaussian_nll import gaussian_nll_bwd, gaussian_nll_fwd
 from .iwae import iwae_bwd, iwae_fwd
+from .lfq import lfq_entropy_bwd, lfq_entropy_fwd
 from .nearest_code import nearest_code_fwd
 from .reparameterize import reparameterize_bwd, reparameterize_fwd
 from .residual_vq import residual_vq_bwd, residual_vq_fwd
@@ -32,6 +33,8 @@ __all__ = [
     "gaussian_nll_fwd",
     "iwae_bwd",
     "iwae_fwd",
+    "lfq_entropy_bwd",
+    "lfq_entropy_fwd",
     "nearest_code_fwd",
     "reparameterize_bwd",
     "reparameterize_fwd",

@@ -35,15 +35,16 @@ row says so. The interface, row by row:
     continuous_bernoulli_nll_bwd(grad, logits, target, needs[2]) -> grads
     discretized_mix_logistic_nll_fwd(params (B, P, S), x (B, C, S), n_mixtures, n_bins) -> (B,)
     discretized_mix_logistic_nll_bwd(grad, params, x, n_mixtures, n_bins) -> d_params
-    nearest_code_fwd(x (N, D), codebook (K, D), metric) -> (index (N,), dist (N,))
+    nearest_code_fwd(x (N, D), codebook (K, D), metric) -> (index int64 (N,), dist (N,))
     residual_vq_fwd(x (N, D), codebooks (L, K, D), n_levels (N,) | None, rotation)
         -> (quantized (N, D), indices (N, L), commit (N, L), dist (N, L))
     residual_vq_bwd(grad_q, grad_commit, grad_dist, indices, x, codebooks, n_levels | None,
         rotation, needs[2]) -> grads
-    nearest_code_fwd(x (N, D), codebook (K, D), metric) -> (index int64 (N,), dist (N,))
     finite_scalar_quantize_fwd(z (N, D), levels, basis, a, b, mode)
         -> (codes (N, D) in z's dtype, index int64 (N,))
     finite_scalar_quantize_bwd(grad (N, D), z, levels, basis, a, b, mode) -> d_z
+    lfq_entropy_fwd(logits (R, C, d), eps) -> (sums (C, 2**d), entropy (R, C))
+    lfq_entropy_bwd(grad_sums, grad_entropy, logits, eps, needs[1]) -> [d_logits]
 
 Backends see B >= 1 and N >= 1 (empty inputs are answered here), a prior given as both
 tensors or neither, ``seed`` as an int64 tensor of one element on the tensors' device, a
@@ -246,6 +247,15 @@ OPS: list[OpSpec] = [
            needs=False,
            fake=lambda z, levels, basis, a, b, mode: (
                z.new_empty(z.shape), z.new_empty(z.shape[:1], dtype=torch.int64))),
+    # logits (R, C, d) -> (code sums (C, 2**d), per-row entropy (R, C)): lookup-free
+    # quantization's entropy statistics (fastvae/ops/lfq.py)
+    OpSpec("lfq_entropy", "Tensor logits, float eps", "(Tensor, Tensor)",
+           grads=1, grad_arguments="Tensor grad_sums, Tensor grad_entropy",
+           backward_attributes=("eps",),
+           fake=lambda logits, eps: (
+               logits.new_empty((logits.shape[1], 1 << logits.shape[2]),
+                                dtype=out_dtype(logits.dtype)),
+               logits.new_empty(logits.shape[:2], dtype=out_dtype(logits.dtype)))),
 ]
 
 

@@ -640,3 +640,53 @@ def _fsq_bwd(self: NativeBackend, grad: Tensor, z: Tensor, levels: Tensor, basis
 
 NativeBackend.finite_scalar_quantize_fwd = _fsq_fwd
 NativeBackend.finite_scalar_quantize_bwd = _fsq_bwd
+
+
+# ---------------------------------------------------------------------------------------------
+# lfq_entropy (lookup-free quantization). A call: B = R rows, N = d bits, K = C codebooks; the
+# logits (R, C, d) as a (C, R, d) view, the code sums (C, 2**d) as (C, -, 2**d), the per-row
+# entropies (R, C) as (C, R, -); eps as the call's scalar.
+# ---------------------------------------------------------------------------------------------
+
+
+def _lfq_views(logits: Tensor) -> tuple:
+    sr, sc, sj = logits.stride()
+    return (logits, (sc, sr, sj)), logits[:, 0, :]
+
+
+def _lfq_entropy_fwd(self: NativeBackend, logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``logits (R, C, d)`` (R, C, d >= 1) -> ``(sums (C, 2**d), entropy (R, C))`` in the
+    compute dtype."""
+    R, C, d = logits.shape
+    dtype = _compute_dtype(logits.dtype)
+    sums = torch.empty((C, 1 << d), dtype=dtype, device=logits.device)
+    entropy = torch.empty((R, C), dtype=dtype, device=logits.device)
+    operand, like = _lfq_views(logits)
+    self._call("lfq_entropy_fwd", like, (operand,),
+               ((sums, (sums.stride(0), 0, sums.stride(1))),
+                (entropy, (entropy.stride(1), entropy.stride(0), 0))), K=C, scalar=float(eps))
+    return sums, entropy
+
+
+def _lfq_entropy_bwd(self: NativeBackend, grad_sums: Tensor, grad_entropy: Tensor,
+                     logits: Tensor, eps: float, needs: Sequence[bool]) -> list[Tensor]:
+    """The gradient of the logits from those of the code sums ``(C, 2**d)`` and of the per-row
+    entropies ``(R, C)``."""
+    if not needs[0]:
+        return []
+    R, C, d = logits.shape
+    dtype = _compute_dtype(logits.dtype)
+    gs = grad_sums.to(dtype)
+    ge = grad_entropy.to(dtype)
+    d_logits = torch.empty((R, C, d), dtype=logits.dtype, device=logits.device)
+    operand, like = _lfq_views(logits)
+    self._call("lfq_entropy_bwd", like,
+               ((gs, (gs.stride(0), 0, gs.stride(1))), (ge, (ge.stride(1), ge.stride(0), 0)),
+                operand),
+               ((d_logits, (d_logits.stride(1), d_logits.stride(0), d_logits.stride(2))),),
+               K=C, scalar=float(eps))
+    return [d_logits]
+
+
+NativeBackend.lfq_entropy_fwd = _lfq_entropy_fwd
+NativeBackend.lfq_entropy_bwd = _lfq_entropy_bwd

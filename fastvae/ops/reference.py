@@ -1100,3 +1100,125 @@ def finite_scalar_quantize_bwd(grad: Tensor, z: Tensor, levels: Tensor, basis: T
     scaled = (((g * b) / 2) * a if mode & FSQ_SYMMETRIC
               else (g / (levels // 2).to(compute)) * a)
     return (scaled * slope).to(z.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup-free quantization (MAGVIT-v2, Yu et al. 2023): the entropy statistics
+# ---------------------------------------------------------------------------------------------
+
+LFQ_TILE = 1 << 22  # (row, code) pairs per tile of the torch backend
+
+
+def lfq_bit_entropy(logits: Tensor) -> Tensor:
+    """The binary entropy of ``P(bit = 1) = sigmoid(l)``: ``log1p(e) + |l| e / (1 + e)`` with
+    ``e = exp(-|l|)`` (0 at ``l = +-inf``; NaN stays NaN)."""
+    a = logits.abs()
+    e = torch.exp(-a)
+    return torch.log1p(e) + torch.where(e == 0, 0.0, a * (e / (1 + e)))
+
+
+def lfq_bit_entropy_grad(logits: Tensor) -> Tensor:
+    """``d/dl`` of ``lfq_bit_entropy``: ``-l sigmoid(l) sigmoid(-l)`` (0 at ``l = +-inf``)."""
+    e = torch.exp(-logits.abs())
+    r = 1 / (1 + e)
+    return torch.where(e == 0, 0.0, -logits * ((e * r) * r))
+
+
+def lfq_half_tables(logits: Tensor, with_log: bool) -> tuple[Tensor, Tensor | None]:
+    """The probabilities ``P[..., k] = prod_j P(bit_j = b_j(k))`` of the ``2**h`` codes of the
+    ``h`` bits ``logits (..., h)`` (bit 0 the most significant of k), and their logs."""
+    shape = logits.shape[:-1]
+    P = logits.new_ones((*shape, 1))
+    L = logits.new_zeros((*shape, 1)) if with_log else None
+    for j in range(logits.shape[-1]):
+        lj = logits[..., j:j + 1]
+        P = torch.stack((P * torch.sigmoid(-lj), P * torch.sigmoid(lj)), -1).flatten(-2)
+        if with_log:
+            logsig = torch.nn.functional.logsigmoid
+            L = torch.stack((L + logsig(-lj), L + logsig(lj)), -1).flatten(-2)
+    return P, L
+
+
+def _lfq_split(d: int) -> tuple[int, int]:
+    return d // 2, d - d // 2
+
+
+def lfq_entropy_fwd(logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The ``"torch"`` backend of ``lfq_entropy``: ``logits (R, C, d)`` (the bit logits
+    ``4 inv_temperature s x``) -> ``(sums (C, 2**d), entropy (R, C))`` in the compute dtype.
+
+    ``sums[c, k] = sum_n p_nc(k)`` with ``p_nc(k) = prod_j P(bit_j = b_j(k))``, accumulated as
+    ``PA^T PB`` over tiles of rows (the bits split into two halves: never R x 2**d);
+    ``entropy[n, c] = -sum_k p log max(p, eps)``: for ``eps = 0`` the sum of the d binary
+    entropies, else over tiles of (row, code) pairs with ``log p = LA + LB``.
+    """
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(compute)
+    R, C, d = logits.shape
+    dA, dB = _lfq_split(d)
+    K = 1 << d
+    clamped = eps > 0
+    leps = math.log(eps) if clamped else 0.0
+    sums = logits.new_zeros((C, 1 << dA, 1 << dB))
+    tile = max(1, LFQ_TILE // (C * K))
+    parts = []
+    for n0 in range(0, R, tile):
+        lt = logits[n0:n0 + tile]
+        PA, LA = lfq_half_tables(lt[..., :dA], clamped)
+        PB, LB = lfq_half_tables(lt[..., dA:], clamped)
+        sums += torch.einsum("nca,ncb->cab", PA, PB)
+        if clamped:
+            t = LA[..., :, None] + LB[..., None, :]
+            p = PA[..., :, None] * PB[..., None, :]
+            parts.append(-(p * t.clamp_min(leps)).sum((-1, -2)))
+    entropy = torch.cat(parts) if clamped else lfq_bit_entropy(logits).sum(-1)
+    return sums.reshape(C, K), entropy
+
+
+def lfq_entropy_bwd(grad_sums: Tensor, grad_entropy: Tensor, logits: Tensor, eps: float,
+                    needs) -> list[Tensor]:
+    """The gradient of the logits: ``d l_nj = sum_k W_nk (b_kj - sigma_nj)`` with
+    ``W_nk = p_n(k) (G_k + gh_n E_nk)``, ``E = -(max(log p, log eps) + [log p > log eps])``
+    (with ``eps = 0`` the entropy's part is the closed form ``gh dh/dl``), formed as
+    ``sigma(-l) S1 - sigma(l) S0`` from the sums of ``W`` over the codes with bit j set and
+    clear; over tiles of rows."""
+    if not needs[0]:
+        return []
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lg = logits.to(compute)
+    R, C, d = lg.shape
+    dA, dB = _lfq_split(d)
+    K = 1 << d
+    clamped = eps > 0
+    leps = math.log(eps) if clamped else 0.0
+    G = grad_sums.to(compute).reshape(C, 1 << dA, 1 << dB)
+    gh = grad_entropy.to(compute)
+    bitsA = _lfq_bits(dA, lg)
+    bitsB = _lfq_bits(dB, lg)
+    out = torch.empty_like(lg)
+    tile = max(1, LFQ_TILE // (C * K))
+    for n0 in range(0, R, tile):
+        lt = lg[n0:n0 + tile]
+        PA, LA = lfq_half_tables(lt[..., :dA], clamped)
+        PB, LB = lfq_half_tables(lt[..., dA:], clamped)
+        coef = G.expand(lt.shape[0], *G.shape)
+        if clamped:
+            t = LA[..., :, None] + LB[..., None, :]
+            above = t > leps
+            E = torch.where(above, t, leps) + above.to(compute)
+            coef = coef - gh[n0:n0 + tile, :, None, None] * E
+        W = (PA[..., :, None] * PB[..., None, :]) * coef
+        RA, RB = W.sum(-1), W.sum(-2)
+        s1 = torch.cat((RA @ bitsA, RB @ bitsB), -1)
+        s0 = torch.cat((RA @ (1 - bitsA), RB @ (1 - bitsB)), -1)
+        out[n0:n0 + tile] = torch.sigmoid(-lt) * s1 - torch.sigmoid(lt) * s0
+    if not clamped:
+        out = out + gh[..., None] * lfq_bit_entropy_grad(lg)
+    return [out.to(logits.dtype)]
+
+
+def _lfq_bits(h: int, like: Tensor) -> Tensor:
+    """``(2**h, h)``: bit j (most significant first) of each code of ``h`` bits."""
+    k = torch.arange(1 << h, device=like.device)
+    shifts = torch.arange(h - 1, -1, -1, device=like.device)
+    return ((k[:, None] >> shifts) & 1).to(like.dtype)
