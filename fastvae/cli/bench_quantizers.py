@@ -106,12 +106,22 @@ def _module_runner(impl: str, make_package: Callable[[], torch.nn.Module],
     def run():
         x.grad = None
         out = body(x, **kwargs)
-        if has_loss:
+        if has_loss and out[2].requires_grad:
             torch.autograd.backward((out[0], out[2].sum()), (grad, None))
         else:
             torch.autograd.backward(out[0], grad)
 
+    run.state_bytes = module_state_bytes(module)  # type: ignore[attr-defined]
     return run
+
+
+def module_state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages of a module's parameters and buffers (persistent or not):
+    what it holds between calls (the package's FSQ and LFQ: their implicit codebooks)."""
+    storages: dict[int, int] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def _int_sizes(count: int, layout: str, example: str) -> Callable[[str], Size]:
@@ -460,8 +470,9 @@ def _memory_child(op: str, impl: str, size_json: str, limit_bytes: int | None) -
     size = _size_from_json(size_json)
     with address_space_limit(limit_bytes):
         try:
-            result = {"peak_extra_bytes": cpu_peak_extra_memory(
-                quantizer.make_runner(impl, size, torch.device("cpu")))}
+            run = quantizer.make_runner(impl, size, torch.device("cpu"))
+            result = {"peak_extra_bytes": cpu_peak_extra_memory(run),
+                      "state_bytes": getattr(run, "state_bytes", None)}
         except (Exception, MemoryError) as e:
             result = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(result))
@@ -472,11 +483,12 @@ def _size_from_json(text: str) -> Size:
 
 
 def peak_memory(op: str, impl: str, size: Size, limit_bytes: int | None,
-                timeout: float = 1800) -> int | str:
+                timeout: float = 1800) -> tuple[int | str, int | None]:
     """``cpu_peak_extra_memory`` of one forward + backward in a fresh process (nothing left over
     from the other implementations: caches, compiled graphs, the heap's free lists), whose
     address space may grow by at most ``limit_bytes`` from before building the implementation
-    (``address_space_limit``). Returns the bytes, or the error (a string) it raised."""
+    (``address_space_limit``). Returns the bytes, or the error (a string) it raised, and the
+    bytes its module holds (``module_state_bytes``; None for a function or on an error)."""
     import subprocess
     import sys
 
@@ -491,12 +503,14 @@ def peak_memory(op: str, impl: str, size: Size, limit_bytes: int | None,
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return f"TimeoutExpired: no result within {timeout:.0f} s"
+        return f"TimeoutExpired: no result within {timeout:.0f} s", None
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        return f"exit status {done.returncode}: {done.stderr.strip()[-400:]}"
+        return f"exit status {done.returncode}: {done.stderr.strip()[-400:]}", None
     result = json.loads(lines[-1])
-    return result["error"] if "error" in result else int(result["peak_extra_bytes"])
+    if "error" in result:
+        return result["error"], None
+    return int(result["peak_extra_bytes"]), result.get("state_bytes")
 
 
 def is_out_of_memory(error: str) -> bool:
@@ -536,6 +550,7 @@ class QuantizerRow:
     peak_vs_package: float | None = None  # peak extra memory / vqp's
     peak_dense: float | None = None  # ... in units of one N x K float32 matrix
     peak_input: float | None = None  # ... in units of x (N x dim float32)
+    state_mb: float | None = None  # what the module holds between calls (parameters, buffers)
     load_average: tuple[float, float] | None = None  # 1-minute load before, after timing
     error: str | None = None  # the error building or calling it raised (then no time)
 
@@ -543,7 +558,8 @@ class QuantizerRow:
 def _header(q: Quantizer) -> str:
     return (f"{'impl':32s} {q.size_layout:>18s} {'ms':>10s} {'calls':>5s} "
             + " ".join(f"{'x ' + _short(b):>7s}" for b in q.baselines)
-            + f" {'peak MB':>9s} {'/ vqp':>6s} {'/ NxK':>7s} {'/ x':>7s} {'load':>9s}")
+            + f" {'peak MB':>9s} {'/ vqp':>6s} {'/ NxK':>7s} {'/ x':>8s} {'state MB':>9s} "
+              f"{'load':>9s}")
 
 
 def _short(impl: str) -> str:
@@ -564,8 +580,9 @@ def format_row(q: Quantizer, r: QuantizerRow) -> str:
     load = f"{r.load_average[0]:.1f}-{r.load_average[1]:.1f}" if r.load_average else "-"
     line = (f"{r.impl:32s} {r.shape:>18s} {_num(r.ms, '10.2f'):>10s} {r.calls:5d} "
             + " ".join(f"{_num(r.vs.get(b), '.2f'):>7s}" for b in q.baselines)
-            + f" {_num(r.peak_extra_mb, '.1f'):>9s} {_small(r.peak_vs_package):>6s} "
-              f"{_small(r.peak_dense):>7s} {_num(r.peak_input, '.2f'):>7s} {load:>9s}")
+            + f" {_mb(r.peak_extra_mb):>9s} {_small(r.peak_vs_package):>6s} "
+              f"{_small(r.peak_dense):>7s} {_times(r.peak_input):>8s} {_mb(r.state_mb):>9s} "
+              f"{load:>9s}")
     notes = [f"failed: {short_error(r.error)}"] if r.error else []
     if r.peak_error and r.peak_error != r.error:
         notes.append(f"memory: {short_error(r.peak_error)}")
@@ -575,7 +592,21 @@ def format_row(q: Quantizer, r: QuantizerRow) -> str:
 def _fraction(v: float | None) -> str:
     if v is None:
         return "-"
-    return f"1/{1 / v:.0f}" if 0 < v < 1 else f"{v:.2f}"
+    if v == 0:
+        return "0"
+    return f"1/{1 / v:.0f}" if v < 1 else f"{v:.2f}"
+
+
+def _mb(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
+def _times(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 1000 else f"{v:.0f}"
 
 
 SUMMARY_HEADER = (f"{'fastvae ms':>10s} {'vqp ms':>10s} {'x vqp':>7s} {'vqp:c ms':>10s} "
@@ -597,7 +628,7 @@ def summary_lines(q: Quantizer, rows: Sequence[QuantizerRow]) -> list[str]:
         if r is None:
             return "-"
         if r.peak_extra_mb is not None:
-            return f"{r.peak_extra_mb:.1f}"
+            return _mb(r.peak_extra_mb)
         error = r.peak_error or r.error
         return short_error(error) if error else "-"
 
@@ -635,11 +666,13 @@ def run_report(quantizer: Quantizer, device: torch.device, *,
     for size in sizes or quantizer.sizes[device.type]:
         shape = quantizer.format_size(size)
         peaks: dict[str, int | str] = {}
+        states: dict[str, int | None] = {}
         if cpu and memory:
             for impl in impls:
                 if impl.endswith(":compile") and not quantizer.memory_of_compiled:
                     continue
-                peaks[impl] = peak_memory(quantizer.name, impl, size, memory_limit_bytes)
+                peaks[impl], states[impl] = peak_memory(quantizer.name, impl, size,
+                                                        memory_limit_bytes)
                 if isinstance(peaks[impl], str):
                     log(f"  {quantizer.name} {impl} {shape}: memory not measured "
                         f"({short_error(peaks[impl])})")
@@ -654,6 +687,7 @@ def run_report(quantizer: Quantizer, device: torch.device, *,
                     continue
                 try:
                     runners[impl] = quantizer.make_runner(impl, size, device)
+                    states[impl] = getattr(runners[impl], "state_bytes", None)
                     t0 = time.perf_counter()
                     runners[impl]()  # compiles, and fails here rather than mid-timing
                     _bench._sync(device)
@@ -700,7 +734,8 @@ def run_report(quantizer: Quantizer, device: torch.device, *,
                 else peak_bytes / (4 * quantizer.dense_elements(size)),
                 peak_input=None if peak_bytes is None
                 else peak_bytes / (4 * quantizer.input_elements(size)),
-                load_average=(load_before, load_after), error=errors.get(impl))
+                load_average=(load_before, load_after), error=errors.get(impl),
+                state_mb=None if states.get(impl) is None else states[impl] / 2**20)
             if seconds is not None:
                 row.vs = {b: times[b] / seconds for b in quantizer.baselines if b in times}
             group.append(row)
@@ -733,7 +768,8 @@ MEASURES = ("ms: median of every call (rounds interleaving the implementations);
             "space limited to {limit} more than before building the implementation; GPU: the "
             "CUDA allocator's), or the error it raised; / vqp: that over vqp's (memory: "
             "fastvae's / vqp's); / NxK: over one N x K float32 matrix (K: the codes of one "
-            "level); / x: over the input x; load: 1-minute load average before-after the timing")
+            "level); / x: over the input x; state MB: the parameters and buffers the module holds "
+            "between calls; load: 1-minute load average before-after the timing")
 
 
 def write_results(quantizer: Quantizer, rows: list[QuantizerRow], device: torch.device,

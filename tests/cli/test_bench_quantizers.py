@@ -64,12 +64,13 @@ def test_address_space_limit_turns_a_large_allocation_into_an_error():
 @pytest.mark.skipif(not LINUX, reason="VmHWM and RLIMIT_AS are Linux's")
 def test_peak_memory_in_a_fresh_process_and_the_error_beyond_the_limit():
     pytest.importorskip("vector_quantize_pytorch")
-    peak = bq.peak_memory("vq", "cdist", (2048, 512, 8), 4 << 30)
+    peak, state = bq.peak_memory("vq", "cdist", (2048, 512, 8), 4 << 30)
     assert isinstance(peak, int)
+    assert state is None  # a function: no module
     # cdist's 2048 x 512 float32 distance matrix (4 MiB) exists at the peak
     assert 4 << 20 <= peak < 64 << 20
     # the package's FSQ builds its implicit codebook (2^32 codes) in the constructor
-    error = bq.peak_memory("fsq", "vqp", (8, (4,) * 16), 1 << 30)
+    error, _ = bq.peak_memory("fsq", "vqp", (8, (4,) * 16), 1 << 30)
     assert isinstance(error, str)
     assert bq.is_out_of_memory(error), error
 
@@ -88,6 +89,9 @@ def test_report_records_the_package_error_and_writes_the_files(tmp_path):
     assert ok.error is None
     assert ok.calls >= 1
     assert ok.vs == {"vqp": 1.0}
+    # the package's FSQ holds its implicit codebook: 8 x 5 x 5 codes x 3 float32 (and _levels,
+    # _basis: 3 int32 each)
+    assert ok.state_mb * 2**20 == 200 * 3 * 4 + 2 * 3 * 4
     assert failed.ms is None
     assert bq.is_out_of_memory(failed.error)
     paths = bq.write_results(fsq, rows, CPU, tmp_path, memory_limit_bytes=1 << 30)
@@ -115,7 +119,7 @@ def test_summary_compares_fastvae_with_the_package():
                             peak_vs_package=1 / 40)]
     header, line = bq.summary_lines(q, rows)
     assert header.split()[:4] == ["N", "x", "d", "fastvae"]
-    assert line.split() == ["64x4", "1.00", "4.00", "4.00", "2.00", "2.00", "1.0", "40.0",
+    assert line.split() == ["64x4", "1.00", "4.00", "4.00", "2.00", "2.00", "1.00", "40.0",
                             "1/40"]
 
 
