@@ -283,7 +283,7 @@ def make_rvq_runner(impl: str, size: Size, device: torch.device) -> Callable[[],
 # [8, 8, 8, 5, 5, 5] (64000 codes, Mentzer et al. 2023's 2^16 setting) and [4] * 16 (2^32
 # codes: the package builds its implicit codebook in the constructor).
 FSQ_LEVELS = ((8, 8, 8, 5, 5, 5), (4,) * 16)
-FSQ_SIZES = {"cpu": [(N, levels) for levels in FSQ_LEVELS for N in (1024, 16384)],
+FSQ_SIZES = {"cpu": [(1024, FSQ_LEVELS[0]), (16384, FSQ_LEVELS[0]), (16384, FSQ_LEVELS[1])],
              "cuda": [(N, levels) for levels in FSQ_LEVELS for N in (16384, 1048576)]}
 FSQ_WORK = ("float32 forward + backward of FSQ(levels) (dim = the number of levels, no "
             "projection) in train mode: bounded rounding with the straight-through estimator "
@@ -328,7 +328,10 @@ def parse_fsq_size(text: str) -> Size:
 # ---------------------------------------------------------------------------------------------
 
 LFQ_BITS = (10, 14, 18)
-LFQ_SIZES = {"cpu": [(N, d) for d in LFQ_BITS for N in (1024, 16384)],
+# CPU: every d at N = 16384 (at d = 18 the package's N x 2^d float32 matrix is 16 GiB), and d = 18
+# at N = 1024, where the package still runs (7 GB); the whole --ops tokenizers run stays under
+# 10 minutes on 2 cores.
+LFQ_SIZES = {"cpu": [(16384, 10), (16384, 14), (1024, 18), (16384, 18)],
              "cuda": [(N, d) for d in LFQ_BITS for N in (16384, 262144)]}
 LFQ_WORK = ("float32 forward + backward of LFQ(dim=d, codebook_size=2^d, "
             "entropy_loss_weight=0.1, commitment_loss_weight=0.25) in train mode "
