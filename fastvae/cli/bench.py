@@ -21,8 +21,6 @@ import csv
 import json
 import math
 import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +36,7 @@ import fastvae as fv
 
 from ..ops import backends as _backend
 from . import bench_quantizers
+from .bench_common import device_name, peak_extra_memory, time_group
 
 LOG_2PI = math.log(2 * math.pi)
 LATENT = 64  # latent width of the loss head and the training step
@@ -246,43 +245,9 @@ def op_bytes(op: Op, B: int, N: int, itemsize: int, direction: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_fn(fn: Callable[[], object], device: torch.device) -> float:
     """Median seconds per call of one function (see ``time_group``)."""
     return time_group({"fn": fn}, device)["fn"]
-
-
-def time_group(fns: dict[str, Callable[[], object]], device: torch.device, *,
-               rounds: int = 5, min_round_time: float = 0.05,
-               warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function. GPU: CUDA-event timing (triton's do_bench).
-    CPU: after ``warmup`` calls of each, ``rounds`` rounds that each time every function in
-    turn for at least ``min_round_time`` seconds, so that a change of load on the machine hits
-    all of them alike; the median over every call."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return {name: do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-                for name, fn in fns.items()}
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                fn()
-                t1 = time.perf_counter()
-                samples[name].append(t1 - t0)
-                if t1 - start >= min_round_time:
-                    break
-    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
@@ -308,18 +273,6 @@ def saved_for_backward(fn: Callable[[], object]) -> int:
         out = fn()
     del out
     return sum(storages.values())
-
-
-def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak bytes allocated by one call beyond what was allocated before it (GPU only)."""
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,20 +380,6 @@ class Row:
     vs_compile: float | None = None
     peak_extra_mb: float | None = None
     saved_mb: float | None = None  # saved for backward (fwd+bwd rows)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        name = f"cpu-{os.cpu_count()}c-{name}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
 def run_report(device: torch.device, *, ops: Sequence[str],

@@ -1,8 +1,8 @@
 """``fastvae bench --ops vq,rvq,fsq,lfq``: the quantizers against vector-quantize-pytorch.
 
 One harness for every quantizer (``QUANTIZERS``): for each size, every implementation timed
-side by side (``bench.time_group``: rounds that call each in turn, so that a change of load on
-the machine hits all alike), and each one's peak extra memory: on the CPU in a fresh process
+side by side (``bench_common.time_group``: rounds that call each in turn, so that a change of
+load on the machine hits all alike), and each one's peak extra memory: on the CPU in a fresh process
 under an address-space limit (``peak_memory``; an implementation that needs more than the limit
 fails there with the error it raises, which is recorded, instead of the kernel's OOM killer
 taking the machine down), on a GPU from the CUDA allocator. The results go to
@@ -38,7 +38,7 @@ from torch import Tensor
 
 import fastvae as fv
 
-from . import bench as _bench
+from . import bench_common as _common
 
 Size = tuple  # one benchmark size of a quantizer (its own layout: see each Quantizer)
 
@@ -693,7 +693,7 @@ def run_report(quantizer: Quantizer, device: torch.device, *,
                     states[impl] = getattr(runners[impl], "state_bytes", None)
                     t0 = time.perf_counter()
                     runners[impl]()  # compiles, and fails here rather than mid-timing
-                    _bench._sync(device)
+                    _common.sync(device)
                     first_call[impl] = time.perf_counter() - t0
                 except (Exception, MemoryError) as e:  # one failing implementation: its row
                     runners.pop(impl, None)
@@ -715,13 +715,13 @@ def run_report(quantizer: Quantizer, device: torch.device, *,
             eager_first = [t for i, t in first_call.items() if not i.endswith(":compile")]
             small = max(eager_first, default=0.0) < 0.25
             load_before = os.getloadavg()[0]
-            times = _bench.time_group({k: counted(k, f) for k, f in runners.items()}, device,
+            times = _common.time_group({k: counted(k, f) for k, f in runners.items()}, device,
                                       rounds=rounds, min_round_time=0.05 if small else 0.0,
                                       warmup=2 if small else 0) if runners else {}
             load_after = os.getloadavg()[0]
             if device.type == "cuda":
                 for impl in times:
-                    peaks[impl] = _bench.peak_extra_memory(runners[impl], device)
+                    peaks[impl] = _common.peak_extra_memory(runners[impl], device)
         runners.clear()
         group = []
         for impl in impls:
@@ -782,7 +782,7 @@ def write_results(quantizer: Quantizer, rows: list[QuantizerRow], device: torch.
     ``<op>.json`` and ``<op>.csv``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = stem or quantizer.name
-    meta = {"op": quantizer.name, "device": _bench.device_name(device),
+    meta = {"op": quantizer.name, "device": _common.device_name(device),
             "torch": torch.__version__, "fastvae": fv.__version__,
             "fastvae_commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
