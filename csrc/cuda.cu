@@ -1195,8 +1195,8 @@ struct FsqDims {
 };
 
 template <class T, class S, bool SYM, bool HARD>
-__global__ void fsq_fwd_kernel(In<S> z, FsqDims<T> k, Out<S> codes, int64_t* index, int64_t s_index,
-                               int64_t B, int64_t D) {
+__global__ void fsq_fwd_kernel(In<S> z, FsqDims<T> k, Out<S> codes, int64_t* index,
+                               int64_t s_index, int64_t B, int64_t D) {
     const int64_t step = int64_t(gridDim.x) * blockDim.x;
     for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < B; row += step) {
         int64_t acc = 0;
@@ -1215,24 +1215,30 @@ __global__ void fsq_fwd_kernel(In<S> z, FsqDims<T> k, Out<S> codes, int64_t* ind
 }
 
 template <class T, class S, bool SYM, bool HARD>
-__global__ void fsq_bwd_kernel(In<S> g, In<S> z, FsqDims<T> k, Out<S> dz, int64_t B, int64_t D) {
+__global__ void fsq_bwd_kernel(In<S> g, In<S> z, FsqDims<T> k, Out<S> dz, int64_t B,
+                               int64_t D) {
     const int64_t step = int64_t(gridDim.x) * blockDim.x;
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B * D; i += step) {
         const int64_t row = i / D, j = i - row * D;
-        const fsq::Dim<T> d = fsq::dim<T>(k.levels[j * k.s_levels], k.a[j * k.s_a], k.b[j * k.s_b]);
+        const fsq::Dim<T> d =
+            fsq::dim<T>(k.levels[j * k.s_levels], k.a[j * k.s_a], k.b[j * k.s_b]);
         const T gv = from_storage<T>(g.p[row * g.sb + j * g.sn]);
         const T zv = from_storage<T>(z.p[row * z.sb + j * z.sn]);
-        dz.p[row * dz.sb + j * dz.sn] = ToStorage<S>::cvt(fsq::grad<T, SYM, HARD>(gv, zv, d.a, d.b, d.hw));
+        dz.p[row * dz.sb + j * dz.sn] =
+            ToStorage<S>::cvt(fsq::grad<T, SYM, HARD>(gv, zv, d.a, d.b, d.hw));
     }
 }
 
+// levels at in[l], then basis (the forward only), a and b.
 template <class T>
 FsqDims<T> fsq_dims(const fv_call& c, int l, bool basis) {
-    const fv_tensor &L = c.in[l], &A = c.in[basis ? l + 2 : l + 1], &Bc = c.in[basis ? l + 3 : l + 2];
+    const fv_tensor &L = c.in[l], &A = c.in[basis ? l + 2 : l + 1],
+                    &Bc = c.in[basis ? l + 3 : l + 2];
     return {static_cast<const int64_t*>(L.data), L.stride[2],
             basis ? static_cast<const int64_t*>(c.in[l + 1].data) : nullptr,
             basis ? c.in[l + 1].stride[2] : 0,
-            static_cast<const T*>(A.data), A.stride[2], static_cast<const T*>(Bc.data), Bc.stride[2]};
+            static_cast<const T*>(A.data), A.stride[2],
+            static_cast<const T*>(Bc.data), Bc.stride[2]};
 }
 
 inline unsigned fsq_blocks(int64_t n) {
@@ -1240,40 +1246,36 @@ inline unsigned fsq_blocks(int64_t n) {
     return unsigned(blocks < 65535 ? blocks : 65535);
 }
 
+template <class T, class S, bool SYM, bool HARD>
+void fsq_launch(const fv_call& c, bool forward, const FsqDims<T>& k, cudaStream_t stream) {
+    if (forward) {
+        fsq_fwd_kernel<T, S, SYM, HARD><<<fsq_blocks(c.B), kThreads, 0, stream>>>(
+            make_in<S>(c.in[0]), k, make_out<S>(c.out[0]), static_cast<int64_t*>(c.out[1].data),
+            c.out[1].stride[2], c.B, c.N);
+    } else {
+        fsq_bwd_kernel<T, S, SYM, HARD><<<fsq_blocks(c.B * c.N), kThreads, 0, stream>>>(
+            make_in<S>(c.in[0]), make_in<S>(c.in[1]), k, make_out<S>(c.out[0]), c.B, c.N);
+    }
+}
+
 template <class T, class S>
 int launch_fsq(const fv_call& c, bool forward, cudaStream_t stream) {
     if (c.N > 64)
-        return set_error(FV_ERR_INVALID, "finite_scalar_quantize: at most 64 dimensions, got %lld",
-                         static_cast<long long>(c.N));
+        return set_error(FV_ERR_INVALID, "finite_scalar_quantize: at most 64 dimensions, got "
+                         "%lld", static_cast<long long>(c.N));
     const int mode = int(c.scalar);
     if (double(mode) != c.scalar || mode < 0 || mode > 3)
         return set_error(FV_ERR_INVALID, "finite_scalar_quantize: the mode (scalar) is 0 .. 3, "
                          "got %g", c.scalar);
     const FsqDims<T> k = fsq_dims<T>(c, forward ? 1 : 2, forward);
-    if (forward) {
-        const In<S> z = make_in<S>(c.in[0]);
-        const Out<S> codes = make_out<S>(c.out[0]);
-        int64_t* index = static_cast<int64_t*>(c.out[1].data);
-        const int64_t si = c.out[1].stride[2];
-        const unsigned grid = fsq_blocks(c.B);
-        switch (mode) {
-            case 0: fsq_fwd_kernel<T, S, false, false><<<grid, kThreads, 0, stream>>>(z, k, codes, index, si, c.B, c.N); break;
-            case 1: fsq_fwd_kernel<T, S, true, false><<<grid, kThreads, 0, stream>>>(z, k, codes, index, si, c.B, c.N); break;
-            case 2: fsq_fwd_kernel<T, S, false, true><<<grid, kThreads, 0, stream>>>(z, k, codes, index, si, c.B, c.N); break;
-            default: fsq_fwd_kernel<T, S, true, true><<<grid, kThreads, 0, stream>>>(z, k, codes, index, si, c.B, c.N); break;
-        }
-        return check_launch("the finite-scalar-quantization kernel");
-    }
-    const In<S> g = make_in<S>(c.in[0]), z = make_in<S>(c.in[1]);
-    const Out<S> dz = make_out<S>(c.out[0]);
-    const unsigned grid = fsq_blocks(c.B * c.N);
     switch (mode) {
-        case 0: fsq_bwd_kernel<T, S, false, false><<<grid, kThreads, 0, stream>>>(g, z, k, dz, c.B, c.N); break;
-        case 1: fsq_bwd_kernel<T, S, true, false><<<grid, kThreads, 0, stream>>>(g, z, k, dz, c.B, c.N); break;
-        case 2: fsq_bwd_kernel<T, S, false, true><<<grid, kThreads, 0, stream>>>(g, z, k, dz, c.B, c.N); break;
-        default: fsq_bwd_kernel<T, S, true, true><<<grid, kThreads, 0, stream>>>(g, z, k, dz, c.B, c.N); break;
+        case 0: fsq_launch<T, S, false, false>(c, forward, k, stream); break;
+        case 1: fsq_launch<T, S, true, false>(c, forward, k, stream); break;
+        case 2: fsq_launch<T, S, false, true>(c, forward, k, stream); break;
+        default: fsq_launch<T, S, true, true>(c, forward, k, stream); break;
     }
-    return check_launch("the finite-scalar-quantization backward kernel");
+    return check_launch(forward ? "the finite-scalar-quantization kernel"
+                                : "the finite-scalar-quantization backward kernel");
 }
 
 // ---------------------------------------------------------------------------------------------

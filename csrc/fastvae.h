@@ -44,7 +44,9 @@
  * scalar the mode (0 the tanh bound, +1 preserve_symmetry, +2 hard clamp); codes (B, N) in the
  * storage dtype and index (int64, (B,), element stride stride[2]) the mixed-radix index
  * sum_j level_j basis_j (-1 for a row with a NaN). The backward's d_z = grad d code / d z
- * (straight through the rounding). The formulas: fv::fsq in fastvae_math.h.
+ * (straight through the rounding). The formulas: fv::fsq in fastvae_math.h. Levels must be in
+ * [2, 2^24] and their product at most 2^63 - 1 (the caller checks; other values give
+ * meaningless results, never a memory fault).
  *
  * The prior is both tensors or neither. Noise element (k, b, j) is tl.randn(seed, (k*B + b)*N
  * + j), seed read from memory on the call's device (so CUDA launches never sync the host).
@@ -123,7 +125,8 @@ typedef struct fv_call {
  *   #   has the compute dtype (sums, gradients of sums, IWAE's ll and log-weights); an operand
  *       without # or ~ has the storage dtype (CUDA requires it; the CPU converts any float dtype)
  *   ~   any float dtype (IWAE's log_px and its gradient)
- *   %   int64 indices (FV_INT64; nearest_code's index); no other operand may be int64
+ *   %   int64 (FV_INT64): indices (nearest_code's, FSQ's) and integer inputs (FSQ's level
+ *       counts and basis); no other operand may be int64
  * residual_vq (residual_vq.inc): K codes per level, scalar = L levels, reduce_dim = 1 for the
  * rotation trick (backward); codebooks at offset_of(k, level, j); levels (B,) along stride[1];
  * index/commit/dist/grad_commit/grad_dist (B, L) at offset_of(0, b, level).
@@ -174,7 +177,7 @@ typedef struct fv_call {
       "d_x? d_codebooks?", FV_USES_K | FV_USES_SCALAR | FV_USES_REDUCE_DIM)                 \
     X(FSQ_FWD, finite_scalar_quantize_fwd, "z* levels% basis% a# b#", "codes index%",              \
       FV_USES_SCALAR)                                                                              \
-    X(FSQ_BWD, finite_scalar_quantize_bwd, "grad z* levels% a# b#", "d_z", FV_USES_SCALAR)         \
+    X(FSQ_BWD, finite_scalar_quantize_bwd, "grad z* levels% a# b#", "d_z?", FV_USES_SCALAR)        \
     X(LFQ_ENTROPY_FWD, lfq_entropy_fwd, "logits*", "sums# entropy#", FV_USES_K | FV_USES_SCALAR)  \
     X(LFQ_ENTROPY_BWD, lfq_entropy_bwd, "grad_sums# grad_entropy# logits*", "d_logits",           \
       FV_USES_K | FV_USES_SCALAR)

@@ -155,6 +155,8 @@ def _fsq_bwd_kernel(
 
 
 def _launch_shape(B: int, D: int, device: torch.device) -> tuple[int, int, int]:
+    if D > 64:
+        raise ValueError(f"finite_scalar_quantize: at most 64 dimensions, got {D}")
     block_d = next_power_of_2(D)
     target = _TILE_INTERPRETER if interpreted(device) else _TILE_GPU
     block_b = min(next_power_of_2(B), max(1, target // block_d))

@@ -406,6 +406,26 @@ def _nearest_code(K, p):
     K.nearest_code_fwd(x, codebook, p["metric"])
 
 
+def _fsq(K, p):
+    """Finite scalar quantization: z (B, D) in a layout, the (D,) levels, basis (int64) and the
+    bound's constants (compute dtype); the backward with a gradient of z's dtype."""
+    B, D = p["shape"]
+    z = operand(B, D, p["dtype"], p["layout"])
+    levels, basis = empty(D, dtype=torch.int64), empty(D, dtype=torch.int64)
+    a, b = empty(D, dtype=out_dtype(p["dtype"])), empty(D, dtype=out_dtype(p["dtype"]))
+    if p["backward"]:
+        grad = operand(B, D, p["dtype"], p["grad"])
+        K.finite_scalar_quantize_bwd(grad, z, levels, basis, a, b, p["mode"])
+    else:
+        K.finite_scalar_quantize_fwd(z, levels, basis, a, b, p["mode"])
+
+
+def _fsq_dims(p: dict) -> dict | None:
+    """FSQ has at most 62 dimensions (2**62 codes of two levels): not the wide shapes of
+    DTYPE_SHAPES."""
+    return p if p["shape"][1] <= 64 else None
+
+
 def _common_axes(**extra) -> dict:
     return {"dtype": DTYPES, "shape": SHAPES, "layout": LAYOUTS, **extra}
 
@@ -468,6 +488,18 @@ FAMILIES = (
             "metric": ("l2", "cosine"), "K": (16384, 1001, 1, 40),
             "codebook": ("contiguous", "transposed", "padded")},
            ("metric",), _nearest_code),
+    # (B, D): tokenizer batches at D = 6 ([8, 8, 8, 5, 5, 5]) and 16 ([4] * 16), odd sizes, one
+    # element, B >= 2**31; mode: the tanh bound, symmetric, hard clamp, both
+    Family("finite_scalar_quantize_fwd",
+           {"dtype": DTYPES, "shape": ((65536, 6), (4096, 16), (3, 5), (1, 1), (2**31 + 1, 6)),
+            "layout": ("contiguous", "padded", "transposed", "misaligned"),
+            "mode": (0, 1, 2, 3), "backward": (False,)},
+           ("mode",), _fsq, fix=_fsq_dims),
+    Family("finite_scalar_quantize_bwd",
+           {"dtype": DTYPES, "shape": ((65536, 6), (4096, 16), (3, 5), (1, 1), (2**31 + 1, 6)),
+            "layout": ("contiguous", "transposed"), "grad": ("contiguous", "row", "padded"),
+            "mode": (0, 1, 2, 3), "backward": (True,)},
+           ("mode",), _fsq, fix=_fsq_dims),
 )
 
 
@@ -611,6 +643,8 @@ def spec_of(launch: Launch) -> str:
         tile = f"{m['BLOCK_S']}"
     elif "BLOCK_M" in m:  # nearest_code's search: rows x codes x D chunk
         tile = f"{m['BLOCK_M']}x{m['BLOCK_K']}x{m['BLOCK_D']}"
+    elif "BLOCK_D" in m:  # finite_scalar_quantize: rows x dimensions
+        tile = f"{m['BLOCK_B']}x{m['BLOCK_D']}"
     elif "BLOCK_R" in m:
         tile = f"{m['BLOCK_R']}"
     else:

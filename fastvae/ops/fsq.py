@@ -103,13 +103,18 @@ def _flag(name: str, value: object) -> bool:
     return value
 
 
-@torch.compiler.assume_constant_result
 def fsq_plan(levels: object, preserve_symmetry: bool = False, hard_clamp: bool = False) -> _Plan:
     """The validated levels, their basis, the codebook size and the bound's constants (cached;
     a constant for torch.compile, which runs it while tracing). Raises as
     ``finite_scalar_quantize`` does."""
     return _plan(_levels_tuple(levels), _flag("preserve_symmetry", preserve_symmetry),
                  _flag("hard_clamp", hard_clamp))
+
+
+# What torch.compiler.assume_constant_result does (set here without importing torch._dynamo,
+# which `import fastvae` does not load): the compiler runs fsq_plan while tracing and keeps its
+# result as a constant (it computes the bound's constants with torch ops on the CPU).
+fsq_plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def index_dtype_for(size: int) -> torch.dtype:

@@ -7,9 +7,6 @@ fastvae's module of the quantizer protocol."""
 
 from __future__ import annotations
 
-import time
-import tracemalloc
-
 import pytest
 import torch
 
@@ -144,15 +141,9 @@ def test_codebook_size_and_implicit_codebook():
 
 def test_huge_codebook_constructs_at_once_and_is_exact():
     """[4] * 16: 2**32 codes. The package builds a 2**32 x 16 implicit codebook (34 GB) at
-    construction; ours holds nothing of that size and refuses to build it."""
-    tracemalloc.start()
-    start = time.perf_counter()
+    construction; ours holds nothing of that size (a few dozen numbers) and refuses to build
+    it."""
     q = fv.FSQ(levels=[4] * 16)
-    elapsed = time.perf_counter() - start
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert peak < 10**6  # bytes: the constants only
-    assert elapsed < 60  # generous: the point is "not 34 GB"
     assert q.codebook_size == 4**16
     assert sum(b.numel() for b in q.buffers()) < 100
     with pytest.raises(ValueError, match="implicit_codebook would hold"):

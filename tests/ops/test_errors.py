@@ -243,6 +243,17 @@ BAD_INPUTS = [
     ("nearest_code_mixed", lambda: fv.nearest_code(t(3, 4), t(5, 4, dtype=torch.float64)),
      TypeError, ["codebook", "x"]),
     ("nearest_code_list", lambda: fv.nearest_code([[1.0]], t(5, 1)), TypeError, ["x"]),
+    # --- finite_scalar_quantize
+    ("fsq_dim", lambda: fv.finite_scalar_quantize(t(3, 4), [8, 5, 5]), ValueError, ["z"]),
+    ("fsq_level_1", lambda: fv.finite_scalar_quantize(t(3, 2), [1, 5]), ValueError,
+     ["levels"]),
+    ("fsq_level_2", lambda: fv.finite_scalar_quantize(t(3, 2), [2, 5]), ValueError,
+     ["levels", "preserve_symmetry"]),
+    ("fsq_too_many_codes", lambda: fv.finite_scalar_quantize(t(3, 4), [2**16] * 4), ValueError,
+     ["levels"]),
+    ("fsq_int_z", lambda: fv.finite_scalar_quantize(i34, [8, 5, 5, 5]), TypeError, ["z"]),
+    ("fsq_float_level", lambda: fv.finite_scalar_quantize(t(3, 2), [8.0, 5]), TypeError,
+     ["levels"]),
     # --- the loss modules check at construction
     ("module_reduction", lambda: fv.BernoulliNLLLoss(reduction="avg"), ValueError,
      ["reduction"]),
@@ -280,6 +291,6 @@ def test_bad_input_table_is_complete():
     ids = [i for i, *_ in BAD_INPUTS]
     assert len(ids) == len(set(ids))
     for op in ("kl", "bernoulli", "gaussian_nll", "reparameterize", "sample_and_kl", "vae",
-               "iwae", "continuous_bernoulli", "dmol", "nearest_code"):
+               "iwae", "continuous_bernoulli", "dmol", "nearest_code", "fsq"):
         kinds = {e for i, _, e, _ in BAD_INPUTS if i.startswith(op)}
         assert kinds == {ValueError, TypeError}, f"{op}: {kinds}"

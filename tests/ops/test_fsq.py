@@ -428,7 +428,8 @@ def test_opcheck(fsq_backend, mode):
     b = torch.tensor(plan.b, dtype=torch.float64, device=device)
     torch.library.opcheck(_ops.finite_scalar_quantize, (z, lv, basis, a, b, mode, fsq_backend))
     torch.library.opcheck(_ops.finite_scalar_quantize,
-                          (z[:0], lv, basis, a, b, mode, fsq_backend))
+                          (z.detach()[:0].clone().requires_grad_(), lv, basis, a, b, mode,
+                           fsq_backend))
     g = _randn((6, 3), 1.0, torch.float64, device)
     torch.library.opcheck(_ops.finite_scalar_quantize_backward,
                           (g, z.detach(), lv, basis, a, b, mode, fsq_backend, [True]))

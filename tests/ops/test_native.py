@@ -28,6 +28,7 @@ import fastvae as fv
 from fastvae.ops import backends as _backend
 from fastvae.ops import native as _native
 from fastvae.ops import reference
+from fastvae.ops.fsq import fsq_plan
 
 pytestmark = pytest.mark.skipif(_native.unusable_reason("cpu") is not None,
                                 reason=f"native library: {_native.unusable_reason('cpu')}")
@@ -301,6 +302,16 @@ def _cases(geometry, dtype, g):
     codebook = _make((37, D), layout, dtype, g)
     for metric in ("l2", "cosine"):
         yield "nearest_code_fwd", (mu[:, :D], codebook, metric), False
+    # Finite scalar quantization: the first (at most) 6 columns, every mode (codes to the
+    # dtype's tolerance, indices exact: the random rows fall near no rounding boundary)
+    D = min(N, 6)
+    for mode in range(4):
+        levels = ([2, 5, 4, 3, 6, 7] if mode & 1 else [8, 5, 4, 3, 6, 7])[:D]
+        plan = fsq_plan(levels, bool(mode & 1), bool(mode & 2))
+        consts = (torch.tensor(plan.levels), torch.tensor(plan.basis),
+                  torch.tensor(plan.a, dtype=out_dtype), torch.tensor(plan.b, dtype=out_dtype))
+        yield "finite_scalar_quantize_fwd", (mu[:, :D], *consts, mode), False
+        yield "finite_scalar_quantize_bwd", (gz[:, :D], mu[:, :D], *consts, mode), False
     # The mixture of logistics, RGB with M = 2 and grey with M = 3: params (B, P, N) and x
     # (B, C, N) on the grid, in the geometry's layout (a broadcast params row for "broadcast");
     # grey on the smaller geometries only (the float64 oracle of "wide" takes seconds).
@@ -353,6 +364,8 @@ def _grad_inputs(op, args):
         like, needs = [args[1]] * 2, args[3]
     elif op == "gaussian_nll_bwd":
         like, needs = [args[1]] * 3, args[5]
+    elif op == "finite_scalar_quantize_bwd":
+        like, needs = [args[1]], [True]
     else:  # sample_and_kl_bwd
         like, needs = [args[2], args[3]], args[6]
     return [t for t, need in zip(like, needs, strict=True) if need]

@@ -73,7 +73,8 @@ def test_backend_methods_agree_with_the_table():
         params = inspect.signature(getattr(_native.NativeBackend, name)).parameters
         assert ("seed" in params) == bool(flags & FV_DRAWS_NOISE), name
         assert ("reduce_dim" in params) == bool(flags & FV_USES_REDUCE_DIM), name
-        scalar = "logvar_value" in params or "n_bins" in params or "metric" in params
+        scalar = ("logvar_value" in params or "n_bins" in params or "metric" in params
+                  or "mode" in params)
         assert scalar == bool(flags & FV_USES_SCALAR), name
 
 

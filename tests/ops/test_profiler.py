@@ -30,6 +30,8 @@ def _every_op(device):
     x = torch.randint(0, 256, (2, 1, 3), generator=g).to(device) * (2.0 / 255.0) - 1.0
     losses = (*losses, fv.discretized_mix_logistic_nll(params, x, n_mixtures=2))
     fv.nearest_code(leaf(5, 4), leaf(3, 4))  # no backward: not differentiable
+    codes, _ = fv.finite_scalar_quantize(leaf(5, 3), [8, 5, 5])
+    losses = (*losses, codes.sum())
     torch.stack(losses).sum().backward()
 
 
