@@ -1,5 +1,5 @@
-"""Every op x direction x implementation x size, and the vector quantizer, timed by
-pytest-benchmark.
+"""Every op x direction x implementation x size, and the quantizers (vq, rvq, fsq, lfq), timed
+by pytest-benchmark.
 
     pytest benchmarks --benchmark-only [-k loss_head] [--benchmark-group-by=group]
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastvae.cli import bench
+from fastvae.cli import bench, bench_quantizers
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -62,18 +62,44 @@ def test_train_step(benchmark, impl, size):
     benchmark(step)
 
 
-# The vector quantizer: forward + backward with a fixed codebook (bench.VQ_WORK) of fastvae
-# against vector-quantize-pytorch (eager, compiled) and cdist + argmin, at bench.VQ_SIZES
-# (the tokenizer sizes take seconds per call on the CPU: select with -k, e.g. -k 1024x512x64).
-VQ_CASES = [(impl, size) for size in bench.VQ_SIZES[DEVICE.type] for impl in bench.VQ_IMPLS]
+# The quantizers against vector-quantize-pytorch (eager, compiled), forward + backward of one
+# training step with frozen codebooks (bench_quantizers.QUANTIZERS[op].work):
+# - vq: with cdist + argmin and fastvae's function too, at bench_quantizers.VQ_SIZES (the
+#   tokenizer sizes take seconds per call on the CPU: select with -k, e.g. -k 1024x512x64);
+# - rvq, fsq, lfq: at small sizes (the full sizes, and the package's memory at them, are
+#   ``fastvae bench --ops tokenizers``). The package's dense versions cannot run some sizes at
+#   all (FSQ [4]*16 builds a 2^32-code codebook in its constructor): those are skipped with the
+#   error they raise.
+QUANTIZER_SIZES = {
+    "vq": bench_quantizers.VQ_SIZES[DEVICE.type],
+    "rvq": [(1024, 8, 1024, 128), (1024, 8, 1024, 8)],
+    "fsq": [(1024, (8, 8, 8, 5, 5, 5)), (1024, (4,) * 16)],
+    "lfq": [(1024, 10), (1024, 14)],
+}
+QUANTIZER_CASES = [(op, impl, size) for op, sizes in QUANTIZER_SIZES.items() for size in sizes
+                   for impl in bench_quantizers.QUANTIZERS[op].impls]
 
 
-@pytest.mark.parametrize(("impl", "size"), VQ_CASES,
-                         ids=[f"{impl}-{'x'.join(map(str, size))}" for impl, size in VQ_CASES])
-def test_vq(benchmark, impl, size):
+def _quantizer_id(case) -> str:
+    op, impl, size = case
+    return f"{op}-{impl}-{bench_quantizers.QUANTIZERS[op].format_size(size)}"
+
+
+@pytest.mark.parametrize("case", QUANTIZER_CASES, ids=_quantizer_id)
+def test_quantizer(benchmark, case):
+    op, impl, size = case
     if impl.startswith("vqp"):
         pytest.importorskip("vector_quantize_pytorch")
-    runner = _synchronized(bench.make_vq_runner(impl, *size, DEVICE))
-    runner()  # compile / warm up outside the measurement
-    benchmark.group = f"vq fwd+bwd {'x'.join(map(str, size))}"
-    benchmark(runner)
+    quantizer = bench_quantizers.QUANTIZERS[op]
+    limit = int(bench_quantizers.DEFAULT_MEMORY_LIMIT_GB * 2**30)
+    with bench_quantizers.address_space_limit(limit if DEVICE.type == "cpu" else None):
+        try:
+            runner = _synchronized(quantizer.make_runner(impl, size, DEVICE))
+            runner()  # compile / warm up outside the measurement
+        except (RuntimeError, MemoryError) as e:
+            error = f"{type(e).__name__}: {e}"
+            if impl.startswith("vqp") and bench_quantizers.is_out_of_memory(error):
+                pytest.skip(f"vector-quantize-pytorch: {bench_quantizers.short_error(error)}")
+            raise
+        benchmark.group = f"{op} fwd+bwd {quantizer.format_size(size)}"
+        benchmark(runner)

@@ -19,6 +19,9 @@
 #                  torch.compile; results written after each case
 #   bench-vq       fastvae bench --ops vq: the vector quantizer against vector-quantize-pytorch
 #                  and cdist + argmin at the GPU sizes (its table in bench.log)
+#   bench-tokenizers  fastvae bench --ops lfq,fsq,rvq: the tokenizer quantizers (LFQ, FSQ,
+#                  residual VQ) against vector-quantize-pytorch eager and compiled at the GPU
+#                  sizes, time and peak memory (or the package's out-of-memory error; in bench.log)
 # Everything lands in $OUT (at most 8 files, 2 levels): check.log (this script's output, the
 # build's included), smoke.txt, tests.log, junit.xml, bench.log, results/results.{json,csv}
 # and results/roofline.png. The summary is printed last. Exit status 0 when every phase is ok.
@@ -164,10 +167,10 @@ else
     # 16x3x256x256 with 10 mixtures (DMoL, 105 M parameter elements)
     BENCH=(--ops loss_head,dmol_nll,continuous_bernoulli_nll,bernoulli_nll,sample_and_kl,reparameterize,gaussian_kl,gaussian_nll)
 fi
-# bench-vq (below) keeps BENCH_VQ_RESERVE seconds
-if [ $DRY = 1 ]; then BENCH_LIMIT=150 BENCH_VQ_RESERVE=20 BENCH_VQ_LIMIT=60
-else BENCH_LIMIT=120 BENCH_VQ_RESERVE=40 BENCH_VQ_LIMIT=100; fi
-phase bench "$(bound $BENCH_LIMIT $BENCH_VQ_RESERVE)" "$PY" -m fastvae bench "${BENCH[@]}" --directions fwd+bwd \
+# bench-vq and bench-tokenizers (below) keep BENCH_VQ_RESERVE + BENCH_TOK_RESERVE seconds
+if [ $DRY = 1 ]; then BENCH_LIMIT=150 BENCH_VQ_RESERVE=20 BENCH_VQ_LIMIT=60 BENCH_TOK_RESERVE=30 BENCH_TOK_LIMIT=90
+else BENCH_LIMIT=120 BENCH_VQ_RESERVE=40 BENCH_VQ_LIMIT=100 BENCH_TOK_RESERVE=40 BENCH_TOK_LIMIT=120; fi
+phase bench "$(bound $BENCH_LIMIT $((BENCH_VQ_RESERVE + BENCH_TOK_RESERVE)))" "$PY" -m fastvae bench "${BENCH[@]}" --directions fwd+bwd \
     --dtypes float32 --no-train-step --out "$OUT/results" > "$OUT/bench.log" 2>&1
 
 # ---- bench-vq -------------------------------------------------------------------------------
@@ -182,15 +185,31 @@ if [ $DRY = 1 ]; then
 else
     VQ=(--vq-rounds 3)
 fi
-phase bench-vq "$(bound $BENCH_VQ_LIMIT 5)" "$PY" -m fastvae bench --ops vq "${VQ[@]}" \
+phase bench-vq "$(bound $BENCH_VQ_LIMIT $BENCH_TOK_RESERVE)" "$PY" -m fastvae bench --ops vq "${VQ[@]}" \
     --out "${TMPDIR:-/tmp}/fastvae-gpu-check-vq" >> "$OUT/bench.log" 2>&1
+
+# ---- bench-tokenizers -----------------------------------------------------------------------
+# LFQ, FSQ and residual VQ (fastvae's drop-ins) against vector-quantize-pytorch eager and
+# compiled at the GPU sizes (bench_quantizers.QUANTIZERS[op].sizes["cuda"]; LFQ first: its
+# package runs the N x 2^d softmax, which at d = 18 may not fit), fwd+bwd with frozen codebooks,
+# time and the CUDA allocator's peak, or the error the package raised. Its tables (a summary per
+# size, then every implementation) are appended to bench.log; lfq/fsq/rvq.txt/json/csv go to a
+# folder that does not come back. Without the package its rows are failed and fastvae's run.
+if [ $DRY = 1 ]; then
+    TOK=(--device cpu --lfq-sizes 64x4 --fsq-sizes '64x[8,5,5]' --rvq-sizes 64x2x16x4
+         --quantizer-rounds 1 --no-compile --no-memory)
+else
+    TOK=(--quantizer-rounds 3)
+fi
+phase bench-tokenizers "$(bound $BENCH_TOK_LIMIT 5)" "$PY" -m fastvae bench --ops lfq,fsq,rvq "${TOK[@]}" \
+    --out "${TMPDIR:-/tmp}/fastvae-gpu-check-tokenizers" >> "$OUT/bench.log" 2>&1
 
 # ---- summary --------------------------------------------------------------------------------
 echo
 echo "==================== summary ($((SECONDS - START))s) ===================="
 status=0
 for i in "${!NAMES[@]}"; do
-    printf '%-14s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}"
+    printf '%-17s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}"
     case "${RESULTS[$i]}" in ok*|skipped\ \(dry*) ;; *) status=1 ;; esac
 done
 echo "-- smoke:"
@@ -205,7 +224,7 @@ if [ -f "$OUT/bench.log" ]; then
     grep -E 'copy bandwidth|failed' "$OUT/bench.log" | head -6
     grep -E '^loss_head ' "$OUT/bench.log"
     grep -E '^[a-z_]+ +fwd\+bwd fastvae:' "$OUT/bench.log" | grep -v '^loss_head'
-    grep -E '^(fastvae|vqp|cdist)[a-z:_]* +[0-9]+x[0-9]+x[0-9]+ ' "$OUT/bench.log"
+    grep -E '^(fastvae|vqp|cdist)[a-z:_]* +[0-9]+x[0-9[]' "$OUT/bench.log"
     tail -1 "$OUT/bench.log" | grep -E 'Error|wrote'
 fi
 echo "-- files in $OUT:"

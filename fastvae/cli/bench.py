@@ -21,8 +21,6 @@ import csv
 import json
 import math
 import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +35,8 @@ from torch.distributions import Bernoulli, ContinuousBernoulli, Normal, kl_diver
 import fastvae as fv
 
 from ..ops import backends as _backend
+from . import bench_quantizers
+from .bench_common import device_name, peak_extra_memory, time_group
 
 LOG_2PI = math.log(2 * math.pi)
 LATENT = 64  # latent width of the loss head and the training step
@@ -245,43 +245,9 @@ def op_bytes(op: Op, B: int, N: int, itemsize: int, direction: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_fn(fn: Callable[[], object], device: torch.device) -> float:
     """Median seconds per call of one function (see ``time_group``)."""
     return time_group({"fn": fn}, device)["fn"]
-
-
-def time_group(fns: dict[str, Callable[[], object]], device: torch.device, *,
-               rounds: int = 5, min_round_time: float = 0.05,
-               warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function. GPU: CUDA-event timing (triton's do_bench).
-    CPU: after ``warmup`` calls of each, ``rounds`` rounds that each time every function in
-    turn for at least ``min_round_time`` seconds, so that a change of load on the machine hits
-    all of them alike; the median over every call."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return {name: do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-                for name, fn in fns.items()}
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                fn()
-                t1 = time.perf_counter()
-                samples[name].append(t1 - t0)
-                if t1 - start >= min_round_time:
-                    break
-    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
@@ -307,18 +273,6 @@ def saved_for_backward(fn: Callable[[], object]) -> int:
         out = fn()
     del out
     return sum(storages.values())
-
-
-def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak bytes allocated by one call beyond what was allocated before it (GPU only)."""
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,20 +380,6 @@ class Row:
     vs_compile: float | None = None
     peak_extra_mb: float | None = None
     saved_mb: float | None = None  # saved for backward (fwd+bwd rows)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        name = f"cpu-{os.cpu_count()}c-{name}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
 def run_report(device: torch.device, *, ops: Sequence[str],
@@ -636,317 +576,6 @@ def run_train_step(device: torch.device, batch: int, pixels: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Vector quantization: N vectors x K codes x D dimensions
-# ---------------------------------------------------------------------------------------------
-
-VQ_BETA = 0.25
-# (N, K, D): small, then the tokenizer sizes (f8 tokens of 32 images of 256^2 = 32768 with a
-# 16384 x 8 codebook as LlamaGen's; 4096 x 64; 16384 x 256 as taming's VQGAN at 8192 tokens).
-# On a GPU also 4x the tokens and the wide codebook at 32768 tokens.
-VQ_SIZES = {"cpu": [(1024, 512, 64), (32768, 4096, 64), (8192, 16384, 256), (32768, 16384, 8)],
-            "cuda": [(1024, 512, 64), (32768, 4096, 64), (8192, 16384, 256), (32768, 16384, 8),
-                     (131072, 16384, 8), (32768, 16384, 256)]}
-# "cdist": plain eager torch.cdist + argmin, gather, straight-through, losses; "vqp" and
-# "vqp:compile": vector_quantize_pytorch.VectorQuantize eager and under torch.compile;
-# "fastvae": fastvae.VectorQuantize (the drop-in); "fastvae:vector_quantize": the function;
-# "fastvae:nearest_code": cdist's code with fv.nearest_code for the search (not by default: the
-# search alone, where the functions above are not there, e.g. on a branch).
-VQ_IMPLS = ("cdist", "vqp", "vqp:compile", "fastvae", "fastvae:vector_quantize")
-VQ_EXTRA_IMPLS = ("fastvae:nearest_code",)
-VQ_WORK = ("float32 forward + backward, one step of training with a fixed codebook: the modules "
-           "in train mode called with freeze_codebook=True (no EMA update, no k-means), the "
-           "straight-through estimator (rotation_trick=False), commitment loss (weight 1); the "
-           "gradient of sum(g * quantized) + loss to x. cdist and fastvae:vector_quantize also "
-           "give the codebook its gradient (codebook loss, beta 0.25 on the commitment).")
-
-
-def _vq_inputs(N: int, K: int, D: int, device: torch.device,
-               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
-    """x (1, N, D) (a leaf), the codebook (K, D) and the upstream gradient of ``quantized``."""
-    g = torch.Generator(device="cpu").manual_seed(3)
-    x = torch.randn(1, N, D, generator=g).to(device, dtype)
-    codebook = torch.randn(K, D, generator=g).to(device, dtype)
-    grad = (torch.randn(1, N, D, generator=g) / N).to(device, dtype)
-    return _leaf(x), codebook, grad
-
-
-def eager_vq(x: Tensor, codebook: Tensor, beta: float = VQ_BETA, search: str = "cdist"):
-    """What a user writes in plain PyTorch: ``cdist`` + ``argmin`` (the N x K matrix), gather,
-    straight-through, codebook and commitment losses (``search="nearest_code"``: the indices
-    from ``fv.nearest_code`` instead)."""
-    if search == "nearest_code":
-        indices = fv.nearest_code(x.detach(), codebook.detach())[0]
-    else:
-        indices = torch.cdist(x, codebook[None]).argmin(dim=-1)
-    q = codebook[indices]
-    quantized = x + (q - x).detach()
-    loss = F.mse_loss(q, x.detach()) + beta * F.mse_loss(x, q.detach())
-    return quantized, indices, loss
-
-
-def make_vq_runner(impl: str, N: int, K: int, D: int,
-                   device: torch.device) -> Callable[[], object]:
-    """A no-argument callable: one forward + backward of ``impl`` at N x K x D (``VQ_WORK``)."""
-    x, codebook, grad = _vq_inputs(N, K, D, device)
-    if impl in ("cdist", "fastvae:vector_quantize", "fastvae:nearest_code"):
-        codebook = _leaf(codebook)
-        leaves = (x, codebook)
-        if impl != "fastvae:vector_quantize":
-            search = "cdist" if impl == "cdist" else "nearest_code"
-
-            def call():
-                return eager_vq(x, codebook, search=search)
-        else:
-            def call():
-                out = fv.vector_quantize(x, codebook, beta=VQ_BETA)
-                return out.quantized, out.indices, out.loss
-    elif impl in ("vqp", "vqp:compile", "fastvae"):
-        from vector_quantize_pytorch import VectorQuantize as PackageVQ
-
-        package = PackageVQ(dim=D, codebook_size=K, rotation_trick=False).to(device)
-        with torch.no_grad():
-            package._codebook.embed.copy_(codebook[None])
-        if impl == "fastvae":
-            module = fv.VectorQuantize(dim=D, codebook_size=K, rotation_trick=False).to(device)
-            module.load_state_dict(package.state_dict())
-        else:
-            module = package
-        module.train()
-        body = torch.compile(module) if impl == "vqp:compile" else module
-        leaves = (x,)
-
-        def call():
-            return body(x, freeze_codebook=True)
-    else:
-        raise ValueError(f"unknown VQ implementation {impl!r}; choose from "
-                         f"{', '.join(VQ_IMPLS + VQ_EXTRA_IMPLS)}")
-
-    def run():
-        for leaf in leaves:
-            leaf.grad = None
-        quantized, _, loss = call()
-        torch.autograd.backward((quantized, loss), (grad, None))
-
-    return run
-
-
-def _proc_status(field: str) -> int:
-    """A ``/proc/self/status`` field (VmRSS, VmHWM) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def cpu_peak_extra_memory(run: Callable[[], object]) -> int:
-    """Peak bytes one call of ``run`` adds to the process's resident memory (Linux).
-
-    After a warm-up call (compilation, lazy initialisation), freed heap memory is handed back
-    to the system (``malloc_trim``), the resident size is read (``VmRSS``: the inputs, the
-    module, the libraries) and its high-water mark reset (``echo 5 > /proc/self/clear_refs``);
-    after the call the high-water mark (``VmHWM``) minus that baseline is the peak of what the
-    call touched beyond what was live before: every allocation (torch's CPU allocator hands
-    large blocks to malloc, which maps them; memory is counted when written), at page
-    granularity. A tensor allocated and never written would not count (none here is)."""
-    import ctypes
-    import gc
-
-    run()
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _proc_status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    run()
-    return max(0, _proc_status("VmHWM") - base)
-
-
-def _vq_memory_child(impl: str, N: int, K: int, D: int) -> None:
-    """The body of the subprocess of ``vq_peak_memory``: prints the JSON of the measurement."""
-    torch.manual_seed(0)
-    run = make_vq_runner(impl, N, K, D, torch.device("cpu"))
-    print(json.dumps({"peak_extra_bytes": cpu_peak_extra_memory(run)}))
-
-
-def vq_peak_memory(impl: str, N: int, K: int, D: int, timeout: float = 1800) -> int:
-    """``cpu_peak_extra_memory`` of one forward + backward, in a fresh process (nothing left
-    over from the other implementations: caches, compiled graphs, the heap's free lists)."""
-    import subprocess
-    import sys
-
-    code = ("import importlib.util, sys\n"
-            "spec = importlib.util.spec_from_file_location('fastvae.cli._bench_child', "
-            f"{__file__!r})\n"
-            "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m\n"
-            "spec.loader.exec_module(m)\n"
-            f"m._vq_memory_child({impl!r}, {N}, {K}, {D})\n")
-    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-400:]}")
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
-
-
-@dataclass
-class VQRow:
-    impl: str
-    N: int
-    K: int
-    D: int
-    ms: float  # median over every timed call
-    calls: int
-    vs_cdist: float | None = None
-    vs_vqp: float | None = None
-    vs_vqp_compile: float | None = None
-    peak_extra_mb: float | None = None
-    peak_vs_vqp: float | None = None  # peak extra memory / vqp's
-    peak_nk: float | None = None  # peak extra memory in units of one N x K float32 matrix
-    load_average: tuple[float, float] | None = None  # 1-minute load before, after timing
-
-
-VQ_HEADER = (f"{'impl':24s} {'N x K x D':>17s} {'ms':>10s} {'calls':>5s} {'x cdist':>7s} "
-             f"{'x vqp':>6s} {'x vqp:c':>7s} {'peak MB':>9s} {'/ vqp':>6s} {'/ NxK':>6s} "
-             f"{'load':>9s}")
-
-
-def format_vq_row(r: VQRow) -> str:
-    def num(v, fmt):
-        return format(v, fmt) if v is not None else "-"
-
-    load = f"{r.load_average[0]:.1f}-{r.load_average[1]:.1f}" if r.load_average else "-"
-    return (f"{r.impl:24s} {f'{r.N}x{r.K}x{r.D}':>17s} {r.ms:10.2f} {r.calls:5d} "
-            f"{num(r.vs_cdist, '.2f'):>7s} {num(r.vs_vqp, '.2f'):>6s} "
-            f"{num(r.vs_vqp_compile, '.2f'):>7s} {num(r.peak_extra_mb, '.1f'):>9s} "
-            f"{num(r.peak_vs_vqp, '.3f'):>6s} {num(r.peak_nk, '.3f'):>6s} {load:>9s}")
-
-
-def run_vq_report(device: torch.device, *, sizes: Sequence[tuple[int, int, int]] | None = None,
-                  impls: Sequence[str] = VQ_IMPLS, rounds: int = 5, memory: bool = True,
-                  log: Callable[[str], None] = print,
-                  on_rows: Callable[[list[VQRow]], None] | None = None) -> list[VQRow]:
-    """Each size: every implementation timed side by side (``time_group``: ``rounds`` rounds,
-    each timing every implementation in turn, so that the machine's load hits all alike; the
-    median over every call), then (CPU, ``memory``) each one's peak extra memory in a fresh
-    process (``vq_peak_memory``). GPU: the peak from the CUDA allocator's statistics."""
-    rows: list[VQRow] = []
-    for N, K, D in sizes or VQ_SIZES[device.type]:
-        runners: dict[str, Callable[[], object]] = {}
-        for impl in impls:
-            try:
-                runners[impl] = make_vq_runner(impl, N, K, D, device)
-                runners[impl]()  # compiles, and fails here rather than mid-timing
-            except Exception as e:  # one failing implementation must not end the report
-                runners.pop(impl, None)
-                log(f"  vq {impl} {N}x{K}x{D}: failed ({type(e).__name__}: {e})")
-        counts: dict[str, int] = {}
-
-        def counted(name, fn, counts=counts):
-            def call():
-                counts[name] = counts.get(name, 0) + 1
-                return fn()
-            return call
-
-        load_before = os.getloadavg()[0]
-        small = N * K <= 1 << 22  # large: the first call was the warm-up, each round one call
-        times = time_group({k: counted(k, f) for k, f in runners.items()}, device,
-                           rounds=rounds, min_round_time=0.05 if small else 0.0,
-                           warmup=2 if small else 0)
-        load_after = os.getloadavg()[0]
-        peaks: dict[str, int | None] = {}
-        for impl in times:
-            if device.type == "cuda":
-                peaks[impl] = peak_extra_memory(runners[impl], device)
-            elif memory:
-                try:
-                    peaks[impl] = vq_peak_memory(impl, N, K, D)
-                except Exception as e:
-                    peaks[impl] = None
-                    log(f"  vq {impl} {N}x{K}x{D}: memory not measured ({e})")
-        runners.clear()
-        group = []
-        for impl, seconds in times.items():
-            peak = peaks.get(impl)
-            calls = counts.get(impl, 0) - (2 if small else 0)
-            group.append(VQRow(impl, N, K, D, seconds * 1e3, calls,
-                               peak_extra_mb=None if peak is None else peak / 2**20,
-                               peak_nk=None if peak is None else peak / (4 * N * K),
-                               load_average=(load_before, load_after)))
-        for r in group:
-            s = r.ms / 1e3
-            r.vs_cdist = times["cdist"] / s if "cdist" in times else None
-            r.vs_vqp = times["vqp"] / s if "vqp" in times else None
-            r.vs_vqp_compile = times["vqp:compile"] / s if "vqp:compile" in times else None
-            if peaks.get("vqp") and r.peak_extra_mb is not None:
-                r.peak_vs_vqp = r.peak_extra_mb * 2**20 / peaks["vqp"]
-            log(format_vq_row(r))
-        rows.extend(group)
-        if on_rows is not None:
-            on_rows(rows)
-    return rows
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(["git", "-C", str(Path(fv.__file__).parent), "rev-parse",
-                               "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        if done.returncode == 0:
-            return done.stdout.strip()
-    return None
-
-
-def write_vq_results(rows: list[VQRow], device: torch.device, out_dir: Path,
-                     extra: dict | None = None, stem: str = "vq") -> list[Path]:
-    """``vq.txt`` (the table and how it was measured), ``vq.json`` and ``vq.csv``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device_name(device), "torch": torch.__version__,
-            "fastvae": fv.__version__, "fastvae_commit": _git_commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "load_average_now": os.getloadavg(),
-            "backends": fv.backends(), "work": VQ_WORK, **(extra or {})}
-    with contextlib.suppress(ImportError):
-        from importlib.metadata import version
-
-        meta["vector_quantize_pytorch"] = version("vector-quantize-pytorch")
-    records = [asdict(r) for r in rows]
-    paths = [out_dir / f"{stem}.{ext}" for ext in ("txt", "json", "csv")]
-    lines = [f"fastvae bench --ops vq: {meta['device']}, {meta['date']}, torch {meta['torch']}, "
-             f"vector-quantize-pytorch {meta.get('vector_quantize_pytorch', '-')}, fastvae "
-             f"{meta['fastvae']} ({meta['fastvae_commit']}), {meta['threads']} threads",
-             f"work: {VQ_WORK}",
-             *(f"{key}: {value}" for key, value in (extra or {}).items()),
-             "ms: median of every call (rounds interleaving the implementations); x cdist / x "
-             "vqp / x vqp:c: speed-up against plain cdist, vector-quantize-pytorch eager and "
-             "compiled; peak MB: peak extra resident memory of one forward + backward (fresh "
-             "process, VmHWM after resetting it, minus VmRSS before) or the CUDA allocator's; "
-             "/ vqp: that over vqp's; / NxK: over one N x K float32 matrix; load: 1-minute "
-             "load average before-after the timing",
-             "", VQ_HEADER, *map(format_vq_row, rows)]
-    paths[0].write_text("\n".join(lines) + "\n")
-    paths[1].write_text(json.dumps({"meta": meta, "rows": records}, indent=2))
-    if records:
-        with paths[2].open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
-    return paths
-
-
-def _vq_sizes(text: str) -> list[tuple[int, int, int]]:
-    try:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"VQ sizes look like 1024x512x64 (N x K x D); got "
-                                         f"{text!r}") from None
-    if any(len(s) != 3 or min(s) < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"VQ sizes look like 1024x512x64 (N x K x D); got "
-                                         f"{text!r}")
-    return sizes  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
 
@@ -1083,11 +712,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="roofline report of every op, backend and size",
                        description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(op for op in OPS if op != "dmol_nll"),
-                   help=f"comma-separated: {', '.join(OPS)}, vq (dmol_nll: not by default; "
-                        "its sizes are B x pixels of 3-channel images, e.g. 16x1024,8x4096; "
-                        "vq: not by default, the vector quantizer against "
-                        "vector-quantize-pytorch and cdist, its sizes given by --vq-sizes, "
-                        "written to vq.txt, vq.json, vq.csv)")
+                   help=f"comma-separated: {', '.join(OPS)}, "
+                        f"{', '.join(bench_quantizers.QUANTIZERS)}, tokenizers (dmol_nll: not "
+                        "by default; its sizes are B x pixels of 3-channel images, e.g. "
+                        "16x1024,8x4096; the quantizers, not by default: vq, rvq, fsq, lfq "
+                        "against vector-quantize-pytorch (eager and compiled), tokenizers = "
+                        "rvq,fsq,lfq; their sizes given by --vq-sizes etc., each written to "
+                        "<op>.txt, <op>.json, <op>.csv)")
     p.add_argument("--sizes", type=_sizes, default=None,
                    help="BxN list, e.g. 64x784,4096x784 (default depends on the device)")
     p.add_argument("--dtypes", default="float32", help="e.g. float32,bfloat16")
@@ -1099,16 +730,9 @@ def add_parser(sub) -> None:
                    help="BxPIXELS sizes of the MLP VAE training-step benchmark "
                         "(default: 4096x784 on CPU, 65536x784 on GPU)")
     p.add_argument("--no-train-step", action="store_true", help="skip the training step")
-    p.add_argument("--vq-sizes", type=_vq_sizes, default=None,
-                   help="--ops vq: N x K x D list, e.g. 1024x512x64,32768x16384x8 (default: "
-                        + "; ".join(f"{d}: " + ",".join("x".join(map(str, s)) for s in v)
-                                    for d, v in VQ_SIZES.items()) + ")")
-    p.add_argument("--vq-impls", default=",".join(VQ_IMPLS),
-                   help=f"--ops vq: implementations (default {','.join(VQ_IMPLS)})")
-    p.add_argument("--vq-rounds", type=int, default=5,
-                   help="--ops vq: timing rounds, each calling every implementation in turn")
+    bench_quantizers.add_arguments(p)
     p.add_argument("--no-memory", action="store_true",
-                   help="--ops vq on the CPU: skip the peak-memory processes")
+                   help="--ops vq/rvq/fsq/lfq on the CPU: skip the peak-memory processes")
     p.add_argument("--out", default=None,
                    help="results directory (default: benchmarks/results/<device name>)")
     p.add_argument("--threads", type=int, default=None,
@@ -1158,12 +782,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(SMALL_HEADER)
         print(f"wrote {write_small_batch(run_small_batch(device, ops), device, out)}")
         return 0
-    ops = names("--ops", args.ops, [*OPS, "vq"])
-    with_vq = "vq" in ops
-    ops = [op for op in ops if op != "vq"]
-    vq_impls = names("--vq-impls", args.vq_impls, VQ_IMPLS + VQ_EXTRA_IMPLS)
-    if args.vq_rounds < 1:
-        raise UsageError(f"--vq-rounds: must be at least 1, got {args.vq_rounds}")
+    ops = names("--ops", args.ops, [*OPS, *bench_quantizers.QUANTIZERS,
+                                    *bench_quantizers.GROUPS])
+    quantizers = bench_quantizers.prepare(bench_quantizers.selected(ops), args, names)
+    ops = [op for op in ops if op in OPS]
     dtypes = names("--dtypes", args.dtypes, ("float32", "float16", "bfloat16", "float64"))
     directions = names("--directions", args.directions, ("fwd", "fwd+bwd"))
     backends = None
@@ -1192,14 +814,6 @@ def run_command(args: argparse.Namespace) -> int:
                 train_steps += run_train_step(device, B, P, backends, not args.no_compile)
         paths = write_results(rows, bandwidth, device, out, {"train_step": train_steps})
         print(f"wrote {', '.join(str(p) for p in paths)}")
-    if with_vq:
-        if args.no_compile:
-            vq_impls = [i for i in vq_impls if not i.endswith(":compile")]
-        print(f"vector quantization: {VQ_WORK}")
-        print(VQ_HEADER)
-        vq_rows = run_vq_report(device, sizes=args.vq_sizes, impls=vq_impls,
-                                rounds=args.vq_rounds, memory=not args.no_memory,
-                                on_rows=lambda rows: write_vq_results(rows, device, out))
-        paths = write_vq_results(vq_rows, device, out)
-        print(f"wrote {', '.join(str(p) for p in paths)}")
+    if quantizers:
+        bench_quantizers.run(quantizers, device, out)
     return 0
