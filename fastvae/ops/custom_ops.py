@@ -319,12 +319,24 @@ SPEC: dict[object, OpSpec] = {}  # forward op -> its row
 BACKWARD: dict[str, object] = {}  # row name -> its backward op
 
 
-def _register(spec: OpSpec):
-    def forward(*args):
-        return _forward(spec, args[:-1], args[-1])
+def forward_schema(spec: OpSpec) -> str:
+    """The forward op's schema, after its name."""
+    return f"({spec.arguments}, str backend) -> {spec.returns}"
 
-    def backward(*args):
-        return _backward(spec, args[:-2], args[-2], args[-1])
+
+def backward_schema(spec: OpSpec) -> str:
+    """The backward op's schema, after its name: the output gradients, the saved outputs, the
+    forward's tensors, the backward's attributes, the backend and ``needs``."""
+    tensor_args = ", ".join(a.strip() for a in spec.arguments.split(",")[:spec.n_tensors])
+    kinds = {a.strip().rsplit(" ", 1)[1]: a.strip()
+             for a in spec.arguments.split(",")[spec.n_tensors:]}
+    attrs = "".join(f", {kinds[name]}" for name in spec.backward_attributes)
+    return (f"({spec.grad_arguments}, {tensor_args}{attrs}, str backend, bool[] needs) "
+            "-> Tensor[]")
+
+
+def fake_kernels(spec: OpSpec) -> tuple[Callable, Callable]:
+    """The fake (meta) kernels of the row's forward and backward ops."""
 
     def forward_fake(*args):
         return spec.fake(*args[:-1])
@@ -334,25 +346,28 @@ def _register(spec: OpSpec):
         tensors = args[spec.n_lead:spec.n_lead + spec.n_tensors]
         return _fake_grads(needs, tensors[:spec.grads])
 
-    def backward_arguments() -> str:
-        tensor_args = ", ".join(a.strip() for a in spec.arguments.split(",")[:spec.n_tensors])
-        kinds = {a.strip().rsplit(" ", 1)[1]: a.strip()
-                 for a in spec.arguments.split(",")[spec.n_tensors:]}
-        attrs = "".join(f", {kinds[name]}" for name in spec.backward_attributes)
-        return f"{spec.grad_arguments}, {tensor_args}{attrs}"
+    return forward_fake, backward_fake
 
+
+def _register(spec: OpSpec):
+    def forward(*args):
+        return _forward(spec, args[:-1], args[-1])
+
+    def backward(*args):
+        return _backward(spec, args[:-2], args[-2], args[-1])
+
+    forward_fake, backward_fake = fake_kernels(spec)
     qualname = f"fastvae::{spec.name}"
     fwd = torch.library.custom_op(qualname, forward, mutates_args=(),
-                                  schema=f"({spec.arguments}, str backend) -> {spec.returns}")
+                                  schema=forward_schema(spec))
     fwd.register_fake(forward_fake)
     fwd.register_autograd(_gradients, setup_context=lambda ctx, inputs, output:
                           _setup(spec, ctx, inputs, output))
     _NAME[fwd], _IMPL[fwd], SPEC[fwd] = qualname, forward, spec
     if spec.grads == 0:  # no gradient: no backward op
         return fwd, None
-    bwd = torch.library.custom_op(
-        f"{qualname}_backward", backward, mutates_args=(),
-        schema=f"({backward_arguments()}, str backend, bool[] needs) -> Tensor[]")
+    bwd = torch.library.custom_op(f"{qualname}_backward", backward, mutates_args=(),
+                                  schema=backward_schema(spec))
     bwd.register_fake(backward_fake)
     _NAME[bwd], _IMPL[bwd] = f"{qualname}_backward", backward
     BACKWARD[spec.name] = bwd
@@ -409,13 +424,36 @@ def call(op, *args):
     The dispatcher names every op it runs in profiler traces (``fastvae::gaussian_kl``, and
     ``fastvae::gaussian_kl_backward`` in the backward pass); the fast path records the same
     name itself while a profiler runs. The check is one call into C (~0.1 us) when none does.
+
+    Quicker still, where the torch-ABI library ``libfastvae_torch`` is built: eager calls of the
+    ``"cpu"`` and ``"cuda"`` backends go to the op's ``.native`` overload, whose kernels and
+    autograd are C++ kernels of the dispatcher (``fastvae/ops/native_dispatch.py``): no Python
+    runs after this function, forward or backward, and the dispatcher names the ops.
     """
     if not _eager_tensors(args):
         return op(*args)
+    if args[-1] in _NATIVE_BACKENDS:
+        native = (NATIVE if NATIVE is not None else _load_native()).get(op)
+        if native is not None:
+            return native(*args)
     if torch.autograd._profiler_enabled():
         with torch.autograd.profiler.record_function(_NAME[op]):
             return _call_eager(op, args)
     return _call_eager(op, args)
+
+
+# custom-op object -> its ``.native`` overload (the rows libfastvae_torch serves); None until
+# the first call of a native backend loads it ({} without the library).
+NATIVE: dict[object, object] | None = None
+_NATIVE_BACKENDS = ("cpu", "cuda")
+
+
+def _load_native() -> dict[object, object]:
+    global NATIVE
+    from . import native_dispatch
+
+    NATIVE = native_dispatch.overloads()
+    return NATIVE
 
 
 def _call_eager(op, args):
