@@ -35,14 +35,16 @@ def _cases(dtype, shape, g):
         "continuous_bernoulli_nll": ((lg,), lambda: (
             fv.continuous_bernoulli_nll(lg, x, reduction="sum"),)),
         "gaussian_nll": ((mu,), lambda: (fv.gaussian_nll(mu, x, -0.5),)),
-        "gaussian_nll_logvar": ((mu, lv), lambda: (fv.gaussian_nll(mu, x, lv, reduction="none"),)),
+        "gaussian_nll_logvar": ((mu, lv), lambda: (
+            fv.gaussian_nll(mu, x, lv, reduction="none"),)),
         "gaussian_kl": ((mu, lv), lambda: (fv.gaussian_kl(mu, lv),)),
         "gaussian_kl_prior": ((mu, lv, pm, plv), lambda: (
             fv.gaussian_kl(mu, lv, pm, plv, reduction="sum"),)),
         "gaussian_kl_per_dim": ((mu, lv), lambda: (fv.gaussian_kl_per_dim(mu, lv),)),
         "sample_and_kl": ((mu, lv), lambda: fv.sample_and_kl(mu, lv, seed=7)),
         "reparameterize": ((mu, lv), lambda: (fv.reparameterize(mu, lv, seed=3, n_samples=2),)),
-        "reparameterize_eps": ((mu, lv, eps), lambda: (fv.reparameterize(mu, lv, eps=eps, n_samples=2),)),
+        "reparameterize_eps": ((mu, lv, eps), lambda: (
+            fv.reparameterize(mu, lv, eps=eps, n_samples=2),)),
         "vae_loss": ((lg, mu, lv), lambda: (fv.vae_loss(lg, x, mu, lv, beta=0.5),)),
     }
 
@@ -62,7 +64,8 @@ def test_the_rows_the_library_serves():
     assert served == set(SERVED)
     for op, overload in native_dispatch.overloads().items():
         assert overload._schema.overload_name == "native"
-        assert str(overload._schema).split("(", 1)[1] == str(op._opoverload._schema).split("(", 1)[1]
+        ours, python = str(overload._schema), str(op._opoverload._schema)
+        assert ours.split("(", 1)[1] == python.split("(", 1)[1]
 
 
 @pytest.mark.parametrize("name", sorted(_cases(torch.float32, (2, 3), torch.Generator())))
@@ -77,7 +80,7 @@ def test_the_native_path_is_taken(name, monkeypatch):
         fn()  # the first call loads the library (and plans the signature)
         monkeypatch.setattr(custom_ops, "_forward", refused)
         monkeypatch.setattr(custom_ops, "_backward", refused)
-        outs, grads = _run(leaves, fn)
+        _, grads = _run(leaves, fn)
     assert all(g is not None for g in grads)
     names = _graph_names(fn())
     assert any(n.startswith("fastvae::") for n in names), names  # the C++ nodes
@@ -107,7 +110,8 @@ def test_bitwise_the_python_path(dtype, shape, monkeypatch):
                 m.setattr(custom_ops, "NATIVE", {})
                 python = _run(leaves, fn)
             for a, b in zip([*native[0], *native[1]], [*python[0], *python[1]], strict=True):
-                assert a.dtype == b.dtype and a.shape == b.shape, name
+                assert a.dtype == b.dtype, name
+                assert a.shape == b.shape, name
                 torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
