@@ -68,7 +68,7 @@ def spy(monkeypatch):
     implementation = _ops.implementation
     monkeypatch.setattr(_ops, "implementation", lambda name: used.append(name) or
                         implementation(name))
-    native = _ops.NATIVE if _ops.NATIVE is not None else _ops._load_native()
+    native = _ops.native_overloads()
 
     def recorded(overload):
         return lambda *args: used.append(args[-1]) or overload(*args)

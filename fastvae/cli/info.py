@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
               f"(this CPU runs: {', '.join(native.cpu_isas())})")
     reason = native_dispatch.unusable_reason()
     if reason is None:
-        served = ", ".join(custom_ops.SPEC[op].name for op in native_dispatch.overloads())
+        served = ", ".join(custom_ops.SPEC[op].name for op in custom_ops.native_overloads())
         print(f"dispatcher path (libfastvae_torch, torch {torch.__version__}): {served}")
     else:
         print(f"dispatcher path: off ({reason})")

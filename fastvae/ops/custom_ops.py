@@ -105,6 +105,33 @@ class OpSpec:
         self.fwd_method = f"{self.method}_fwd"
         self.bwd_method = f"{self.method}_bwd"
 
+    def forward_schema(self) -> str:
+        """The forward op's schema, after its name."""
+        return f"({self.arguments}, str backend) -> {self.returns}"
+
+    def backward_schema(self) -> str:
+        """The backward op's schema, after its name: the output gradients, the saved outputs,
+        the forward's tensors, the backward's attributes, the backend and ``needs``."""
+        tensor_args = ", ".join(a.strip() for a in self.arguments.split(",")[:self.n_tensors])
+        kinds = {a.strip().rsplit(" ", 1)[1]: a.strip()
+                 for a in self.arguments.split(",")[self.n_tensors:]}
+        attrs = "".join(f", {kinds[name]}" for name in self.backward_attributes)
+        return (f"({self.grad_arguments}, {tensor_args}{attrs}, str backend, bool[] needs) "
+                "-> Tensor[]")
+
+    def fake_kernels(self) -> tuple[Callable, Callable]:
+        """The fake (meta) kernels of the row's forward and backward ops."""
+
+        def forward_fake(*args):
+            return self.fake(*args[:-1])
+
+        def backward_fake(*args):
+            needs = args[-1]
+            tensors = args[self.n_lead:self.n_lead + self.n_tensors]
+            return _fake_grads(needs, tensors[:self.grads])
+
+        return forward_fake, backward_fake
+
 
 def _zeros_like_fake(spec: OpSpec, args: Sequence) -> Tensor | tuple[Tensor, ...]:
     out = spec.fake(*args)
@@ -319,36 +346,6 @@ SPEC: dict[object, OpSpec] = {}  # forward op -> its row
 BACKWARD: dict[str, object] = {}  # row name -> its backward op
 
 
-def forward_schema(spec: OpSpec) -> str:
-    """The forward op's schema, after its name."""
-    return f"({spec.arguments}, str backend) -> {spec.returns}"
-
-
-def backward_schema(spec: OpSpec) -> str:
-    """The backward op's schema, after its name: the output gradients, the saved outputs, the
-    forward's tensors, the backward's attributes, the backend and ``needs``."""
-    tensor_args = ", ".join(a.strip() for a in spec.arguments.split(",")[:spec.n_tensors])
-    kinds = {a.strip().rsplit(" ", 1)[1]: a.strip()
-             for a in spec.arguments.split(",")[spec.n_tensors:]}
-    attrs = "".join(f", {kinds[name]}" for name in spec.backward_attributes)
-    return (f"({spec.grad_arguments}, {tensor_args}{attrs}, str backend, bool[] needs) "
-            "-> Tensor[]")
-
-
-def fake_kernels(spec: OpSpec) -> tuple[Callable, Callable]:
-    """The fake (meta) kernels of the row's forward and backward ops."""
-
-    def forward_fake(*args):
-        return spec.fake(*args[:-1])
-
-    def backward_fake(*args):
-        needs = args[-1]
-        tensors = args[spec.n_lead:spec.n_lead + spec.n_tensors]
-        return _fake_grads(needs, tensors[:spec.grads])
-
-    return forward_fake, backward_fake
-
-
 def _register(spec: OpSpec):
     def forward(*args):
         return _forward(spec, args[:-1], args[-1])
@@ -356,10 +353,10 @@ def _register(spec: OpSpec):
     def backward(*args):
         return _backward(spec, args[:-2], args[-2], args[-1])
 
-    forward_fake, backward_fake = fake_kernels(spec)
+    forward_fake, backward_fake = spec.fake_kernels()
     qualname = f"fastvae::{spec.name}"
     fwd = torch.library.custom_op(qualname, forward, mutates_args=(),
-                                  schema=forward_schema(spec))
+                                  schema=spec.forward_schema())
     fwd.register_fake(forward_fake)
     fwd.register_autograd(_gradients, setup_context=lambda ctx, inputs, output:
                           _setup(spec, ctx, inputs, output))
@@ -367,7 +364,7 @@ def _register(spec: OpSpec):
     if spec.grads == 0:  # no gradient: no backward op
         return fwd, None
     bwd = torch.library.custom_op(f"{qualname}_backward", backward, mutates_args=(),
-                                  schema=backward_schema(spec))
+                                  schema=spec.backward_schema())
     bwd.register_fake(backward_fake)
     _NAME[bwd], _IMPL[bwd] = f"{qualname}_backward", backward
     BACKWARD[spec.name] = bwd
@@ -433,7 +430,7 @@ def call(op, *args):
     if not _eager_tensors(args):
         return op(*args)
     if args[-1] in _NATIVE_BACKENDS:
-        native = (NATIVE if NATIVE is not None else _load_native()).get(op)
+        native = (NATIVE if NATIVE is not None else native_overloads()).get(op)
         if native is not None:
             return native(*args)
     if torch.autograd._profiler_enabled():
@@ -448,11 +445,14 @@ NATIVE: dict[object, object] | None = None
 _NATIVE_BACKENDS = ("cpu", "cuda")
 
 
-def _load_native() -> dict[object, object]:
+def native_overloads() -> dict[object, object]:
+    """custom-op object -> its ``.native`` overload, for the rows ``libfastvae_torch`` serves
+    (``{}`` without it); the first call loads the library and registers them."""
     global NATIVE
-    from . import native_dispatch
+    if NATIVE is None:
+        from . import native_dispatch
 
-    NATIVE = native_dispatch.overloads()
+        NATIVE = native_dispatch.overloads(tuple(SPEC.items()))
     return NATIVE
 
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 
-from . import custom_ops
 from . import native as _native
 
 if sys.platform == "win32":
@@ -99,28 +98,25 @@ def unusable_reason() -> str | None:
 _LIBRARY: torch.library.Library | None = None
 
 
-def _n_outputs(spec: custom_ops.OpSpec) -> int:
-    return spec.returns.count("Tensor")
-
-
 @functools.cache
-def overloads() -> dict[object, object]:
-    """custom-op object -> its ``.native`` overload, for every row the library serves; ``{}``
-    when it is not used. The first call defines and registers them."""
+def overloads(rows: tuple[tuple[object, object], ...]) -> dict[object, object]:
+    """custom-op object -> its ``.native`` overload, for every row of ``rows`` (pairs of a custom
+    op and its ``custom_ops.OpSpec``) that the library serves; ``{}`` when it is not used. The
+    first call defines and registers them (``custom_ops.native_overloads`` makes it)."""
     global _LIBRARY
     lib, _ = load()
     if lib is None:
         return {}
     _LIBRARY = torch.library.Library("fastvae", "FRAGMENT")
     served = {}
-    for spec in custom_ops.OPS:
+    for op, spec in rows:
         if (not spec.grads or spec.saved_outputs
                 or not lib.fv_torch_serves(spec.method.encode())):
             continue
-        forward_fake, backward_fake = custom_ops.fake_kernels(spec)
-        for name, schema, fake in (
-                (spec.name, custom_ops.forward_schema(spec), forward_fake),
-                (f"{spec.name}_backward", custom_ops.backward_schema(spec), backward_fake)):
+        forward_fake, backward_fake = spec.fake_kernels()
+        for name, schema, fake in ((spec.name, spec.forward_schema(), forward_fake),
+                                   (f"{spec.name}_backward", spec.backward_schema(),
+                                    backward_fake)):
             _LIBRARY.define(f"{name}.native{schema}")
             torch.library.register_fake(f"fastvae::{name}.native", fake, lib=_LIBRARY)
 
@@ -131,11 +127,11 @@ def overloads() -> dict[object, object]:
         non_differentiable, n_nd = indices(spec.non_differentiable)
         status = lib.fv_torch_register(
             spec.name.encode(), spec.method.encode(), spec.n_tensors,
-            len(spec.attribute_names), _n_outputs(spec), spec.grads,
+            len(spec.attribute_names), spec.returns.count("Tensor"), spec.grads,
             -1 if spec.reduction_at is None else spec.reduction_at,
             -1 if spec.per_sample is None else spec.per_sample,
             backward_attrs, n_bw, non_differentiable, n_nd)
         if status != 0:
             raise RuntimeError(f"{LIB_NAME} refused to register fastvae::{spec.name}")
-        served[getattr(custom_ops, spec.name)] = getattr(torch.ops.fastvae, spec.name).native
+        served[op] = getattr(torch.ops.fastvae, spec.name).native
     return served
