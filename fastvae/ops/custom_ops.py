@@ -45,6 +45,7 @@ contiguous tensors in each input's dtype, only those with ``needs``.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -443,16 +444,18 @@ def call(op, *args):
 # the first call of a native backend loads it ({} without the library).
 NATIVE: dict[object, object] | None = None
 _NATIVE_BACKENDS = ("cpu", "cuda")
+_NATIVE_LOCK = threading.Lock()
 
 
 def native_overloads() -> dict[object, object]:
     """custom-op object -> its ``.native`` overload, for the rows ``libfastvae_torch`` serves
     (``{}`` without it); the first call loads the library and registers them."""
     global NATIVE
-    if NATIVE is None:
-        from . import native_dispatch
+    with _NATIVE_LOCK:  # the overloads are defined once, whichever thread calls first
+        if NATIVE is None:
+            from . import native_dispatch
 
-        NATIVE = native_dispatch.overloads(tuple(SPEC.items()))
+            NATIVE = native_dispatch.overloads(tuple(SPEC.items()))
     return NATIVE
 
 
