@@ -9,4 +9,7 @@ cd "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${FASTVAE_TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".${extras:+[$extras]}"
+# Without build isolation, so that the build sees the torch installed above and compiles the
+# optional libfastvae_torch against it (CMakeLists.txt; a plain `pip install .` skips it).
+python -m pip install -q "scikit-build-core>=0.10"
+python -m pip install -q --no-build-isolation -e ".${extras:+[$extras]}"

@@ -128,10 +128,11 @@ if [ $DRY = 1 ]; then
     echo "   $PY -m pip install --no-build-isolation --no-deps -e .   (FASTVAE_CUDA_ARCHITECTURES=90)"
     NAMES+=(build); RESULTS+=("skipped (dry run)")
 else
-    # Without an install nothing runs (fastvae.kernels is mapped by it): a failed CUDA build is
-    # retried without CUDA, so that the Triton phases still run.
+    # Without an install nothing runs (fastvae.kernels is mapped by it): a failed build is
+    # retried without CUDA and without libfastvae_torch (built against this machine's torch:
+    # the dispatcher's kernels), so that the Triton phases still run.
     if ! phase build "$(bound 140 280)" "$PY" -m pip install --no-build-isolation --no-deps -e .; then
-        FASTVAE_ENABLE_CUDA=OFF phase "build-no-cuda" "$(bound 80 280)" \
+        FASTVAE_ENABLE_CUDA=OFF FASTVAE_TORCH_OPS=OFF phase "build-no-cuda" "$(bound 80 280)" \
             "$PY" -m pip install --no-build-isolation --no-deps -e .
     fi
 fi

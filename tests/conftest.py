@@ -61,11 +61,19 @@ def dtype(request) -> torch.dtype:
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records every backend implementation a call reaches (a kernel about to run)."""
+    """Records every backend implementation a call reaches (a kernel about to run): through the
+    Python path, or through the dispatcher's C++ kernels (``custom_ops.NATIVE``, the backend name
+    being the call's last argument)."""
     used = []
     implementation = _ops.implementation
     monkeypatch.setattr(_ops, "implementation", lambda name: used.append(name) or
                         implementation(name))
+    native = _ops.native_overloads()
+
+    def recorded(overload):
+        return lambda *args: used.append(args[-1]) or overload(*args)
+
+    monkeypatch.setattr(_ops, "NATIVE", {op: recorded(o) for op, o in native.items()})
     return used
 
 

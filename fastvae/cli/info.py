@@ -15,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import fastvae as fv
-    from fastvae.ops import backends, native
+    from fastvae.ops import backends, custom_ops, native, native_dispatch
 
     print(f"fastvae {fv.__version__}")
     print(f"python {platform.python_version()} ({platform.machine()}, {platform.system()})")
@@ -43,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
     if info is not None:
         print(f"native library: {info}; CPU kernels in use: {native.cpu_isa()} "
               f"(this CPU runs: {', '.join(native.cpu_isas())})")
+    reason = native_dispatch.unusable_reason()
+    if reason is None:
+        served = ", ".join(custom_ops.SPEC[op].name for op in custom_ops.native_overloads())
+        print(f"dispatcher path (libfastvae_torch, torch {torch.__version__}): {served}")
+    else:
+        print(f"dispatcher path: off ({reason})")
     print(f"selected: {fv.get_backend()} (cpu tensors -> {backends.resolve(torch.device('cpu'))}"
           + (f", cuda tensors -> {backends.resolve(torch.device('cuda'))}"
              if torch.cuda.is_available() else "") + ")")

@@ -55,6 +55,7 @@ contiguous tensors in each input's dtype, only those with ``needs``.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,33 @@ class OpSpec:
         self.backend_backward_attrs = [i for i in self.backward_attrs if i != self.reduction_at]
         self.fwd_method = f"{self.method}_fwd"
         self.bwd_method = f"{self.method}_bwd"
+
+    def forward_schema(self) -> str:
+        """The forward op's schema, after its name."""
+        return f"({self.arguments}, str backend) -> {self.returns}"
+
+    def backward_schema(self) -> str:
+        """The backward op's schema, after its name: the output gradients, the saved outputs,
+        the forward's tensors, the backward's attributes, the backend and ``needs``."""
+        tensor_args = ", ".join(a.strip() for a in self.arguments.split(",")[:self.n_tensors])
+        kinds = {a.strip().rsplit(" ", 1)[1]: a.strip()
+                 for a in self.arguments.split(",")[self.n_tensors:]}
+        attrs = "".join(f", {kinds[name]}" for name in self.backward_attributes)
+        return (f"({self.grad_arguments}, {tensor_args}{attrs}, str backend, bool[] needs) "
+                "-> Tensor[]")
+
+    def fake_kernels(self) -> tuple[Callable, Callable]:
+        """The fake (meta) kernels of the row's forward and backward ops."""
+
+        def forward_fake(*args):
+            return self.fake(*args[:-1])
+
+        def backward_fake(*args):
+            needs = args[-1]
+            tensors = args[self.n_lead:self.n_lead + self.n_tensors]
+            return _fake_grads(needs, tensors[:self.grads])
+
+        return forward_fake, backward_fake
 
 
 def _zeros_like_fake(spec: OpSpec, args: Sequence) -> Tensor | tuple[Tensor, ...]:
@@ -379,33 +407,18 @@ def _register(spec: OpSpec):
     def backward(*args):
         return _backward(spec, args[:-2], args[-2], args[-1])
 
-    def forward_fake(*args):
-        return spec.fake(*args[:-1])
-
-    def backward_fake(*args):
-        needs = args[-1]
-        tensors = args[spec.n_lead:spec.n_lead + spec.n_tensors]
-        return _fake_grads(needs, tensors[:spec.grads])
-
-    def backward_arguments() -> str:
-        tensor_args = ", ".join(a.strip() for a in spec.arguments.split(",")[:spec.n_tensors])
-        kinds = {a.strip().rsplit(" ", 1)[1]: a.strip()
-                 for a in spec.arguments.split(",")[spec.n_tensors:]}
-        attrs = "".join(f", {kinds[name]}" for name in spec.backward_attributes)
-        return f"{spec.grad_arguments}, {tensor_args}{attrs}"
-
+    forward_fake, backward_fake = spec.fake_kernels()
     qualname = f"fastvae::{spec.name}"
     fwd = torch.library.custom_op(qualname, forward, mutates_args=(),
-                                  schema=f"({spec.arguments}, str backend) -> {spec.returns}")
+                                  schema=spec.forward_schema())
     fwd.register_fake(forward_fake)
     fwd.register_autograd(_gradients, setup_context=lambda ctx, inputs, output:
                           _setup(spec, ctx, inputs, output))
     _NAME[fwd], _IMPL[fwd], SPEC[fwd] = qualname, forward, spec
     if spec.grads == 0:  # no gradient: no backward op
         return fwd, None
-    bwd = torch.library.custom_op(
-        f"{qualname}_backward", backward, mutates_args=(),
-        schema=f"({backward_arguments()}, str backend, bool[] needs) -> Tensor[]")
+    bwd = torch.library.custom_op(f"{qualname}_backward", backward, mutates_args=(),
+                                  schema=spec.backward_schema())
     bwd.register_fake(backward_fake)
     _NAME[bwd], _IMPL[bwd] = f"{qualname}_backward", backward
     BACKWARD[spec.name] = bwd
@@ -462,13 +475,41 @@ def call(op, *args):
     The dispatcher names every op it runs in profiler traces (``fastvae::gaussian_kl``, and
     ``fastvae::gaussian_kl_backward`` in the backward pass); the fast path records the same
     name itself while a profiler runs. The check is one call into C (~0.1 us) when none does.
+
+    Quicker still, where the torch-ABI library ``libfastvae_torch`` is built: eager calls of the
+    ``"cpu"`` and ``"cuda"`` backends go to the op's ``.native`` overload, whose kernels and
+    autograd are C++ kernels of the dispatcher (``fastvae/ops/native_dispatch.py``): no Python
+    runs after this function, forward or backward, and the dispatcher names the ops.
     """
     if not _eager_tensors(args):
         return op(*args)
+    if args[-1] in _NATIVE_BACKENDS:
+        native = (NATIVE if NATIVE is not None else native_overloads()).get(op)
+        if native is not None:
+            return native(*args)
     if torch.autograd._profiler_enabled():
         with torch.autograd.profiler.record_function(_NAME[op]):
             return _call_eager(op, args)
     return _call_eager(op, args)
+
+
+# custom-op object -> its ``.native`` overload (the rows libfastvae_torch serves); None until
+# the first call of a native backend loads it ({} without the library).
+NATIVE: dict[object, object] | None = None
+_NATIVE_BACKENDS = ("cpu", "cuda")
+_NATIVE_LOCK = threading.Lock()
+
+
+def native_overloads() -> dict[object, object]:
+    """custom-op object -> its ``.native`` overload, for the rows ``libfastvae_torch`` serves
+    (``{}`` without it); the first call loads the library and registers them."""
+    global NATIVE
+    with _NATIVE_LOCK:  # the overloads are defined once, whichever thread calls first
+        if NATIVE is None:
+            from . import native_dispatch
+
+            NATIVE = native_dispatch.overloads(tuple(SPEC.items()))
+    return NATIVE
 
 
 def _call_eager(op, args):
