@@ -302,7 +302,7 @@ __global__ void combine_kernel(const T* partial, T* out, int64_t out_stride, int
 template <class T, class S, int E>
 struct ReparameterizeFwd {
     In<S> mu, lv, eps;
-    Out<S> z;
+    Out<S> z, kept;  // kept: the noise drawn, for the backward (when wanted and eps is absent)
     const int64_t* seed;
     int64_t B, N, K;
     __device__ void operator()(int64_t b, int64_t j) const {
@@ -318,6 +318,7 @@ struct ReparameterizeFwd {
 #pragma unroll
             for (int e = 0; e < E; ++e) zv[e] = m[e] + std_times(ep[e], sd[e]);
             store(z, k, b, j, N, zv);
+            if (kept.p && !eps.p) store(kept, k, b, j, N, ep);
         }
     }
 };
@@ -1645,7 +1646,8 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
         case FV_OP_REPARAMETERIZE_FWD:
             return launch_elementwise<E>(
                 ReparameterizeFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
-                                           make_out<S>(out[0]), c.seed, c.B, c.N, c.K},
+                                           make_out<S>(out[0]), make_out<S>(out[1]), c.seed,
+                                           c.B, c.N, c.K},
                 c, st);
         case FV_OP_REPARAMETERIZE_BWD:
             return launch_elementwise<E>(

@@ -69,7 +69,9 @@
 extern "C" {
 #endif
 
-#define FV_ABI_VERSION 3  /* 2: FV_MAX_IN 6, the IWAE ops; 3: the op table, fv_layout() */
+#define FV_ABI_VERSION 4  /* 2: FV_MAX_IN 6, the IWAE ops; 3: the op table, fv_layout();
+                            4: reparameterize_fwd keeps its noise (out[1]), fv_torch_register
+                            takes the saved outputs */
 
 /* FV_INT64: indices only (an operand marked % in FV_OPS); every other operand is a float. */
 enum fv_dtype { FV_FLOAT32 = 0, FV_FLOAT64 = 1, FV_FLOAT16 = 2, FV_BFLOAT16 = 3, FV_INT64 = 4 };
@@ -145,7 +147,7 @@ typedef struct fv_call {
 #define FV_DRAWS_NOISE 8      /* not in FV_OPS: fv_op_flags() adds it for an op with ! marks */
 
 #define FV_OPS(X)                                                                                  \
-    X(REPARAMETERIZE_FWD, reparameterize_fwd, "mu* logvar eps?!", "z!", FV_USES_K)                 \
+    X(REPARAMETERIZE_FWD, reparameterize_fwd, "mu* logvar eps?!", "z! noise?!", FV_USES_K)         \
     X(REPARAMETERIZE_BWD, reparameterize_bwd, "grad_z logvar* eps?!", "d_mu? d_logvar?! d_eps?",   \
       FV_USES_K)                                                                                   \
     X(GAUSSIAN_KL_FWD, gaussian_kl_fwd, "mu* logvar (prior_mu prior_logvar)?", "kl#",              \

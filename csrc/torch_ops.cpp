@@ -166,23 +166,30 @@ using Backward = Tensors (*)(const Tensors& g, const Tensors& t, const Attrs& a,
 
 #define FV_RUN(OP, call, like) run(FV_OP_##OP, fv_op_name(FV_OP_##OP), call, like)
 
+// -> (z, the noise kept for the backward: (K, B, N) when keep_noise, else empty)
 Tensors reparameterize_fwd(const Tensors& t, const Attrs& a) {
   const Tensor &mu = t[0], &logvar = t[1], &eps = t[2], &seed = t[3];
   const int64_t K = a[0].toInt();
+  const bool keep = a[1].toBool() && !eps.defined();
   Tensor z = at::empty({K, mu.size(0), mu.size(1)}, mu.options());
+  Tensor noise = keep ? at::empty({K, mu.size(0), mu.size(1)}, mu.options())
+                      : at::empty({0}, mu.options());
   Call call(mu, K);
   call.in(0, mu).in(1, logvar).in(2, eps).out(0, z).seed(eps.defined() ? Tensor() : seed);
+  if (keep) call.out(1, noise);
   FV_RUN(REPARAMETERIZE_FWD, call, mu);
-  return {z};
+  return {z, noise};
 }
 
 Tensors reparameterize_bwd(const Tensors& g, const Tensors& t, const Attrs&,
                            const std::vector<bool>& needs) {
-  const Tensor &grad_z = g[0], &mu = t[0], &logvar = t[1], &eps = t[2], &seed = t[3];
+  const Tensor &grad_z = g[0], &noise = g[1], &mu = t[0], &logvar = t[1], &seed = t[3];
+  // the noise kept by the forward reads as a given eps (bitwise the one regenerated)
+  const Tensor eps = t[2].defined() ? t[2] : noise.numel() > 0 ? noise : Tensor();
   const int64_t K = grad_z.size(0), B = mu.size(0), N = mu.size(1);
   Tensor d_mu = empty_like_rows(needs[0], {B, N}, mu);
   Tensor d_lv = empty_like_rows(needs[1], {B, N}, logvar);
-  Tensor d_eps = empty_like_rows(needs[2], {K, B, N}, eps.defined() ? eps : mu);
+  Tensor d_eps = empty_like_rows(needs[2], {K, B, N}, t[2].defined() ? t[2] : mu);
   Call call(mu, K);
   call.in(0, grad_z).in(1, logvar).in(2, eps).out(0, d_mu).out(1, d_lv).out(2, d_eps);
   call.seed(!eps.defined() && needs[1] ? seed : Tensor());
@@ -326,6 +333,7 @@ struct Row {
   int64_t per_sample = -1;    // the output that `reduction` reduces
   std::vector<int64_t> backward_attrs;      // attribute indices the backward takes, in order
   std::vector<int64_t> non_differentiable;  // outputs without gradient
+  std::vector<int64_t> saved_outputs;       // outputs the backward reads (non-differentiable)
   const Marshaller* kernels = nullptr;
   std::optional<c10::OperatorHandle> backward_op;  // fastvae::<name>_backward.native
 };
@@ -391,7 +399,9 @@ struct BackwardKernel final : c10::OperatorKernel {
   const Row* row;
   explicit BackwardKernel(const Row* r) : row(r) {}
   void operator()(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
-    const int64_t n_grads = row->n_outputs - static_cast<int64_t>(row->non_differentiable.size());
+    // the output gradients, then the saved outputs (the marshaller reads both in `grads`)
+    const int64_t n_grads = row->n_outputs - static_cast<int64_t>(row->non_differentiable.size()) +
+                            static_cast<int64_t>(row->saved_outputs.size());
     const int64_t n_attrs = static_cast<int64_t>(row->backward_attrs.size());
     const size_t n_args = n_grads + row->n_tensors + n_attrs + 2;
     const size_t first = stack->size() - n_args;
@@ -449,6 +459,7 @@ auto make_node(A&&... a) {
 // The backward of one forward call: the backward overload, through the dispatcher.
 struct NativeBackward final : torch::autograd::Node {
   const Row* row;
+  std::vector<torch::autograd::SavedVariable> saved_out;  // the row's saved outputs
   std::vector<torch::autograd::SavedVariable> saved;  // the forward's tensors
   std::vector<IValue> attrs;                            // the backward's attributes
   std::string backend;
@@ -456,6 +467,7 @@ struct NativeBackward final : torch::autograd::Node {
   explicit NativeBackward(const Row* r) : row(r) {}
   std::string name() const override { return "fastvae::" + row->name + "_backward"; }
   void release_variables() override {
+    for (auto& s : saved_out) s.reset_data();
     for (auto& s : saved) s.reset_data();
   }
 
@@ -464,6 +476,7 @@ struct NativeBackward final : torch::autograd::Node {
     // Unused outputs come as undefined gradients: zeros, as autograd.Function materializes them.
     for (size_t i = 0; i < grads.size(); ++i)
       stack.emplace_back(grads[i].defined() ? grads[i] : input_metadata(i).zeros_like());
+    for (auto& s : saved_out) stack.emplace_back(s.unpack());
     for (auto& s : saved) {
       Tensor t = s.unpack();
       if (t.defined())
@@ -517,6 +530,10 @@ struct AutogradForward final : c10::OperatorKernel {
       for (int64_t j : row->non_differentiable) nd = nd || j == i;
       if (!nd) torch::autograd::set_history((*stack)[out_first + i].toTensor(), node);
     }
+    // saved outputs are non-differentiable ones (native_dispatch.py serves no other row): no
+    // history of their own, so saved as plain tensors, no reference cycle through this node
+    for (int64_t i : row->saved_outputs)
+      node->saved_out.emplace_back((*stack)[out_first + i].toTensor(), /*is_output=*/false);
   }
 };
 
@@ -526,7 +543,8 @@ struct AutogradBackward final : c10::OperatorKernel {
   const Row* row;
   explicit AutogradBackward(const Row* r) : row(r) {}
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet ks, Stack* stack) {
-    const int64_t n_grads = row->n_outputs - static_cast<int64_t>(row->non_differentiable.size());
+    const int64_t n_grads = row->n_outputs - static_cast<int64_t>(row->non_differentiable.size()) +
+                            static_cast<int64_t>(row->saved_outputs.size());
     const size_t n_args = n_grads + row->n_tensors + row->backward_attrs.size() + 2;
     const size_t first = stack->size() - n_args;
     std::vector<Tensor> inputs;
@@ -593,13 +611,14 @@ FV_API int32_t fv_torch_serves(const char* method) {
 
 // Register the kernels of one row of custom_ops.OPS, whose overloads fastvae::<name>.native and
 // fastvae::<name>_backward.native the caller defined. Index lists: `backward_attrs` (n_bw),
-// `non_differentiable` (n_nd). Returns 0, or -1 (no marshaller for `method`, or registered
+// `non_differentiable` (n_nd), `saved_outputs` (n_saved). Returns 0, or -1 (no marshaller for `method`, or registered
 // already).
 FV_API int32_t fv_torch_register(const char* name, const char* method, int64_t n_tensors,
                                  int64_t n_attrs, int64_t n_outputs, int64_t grads,
                                  int64_t reduction_at, int64_t per_sample,
                                  const int64_t* backward_attrs, int64_t n_bw,
-                                 const int64_t* non_differentiable, int64_t n_nd) {
+                                 const int64_t* non_differentiable, int64_t n_nd,
+                                 const int64_t* saved_outputs, int64_t n_saved) {
   std::lock_guard<std::mutex> lock(rows_mutex);
   const Marshaller* kernels = nullptr;
   for (const auto& m : kMarshallers)
@@ -615,6 +634,7 @@ FV_API int32_t fv_torch_register(const char* name, const char* method, int64_t n
   row->per_sample = per_sample;
   row->backward_attrs.assign(backward_attrs, backward_attrs + n_bw);
   row->non_differentiable.assign(non_differentiable, non_differentiable + n_nd);
+  row->saved_outputs.assign(saved_outputs, saved_outputs + n_saved);
   row->kernels = kernels;
   row->backward_op = c10::Dispatcher::singleton().findSchemaOrThrow(
       ("fastvae::" + row->name + "_backward").c_str(), "native");

@@ -284,7 +284,7 @@ def _reparameterize_fwd(K, p):
     B, N = p["shape"]
     mu, lv = (operand(B, N, p["dtype"], p["layout"]) for _ in range(2))
     eps = samples(p["K"], B, N, p["dtype"], p["eps"]) if p["has_eps"] else None
-    K.reparameterize_fwd(mu, lv, eps, None if eps is not None else seed(), p["K"])
+    K.reparameterize_fwd(mu, lv, eps, None if eps is not None else seed(), p["K"], p["keep"])
 
 
 def _reparameterize_bwd(K, p):
@@ -292,7 +292,8 @@ def _reparameterize_bwd(K, p):
     mu, lv = (operand(B, N, p["dtype"], p["layout"]) for _ in range(2))
     eps = samples(p["K"], B, N, p["dtype"], p["eps"]) if p["has_eps"] else None
     grad = samples(p["K"], B, N, p["dtype"], p["grad"])
-    K.reparameterize_bwd(grad, mu, lv, eps, None if eps is not None else seed(),
+    noise = grad.new_empty((0,))  # not kept: regenerated (a kept one reads as a given eps)
+    K.reparameterize_bwd(grad, noise, mu, lv, eps, None if eps is not None else seed(),
                          list(p["needs"]))
 
 
@@ -471,8 +472,10 @@ LOGVAR = {"has_logvar": (True, False), "logvar": ("contiguous", "row", "scalar")
 GRADS = ("contiguous", "broadcast")
 FAMILIES = (
     # n_samples: the constant 1 (the default), odd, a multiple of 16
-    Family("reparameterize_fwd", _common_axes(**EPS, K=(1, 3, 16)), ("has_eps",),
-           _reparameterize_fwd),
+    # keep: the forward writes the noise it drew (KEEP, without eps only)
+    Family("reparameterize_fwd", _common_axes(**EPS, K=(1, 3, 16), keep=(False, True)),
+           ("has_eps", "keep"), _reparameterize_fwd,
+           fix=lambda p: None if p["keep"] and p["has_eps"] else p),
     Family("reparameterize_bwd",
            _common_axes(**EPS, K=(1, 3, 16), needs=subsets(3), grad=("contiguous", "scalar")),
            ("has_eps", "needs"), _reparameterize_bwd,

@@ -91,6 +91,7 @@ def set_backend(name: str) -> None:
     global _default
     _require_usable(_check_name(name))
     _default = name
+    _RESOLVED.clear()
 
 
 def get_backend() -> str:
@@ -103,11 +104,13 @@ def use_backend(name: str) -> Iterator[None]:
     """``with fv.use_backend("torch"): ...`` -- the backend for the calls inside the block
     (process-wide while the block runs, like ``torch.set_grad_enabled`` is per thread)."""
     _require_usable(_check_name(name))
+    _RESOLVED.clear()
     _scopes.append(name)
     try:
         yield
     finally:
         _scopes.pop()
+        _RESOLVED.clear()
 
 
 def resolve(device: torch.device) -> str:
@@ -128,10 +131,25 @@ def _assume_constant_result(fn):
     return fn
 
 
+# (backend name, device type) -> the concrete backend: the answers of `_resolve` since the last
+# `set_backend` / `use_backend` (entered or left), which clear it. A lookup costs ~0.1 us where
+# the checks cost ~5 us a call; an unusable choice is never stored, so it raises every time.
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
 @_assume_constant_result
 def _resolve(name: str, device_type: str) -> str:
     # A pure function of its arguments and of facts fixed at start-up (what is installed and
-    # built): torch.compile evaluates it once while tracing.
+    # built): torch.compile evaluates it once while tracing. Cached (`_RESOLVED`), the cache
+    # cleared whenever the choice of backend changes.
+    hit = _RESOLVED.get((name, device_type))
+    if hit is not None:
+        return hit
+    _RESOLVED[name, device_type] = concrete = _resolve_uncached(name, device_type)
+    return concrete
+
+
+def _resolve_uncached(name: str, device_type: str) -> str:
     device = torch.device(device_type)
     if name == "auto":
         if device_type == "cuda":

@@ -19,8 +19,11 @@ outputs, how many of its tensors take gradients, and what its backward reads. Th
 without the ``reduction`` attribute (reductions happen here) and with ``needs`` only where the
 row says so. The interface, row by row:
 
-    reparameterize_fwd(mu, logvar, eps | None, seed | None, n_samples) -> z (K, B, N)
-    reparameterize_bwd(grad_z, mu, logvar, eps | None, seed | None, needs[3]) -> grads
+    reparameterize_fwd(mu, logvar, eps | None, seed | None, n_samples, keep_noise)
+        -> (z (K, B, N), noise: the eps drawn (K, B, N) when keep_noise and eps is None, else
+        empty (0,))
+    reparameterize_bwd(grad_z, noise, mu, logvar, eps | None, seed | None, needs[3]) -> grads
+        (reads the kept noise where it is not empty, else regenerates it from seed)
     gaussian_kl_fwd(mu, logvar, prior_mu | None, prior_logvar | None, reduce_dim) -> kl
     gaussian_kl_bwd(grad, mu, logvar, prior_mu, prior_logvar, reduce_dim, needs[4]) -> grads
     bernoulli_nll_fwd(logits, target) -> (B,)
@@ -198,10 +201,15 @@ def _residual_vq_empty(x: Tensor, codebooks: Tensor, n_levels: Tensor | None,
 
 
 OPS: list[OpSpec] = [
+    # -> (z, the noise drawn, kept for the backward: (K, B, N) when keep_noise and eps is None,
+    # else empty; functional.keeps_noise says when, docs/random-numbers.md)
     OpSpec("reparameterize",
-           "Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed, int n_samples", "Tensor",
-           grads=3, grad_arguments="Tensor grad_z",
-           fake=lambda mu, lv, eps, seed, K: mu.new_empty((K, *mu.shape))),
+           "Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed, int n_samples, bool keep_noise",
+           "(Tensor, Tensor)", grads=3, grad_arguments="Tensor grad_z, Tensor noise",
+           saved_outputs=(1,), non_differentiable=(1,),
+           fake=lambda mu, lv, eps, seed, K, keep: (
+               mu.new_empty((K, *mu.shape)),
+               mu.new_empty((K, *mu.shape) if keep and eps is None else (0,)))),
     OpSpec("gaussian_kl",
            "Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, int reduce_dim, "
            "int reduction", "Tensor",

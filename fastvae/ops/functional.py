@@ -161,6 +161,21 @@ def _seed_tensor(seed: int | Tensor | None, generator: torch.Generator | None,
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64, generator=generator)
 
 
+# The noise a reparameterize draws is kept for its backward (written by the forward kernel, read
+# back instead of regenerated) up to this many elements (K * B * N; 4 MiB in float32), and only
+# where the storage dtype is the compute dtype (float32, float64: a kept float16 copy would round
+# the float32 noise). Above it, or in half precision, the backward regenerates it. Same noise,
+# same formula: the results are bitwise the same either way (docs/random-numbers.md).
+KEEP_NOISE_MAX = 1 << 20
+_KEEP_NOISE_DTYPES = (torch.float32, torch.float64)
+
+
+def keeps_noise(dtype: torch.dtype, numel: int) -> bool:
+    """Whether a drawn reparameterize noise of ``numel`` elements in ``dtype`` is kept for the
+    backward (``KEEP_NOISE_MAX``, docs/random-numbers.md "Kept or regenerated")."""
+    return dtype in _KEEP_NOISE_DTYPES and numel <= KEEP_NOISE_MAX
+
+
 def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
                    n_samples: int | None = None, seed: int | Tensor | None = None,
                    generator: torch.Generator | None = None) -> Tensor:
@@ -169,8 +184,10 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
     ``mu``, ``logvar``: equal shapes. ``eps`` given: used as is (shape of ``mu``, or
     ``(n_samples, *mu.shape)``). Otherwise standard normals from the counter-based Philox
     generator keyed by ``seed`` (drawn from torch's generator, or ``generator``, when None):
-    element ``i`` of the output is a pure function of ``(seed, i)``, and backward regenerates it
-    instead of storing it. ``n_samples=K`` returns ``(K, *mu.shape)``. Returns ``mu``'s dtype.
+    element ``i`` of the output is a pure function of ``(seed, i)``; the forward keeps it for
+    the backward up to ``KEEP_NOISE_MAX`` elements in float32/float64, else the backward
+    regenerates it (bitwise the same gradients either way). ``n_samples=K`` returns
+    ``(K, *mu.shape)``. Returns ``mu``'s dtype.
     """
 
     def prepare():
@@ -202,8 +219,9 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None,
         check.finite(mu=mu, logvar=logvar, eps=eps)
     if eps is None:  # last: a call that raises leaves torch's generator alone
         seed_t = _seed_tensor(seed, generator, mu.device)
-    z = _ops.call(_ops.reparameterize, _rows(mu, B, N), _rows(logvar, B, N), eps, seed_t, K,
-                  backend)
+    keep = eps is None and keeps_noise(mu.dtype, K * B * N)
+    z, _ = _ops.call(_ops.reparameterize, _rows(mu, B, N), _rows(logvar, B, N), eps, seed_t, K,
+                     keep, backend)
     return z.view(out_shape)
 
 

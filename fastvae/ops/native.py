@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 if sys.platform == "win32":
     LIB_NAME = "fastvae_native.dll"
@@ -391,18 +391,25 @@ class NativeBackend:
 
     # -- reparameterize ---------------------------------------------------------------------
 
-    def reparameterize_fwd(self, mu, logvar, eps, seed, n_samples):
+    def reparameterize_fwd(self, mu, logvar, eps, seed, n_samples, keep_noise=False):
         B, N = mu.shape
         z = torch.empty((n_samples, B, N), dtype=mu.dtype, device=mu.device)
-        self._call("reparameterize_fwd", mu, (mu, logvar, eps), (z,), K=n_samples,
-                   seed=seed if eps is None else None)
-        return z
+        keep = keep_noise and eps is None
+        noise = mu.new_empty((n_samples, B, N) if keep else (0,))
+        self._call("reparameterize_fwd", mu, (mu, logvar, eps), (z, noise if keep else None),
+                   K=n_samples, seed=seed if eps is None else None)
+        return z, noise
 
-    def reparameterize_bwd(self, grad_z, mu, logvar, eps, seed, needs):
+    def reparameterize_bwd(self, grad_z, noise, mu, logvar, eps, seed, needs):
+        if eps is None and noise.numel():  # the noise kept by the forward
+            return self._reparameterize_backward(grad_z, mu, logvar, noise, None, needs, mu)
+        return self._reparameterize_backward(grad_z, mu, logvar, eps, seed, needs, eps)
+
+    def _reparameterize_backward(self, grad_z, mu, logvar, eps, seed, needs, given):
         K = grad_z.shape[0]
         B, N = mu.shape
         outs = (_maybe_empty(needs[0], (B, N), mu), _maybe_empty(needs[1], (B, N), logvar),
-                _maybe_empty(needs[2], (K, B, N), mu if eps is None else eps))
+                _maybe_empty(needs[2], (K, B, N), mu if given is None else given))
         self._call("reparameterize_bwd", mu, (grad_z, logvar, eps), outs, K=K,
                    seed=seed if eps is None and needs[1] else None)
         return _present(outs)

@@ -47,7 +47,8 @@ _SIGNATURES = {
     "fv_torch_abi_version": (ctypes.c_int32, ()),
     "fv_torch_serves": (ctypes.c_int32, (ctypes.c_char_p,)),
     "fv_torch_register": (ctypes.c_int32, (ctypes.c_char_p, ctypes.c_char_p, _I64, _I64, _I64,
-                                           _I64, _I64, _I64, _I64_P, _I64, _I64_P, _I64)),
+                                           _I64, _I64, _I64, _I64_P, _I64, _I64_P, _I64,
+                                           _I64_P, _I64)),
 }
 
 
@@ -110,7 +111,8 @@ def overloads(rows: tuple[tuple[object, object], ...]) -> dict[object, object]:
     _LIBRARY = torch.library.Library("fastvae", "FRAGMENT")
     served = {}
     for op, spec in rows:
-        if (not spec.grads or spec.saved_outputs
+        # saved outputs: non-differentiable ones only (kept as plain tensors by the C++ node)
+        if (not spec.grads or not set(spec.saved_outputs) <= set(spec.non_differentiable)
                 or not lib.fv_torch_serves(spec.method.encode())):
             continue
         forward_fake, backward_fake = spec.fake_kernels()
@@ -125,12 +127,13 @@ def overloads(rows: tuple[tuple[object, object], ...]) -> dict[object, object]:
 
         backward_attrs, n_bw = indices(spec.backward_attrs)
         non_differentiable, n_nd = indices(spec.non_differentiable)
+        saved_outputs, n_saved = indices(spec.saved_outputs)
         status = lib.fv_torch_register(
             spec.name.encode(), spec.method.encode(), spec.n_tensors,
             len(spec.attribute_names), spec.returns.count("Tensor"), spec.grads,
             -1 if spec.reduction_at is None else spec.reduction_at,
             -1 if spec.per_sample is None else spec.per_sample,
-            backward_attrs, n_bw, non_differentiable, n_nd)
+            backward_attrs, n_bw, non_differentiable, n_nd, saved_outputs, n_saved)
         if status != 0:
             raise RuntimeError(f"{LIB_NAME} refused to register fastvae::{spec.name}")
         served[op] = getattr(torch.ops.fastvae, spec.name).native

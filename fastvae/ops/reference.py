@@ -411,20 +411,28 @@ def _noise_for(seed: Tensor, n_samples: int, rows: int, cols: int, device) -> Te
     return noise(seed, (n_samples, rows, cols), device)
 
 
+def kept_noise(noise: Tensor, mu: Tensor, keep: bool) -> Tensor:
+    """The noise a reparameterize forward keeps for its backward: ``noise`` in mu's dtype when
+    ``keep``, else an empty tensor (docs/random-numbers.md, "Kept or regenerated")."""
+    return noise.to(mu.dtype) if keep else mu.new_empty((0,))
+
+
 def reparameterize_fwd(mu: Tensor, logvar: Tensor, eps: Tensor | None, seed: Tensor | None,
-                       n_samples: int) -> Tensor:
+                       n_samples: int, keep_noise: bool = False) -> tuple[Tensor, Tensor]:
     B, N = mu.shape
+    keep = keep_noise and eps is None
     if eps is None:
         eps = _noise_for(seed, n_samples, B, N, mu.device)
-    return (_up(mu) + std_times(_up(eps), _up(logvar))).to(mu.dtype)
+    z = (_up(mu) + std_times(_up(eps), _up(logvar))).to(mu.dtype)
+    return z, kept_noise(eps, mu, keep)
 
 
-def reparameterize_bwd(grad_z: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor | None,
-                       seed: Tensor | None, needs: list[bool]) -> list[Tensor]:
+def reparameterize_bwd(grad_z: Tensor, noise: Tensor, mu: Tensor, logvar: Tensor,
+                       eps: Tensor | None, seed: Tensor | None, needs: list[bool]) -> list[Tensor]:
     K = grad_z.shape[0]
     B, N = mu.shape
     if eps is None:
-        eps = _noise_for(seed, K, B, N, mu.device)
+        eps = noise if noise.numel() else _noise_for(seed, K, B, N, mu.device)
     g = _up(grad_z)
     lv = _up(logvar)
     out = []
@@ -477,7 +485,7 @@ def gaussian_nll_bwd(grad: Tensor, mean: Tensor, target: Tensor, logvar: Tensor 
 
 def sample_and_kl_fwd(mu: Tensor, logvar: Tensor, seed: Tensor,
                       reduce_dim: int) -> tuple[Tensor, Tensor]:
-    z = reparameterize_fwd(mu, logvar, None, seed, 1)[0]
+    z = reparameterize_fwd(mu, logvar, None, seed, 1)[0][0]
     return z, gaussian_kl_fwd(mu, logvar, None, None, reduce_dim)
 
 

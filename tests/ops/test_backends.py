@@ -217,3 +217,25 @@ def test_backend_cannot_serve_device():
         fv.gaussian_kl(ramp(3, 4), cuda)
     with pytest.raises(ValueError, match="generator"):
         fv.reparameterize(cuda, cuda, generator=torch.Generator("cpu"))
+
+
+def test_resolution_is_cached_until_the_choice_changes():
+    """``resolve`` answers from a cache, which ``set_backend`` and ``use_backend`` (entered and
+    left) clear; a choice that cannot serve the call is never cached, so it raises every time."""
+    cpu = torch.device("cpu")
+    before = fv.get_backend()
+    try:
+        fv.set_backend("torch")
+        assert _backend.resolve(cpu) == "torch"
+        assert _backend._RESOLVED == {("torch", "cpu"): "torch"}
+        fv.set_backend("auto")
+        assert not _backend._RESOLVED
+        expected = _backend._resolve_uncached("auto", "cpu")
+        assert _backend.resolve(cpu) == expected
+        with fv.use_backend("torch"):
+            assert not _backend._RESOLVED
+            assert _backend.resolve(cpu) == "torch"
+        assert not _backend._RESOLVED
+        assert _backend.resolve(cpu) == expected
+    finally:
+        fv.set_backend(before)

@@ -273,10 +273,14 @@ def _cases(geometry, dtype, g):
     eps = _make((K * B, N), "contiguous", dtype, g).view(K, B, N)
     gz3 = _make((K * B, N), "contiguous", dtype, g).view(K, B, N)
     gz = _make(shape, layout, dtype, g)
+    none = mu.new_empty((0,))  # no kept noise
     yield "reparameterize_fwd", (mu, lv, eps, None, K), False
+    yield "reparameterize_fwd", (mu, lv, eps, None, K, True), False  # eps given: nothing kept
     yield "reparameterize_fwd", (mu, lv, None, seed, 2), True
-    yield "reparameterize_bwd", (gz3, mu, lv, eps, None, [True, True, True]), False
-    yield "reparameterize_bwd", (gz3[:2], mu, lv, None, seed, [False, True, False]), True
+    yield "reparameterize_fwd", (mu, lv, None, seed, 2, True), True  # the noise kept
+    yield "reparameterize_bwd", (gz3, none, mu, lv, eps, None, [True, True, True]), False
+    yield "reparameterize_bwd", (gz3[:2], none, mu, lv, None, seed, [False, True, False]), True
+    yield "reparameterize_bwd", (gz3[:2], eps[:2], mu, lv, None, seed, [True, True, False]), False
     for rd in (1, 0):
         yield "gaussian_kl_fwd", (mu, lv, None, None, rd), False
         yield "gaussian_kl_fwd", (mu, lv, pm, plv, rd), False
@@ -363,7 +367,7 @@ def test_every_op_against_reference(geometry, dtype, isa):
 def _grad_inputs(op, args):
     """The inputs whose gradients a backward call returns, in order."""
     if op == "reparameterize_bwd":
-        _gz, mu, lv, eps, _, needs = args
+        _gz, _noise, mu, lv, eps, _, needs = args
         like = [mu, lv, eps if eps is not None else mu]
     elif op == "gaussian_kl_bwd":
         like, needs = [args[1]] * 4, args[6]

@@ -145,7 +145,8 @@ def test_opcheck_native_overloads():
                      (ops.gaussian_nll.native, (lg, x, lv, 0.0, 0, "cpu")),
                      (ops.gaussian_kl.native, (lg, lv, None, None, 1, 1, "cpu")),
                      (ops.sample_and_kl.native, (lg, lv, seed, 1, 2, "cpu")),
-                     (ops.reparameterize.native, (lg, lv, None, seed, 2, "cpu"))):
+                     (ops.reparameterize.native, (lg, lv, None, seed, 2, True, "cpu")),
+                     (ops.reparameterize.native, (lg, lv, None, seed, 2, False, "cpu"))):
         torch.library.opcheck(op, args)
 
 

@@ -12,7 +12,7 @@ import triton.language as tl
 from helpers import BACKENDS, CUDA, NOISE_TOL, assert_close, device_for
 
 import fastvae as fv
-from fastvae.ops import reference
+from fastvae.ops import functional, reference
 
 SEEDS = [0, 1, 12345, 2**31, 2**32 - 1, 2**32, 2**32 + 12345, 2**61 + 17, 2**62 - 1, 2**63 - 1]
 OFFSETS = [*range(200), 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3, 2**62 + 5]
@@ -233,19 +233,35 @@ def test_sample_and_kl_backward_with_both_outputs(backend, device):
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("draw", DRAWS)
-def test_noise_is_not_stored(draw, backend, device):
-    """What autograd saves for backward: the inputs and the seed, never a tensor of the
-    noise's size."""
+def _saved_for_backward(draw, device):
     mu, logvar = _mu_logvar(device, grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         z = DRAWS[draw](mu, logvar)
     assert len(saved) >= 2
     inputs = {mu.data_ptr(), logvar.data_ptr()}
-    for t in saved:
-        assert t.numel() <= 1 or t.data_ptr() in inputs, (
-            f"saved a {tuple(t.shape)} tensor that is not an input (z is {tuple(z.shape)})")
+    return z, [t for t in saved if t.numel() > 1 and t.data_ptr() not in inputs]
+
+
+@pytest.mark.parametrize("draw", DRAWS)
+def test_noise_is_not_stored_above_the_limit(draw, backend, device, monkeypatch):
+    """What autograd saves for backward above ``KEEP_NOISE_MAX``: the inputs and the seed, never
+    a tensor of the noise's size (the backward regenerates it)."""
+    monkeypatch.setattr(functional, "KEEP_NOISE_MAX", 0)
+    z, others = _saved_for_backward(draw, device)
+    assert not others, (f"saved {[tuple(t.shape) for t in others]}, not inputs "
+                        f"(z is {tuple(z.shape)})")
+
+
+@pytest.mark.parametrize("draw", DRAWS)
+def test_small_noise_is_kept(draw, backend, device):
+    """Up to ``KEEP_NOISE_MAX`` elements, reparameterize keeps the noise it drew (one tensor of
+    z's shape besides the inputs); sample_and_kl always regenerates it."""
+    z, others = _saved_for_backward(draw, device)
+    if draw.startswith("reparameterize"):
+        assert [t.numel() for t in others] == [z.numel()]
+    else:
+        assert not others
 
 
 # ---------------------------------------------------------------------------------------------
