@@ -225,3 +225,39 @@ def assert_checkpoint_reproduces_run(run, out, keys) -> dict:
         assert main([command, ckpt, "--out", str(out / name), *extra]) == 0
         assert (out / name).read_bytes() == (run / name).read_bytes(), name
     return got
+
+
+_TWO_RANK_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path[:0] = [{tests!r}, {helpers!r}]
+from {module} import KINDS, run
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.save({{kind: run(kind, rank) for kind in KINDS}}, f"{{sys.argv[1]}}/rank{{rank}}.pt")
+dist.destroy_process_group()
+"""
+
+
+def run_ranks(tmp_path, test_file: str, world: int = 2) -> list[dict]:
+    """Runs ``run(kind, rank)`` for every kind in ``KINDS`` of the test module ``test_file``
+    (its ``__file__``) on ``world`` processes (torchrun, gloo, one thread each) and returns each
+    rank's ``{kind: result}``; fails the test with the processes' output if they fail."""
+    import os
+    import subprocess
+    import sys
+
+    tests, name = os.path.split(os.path.abspath(test_file))
+    module = os.path.splitext(name)[0]
+    script = tmp_path / f"{module}_ranks.py"
+    script.write_text(_TWO_RANK_SCRIPT.format(tests=tests, module=module,
+                                              helpers=os.path.dirname(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(world), str(script), str(tmp_path)], capture_output=True, text=True, timeout=180,
+        env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
