@@ -24,7 +24,7 @@ from ..ops.fsq import (
     fsq_plan,
     index_dtype_for,
 )
-from .quantizer import QuantizerOutput
+from .quantizer import QuantizerOutput, _QuantizerModule
 
 __all__ = ["FSQ", "FiniteScalarQuantizer"]
 
@@ -32,13 +32,7 @@ __all__ = ["FSQ", "FiniteScalarQuantizer"]
 IMPLICIT_CODEBOOK_LIMIT = 2**20
 
 
-def _check_x(x: object, dim: int) -> None:
-    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != dim:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (..., {dim}), got {shape}")
-
-
-class FiniteScalarQuantizer(nn.Module):
+class FiniteScalarQuantizer(_QuantizerModule):
     """Finite scalar quantization (FSQ; Mentzer et al. 2023) as a fastvae quantizer.
 
     ``forward(x)``: ``x (..., dim)`` -> ``QuantizerOutput(quantized, indices, loss,
@@ -101,8 +95,7 @@ class FiniteScalarQuantizer(nn.Module):
         self.register_buffer("usage_ema", torch.zeros(sum(sizes)))
         # the step (from 1) each code was last used in; never: far below any window
         self.register_buffer("last_used", torch.full((sum(sizes),), -(2**62), dtype=torch.int64))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
+        self._register_counters()
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
 
     def extra_repr(self) -> str:
@@ -110,7 +103,7 @@ class FiniteScalarQuantizer(nn.Module):
                 f"preserve_symmetry={self.preserve_symmetry}, hard_clamp={self.hard_clamp}")
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        _check_x(x, self.dim)
+        self._check(x)
         z = self.project_in(x)
         codes, indices = finite_scalar_quantize(z, self.levels,
                                                 preserve_symmetry=self.preserve_symmetry,

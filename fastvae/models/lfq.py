@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.lfq import MAX_BITS, lfq_entropy, lookup_free_quantize
-from .quantizer import QuantizerOutput, _number, _positive_int, _world_size
+from .quantizer import QuantizerOutput, _number, _positive_int, _QuantizerModule
 
 __all__ = ["LFQ", "LookupFreeQuantizer"]
 
@@ -35,7 +35,7 @@ def _bits_of(indices: Tensor, d: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class LookupFreeQuantizer(nn.Module):
+class LookupFreeQuantizer(_QuantizerModule):
     """Lookup-free quantization (Yu et al. 2023, MAGVIT-v2) of ``x (..., dim)``: ``dim =
     num_codebooks * bits``, each group of ``bits`` quantized to ``{-s, s}^bits`` by sign.
 
@@ -94,21 +94,11 @@ class LookupFreeQuantizer(nn.Module):
         C, K = self.num_codebooks, self.codebook_size
         self.register_buffer("last_used", torch.full((C, K), -1, dtype=torch.int64))
         self.register_buffer("usage_ema", torch.zeros(C, K))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
+        self._register_counters()
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, num_codebooks={self.num_codebooks}, "
                 f"codebook_size={self.codebook_size}, spherical={self.spherical}")
-
-    def _sync(self) -> bool:
-        return _world_size() > 1 if self.sync is None else bool(self.sync)
-
-    def _check(self, x: object) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
-        return x
 
     def forward(self, x: Tensor) -> QuantizerOutput:
         self._check(x)

@@ -177,7 +177,42 @@ class QuantizerOutput(NamedTuple):
     codebook_loss: Tensor
 
 
-class VectorQuantizer(nn.Module):
+class _QuantizerModule(nn.Module):
+    """What the fastvae-native quantizer modules share (``VectorQuantizer``,
+    ``ResidualVectorQuantizer``, ``FiniteScalarQuantizer``, ``LookupFreeQuantizer``): the check
+    of ``x (..., dim)``, the ``sync`` decision, the ``steps`` / ``restarts`` counters and the
+    codebook part of ``extra_repr``."""
+
+    dim: int
+    sync: bool | None = None
+
+    def _register_counters(self) -> None:
+        """The 0-d int64 buffers ``steps`` (training steps) and ``restarts`` (cumulative
+        dead-code restarts; stays 0 where there are none)."""
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
+
+    def _sync(self) -> bool:
+        """All-reduce the statistics: ``sync``, or (None) when torch.distributed is initialized
+        with world size > 1."""
+        return _world_size() > 1 if self.sync is None else bool(self.sync)
+
+    def _check(self, x: object) -> Tensor:
+        """``x`` itself if it is a tensor of shape ``(..., dim)``, else ``ValueError``."""
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
+        return x
+
+    def _codebook_repr(self) -> str:
+        """``decay=...`` (EMA) or ``learned``, the commitment weight and the straight-through
+        estimator, for ``extra_repr``."""
+        mode = f"decay={self.decay}" if self.ema else "learned"
+        return (f"{mode}, commitment_weight={self.commitment_weight}, "
+                f"straight_through={self.straight_through!r}")
+
+
+class VectorQuantizer(_QuantizerModule):
     """A VQ-VAE quantizer (van den Oord et al. 2017) with an EMA or learned codebook.
 
     ``forward(x)``: ``x (..., dim)`` -> ``QuantizerOutput(quantized, indices, loss,
@@ -252,25 +287,17 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(K))
         self.register_buffer("usage_counts", torch.zeros(self.usage_window, K, dtype=torch.int64))
         self.register_buffer("usage_total", torch.zeros(K, dtype=torch.int64))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
+        self._register_counters()
         # the k-means flag as Python state (read from ``initted`` once at load): no host sync
         self._kmeans_pending = bool(kmeans_init)
         self.register_load_state_dict_post_hook(_reload_initted)
 
     def extra_repr(self) -> str:
-        mode = f"decay={self.decay}" if self.ema else "learned"
-        return (f"{self.dim}, {self.codebook_size}, metric={self.metric!r}, {mode}, "
-                f"commitment_weight={self.commitment_weight}, "
-                f"straight_through={self.straight_through!r}")
-
-    def _sync(self) -> bool:
-        return _world_size() > 1 if self.sync is None else bool(self.sync)
+        return (f"{self.dim}, {self.codebook_size}, metric={self.metric!r}, "
+                f"{self._codebook_repr()}")
 
     def forward(self, x: Tensor) -> QuantizerOutput:
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
+        self._check(x)
         sync = self._sync() if self.training else False
         flat = x.detach().reshape(-1, self.dim).to(self.codebook.dtype)
         if self.metric == "cosine":
@@ -323,9 +350,7 @@ class VectorQuantizer(nn.Module):
     def nearest(self, x: Tensor) -> Tensor:
         """The indices of the nearest codes of ``x (..., dim)`` (``fv.nearest_code``), without
         gradients or statistics: int64 of shape ``x.shape[:-1]``."""
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
+        self._check(x)
         codebook = self.codebook.detach()
         return nearest_code(x.detach().to(codebook.dtype), codebook, metric=self.metric)[0]
 
