@@ -24,7 +24,12 @@ from ..ops.fsq import (
     fsq_plan,
     index_dtype_for,
 )
-from .quantizer import QuantizerOutput, _QuantizerModule
+from .quantizer import (
+    QuantizerOutput,
+    _pack_channel_first,
+    _QuantizerModule,
+    _unpack_channel_first,
+)
 
 __all__ = ["FSQ", "FiniteScalarQuantizer"]
 
@@ -314,9 +319,7 @@ class FSQ(nn.Module):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
         move = z.ndim >= 4 or self.channel_first
         if move:
-            z = z.movedim(1, -1)
-            spatial = z.shape[1:-1]
-            z = z.reshape(z.shape[0], -1, z.shape[-1])
+            z, spatial = _pack_channel_first(z)
         if z.dim() < 1 or z.shape[-1] != self.dim:
             raise ValueError(f"expected dimension of {self.dim} but found dimension of "
                              f"{z.shape[-1] if z.dim() else None}")
@@ -339,8 +342,7 @@ class FSQ(nn.Module):
             codes = codes.reshape(*codes.shape[:-2], -1).to(orig_dtype)
         out = self.project_out(codes)
         if move:
-            out = out.reshape(out.shape[0], *spatial, out.shape[-1]).movedim(-1, 1)
-            indices = indices.reshape(indices.shape[0], *spatial, indices.shape[-1])
+            out, indices = _unpack_channel_first(out, indices, spatial)
         if not self.return_indices:
             return out, None
         if not self.keep_num_codebooks_dim:

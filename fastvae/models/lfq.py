@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.lfq import MAX_BITS, lfq_entropy, lookup_free_quantize
-from .quantizer import QuantizerOutput, _number, _positive_int, _QuantizerModule
+from .quantizer import (
+    QuantizerOutput,
+    _number,
+    _pack_channel_first,
+    _positive_int,
+    _QuantizerModule,
+    _unpack_channel_first,
+)
 
 __all__ = ["LFQ", "LookupFreeQuantizer"]
 
@@ -353,9 +360,7 @@ class LFQ(nn.Module):
         is_img_or_video = x.ndim >= 4
         transpose = is_img_or_video if self.channel_first is None else self.channel_first
         if transpose:
-            x = x.movedim(1, -1)
-            spatial = x.shape[1:-1]
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            x, spatial = _pack_channel_first(x)
         if x.dim() < 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have {self.dim} features (dimension "
                              f"{1 if transpose else -1}), got shape {tuple(x.shape)}")
@@ -397,8 +402,7 @@ class LFQ(nn.Module):
             x = x @ self.orthogonal_rot.t()
         x = self.project_out(x.flatten(-2))
         if transpose:
-            x = x.reshape(x.shape[0], *spatial, x.shape[-1]).movedim(-1, 1)
-            indices = indices.reshape(indices.shape[0], *spatial, indices.shape[-1])
+            x, indices = _unpack_channel_first(x, indices, spatial)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
         aux_loss = aux * self.entropy_loss_weight + commit * self.commitment_loss_weight

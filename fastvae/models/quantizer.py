@@ -105,6 +105,22 @@ def _kmeans(x: Tensor, K: int, iters: int, metric: str, sync: bool) -> tuple[Ten
     return means, counts
 
 
+def _pack_channel_first(x: Tensor) -> tuple[Tensor, torch.Size]:
+    """A drop-in's channel-first input ``(B, C, *spatial)`` -> rows ``(B, prod(spatial), C)``
+    and ``spatial`` (the package's ``b d ... -> b (...) d``)."""
+    x = x.movedim(1, -1)
+    spatial = x.shape[1:-1]
+    return x.reshape(x.shape[0], -1, x.shape[-1]), spatial
+
+
+def _unpack_channel_first(out: Tensor, indices: Tensor,
+                          spatial: torch.Size) -> tuple[Tensor, Tensor]:
+    """The inverse of ``_pack_channel_first`` for the output ``(B, n, C)`` -> ``(B, C,
+    *spatial)`` and the indices ``(B, n, c)`` -> ``(B, *spatial, c)``."""
+    out = out.reshape(out.shape[0], *spatial, out.shape[-1]).movedim(-1, 1)
+    return out, indices.reshape(indices.shape[0], *spatial, indices.shape[-1])
+
+
 def _smoothed_codebook(cluster_size: Tensor, embed_avg: Tensor, eps: float,
                        metric: str) -> Tensor:
     """The EMA codebook: ``embed_avg / n_k`` with Laplace-smoothed cluster sizes
