@@ -27,6 +27,12 @@ def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the quantizer ops compute in for inputs of ``dtype``: float64 for float64,
+    else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def device_for(backend: str) -> torch.device:
     """The device whose tensors ``backend`` serves in this test run."""
     if backend == "cuda" or (backend == "triton" and CUDA):

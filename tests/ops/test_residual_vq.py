@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, device_for
+from helpers import BACKENDS, compute_dtype, device_for
 
 import fastvae as fv
 from fastvae.ops import custom_ops as _ops
@@ -29,20 +29,10 @@ def _codebook_grad(backend: str) -> bool:
     return backend != "cuda"
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with fv.use_backend(request.param):
-        yield request.param
-
-
-def _compute(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _definition(x, codebooks, n_levels=None):
     """(indices (N, L), quantized (N, D), distances (N, L)) level by level from the whole
     distance matrices (reference.nearest_code_distances) in the compute dtype."""
-    c = _compute(torch.promote_types(x.dtype, codebooks.dtype))
+    c = compute_dtype(torch.promote_types(x.dtype, codebooks.dtype))
     r = x.to(c).cpu()
     cbs = codebooks.to(c).cpu()
     N, L = r.shape[0], cbs.shape[0]
