@@ -136,16 +136,18 @@ _SIGNATURES = {
 # ---------------------------------------------------------------------------------------------
 
 
-def library_paths() -> list[Path]:
-    """Where the library is looked for, in order."""
-    override = os.environ.get("FASTVAE_NATIVE_LIB")
+def library_paths(env_var: str = "FASTVAE_NATIVE_LIB", name: str = LIB_NAME) -> list[Path]:
+    """Where the library ``name`` is looked for, in order: the path in the environment
+    variable ``env_var`` if set, else the package's folders (also for the dispatcher library,
+    ``native_dispatch``)."""
+    override = os.environ.get(env_var)
     if override:
         return [Path(override)]
     # The root package's folders (its __path__; the package is imported already, this imports
     # nothing): CMake installs the library there, and an editable install lists both the
     # source tree and site-packages, where the compiled files go.
     package = importlib.util.find_spec("fastvae")
-    return [Path(p) / LIB_NAME for p in package.submodule_search_locations or ()]
+    return [Path(p) / name for p in package.submodule_search_locations or ()]
 
 
 @functools.cache

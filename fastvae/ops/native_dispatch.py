@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -52,12 +51,9 @@ _SIGNATURES = {
 
 
 def library_paths() -> list[Path]:
-    """Where the library is looked for, in order (as for the C library: ``native.py``)."""
-    override = os.environ.get("FASTVAE_TORCH_LIB")
-    if override:
-        return [Path(override)]
-    package = importlib.util.find_spec("fastvae")
-    return [Path(p) / LIB_NAME for p in package.submodule_search_locations or ()]
+    """Where the library is looked for, in order (as for the C library: ``native.py``;
+    ``FASTVAE_TORCH_LIB`` overrides)."""
+    return _native.library_paths("FASTVAE_TORCH_LIB", LIB_NAME)
 
 
 @functools.cache
