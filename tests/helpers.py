@@ -267,3 +267,19 @@ def run_ranks(tmp_path, test_file: str, world: int = 2) -> list[dict]:
         env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def assert_ranks_hold_the_single_process_state(ranks: list[dict], run, kinds, steps: int) -> None:
+    """For each kind, the ``(state_dict, per-step indices)`` of ``run(kind, rank)`` on two ranks:
+    the same state on both (bit for bit), the single process's (``run(kind, None)``) to float
+    rounding (the all-reduce adds partial sums), and the rank's indices those of its half."""
+    for kind in kinds:
+        (state0, idx0), (state1, idx1) = ranks[0][kind], ranks[1][kind]
+        single, idx = run(kind, None)
+        assert list(state0) == list(single)
+        for key in single:
+            assert torch.equal(state0[key], state1[key]), (kind, key)
+            torch.testing.assert_close(state0[key], single[key], rtol=1e-5, atol=1e-5,
+                                       msg=f"{kind} {key}")
+        for step in range(steps):
+            assert torch.equal(torch.cat([idx0[step], idx1[step]]), idx[step]), (kind, step)

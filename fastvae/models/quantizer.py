@@ -202,6 +202,42 @@ class _QuantizerModule(nn.Module):
     dim: int
     sync: bool | None = None
 
+    def _codebook_options(self, straight_through: str, decay: float | None,
+                          commitment_weight: float, kmeans_iters: int,
+                          dead_code_threshold: float, eps: float) -> None:
+        """Checks and sets the options of a k-means / EMA codebook (``VectorQuantizer``,
+        ``ResidualVectorQuantizer``): ``straight_through``, ``decay`` (``ema`` when > 0),
+        ``commitment_weight``, ``kmeans_iters``, ``dead_code_threshold``, ``eps``."""
+        if straight_through not in ("ste", "rotation"):
+            raise ValueError(f"straight_through must be 'ste' or 'rotation', "
+                             f"got {straight_through!r}")
+        self.straight_through = straight_through
+        self.decay = 0.0 if decay is None else _number("decay", decay, 0.0, 1.0, high_open=True)
+        self.ema = self.decay > 0
+        self.commitment_weight = _number("commitment_weight", commitment_weight)
+        self.kmeans_iters = _positive_int("kmeans_iters", kmeans_iters)
+        self.dead_code_threshold = _number("dead_code_threshold", dead_code_threshold)
+        self.eps = _number("eps", eps)
+
+    def _register_codebook(self, name: str, shape: tuple[int, ...], kmeans_init: bool,
+                           metric: str = "l2") -> None:
+        """The codebook ``name`` of ``shape`` (..., K, D): zeros until k-means fills it, else
+        uniform in ``[-1/K, 1/K]`` (unit rows for ``metric="cosine"``); a buffer with its EMA
+        sums ``embed_avg`` (``ema``), else an ``nn.Parameter`` (``embed_avg`` None)."""
+        K = shape[-2]
+        if kmeans_init:
+            init = torch.zeros(shape)
+        else:
+            init = torch.empty(shape).uniform_(-1.0 / K, 1.0 / K)
+            if metric == "cosine":
+                init = _normalize(init)
+        if self.ema:
+            self.register_buffer(name, init)
+            self.register_buffer("embed_avg", init.clone())
+        else:
+            setattr(self, name, nn.Parameter(init))
+            self.embed_avg = None
+
     def _register_counters(self) -> None:
         """The 0-d int64 buffers ``steps`` (training steps) and ``restarts`` (cumulative
         dead-code restarts; stays 0 where there are none)."""
@@ -274,31 +310,12 @@ class VectorQuantizer(_QuantizerModule):
         self.codebook_size = K = _positive_int("codebook_size", codebook_size)
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-        if straight_through not in ("ste", "rotation"):
-            raise ValueError(f"straight_through must be 'ste' or 'rotation', "
-                             f"got {straight_through!r}")
         self.metric = metric
-        self.straight_through = straight_through
-        self.decay = 0.0 if decay is None else _number("decay", decay, 0.0, 1.0, high_open=True)
-        self.ema = self.decay > 0
-        self.commitment_weight = _number("commitment_weight", commitment_weight)
-        self.kmeans_iters = _positive_int("kmeans_iters", kmeans_iters)
-        self.dead_code_threshold = _number("dead_code_threshold", dead_code_threshold)
-        self.eps = _number("eps", eps)
+        self._codebook_options(straight_through, decay, commitment_weight, kmeans_iters,
+                               dead_code_threshold, eps)
         self.usage_window = _positive_int("usage_window", usage_window)
         self.sync = sync
-        if kmeans_init:
-            init = torch.zeros(K, dim)
-        else:
-            init = torch.empty(K, dim).uniform_(-1.0 / K, 1.0 / K)
-            if metric == "cosine":
-                init = _normalize(init)
-        if self.ema:
-            self.register_buffer("codebook", init)
-            self.register_buffer("embed_avg", init.clone())
-        else:
-            self.codebook = nn.Parameter(init)
-            self.embed_avg = None
+        self._register_codebook("codebook", (K, self.dim), kmeans_init, metric)
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("cluster_size", torch.ones(K))
         self.register_buffer("usage_counts", torch.zeros(self.usage_window, K, dtype=torch.int64))

@@ -28,7 +28,6 @@ from .quantizer import (
     _batch_stats,
     _is_default,
     _kmeans,
-    _number,
     _positive_int,
     _QuantizerModule,
     _restart_dead_codes_,
@@ -98,16 +97,8 @@ class ResidualVectorQuantizer(_QuantizerModule):
         self.dim = D = _positive_int("dim", dim)
         self.codebook_size = K = _positive_int("codebook_size", codebook_size)
         self.num_levels = L = _positive_int("num_quantizers", num_quantizers)
-        if straight_through not in ("ste", "rotation"):
-            raise ValueError(f"straight_through must be 'ste' or 'rotation', "
-                             f"got {straight_through!r}")
-        self.straight_through = straight_through
-        self.decay = 0.0 if decay is None else _number("decay", decay, 0.0, 1.0, high_open=True)
-        self.ema = self.decay > 0
-        self.commitment_weight = _number("commitment_weight", commitment_weight)
-        self.kmeans_iters = _positive_int("kmeans_iters", kmeans_iters)
-        self.dead_code_threshold = _number("dead_code_threshold", dead_code_threshold)
-        self.eps = _number("eps", eps)
+        self._codebook_options(straight_through, decay, commitment_weight, kmeans_iters,
+                               dead_code_threshold, eps)
         self.quantize_dropout = bool(quantize_dropout)
         if isinstance(quantize_dropout_cutoff_index, bool) or \
                 not isinstance(quantize_dropout_cutoff_index, int):
@@ -119,16 +110,7 @@ class ResidualVectorQuantizer(_QuantizerModule):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.usage_window = _positive_int("usage_window", usage_window)
         self.sync = sync
-        if kmeans_init:
-            init = torch.zeros(L, K, D)
-        else:
-            init = torch.empty(L, K, D).uniform_(-1.0 / K, 1.0 / K)
-        if self.ema:
-            self.register_buffer("codebooks", init)
-            self.register_buffer("embed_avg", init.clone())
-        else:
-            self.codebooks = nn.Parameter(init)
-            self.embed_avg = None
+        self._register_codebook("codebooks", (L, K, D), kmeans_init)
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("cluster_size", torch.ones(L, K))
         self.register_buffer("last_used", torch.full((L, K), -(2**62), dtype=torch.int64))

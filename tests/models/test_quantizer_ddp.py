@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_ranks
+from helpers import assert_ranks_hold_the_single_process_state, run_ranks
 
 import fastvae as fv
 
@@ -51,16 +51,7 @@ def run(kind: str, rank: int | None) -> tuple[dict, list[torch.Tensor]]:
 @pytest.mark.slow
 def test_two_ranks_hold_the_single_process_codebook(tmp_path):
     ranks = run_ranks(tmp_path, __file__)
-    for kind in KINDS:
-        (state0, idx0), (state1, idx1) = ranks[0][kind], ranks[1][kind]
-        single, idx = run(kind, None)
-        assert list(state0) == list(single)
-        for key in single:
-            assert torch.equal(state0[key], state1[key]), (kind, key)
-            torch.testing.assert_close(state0[key], single[key], rtol=1e-5, atol=1e-5,
-                                       msg=f"{kind} {key}")
-        for step in range(STEPS):
-            assert torch.equal(torch.cat([idx0[step], idx1[step]]), idx[step]), (kind, step)
+    assert_ranks_hold_the_single_process_state(ranks, run, KINDS, STEPS)
     for kind in ("native", "cosine_learned"):
         state = ranks[0][kind][0]
         assert int(state["restarts"]) > 0, kind  # the restarts were exercised

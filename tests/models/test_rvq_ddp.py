@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_ranks
+from helpers import assert_ranks_hold_the_single_process_state, run_ranks
 
 import fastvae as fv
 
@@ -48,16 +48,7 @@ def run(kind: str, rank: int | None) -> tuple[dict, list[torch.Tensor]]:
 @pytest.mark.slow
 def test_two_ranks_hold_the_single_process_codebooks(tmp_path):
     ranks = run_ranks(tmp_path, __file__)
-    for kind in KINDS:
-        (state0, idx0), (state1, idx1) = ranks[0][kind], ranks[1][kind]
-        single, idx = run(kind, None)
-        assert list(state0) == list(single)
-        for key in single:
-            assert torch.equal(state0[key], state1[key]), (kind, key)
-            torch.testing.assert_close(state0[key], single[key], rtol=1e-5, atol=1e-5,
-                                       msg=f"{kind} {key}")
-        for step in range(STEPS):
-            assert torch.equal(torch.cat([idx0[step], idx1[step]]), idx[step]), (kind, step)
+    assert_ranks_hold_the_single_process_state(ranks, run, KINDS, STEPS)
     state = ranks[0]["native"][0]
     assert int(state["restarts"]) > 0  # the restarts were exercised
     assert int(state["steps"]) == STEPS
