@@ -1417,6 +1417,21 @@ __global__ void lfq_sums_kernel(const S* __restrict l, int64_t s_c, int64_t s_r,
     if (k < K) sums[cb * o_c + k * o_k] = acc;
 }
 
+// Code k's log-probability t = sum_j log P(bit_j = b_j(k)) and probability p = prod_j
+// P(bit_j = b_j(k)) (bits most significant first) from the per-bit tables lg and sg.
+template <class T>
+__device__ __forceinline__ void lfq_code_log_prob(const T (&lg)[kLfqMaxBits][2],
+                                                  const T (&sg)[kLfqMaxBits][2], int d,
+                                                  int64_t k, T& t, T& p) {
+    t = T(0);
+    p = T(1);
+    for (int j = 0; j < d; ++j) {
+        const int b = int((k >> (d - 1 - j)) & 1);
+        t += lg[j][b];
+        p *= sg[j][b];
+    }
+}
+
 template <class T, class S>
 __global__ void lfq_entropy_kernel(const S* __restrict l, int64_t s_c, int64_t s_r, int64_t s_j,
                                    int64_t R, int64_t C, int d, T eps, T* __restrict h,
@@ -1439,12 +1454,8 @@ __global__ void lfq_entropy_kernel(const S* __restrict l, int64_t s_c, int64_t s
         const int64_t K = int64_t(1) << d;
         sum = T(0);
         for (int64_t k = 0; k < K; ++k) {
-            T t = T(0), p = T(1);
-            for (int j = 0; j < d; ++j) {
-                const int b = int((k >> (d - 1 - j)) & 1);
-                t += lg[j][b];
-                p *= sg[j][b];
-            }
+            T t, p;
+            lfq_code_log_prob(lg, sg, d, k, t, p);
             sum -= p * (t > leps ? t : leps);
         }
     }
@@ -1474,12 +1485,8 @@ __global__ void lfq_backward_kernel(const T* __restrict g, int64_t g_c, int64_t 
     const T leps = clamped ? cuda_math::log_(eps) : T(0);
     const int64_t K = int64_t(1) << d;
     for (int64_t k = 0; k < K; ++k) {
-        T t = T(0), p = T(1);
-        for (int j = 0; j < d; ++j) {
-            const int b = int((k >> (d - 1 - j)) & 1);
-            t += lg[j][b];
-            p *= sg[j][b];
-        }
+        T t, p;
+        lfq_code_log_prob(lg, sg, d, k, t, p);
         T coef = g[cb * g_c + k * g_k];
         if (clamped) {
             const bool above = t > leps;

@@ -283,3 +283,21 @@ def assert_ranks_hold_the_single_process_state(ranks: list[dict], run, kinds, st
                                        msg=f"{kind} {key}")
         for step in range(steps):
             assert torch.equal(torch.cat([idx0[step], idx1[step]]), idx[step]), (kind, step)
+
+
+def cpu_isas_and_threads(threads=(1, 2, 3)):
+    """Yields ``(isa, n)`` for every instruction set of the native CPU library and every thread
+    count ``n`` in ``threads``, with that set and count in effect; restores ``"auto"`` and the
+    thread count after (for the bitwise-reproducibility tests)."""
+    from fastvae.ops import native
+
+    before = torch.get_num_threads()
+    try:
+        for isa in native.cpu_isas():
+            native.set_cpu_isa(isa)
+            for n in threads:
+                torch.set_num_threads(n)
+                yield isa, n
+    finally:
+        native.set_cpu_isa("auto")
+        torch.set_num_threads(before)

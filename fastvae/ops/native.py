@@ -35,12 +35,16 @@ from torch import Tensor
 
 ABI_VERSION = 3
 
-if sys.platform == "win32":
-    LIB_NAME = "fastvae_native.dll"
-elif sys.platform == "darwin":
-    LIB_NAME = "libfastvae_native.dylib"
-else:
-    LIB_NAME = "libfastvae_native.so"
+
+def library_file(stem: str) -> str:
+    """The file name of the shared library ``stem`` on this platform (``lib<stem>.so``,
+    ``lib<stem>.dylib`` or ``<stem>.dll``)."""
+    if sys.platform == "win32":
+        return f"{stem}.dll"
+    return f"lib{stem}.dylib" if sys.platform == "darwin" else f"lib{stem}.so"
+
+
+LIB_NAME = library_file("fastvae_native")
 
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 

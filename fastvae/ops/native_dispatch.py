@@ -26,19 +26,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from . import native as _native
 
-if sys.platform == "win32":
-    LIB_NAME = "fastvae_torch.dll"
-elif sys.platform == "darwin":
-    LIB_NAME = "libfastvae_torch.dylib"
-else:
-    LIB_NAME = "libfastvae_torch.so"
+LIB_NAME = _native.library_file("fastvae_torch")
 
 _I64 = ctypes.c_int64
 _I64_P = ctypes.POINTER(ctypes.c_int64)

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, compute_dtype, device_for
+from helpers import BACKENDS, compute_dtype, cpu_isas_and_threads, device_for
 
 import fastvae as fv
 from fastvae.ops import custom_ops as _ops
@@ -383,22 +383,14 @@ def test_cpu_bitwise_across_isas_and_threads(mode):
     a, b = torch.tensor(plan.a), torch.tensor(plan.b)
     cpu = native.implementation("cpu")
     want = None
-    before = torch.get_num_threads()
-    try:
-        for isa in native.cpu_isas():
-            native.set_cpu_isa(isa)
-            for threads in (1, 2, 3):
-                torch.set_num_threads(threads)
-                codes, index = cpu.finite_scalar_quantize_fwd(z, lv, basis, a, b, mode)
-                dz = cpu.finite_scalar_quantize_bwd(g, z, lv, basis, a, b, mode)
-                if want is None:
-                    want = (codes, index, dz)
-                assert torch.equal(codes, want[0]), (isa, threads)
-                assert torch.equal(index, want[1]), (isa, threads)
-                assert torch.equal(dz, want[2]), (isa, threads)
-    finally:
-        native.set_cpu_isa("auto")
-        torch.set_num_threads(before)
+    for isa, threads in cpu_isas_and_threads():
+        codes, index = cpu.finite_scalar_quantize_fwd(z, lv, basis, a, b, mode)
+        dz = cpu.finite_scalar_quantize_bwd(g, z, lv, basis, a, b, mode)
+        if want is None:
+            want = (codes, index, dz)
+        assert torch.equal(codes, want[0]), (isa, threads)
+        assert torch.equal(index, want[1]), (isa, threads)
+        assert torch.equal(dz, want[2]), (isa, threads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, compute_dtype, device_for
+from helpers import BACKENDS, compute_dtype, cpu_isas_and_threads, device_for
 
 import fastvae as fv
 from fastvae.ops import custom_ops as _ops
@@ -291,18 +291,10 @@ def test_cpu_bitwise_across_isas_and_threads():
     n = torch.randint(0, 5, (333,), generator=torch.Generator().manual_seed(2))
     cpu = native.implementation("cpu")
     want = reference.residual_vq_fwd(x, cb, n, 0)
-    before = torch.get_num_threads()
-    try:
-        for isa in native.cpu_isas():
-            native.set_cpu_isa(isa)
-            for threads in (1, 2, 3):
-                torch.set_num_threads(threads)
-                got = cpu.residual_vq_fwd(x, cb, n, 0)
-                for a, b in zip(got, want, strict=True):
-                    assert torch.equal(a, b), (isa, threads)
-    finally:
-        native.set_cpu_isa("auto")
-        torch.set_num_threads(before)
+    for isa, threads in cpu_isas_and_threads():
+        got = cpu.residual_vq_fwd(x, cb, n, 0)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), (isa, threads)
 
 
 @pytest.mark.parametrize(("kwargs", "err", "match"), [
