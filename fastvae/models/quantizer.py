@@ -238,6 +238,12 @@ class _QuantizerModule(nn.Module):
             setattr(self, name, nn.Parameter(init))
             self.embed_avg = None
 
+    def _track_kmeans(self, kmeans_init: bool) -> None:
+        """The k-means flag as Python state (``_kmeans_pending``, read from the ``initted``
+        buffer once at load, never in a step): no host sync."""
+        self._kmeans_pending = bool(kmeans_init)
+        self.register_load_state_dict_post_hook(_reload_initted)
+
     def _register_counters(self) -> None:
         """The 0-d int64 buffers ``steps`` (training steps) and ``restarts`` (cumulative
         dead-code restarts; stays 0 where there are none)."""
@@ -321,9 +327,7 @@ class VectorQuantizer(_QuantizerModule):
         self.register_buffer("usage_counts", torch.zeros(self.usage_window, K, dtype=torch.int64))
         self.register_buffer("usage_total", torch.zeros(K, dtype=torch.int64))
         self._register_counters()
-        # the k-means flag as Python state (read from ``initted`` once at load): no host sync
-        self._kmeans_pending = bool(kmeans_init)
-        self.register_load_state_dict_post_hook(_reload_initted)
+        self._track_kmeans(kmeans_init)
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, {self.codebook_size}, metric={self.metric!r}, "

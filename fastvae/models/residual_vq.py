@@ -116,8 +116,7 @@ class ResidualVectorQuantizer(_QuantizerModule):
         self.register_buffer("last_used", torch.full((L, K), -(2**62), dtype=torch.int64))
         self.register_buffer("usage_counts", torch.zeros(L, K))
         self._register_counters()
-        self._kmeans_pending = bool(kmeans_init)
-        self.register_load_state_dict_post_hook(_reload_initted)
+        self._track_kmeans(kmeans_init)
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, {self.codebook_size}, num_quantizers={self.num_levels}, "
@@ -237,11 +236,6 @@ class ResidualVectorQuantizer(_QuantizerModule):
 def _reshare_codebooks(module: nn.Module, incompatible: Any) -> None:
     if isinstance(module, ResidualVQ):
         module._share_codebooks()
-
-
-def _reload_initted(module: nn.Module, incompatible: Any) -> None:
-    if hasattr(module, "_kmeans_pending"):
-        module._kmeans_pending = not bool(module.initted)
 
 
 # ---------------------------------------------------------------------------------------------
