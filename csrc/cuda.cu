@@ -746,6 +746,14 @@ int check_launch(const char* what) {
     return err == cudaSuccess ? FV_OK : cuda_error(err, what);
 }
 
+// FV_OK if the caller's workspace holds the `need` bytes fv_cuda_workspace_bytes() asked for.
+int check_workspace(const fv_call& c, int64_t need) {
+    if (c.workspace == nullptr || c.workspace_bytes < need)
+        return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
+                         "fv_cuda_workspace_bytes() asked for", static_cast<long long>(need));
+    return FV_OK;
+}
+
 template <int E, class Op>
 int launch_elementwise(const Op& op, const fv_call& c, cudaStream_t stream) {
     const Geometry g = geometry(c.N, E);
@@ -765,10 +773,8 @@ int launch_sum(const Op& op, const fv_call& c, const fv_tensor& out, int reduce_
     T* dst = result;
     int64_t dst_stride = out.stride[2];
     if (p.n_split > 1) {
-        if (c.workspace == nullptr || c.workspace_bytes < p.workspace_bytes)
-            return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
-                             "fv_cuda_workspace_bytes() asked for",
-                             static_cast<long long>(p.workspace_bytes));
+        if (const int status = check_workspace(c, p.workspace_bytes); status != FV_OK)
+            return status;
         dst = static_cast<T*>(c.workspace);
         dst_stride = 1;
     }
@@ -821,10 +827,8 @@ SumPlan plan_iwae(const fv_call& c, int E, size_t compute_size) {
 template <class T, class S, int E>
 int launch_iwae_fwd(const fv_call& c, cudaStream_t stream) {
     const SumPlan p = plan_iwae(c, E, sizeof(T));
-    if (c.workspace == nullptr || c.workspace_bytes < p.workspace_bytes)
-        return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
-                         "fv_cuda_workspace_bytes() asked for",
-                         static_cast<long long>(p.workspace_bytes));
+    if (const int status = check_workspace(c, p.workspace_bytes); status != FV_OK)
+        return status;
     T* partial = static_cast<T*>(c.workspace);
     const IwaeTerms<T, S, E> op{make_in<S>(c.in[1]), make_in<S>(c.in[2]), make_in<S>(c.in[3]),
                                 c.B, c.N};
@@ -1050,6 +1054,20 @@ __global__ void nc_pack_kernel(const S* src, int64_t s_row, int64_t s_col, int64
 constexpr int kNcThreads = 128;
 constexpr int kNcSharedBytes = 16384;
 
+// Blocks of kNcThreads for a grid-stride loop over m items (at most 65535).
+unsigned nc_blocks(int64_t m) {
+    const int64_t n = cdiv(m, kNcThreads);
+    return unsigned(n < 65535 ? n : 65535);
+}
+
+// Codes of D elements of T per shared-memory tile (at least 1: D > 4096 in float32 reads one
+// code at a time from global memory).
+template <class T>
+int64_t nc_tile(int64_t D) {
+    const int64_t tile = kNcSharedBytes / (D * int64_t(sizeof(T)));
+    return tile < 1 ? 1 : tile;
+}
+
 template <class T>
 __device__ __forceinline__ T nc_distance(const T* x, const T* e, int64_t D, bool cosine) {
     T acc = T(0);
@@ -1136,27 +1154,20 @@ int launch_nearest_code(const fv_call& c, cudaStream_t stream) {
         return set_error(FV_ERR_INVALID, "nearest_code_fwd: the metric (scalar) is 0 (l2) or 1 "
                          "(cosine), got %g", c.scalar);
     const bool cosine = c.scalar == 1.0;
-    if (c.workspace == nullptr || c.workspace_bytes < nc_workspace_bytes(c))
-        return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
-                         "fv_cuda_workspace_bytes() asked for",
-                         static_cast<long long>(nc_workspace_bytes(c)));
+    if (const int status = check_workspace(c, nc_workspace_bytes(c)); status != FV_OK)
+        return status;
     T* cb = static_cast<T*>(c.workspace);
     T* xs = cb + K * D;
     const fv_tensor &X = c.in[0], &E = c.in[1];
-    auto blocks = [](int64_t m) {
-        const int64_t n = cdiv(m, kNcThreads);
-        return unsigned(n < 65535 ? n : 65535);
-    };
-    nc_pack_kernel<T, S><<<blocks(K), kNcThreads, 0, stream>>>(
+    nc_pack_kernel<T, S><<<nc_blocks(K), kNcThreads, 0, stream>>>(
         static_cast<const S*>(E.data), E.stride[0], E.stride[2], K, D, cosine, cb);
     int status = check_launch("the nearest-code codebook kernel");
     if (status != FV_OK) return status;
-    nc_pack_kernel<T, S><<<blocks(B), kNcThreads, 0, stream>>>(
+    nc_pack_kernel<T, S><<<nc_blocks(B), kNcThreads, 0, stream>>>(
         static_cast<const S*>(X.data), X.stride[1], X.stride[2], B, D, cosine, xs);
     status = check_launch("the nearest-code rows kernel");
     if (status != FV_OK) return status;
-    int64_t tile = kNcSharedBytes / (D * int64_t(sizeof(T)));
-    if (tile < 1) tile = 1;  // D > 4096 (float32): one code at a time, read from global below
+    const int64_t tile = nc_tile<T>(D);  // 1: one code at a time, read from global below
     const int64_t grid = cdiv(B, kNcThreads);
     if (grid > kMaxGridX) return set_error(FV_ERR_INVALID, "nearest_code_fwd: too many rows");
     if (D * int64_t(sizeof(T)) > kNcSharedBytes)
@@ -1232,10 +1243,8 @@ int launch_residual_vq_fwd(const fv_call& c, cudaStream_t stream) {
     const int64_t B = c.B, K = c.K, D = c.N, L = int64_t(c.scalar) + 1;
     if (L < 1) return set_error(FV_ERR_INVALID, "residual_vq_fwd: L = %lld levels",
                                 static_cast<long long>(L));
-    if (c.workspace == nullptr || c.workspace_bytes < rvq_workspace_bytes(c))
-        return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
-                         "fv_cuda_workspace_bytes() asked for",
-                         static_cast<long long>(rvq_workspace_bytes(c)));
+    if (const int status = check_workspace(c, rvq_workspace_bytes(c)); status != FV_OK)
+        return status;
     T* cb = static_cast<T*>(c.workspace);
     T* r = cb + K * D;
     T* q = r + B * D;
@@ -1243,24 +1252,19 @@ int launch_residual_vq_fwd(const fv_call& c, cudaStream_t stream) {
     int64_t* index = reinterpret_cast<int64_t*>(
         (reinterpret_cast<uintptr_t>(dist + B) + 255) & ~uintptr_t(255));
     const fv_tensor &X = c.in[0], &E = c.in[1], &Lev = c.in[2];
-    auto blocks = [](int64_t m) {
-        const int64_t n = cdiv(m, kNcThreads);
-        return unsigned(n < 65535 ? n : 65535);
-    };
-    nc_pack_kernel<T, S><<<blocks(B), kNcThreads, 0, stream>>>(
+    nc_pack_kernel<T, S><<<nc_blocks(B), kNcThreads, 0, stream>>>(
         static_cast<const S*>(X.data), X.stride[1], X.stride[2], B, D, false, r);
     int status = check_launch("the residual-VQ rows kernel");
     if (status != FV_OK) return status;
     cudaError_t err = cudaMemsetAsync(q, 0, size_t(B * D) * sizeof(T), stream);
     if (err != cudaSuccess) return cuda_error(err, "clearing the residual-VQ sum");
-    int64_t tile = kNcSharedBytes / (D * int64_t(sizeof(T)));
-    if (tile < 1) tile = 1;
+    const int64_t tile = nc_tile<T>(D);
     const int64_t grid = cdiv(B, kNcThreads);
     if (grid > kMaxGridX) return set_error(FV_ERR_INVALID, "residual_vq_fwd: too many rows");
     for (int64_t l = 0; l < L; ++l) {
         const S* level = static_cast<const S*>(E.data) + l * E.stride[1];
-        nc_pack_kernel<T, S><<<blocks(K), kNcThreads, 0, stream>>>(level, E.stride[0],
-                                                                    E.stride[2], K, D, false, cb);
+        nc_pack_kernel<T, S><<<nc_blocks(K), kNcThreads, 0, stream>>>(
+            level, E.stride[0], E.stride[2], K, D, false, cb);
         status = check_launch("the residual-VQ codebook kernel");
         if (status != FV_OK) return status;
         if (D * int64_t(sizeof(T)) > kNcSharedBytes)
@@ -1271,7 +1275,7 @@ int launch_residual_vq_fwd(const fv_call& c, cudaStream_t stream) {
                 r, cb, B, K, D, false, tile, index, 1, dist, 1);
         status = check_launch("the residual-VQ search kernel");
         if (status != FV_OK) return status;
-        rvq_update_kernel<T><<<blocks(B), kNcThreads, 0, stream>>>(
+        rvq_update_kernel<T><<<nc_blocks(B), kNcThreads, 0, stream>>>(
             r, q, cb, index, dist, static_cast<const int64_t*>(Lev.data), Lev.stride[1], l, B, D,
             static_cast<int64_t*>(c.out[0].data), c.out[0].stride[1], c.out[0].stride[2],
             static_cast<T*>(c.out[2].data), c.out[2].stride[1], c.out[2].stride[2],
@@ -1279,7 +1283,7 @@ int launch_residual_vq_fwd(const fv_call& c, cudaStream_t stream) {
         status = check_launch("the residual-VQ update kernel");
         if (status != FV_OK) return status;
     }
-    rvq_store_kernel<T><<<blocks(B * D), kNcThreads, 0, stream>>>(
+    rvq_store_kernel<T><<<nc_blocks(B * D), kNcThreads, 0, stream>>>(
         q, B, D, static_cast<T*>(c.out[1].data), c.out[1].stride[1], c.out[1].stride[2]);
     return check_launch("the residual-VQ store kernel");
 }
@@ -1351,10 +1355,8 @@ int launch_residual_vq_bwd(const fv_call& c, cudaStream_t stream) {
         return set_error(FV_ERR_NOT_BUILT, "residual_vq_bwd: the codebooks' gradient has no "
                          "CUDA kernel (a learned codebook: use the triton backend)");
     if (c.out[0].data == nullptr) return FV_OK;
-    if (c.workspace == nullptr || c.workspace_bytes < rvq_bwd_workspace_bytes(c))
-        return set_error(FV_ERR_INVALID, "the workspace is smaller than the %lld bytes that "
-                         "fv_cuda_workspace_bytes() asked for",
-                         static_cast<long long>(rvq_bwd_workspace_bytes(c)));
+    if (const int status = check_workspace(c, rvq_bwd_workspace_bytes(c)); status != FV_OK)
+        return status;
     T* r = static_cast<T*>(c.workspace);
     const fv_tensor &X = c.in[4], &E = c.in[5];
     const int64_t n = cdiv(B, kNcThreads);
@@ -1416,6 +1418,21 @@ __global__ void lfq_sums_kernel(const S* __restrict l, int64_t s_c, int64_t s_r,
     if (k < K) sums[cb * o_c + k * o_k] = acc;
 }
 
+// Code k's log-probability t = sum_j log P(bit_j = b_j(k)) and probability p = prod_j
+// P(bit_j = b_j(k)) (bits most significant first) from the per-bit tables lg and sg.
+template <class T>
+__device__ __forceinline__ void lfq_code_log_prob(const T (&lg)[kLfqMaxBits][2],
+                                                  const T (&sg)[kLfqMaxBits][2], int d,
+                                                  int64_t k, T& t, T& p) {
+    t = T(0);
+    p = T(1);
+    for (int j = 0; j < d; ++j) {
+        const int b = int((k >> (d - 1 - j)) & 1);
+        t += lg[j][b];
+        p *= sg[j][b];
+    }
+}
+
 template <class T, class S>
 __global__ void lfq_entropy_kernel(const S* __restrict l, int64_t s_c, int64_t s_r, int64_t s_j,
                                    int64_t R, int64_t C, int d, T eps, T* __restrict h,
@@ -1438,12 +1455,8 @@ __global__ void lfq_entropy_kernel(const S* __restrict l, int64_t s_c, int64_t s
         const int64_t K = int64_t(1) << d;
         sum = T(0);
         for (int64_t k = 0; k < K; ++k) {
-            T t = T(0), p = T(1);
-            for (int j = 0; j < d; ++j) {
-                const int b = int((k >> (d - 1 - j)) & 1);
-                t += lg[j][b];
-                p *= sg[j][b];
-            }
+            T t, p;
+            lfq_code_log_prob(lg, sg, d, k, t, p);
             sum -= p * (t > leps ? t : leps);
         }
     }
@@ -1473,12 +1486,8 @@ __global__ void lfq_backward_kernel(const T* __restrict g, int64_t g_c, int64_t 
     const T leps = clamped ? cuda_math::log_(eps) : T(0);
     const int64_t K = int64_t(1) << d;
     for (int64_t k = 0; k < K; ++k) {
-        T t = T(0), p = T(1);
-        for (int j = 0; j < d; ++j) {
-            const int b = int((k >> (d - 1 - j)) & 1);
-            t += lg[j][b];
-            p *= sg[j][b];
-        }
+        T t, p;
+        lfq_code_log_prob(lg, sg, d, k, t, p);
         T coef = g[cb * g_c + k * g_k];
         if (clamped) {
             const bool above = t > leps;

@@ -27,6 +27,12 @@ def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the quantizer ops compute in for inputs of ``dtype``: float64 for float64,
+    else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def device_for(backend: str) -> torch.device:
     """The device whose tensors ``backend`` serves in this test run."""
     if backend == "cuda" or (backend == "triton" and CUDA):
@@ -225,3 +231,73 @@ def assert_checkpoint_reproduces_run(run, out, keys) -> dict:
         assert main([command, ckpt, "--out", str(out / name), *extra]) == 0
         assert (out / name).read_bytes() == (run / name).read_bytes(), name
     return got
+
+
+_TWO_RANK_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path[:0] = [{tests!r}, {helpers!r}]
+from {module} import KINDS, run
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.save({{kind: run(kind, rank) for kind in KINDS}}, f"{{sys.argv[1]}}/rank{{rank}}.pt")
+dist.destroy_process_group()
+"""
+
+
+def run_ranks(tmp_path, test_file: str, world: int = 2) -> list[dict]:
+    """Runs ``run(kind, rank)`` for every kind in ``KINDS`` of the test module ``test_file``
+    (its ``__file__``) on ``world`` processes (torchrun, gloo, one thread each) and returns each
+    rank's ``{kind: result}``; fails the test with the processes' output if they fail."""
+    import os
+    import subprocess
+    import sys
+
+    tests, name = os.path.split(os.path.abspath(test_file))
+    module = os.path.splitext(name)[0]
+    script = tmp_path / f"{module}_ranks.py"
+    script.write_text(_TWO_RANK_SCRIPT.format(tests=tests, module=module,
+                                              helpers=os.path.dirname(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(world), str(script), str(tmp_path)], capture_output=True, text=True, timeout=180,
+        env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def assert_ranks_hold_the_single_process_state(ranks: list[dict], run, kinds, steps: int) -> None:
+    """For each kind, the ``(state_dict, per-step indices)`` of ``run(kind, rank)`` on two ranks:
+    the same state on both (bit for bit), the single process's (``run(kind, None)``) to float
+    rounding (the all-reduce adds partial sums), and the rank's indices those of its half."""
+    for kind in kinds:
+        (state0, idx0), (state1, idx1) = ranks[0][kind], ranks[1][kind]
+        single, idx = run(kind, None)
+        assert list(state0) == list(single)
+        for key in single:
+            assert torch.equal(state0[key], state1[key]), (kind, key)
+            torch.testing.assert_close(state0[key], single[key], rtol=1e-5, atol=1e-5,
+                                       msg=f"{kind} {key}")
+        for step in range(steps):
+            assert torch.equal(torch.cat([idx0[step], idx1[step]]), idx[step]), (kind, step)
+
+
+def cpu_isas_and_threads(threads=(1, 2, 3)):
+    """Yields ``(isa, n)`` for every instruction set of the native CPU library and every thread
+    count ``n`` in ``threads``, with that set and count in effect; restores ``"auto"`` and the
+    thread count after (for the bitwise-reproducibility tests)."""
+    from fastvae.ops import native
+
+    before = torch.get_num_threads()
+    try:
+        for isa in native.cpu_isas():
+            native.set_cpu_isa(isa)
+            for n in threads:
+                torch.set_num_threads(n)
+                yield isa, n
+    finally:
+        native.set_cpu_isa("auto")
+        torch.set_num_threads(before)

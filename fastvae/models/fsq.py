@@ -24,7 +24,12 @@ from ..ops.fsq import (
     fsq_plan,
     index_dtype_for,
 )
-from .quantizer import QuantizerOutput
+from .quantizer import (
+    QuantizerOutput,
+    _pack_channel_first,
+    _QuantizerModule,
+    _unpack_channel_first,
+)
 
 __all__ = ["FSQ", "FiniteScalarQuantizer"]
 
@@ -32,13 +37,7 @@ __all__ = ["FSQ", "FiniteScalarQuantizer"]
 IMPLICIT_CODEBOOK_LIMIT = 2**20
 
 
-def _check_x(x: object, dim: int) -> None:
-    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != dim:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (..., {dim}), got {shape}")
-
-
-class FiniteScalarQuantizer(nn.Module):
+class FiniteScalarQuantizer(_QuantizerModule):
     """Finite scalar quantization (FSQ; Mentzer et al. 2023) as a fastvae quantizer.
 
     ``forward(x)``: ``x (..., dim)`` -> ``QuantizerOutput(quantized, indices, loss,
@@ -101,8 +100,7 @@ class FiniteScalarQuantizer(nn.Module):
         self.register_buffer("usage_ema", torch.zeros(sum(sizes)))
         # the step (from 1) each code was last used in; never: far below any window
         self.register_buffer("last_used", torch.full((sum(sizes),), -(2**62), dtype=torch.int64))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
+        self._register_counters()
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
 
     def extra_repr(self) -> str:
@@ -110,7 +108,7 @@ class FiniteScalarQuantizer(nn.Module):
                 f"preserve_symmetry={self.preserve_symmetry}, hard_clamp={self.hard_clamp}")
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        _check_x(x, self.dim)
+        self._check(x)
         z = self.project_in(x)
         codes, indices = finite_scalar_quantize(z, self.levels,
                                                 preserve_symmetry=self.preserve_symmetry,
@@ -321,9 +319,7 @@ class FSQ(nn.Module):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
         move = z.ndim >= 4 or self.channel_first
         if move:
-            z = z.movedim(1, -1)
-            spatial = z.shape[1:-1]
-            z = z.reshape(z.shape[0], -1, z.shape[-1])
+            z, spatial = _pack_channel_first(z)
         if z.dim() < 1 or z.shape[-1] != self.dim:
             raise ValueError(f"expected dimension of {self.dim} but found dimension of "
                              f"{z.shape[-1] if z.dim() else None}")
@@ -346,8 +342,7 @@ class FSQ(nn.Module):
             codes = codes.reshape(*codes.shape[:-2], -1).to(orig_dtype)
         out = self.project_out(codes)
         if move:
-            out = out.reshape(out.shape[0], *spatial, out.shape[-1]).movedim(-1, 1)
-            indices = indices.reshape(indices.shape[0], *spatial, indices.shape[-1])
+            out, indices = _unpack_channel_first(out, indices, spatial)
         if not self.return_indices:
             return out, None
         if not self.keep_num_codebooks_dim:

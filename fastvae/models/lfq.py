@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.lfq import MAX_BITS, lfq_entropy, lookup_free_quantize
-from .quantizer import QuantizerOutput, _number, _positive_int, _world_size
+from .quantizer import (
+    QuantizerOutput,
+    _number,
+    _pack_channel_first,
+    _positive_int,
+    _QuantizerModule,
+    _unpack_channel_first,
+)
 
 __all__ = ["LFQ", "LookupFreeQuantizer"]
 
@@ -35,7 +42,7 @@ def _bits_of(indices: Tensor, d: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class LookupFreeQuantizer(nn.Module):
+class LookupFreeQuantizer(_QuantizerModule):
     """Lookup-free quantization (Yu et al. 2023, MAGVIT-v2) of ``x (..., dim)``: ``dim =
     num_codebooks * bits``, each group of ``bits`` quantized to ``{-s, s}^bits`` by sign.
 
@@ -94,21 +101,11 @@ class LookupFreeQuantizer(nn.Module):
         C, K = self.num_codebooks, self.codebook_size
         self.register_buffer("last_used", torch.full((C, K), -1, dtype=torch.int64))
         self.register_buffer("usage_ema", torch.zeros(C, K))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
+        self._register_counters()
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, num_codebooks={self.num_codebooks}, "
                 f"codebook_size={self.codebook_size}, spherical={self.spherical}")
-
-    def _sync(self) -> bool:
-        return _world_size() > 1 if self.sync is None else bool(self.sync)
-
-    def _check(self, x: object) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
-        return x
 
     def forward(self, x: Tensor) -> QuantizerOutput:
         self._check(x)
@@ -363,9 +360,7 @@ class LFQ(nn.Module):
         is_img_or_video = x.ndim >= 4
         transpose = is_img_or_video if self.channel_first is None else self.channel_first
         if transpose:
-            x = x.movedim(1, -1)
-            spatial = x.shape[1:-1]
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            x, spatial = _pack_channel_first(x)
         if x.dim() < 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have {self.dim} features (dimension "
                              f"{1 if transpose else -1}), got shape {tuple(x.shape)}")
@@ -407,8 +402,7 @@ class LFQ(nn.Module):
             x = x @ self.orthogonal_rot.t()
         x = self.project_out(x.flatten(-2))
         if transpose:
-            x = x.reshape(x.shape[0], *spatial, x.shape[-1]).movedim(-1, 1)
-            indices = indices.reshape(indices.shape[0], *spatial, indices.shape[-1])
+            x, indices = _unpack_channel_first(x, indices, spatial)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
         aux_loss = aux * self.entropy_loss_weight + commit * self.commitment_loss_weight

@@ -105,6 +105,22 @@ def _kmeans(x: Tensor, K: int, iters: int, metric: str, sync: bool) -> tuple[Ten
     return means, counts
 
 
+def _pack_channel_first(x: Tensor) -> tuple[Tensor, torch.Size]:
+    """A drop-in's channel-first input ``(B, C, *spatial)`` -> rows ``(B, prod(spatial), C)``
+    and ``spatial`` (the package's ``b d ... -> b (...) d``)."""
+    x = x.movedim(1, -1)
+    spatial = x.shape[1:-1]
+    return x.reshape(x.shape[0], -1, x.shape[-1]), spatial
+
+
+def _unpack_channel_first(out: Tensor, indices: Tensor,
+                          spatial: torch.Size) -> tuple[Tensor, Tensor]:
+    """The inverse of ``_pack_channel_first`` for the output ``(B, n, C)`` -> ``(B, C,
+    *spatial)`` and the indices ``(B, n, c)`` -> ``(B, *spatial, c)``."""
+    out = out.reshape(out.shape[0], *spatial, out.shape[-1]).movedim(-1, 1)
+    return out, indices.reshape(indices.shape[0], *spatial, indices.shape[-1])
+
+
 def _smoothed_codebook(cluster_size: Tensor, embed_avg: Tensor, eps: float,
                        metric: str) -> Tensor:
     """The EMA codebook: ``embed_avg / n_k`` with Laplace-smoothed cluster sizes
@@ -177,7 +193,84 @@ class QuantizerOutput(NamedTuple):
     codebook_loss: Tensor
 
 
-class VectorQuantizer(nn.Module):
+class _QuantizerModule(nn.Module):
+    """What the fastvae-native quantizer modules share (``VectorQuantizer``,
+    ``ResidualVectorQuantizer``, ``FiniteScalarQuantizer``, ``LookupFreeQuantizer``): the check
+    of ``x (..., dim)``, the ``sync`` decision, the ``steps`` / ``restarts`` counters and the
+    codebook part of ``extra_repr``."""
+
+    dim: int
+    sync: bool | None = None
+
+    def _codebook_options(self, straight_through: str, decay: float | None,
+                          commitment_weight: float, kmeans_iters: int,
+                          dead_code_threshold: float, eps: float) -> None:
+        """Checks and sets the options of a k-means / EMA codebook (``VectorQuantizer``,
+        ``ResidualVectorQuantizer``): ``straight_through``, ``decay`` (``ema`` when > 0),
+        ``commitment_weight``, ``kmeans_iters``, ``dead_code_threshold``, ``eps``."""
+        if straight_through not in ("ste", "rotation"):
+            raise ValueError(f"straight_through must be 'ste' or 'rotation', "
+                             f"got {straight_through!r}")
+        self.straight_through = straight_through
+        self.decay = 0.0 if decay is None else _number("decay", decay, 0.0, 1.0, high_open=True)
+        self.ema = self.decay > 0
+        self.commitment_weight = _number("commitment_weight", commitment_weight)
+        self.kmeans_iters = _positive_int("kmeans_iters", kmeans_iters)
+        self.dead_code_threshold = _number("dead_code_threshold", dead_code_threshold)
+        self.eps = _number("eps", eps)
+
+    def _register_codebook(self, name: str, shape: tuple[int, ...], kmeans_init: bool,
+                           metric: str = "l2") -> None:
+        """The codebook ``name`` of ``shape`` (..., K, D): zeros until k-means fills it, else
+        uniform in ``[-1/K, 1/K]`` (unit rows for ``metric="cosine"``); a buffer with its EMA
+        sums ``embed_avg`` (``ema``), else an ``nn.Parameter`` (``embed_avg`` None)."""
+        K = shape[-2]
+        if kmeans_init:
+            init = torch.zeros(shape)
+        else:
+            init = torch.empty(shape).uniform_(-1.0 / K, 1.0 / K)
+            if metric == "cosine":
+                init = _normalize(init)
+        if self.ema:
+            self.register_buffer(name, init)
+            self.register_buffer("embed_avg", init.clone())
+        else:
+            setattr(self, name, nn.Parameter(init))
+            self.embed_avg = None
+
+    def _track_kmeans(self, kmeans_init: bool) -> None:
+        """The k-means flag as Python state (``_kmeans_pending``, read from the ``initted``
+        buffer once at load, never in a step): no host sync."""
+        self._kmeans_pending = bool(kmeans_init)
+        self.register_load_state_dict_post_hook(_reload_initted)
+
+    def _register_counters(self) -> None:
+        """The 0-d int64 buffers ``steps`` (training steps) and ``restarts`` (cumulative
+        dead-code restarts; stays 0 where there are none)."""
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
+
+    def _sync(self) -> bool:
+        """All-reduce the statistics: ``sync``, or (None) when torch.distributed is initialized
+        with world size > 1."""
+        return _world_size() > 1 if self.sync is None else bool(self.sync)
+
+    def _check(self, x: object) -> Tensor:
+        """``x`` itself if it is a tensor of shape ``(..., dim)``, else ``ValueError``."""
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
+        return x
+
+    def _codebook_repr(self) -> str:
+        """``decay=...`` (EMA) or ``learned``, the commitment weight and the straight-through
+        estimator, for ``extra_repr``."""
+        mode = f"decay={self.decay}" if self.ema else "learned"
+        return (f"{mode}, commitment_weight={self.commitment_weight}, "
+                f"straight_through={self.straight_through!r}")
+
+
+class VectorQuantizer(_QuantizerModule):
     """A VQ-VAE quantizer (van den Oord et al. 2017) with an EMA or learned codebook.
 
     ``forward(x)``: ``x (..., dim)`` -> ``QuantizerOutput(quantized, indices, loss,
@@ -223,54 +316,25 @@ class VectorQuantizer(nn.Module):
         self.codebook_size = K = _positive_int("codebook_size", codebook_size)
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-        if straight_through not in ("ste", "rotation"):
-            raise ValueError(f"straight_through must be 'ste' or 'rotation', "
-                             f"got {straight_through!r}")
         self.metric = metric
-        self.straight_through = straight_through
-        self.decay = 0.0 if decay is None else _number("decay", decay, 0.0, 1.0, high_open=True)
-        self.ema = self.decay > 0
-        self.commitment_weight = _number("commitment_weight", commitment_weight)
-        self.kmeans_iters = _positive_int("kmeans_iters", kmeans_iters)
-        self.dead_code_threshold = _number("dead_code_threshold", dead_code_threshold)
-        self.eps = _number("eps", eps)
+        self._codebook_options(straight_through, decay, commitment_weight, kmeans_iters,
+                               dead_code_threshold, eps)
         self.usage_window = _positive_int("usage_window", usage_window)
         self.sync = sync
-        if kmeans_init:
-            init = torch.zeros(K, dim)
-        else:
-            init = torch.empty(K, dim).uniform_(-1.0 / K, 1.0 / K)
-            if metric == "cosine":
-                init = _normalize(init)
-        if self.ema:
-            self.register_buffer("codebook", init)
-            self.register_buffer("embed_avg", init.clone())
-        else:
-            self.codebook = nn.Parameter(init)
-            self.embed_avg = None
+        self._register_codebook("codebook", (K, self.dim), kmeans_init, metric)
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("cluster_size", torch.ones(K))
         self.register_buffer("usage_counts", torch.zeros(self.usage_window, K, dtype=torch.int64))
         self.register_buffer("usage_total", torch.zeros(K, dtype=torch.int64))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
-        # the k-means flag as Python state (read from ``initted`` once at load): no host sync
-        self._kmeans_pending = bool(kmeans_init)
-        self.register_load_state_dict_post_hook(_reload_initted)
+        self._register_counters()
+        self._track_kmeans(kmeans_init)
 
     def extra_repr(self) -> str:
-        mode = f"decay={self.decay}" if self.ema else "learned"
-        return (f"{self.dim}, {self.codebook_size}, metric={self.metric!r}, {mode}, "
-                f"commitment_weight={self.commitment_weight}, "
-                f"straight_through={self.straight_through!r}")
-
-    def _sync(self) -> bool:
-        return _world_size() > 1 if self.sync is None else bool(self.sync)
+        return (f"{self.dim}, {self.codebook_size}, metric={self.metric!r}, "
+                f"{self._codebook_repr()}")
 
     def forward(self, x: Tensor) -> QuantizerOutput:
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
+        self._check(x)
         sync = self._sync() if self.training else False
         flat = x.detach().reshape(-1, self.dim).to(self.codebook.dtype)
         if self.metric == "cosine":
@@ -323,9 +387,7 @@ class VectorQuantizer(nn.Module):
     def nearest(self, x: Tensor) -> Tensor:
         """The indices of the nearest codes of ``x (..., dim)`` (``fv.nearest_code``), without
         gradients or statistics: int64 of shape ``x.shape[:-1]``."""
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
+        self._check(x)
         codebook = self.codebook.detach()
         return nearest_code(x.detach().to(codebook.dtype), codebook, metric=self.metric)[0]
 

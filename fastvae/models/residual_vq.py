@@ -28,11 +28,10 @@ from .quantizer import (
     _batch_stats,
     _is_default,
     _kmeans,
-    _number,
     _positive_int,
+    _QuantizerModule,
     _restart_dead_codes_,
     _smoothed_codebook,
-    _world_size,
 )
 
 __all__ = ["ResidualVQ", "ResidualVectorQuantizer"]
@@ -50,7 +49,7 @@ def _level_stats(r: Tensor, index: Tensor, K: int, sync: bool) -> tuple[Tensor, 
 # ---------------------------------------------------------------------------------------------
 
 
-class ResidualVectorQuantizer(nn.Module):
+class ResidualVectorQuantizer(_QuantizerModule):
     """Residual VQ (SoundStream, Zeghidour et al. 2021; Encodec, Défossez et al. 2022): L
     codebooks, each quantizing what the previous levels left, with EMA (or learned) codebooks.
 
@@ -98,16 +97,8 @@ class ResidualVectorQuantizer(nn.Module):
         self.dim = D = _positive_int("dim", dim)
         self.codebook_size = K = _positive_int("codebook_size", codebook_size)
         self.num_levels = L = _positive_int("num_quantizers", num_quantizers)
-        if straight_through not in ("ste", "rotation"):
-            raise ValueError(f"straight_through must be 'ste' or 'rotation', "
-                             f"got {straight_through!r}")
-        self.straight_through = straight_through
-        self.decay = 0.0 if decay is None else _number("decay", decay, 0.0, 1.0, high_open=True)
-        self.ema = self.decay > 0
-        self.commitment_weight = _number("commitment_weight", commitment_weight)
-        self.kmeans_iters = _positive_int("kmeans_iters", kmeans_iters)
-        self.dead_code_threshold = _number("dead_code_threshold", dead_code_threshold)
-        self.eps = _number("eps", eps)
+        self._codebook_options(straight_through, decay, commitment_weight, kmeans_iters,
+                               dead_code_threshold, eps)
         self.quantize_dropout = bool(quantize_dropout)
         if isinstance(quantize_dropout_cutoff_index, bool) or \
                 not isinstance(quantize_dropout_cutoff_index, int):
@@ -119,39 +110,17 @@ class ResidualVectorQuantizer(nn.Module):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.usage_window = _positive_int("usage_window", usage_window)
         self.sync = sync
-        if kmeans_init:
-            init = torch.zeros(L, K, D)
-        else:
-            init = torch.empty(L, K, D).uniform_(-1.0 / K, 1.0 / K)
-        if self.ema:
-            self.register_buffer("codebooks", init)
-            self.register_buffer("embed_avg", init.clone())
-        else:
-            self.codebooks = nn.Parameter(init)
-            self.embed_avg = None
+        self._register_codebook("codebooks", (L, K, D), kmeans_init)
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("cluster_size", torch.ones(L, K))
         self.register_buffer("last_used", torch.full((L, K), -(2**62), dtype=torch.int64))
         self.register_buffer("usage_counts", torch.zeros(L, K))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))
-        self._kmeans_pending = bool(kmeans_init)
-        self.register_load_state_dict_post_hook(_reload_initted)
+        self._register_counters()
+        self._track_kmeans(kmeans_init)
 
     def extra_repr(self) -> str:
-        mode = f"decay={self.decay}" if self.ema else "learned"
-        return (f"{self.dim}, {self.codebook_size}, num_quantizers={self.num_levels}, {mode}, "
-                f"commitment_weight={self.commitment_weight}, "
-                f"straight_through={self.straight_through!r}, "
-                f"quantize_dropout={self.quantize_dropout}")
-
-    def _sync(self) -> bool:
-        return _world_size() > 1 if self.sync is None else bool(self.sync)
-
-    def _check(self, x: object) -> None:
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (..., {self.dim}), got {shape}")
+        return (f"{self.dim}, {self.codebook_size}, num_quantizers={self.num_levels}, "
+                f"{self._codebook_repr()}, quantize_dropout={self.quantize_dropout}")
 
     def _dropout_levels(self, x: Tensor) -> Tensor | None:
         if not (self.training and self.quantize_dropout and x.dim() >= 2):
@@ -167,7 +136,13 @@ class ResidualVectorQuantizer(nn.Module):
         if self.training and self._kmeans_pending:
             self._kmeans_init(flat, sync)
         n_levels = self._dropout_levels(x)
-        out = residual_vector_quantize(x, self.codebooks, n_levels=n_levels,
+        codebooks = self.codebooks
+        if self.training and (self.ema or self.dead_code_threshold > 0):
+            # the update below writes into the codebooks, which the op saved for its backward
+            # (it recomputes the residuals from them): a snapshot of this step's codebooks
+            # (differentiable: a learned codebook still gets its gradient)
+            codebooks = codebooks.clone()
+        out = residual_vector_quantize(x, codebooks, n_levels=n_levels,
                                        beta=self.commitment_weight,
                                        straight_through=self.straight_through)
         if self.training:
@@ -258,9 +233,9 @@ class ResidualVectorQuantizer(nn.Module):
         return torch.exp(-torch.special.xlogy(p, p).sum(-1)).float()
 
 
-def _reload_initted(module: nn.Module, incompatible: Any) -> None:
-    if hasattr(module, "_kmeans_pending"):
-        module._kmeans_pending = not bool(module.initted)
+def _reshare_codebooks(module: nn.Module, incompatible: Any) -> None:
+    if isinstance(module, ResidualVQ):
+        module._share_codebooks()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +353,50 @@ class ResidualVQ(nn.Module):
                 layer._codebook = self.layers[0]._codebook
         self.uniform_codebook_size = True
         self.codebook_sizes = (K,) * L
+        self._codebook_stack: Tensor | None = None
+        self._share_codebooks()
+        self.register_load_state_dict_post_hook(_reshare_codebooks)
+
+    def _share_codebooks(self) -> None:
+        """Makes the levels' ``_codebook.embed`` buffers (1, K, D) the views ``[l:l+1]`` of one
+        (L, K, D) tensor, ``codebooks`` without a copy (state_dict keys and shapes unchanged;
+        ``load_state_dict`` copies into the views). With a shared codebook, ``codebooks`` is the
+        one codebook expanded (stride 0 over the levels), nothing to do here."""
+        if self.shared_codebook or self._shared_stack() is not None:
+            return
+        embeds = [layer._codebook.embed for layer in self.layers]
+        if any(isinstance(e, nn.Parameter) for e in embeds):
+            self._codebook_stack = None
+            return
+        stack = torch.cat([e.detach() for e in embeds])
+        for level, layer in enumerate(self.layers):
+            layer._codebook.embed = stack[level:level + 1]
+        self._codebook_stack = stack
+
+    def _shared_stack(self) -> Tensor | None:
+        """The (L, K, D) tensor whose views the levels' ``embed`` buffers are, or None if that
+        sharing was broken (a buffer replaced, not copied into: ``load_state_dict(assign=True)``,
+        a level moved alone): a host-side check of the data pointers, no sync."""
+        stack = self._codebook_stack
+        if stack is None:
+            return None
+        step = stack.stride(0) * stack.element_size()
+        for level, layer in enumerate(self.layers):
+            embed = layer._codebook.embed
+            if (embed.data_ptr() != stack.data_ptr() + level * step
+                    or embed.dtype != stack.dtype or embed.device != stack.device
+                    or embed.shape != (1, *stack.shape[1:]) or embed.stride() != stack.stride()):
+                return None
+        return stack
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ResidualVQ:
+        # .to() / .cuda() / .half() convert each buffer alone: the views become separate
+        # tensors; share them again
+        super()._apply(fn, recurse)
+        if self._codebook_stack is not None and self._shared_stack() is None:
+            self._codebook_stack = None
+            self._share_codebooks()
+        return self
 
     @property
     def codebook_size(self) -> int:
@@ -385,7 +404,15 @@ class ResidualVQ(nn.Module):
 
     @property
     def codebooks(self) -> Tensor:
-        """The codebooks, ``(L, K, codebook_dim)`` (a new tensor)."""
+        """The codebooks, ``(L, K, codebook_dim)``: the tensor the levels' ``embed`` buffers
+        are views of (no copy; the EMA update writes into it), the one codebook expanded over
+        the levels with ``shared_codebook``, or (if that sharing was broken) a new stack."""
+        if self.shared_codebook:
+            embed = self.layers[0]._codebook.embed
+            return embed.expand(self.num_quantizers, *embed.shape[1:])
+        stack = self._shared_stack()
+        if stack is not None:
+            return stack
         return torch.stack([layer._codebook.embed[0] for layer in self.layers])
 
     def _sync(self) -> bool:
@@ -458,15 +485,20 @@ class ResidualVQ(nn.Module):
         n_levels = None
         if self.training and self.quantize_dropout:
             n_levels = self._dropout_levels(x, rand_quantize_dropout_fixed_seed)
-        codebooks = self.codebooks.detach()
         training = self.training
+        update = training and not freeze_codebook and (first.ema_update
+                                                       or first.threshold_ema_dead_code > 0)
+        codebooks = self.codebooks.detach()
+        if update:
+            # the update below writes into the codebooks, which the op saved for its backward
+            # (it recomputes the residuals from them): a snapshot of this step's codebooks
+            codebooks = codebooks.clone()
         rotation = training and input_requires_grad and first.rotation_trick
         out = residual_vector_quantize(x if training else x.detach(), codebooks, n_levels=n_levels,
                                        beta=first.commitment_weight,
                                        straight_through="rotation" if rotation else "ste")
         idx = out.indices.reshape(B * N, L)
-        if training and not freeze_codebook and (first.ema_update
-                                                  or first.threshold_ema_dead_code > 0):
+        if update:
             self._update(flat, idx, codebooks, n_levels, sync)
         quantized = out.quantized.to(dtype)
         if training and first.commitment_weight > 0:

@@ -35,12 +35,16 @@ from torch import Tensor
 
 ABI_VERSION = 4
 
-if sys.platform == "win32":
-    LIB_NAME = "fastvae_native.dll"
-elif sys.platform == "darwin":
-    LIB_NAME = "libfastvae_native.dylib"
-else:
-    LIB_NAME = "libfastvae_native.so"
+
+def library_file(stem: str) -> str:
+    """The file name of the shared library ``stem`` on this platform (``lib<stem>.so``,
+    ``lib<stem>.dylib`` or ``<stem>.dll``)."""
+    if sys.platform == "win32":
+        return f"{stem}.dll"
+    return f"lib{stem}.dylib" if sys.platform == "darwin" else f"lib{stem}.so"
+
+
+LIB_NAME = library_file("fastvae_native")
 
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -136,16 +140,18 @@ _SIGNATURES = {
 # ---------------------------------------------------------------------------------------------
 
 
-def library_paths() -> list[Path]:
-    """Where the library is looked for, in order."""
-    override = os.environ.get("FASTVAE_NATIVE_LIB")
+def library_paths(env_var: str = "FASTVAE_NATIVE_LIB", name: str = LIB_NAME) -> list[Path]:
+    """Where the library ``name`` is looked for, in order: the path in the environment
+    variable ``env_var`` if set, else the package's folders (also for the dispatcher library,
+    ``native_dispatch``)."""
+    override = os.environ.get(env_var)
     if override:
         return [Path(override)]
     # The root package's folders (its __path__; the package is imported already, this imports
     # nothing): CMake installs the library there, and an editable install lists both the
     # source tree and site-packages, where the compiled files go.
     package = importlib.util.find_spec("fastvae")
-    return [Path(p) / LIB_NAME for p in package.submodule_search_locations or ()]
+    return [Path(p) / name for p in package.submodule_search_locations or ()]
 
 
 @functools.cache

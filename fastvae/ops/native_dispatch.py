@@ -25,21 +25,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from . import native as _native
 
-if sys.platform == "win32":
-    LIB_NAME = "fastvae_torch.dll"
-elif sys.platform == "darwin":
-    LIB_NAME = "libfastvae_torch.dylib"
-else:
-    LIB_NAME = "libfastvae_torch.so"
+LIB_NAME = _native.library_file("fastvae_torch")
 
 _I64 = ctypes.c_int64
 _I64_P = ctypes.POINTER(ctypes.c_int64)
@@ -53,12 +46,9 @@ _SIGNATURES = {
 
 
 def library_paths() -> list[Path]:
-    """Where the library is looked for, in order (as for the C library: ``native.py``)."""
-    override = os.environ.get("FASTVAE_TORCH_LIB")
-    if override:
-        return [Path(override)]
-    package = importlib.util.find_spec("fastvae")
-    return [Path(p) / LIB_NAME for p in package.submodule_search_locations or ()]
+    """Where the library is looked for, in order (as for the C library: ``native.py``;
+    ``FASTVAE_TORCH_LIB`` overrides)."""
+    return _native.library_paths("FASTVAE_TORCH_LIB", LIB_NAME)
 
 
 @functools.cache

@@ -84,6 +84,32 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2") -> tuple[Te
 STRAIGHT_THROUGH = ("ste", "rotation")
 
 
+def check_quantize_args(x: Tensor, name: str, codebook: Tensor, shape: str,
+                        straight_through: str, beta: float,
+                        reduction: str) -> tuple[float, torch.dtype]:
+    """The argument checks ``vector_quantize`` and ``residual_vector_quantize`` share: ``x``
+    (..., D) and the codebook ``name`` of ``shape`` (``"K, D"`` or ``"L, K, D"``) floating
+    tensors on one device, ``straight_through``, ``beta`` (finite, >= 0) and ``reduction``.
+    Returns ``beta`` as a float and the compute dtype (float64 if either tensor is float64,
+    else float32). Raises ``TypeError`` / ``ValueError`` naming the argument."""
+    check.tensor("x", x)
+    check.tensor(name, codebook)
+    if straight_through not in STRAIGHT_THROUGH:
+        raise ValueError(f"straight_through must be one of {', '.join(STRAIGHT_THROUGH)}, "
+                         f"got {straight_through!r}")
+    beta = check.number("beta", beta)
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    check.reduction(reduction)
+    if codebook.dim() != shape.count(",") + 1 or x.dim() < 1 \
+            or x.shape[-1] != codebook.shape[-1]:
+        raise ValueError(f"x must have shape (..., D) and {name} ({shape}); got x "
+                         f"{tuple(x.shape)} and {name} {tuple(codebook.shape)}")
+    check.same_device(name, codebook, "x", x)
+    compute = torch.promote_types(x.dtype, codebook.dtype)
+    return beta, (torch.float64 if compute == torch.float64 else torch.float32)
+
+
 class VQOutput(NamedTuple):
     """What ``vector_quantize`` returns. ``loss = codebook_loss + commitment_loss`` (the latter
     already weighted by ``beta``)."""
@@ -176,25 +202,11 @@ def vector_quantize(x: Tensor, codebook: Tensor, *, metric: str = "l2", beta: fl
     Raises ``TypeError`` for non-floating tensors, ``ValueError`` for shapes, devices, ``metric``,
     ``straight_through``, ``reduction`` or a negative/non-finite ``beta``.
     """
-    check.tensor("x", x)
-    check.tensor("codebook", codebook)
     if metric not in reference.NEAREST_CODE_METRICS:
         raise ValueError(f"metric must be one of {', '.join(reference.NEAREST_CODE_METRICS)}, "
                          f"got {metric!r}")
-    if straight_through not in STRAIGHT_THROUGH:
-        raise ValueError(f"straight_through must be one of {', '.join(STRAIGHT_THROUGH)}, "
-                         f"got {straight_through!r}")
-    beta = check.number("beta", beta)
-    if not (math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be finite and >= 0, got {beta}")
-    check.reduction(reduction)
-    if codebook.dim() != 2 or x.dim() < 1 or x.shape[-1] != codebook.shape[1]:
-        raise ValueError(f"x must have shape (..., D) and codebook (K, D); got x "
-                         f"{tuple(x.shape)} and codebook {tuple(codebook.shape)}")
-    check.same_device("codebook", codebook, "x", x)
-    compute = torch.promote_types(x.dtype, codebook.dtype)
-    if compute != torch.float64:
-        compute = torch.float32
+    beta, compute = check_quantize_args(x, "codebook", codebook, "K, D", straight_through,
+                                        beta, reduction)
     xc = x.to(compute)
     cb = codebook.to(compute)
     if metric == "cosine":

@@ -14,7 +14,7 @@ from torch import Tensor
 from . import custom_ops as _ops
 from . import validation as check
 from .backends import resolve
-from .quantize import STRAIGHT_THROUGH
+from .quantize import check_quantize_args
 
 __all__ = ["RVQOutput", "residual_vector_quantize"]
 
@@ -114,28 +114,14 @@ def residual_vector_quantize(x: Tensor, codebooks: Tensor, *, n_levels: int | Te
         ValueError: shapes, devices, an empty codebook (L = 0 or K = 0), ``n_levels`` out of
             range or of the wrong shape, ``beta``, ``straight_through``, ``reduction``.
     """
-    check.tensor("x", x)
-    check.tensor("codebooks", codebooks)
-    if straight_through not in STRAIGHT_THROUGH:
-        raise ValueError(f"straight_through must be one of {', '.join(STRAIGHT_THROUGH)}, "
-                         f"got {straight_through!r}")
-    beta = check.number("beta", beta)
-    if not (math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be finite and >= 0, got {beta}")
-    check.reduction(reduction)
-    if codebooks.dim() != 3 or x.dim() < 1 or x.shape[-1] != codebooks.shape[2]:
-        raise ValueError(f"x must have shape (..., D) and codebooks (L, K, D); got x "
-                         f"{tuple(x.shape)} and codebooks {tuple(codebooks.shape)}")
-    check.same_device("codebooks", codebooks, "x", x)
+    beta, compute = check_quantize_args(x, "codebooks", codebooks, "L, K, D", straight_through,
+                                        beta, reduction)
     L, K, D = codebooks.shape
     if L == 0 or K == 0:
         raise ValueError(f"codebooks is empty (L = {L}, K = {K})")
     batch_shape = x.shape[:-1]
     N = math.prod(batch_shape)
     levels = _levels_tensor(n_levels, batch_shape, L, x.device)
-    compute = torch.promote_types(x.dtype, codebooks.dtype)
-    if compute != torch.float64:
-        compute = torch.float32
     xc = x.reshape(N, D).to(compute)
     cb = codebooks.to(compute)
     q, indices, commit, dist = _ops.call(_ops.residual_vq, xc, cb, levels,

@@ -7,13 +7,9 @@ gradients averaged) are the single-process gradients, to float rounding."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from helpers import run_ranks
 
 import fastvae as fv
 
@@ -58,31 +54,9 @@ def run(kind: str, rank: int | None) -> dict:
     return dict(loss=loss.detach(), x_grad=grads[0], param_grads=list(grads[1:]), **extra)
 
 
-SCRIPT = """
-import sys
-import torch
-import torch.distributed as dist
-sys.path.insert(0, {tests!r})
-from test_lfq_ddp import KINDS, run
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-torch.save({{kind: run(kind, rank) for kind in KINDS}}, f"{{sys.argv[1]}}/rank{{rank}}.pt")
-dist.destroy_process_group()
-"""
-
-
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_loss_and_gradients(tmp_path):
-    script = tmp_path / "lfq_ddp.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(tests=os.path.dirname(__file__))))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         str(WORLD), str(script), str(tmp_path)], capture_output=True, text=True, timeout=180,
-        env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(tmp_path, __file__, WORLD)
     tol = dict(rtol=1e-5, atol=1e-6)
     for kind in KINDS:
         single = run(kind, None)

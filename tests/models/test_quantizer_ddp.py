@@ -5,13 +5,9 @@ both ranks hold the same codebook (bit for bit), equal to one process on the who
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from helpers import assert_ranks_hold_the_single_process_state, run_ranks
 
 import fastvae as fv
 
@@ -52,41 +48,10 @@ def run(kind: str, rank: int | None) -> tuple[dict, list[torch.Tensor]]:
     return vq.state_dict(), indices
 
 
-SCRIPT = """
-import sys
-import torch
-import torch.distributed as dist
-sys.path.insert(0, {tests!r})
-from test_quantizer_ddp import KINDS, run
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-result = {{kind: run(kind, rank) for kind in KINDS}}
-torch.save(result, f"{{sys.argv[1]}}/rank{{rank}}.pt")
-dist.destroy_process_group()
-"""
-
-
 @pytest.mark.slow
 def test_two_ranks_hold_the_single_process_codebook(tmp_path):
-    script = tmp_path / "vq_ddp.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(tests=os.path.dirname(__file__))))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    for kind in KINDS:
-        (state0, idx0), (state1, idx1) = ranks[0][kind], ranks[1][kind]
-        single, idx = run(kind, None)
-        assert list(state0) == list(single)
-        for key in single:
-            assert torch.equal(state0[key], state1[key]), (kind, key)
-            torch.testing.assert_close(state0[key], single[key], rtol=1e-5, atol=1e-5,
-                                       msg=f"{kind} {key}")
-        for step in range(STEPS):
-            assert torch.equal(torch.cat([idx0[step], idx1[step]]), idx[step]), (kind, step)
+    ranks = run_ranks(tmp_path, __file__)
+    assert_ranks_hold_the_single_process_state(ranks, run, KINDS, STEPS)
     for kind in ("native", "cosine_learned"):
         state = ranks[0][kind][0]
         assert int(state["restarts"]) > 0, kind  # the restarts were exercised

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, device_for
+from helpers import BACKENDS, compute_dtype, cpu_isas_and_threads, device_for
 
 import fastvae as fv
 from fastvae.ops import custom_ops as _ops
@@ -41,16 +41,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(params=BACKENDS)
-def fsq_backend(request):
-    with fv.use_backend(request.param):
-        yield request.param
-
-
-def _compute(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tie_band(compute: torch.dtype, a: torch.Tensor) -> torch.Tensor:
     """How far (in float64) from a rounding boundary the backends may decide differently: a few
     ulps of tanh times the scale a, plus the rounding of the product."""
@@ -61,7 +51,7 @@ def _tie_band(compute: torch.dtype, a: torch.Tensor) -> torch.Tensor:
 def _oracle(z: torch.Tensor, levels, ps: bool, hc: bool):
     """(codes in z's dtype, indices int64, band (N, D) bool, grad function) on the CPU."""
     plan = fsq_plan(levels, ps, hc)
-    compute = _compute(z.dtype)
+    compute = compute_dtype(z.dtype)
     zc = z.detach().cpu().to(compute)
     a = torch.tensor(plan.a, dtype=compute)
     b = torch.tensor(plan.b, dtype=compute)
@@ -133,7 +123,7 @@ def _check(z, levels, ps=False, hc=False, *, grad_rtol=None):
     want = grad_fn(g)
     got = leaf.grad.detach().cpu().double()
     eps_out = torch.finfo(z.dtype).eps
-    rtol = grad_rtol or (16 * torch.finfo(_compute(z.dtype)).eps + 2 * eps_out)
+    rtol = grad_rtol or (16 * torch.finfo(compute_dtype(z.dtype)).eps + 2 * eps_out)
     scale = (g.detach().cpu().double().abs() * want.abs().div(
         g.detach().cpu().double().abs().clamp_min(1e-300))).clamp_min(0)
     finite = torch.isfinite(want)
@@ -161,14 +151,14 @@ def _randn(shape, scale, dtype, device, seed=0):
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: str(d).removeprefix("torch."))
-def test_matches_the_oracle(fsq_backend, config, dtype):
+def test_matches_the_oracle(backend, config, dtype):
     levels, ps, hc = CONFIGS[config]
-    z = _randn((97, len(levels)), 1.5, dtype, device_for(fsq_backend))
+    z = _randn((97, len(levels)), 1.5, dtype, device_for(backend))
     _check(z, levels, ps, hc)
 
 
 @pytest.mark.parametrize("config", ["8-5-5-5", "mixed-symmetric", "hard-clamp"])
-def test_extremes(fsq_backend, config):
+def test_extremes(backend, config):
     """Large, tiny, zero, signed zeros, subnormal, inf and NaN inputs, in float32 and float64."""
     levels, ps, hc = CONFIGS[config]
     values = [0.0, -0.0, 1e-30, -1e-30, 1e-45, 1e-8, -1e-8, 0.5, -0.5, 1.0, -1.0, 9.0, -9.0,
@@ -176,11 +166,11 @@ def test_extremes(fsq_backend, config):
     for dtype in (torch.float32, torch.float64):
         col = torch.tensor(values, dtype=dtype)
         z = torch.stack([col.roll(j) for j in range(len(levels))], -1)
-        _check(z.to(device_for(fsq_backend)), levels, ps, hc)
+        _check(z.to(device_for(backend)), levels, ps, hc)
 
 
-def test_nan_gives_nan_codes_and_index_minus_one(fsq_backend):
-    device = device_for(fsq_backend)
+def test_nan_gives_nan_codes_and_index_minus_one(backend):
+    device = device_for(backend)
     z = torch.tensor([[0.3, math.nan, 1.0], [0.1, 0.2, 0.3]], device=device).requires_grad_()
     codes, indices = fv.finite_scalar_quantize(z, [8, 5, 5])
     assert torch.isnan(codes[0, 1])
@@ -193,13 +183,13 @@ def test_nan_gives_nan_codes_and_index_minus_one(fsq_backend):
 
 
 @pytest.mark.parametrize("levels", [[4, 6, 8], [3, 5, 7]])
-def test_exact_ties_round_half_to_even(fsq_backend, levels):
+def test_exact_ties_round_half_to_even(backend, levels):
     """z = -shift for even L makes tanh(z + shift) * half_l - 1/2 exactly -1/2: rounded to 0,
     the code +0 (never -0, as vector-quantize-pytorch's round_ste gives); z = 0 for odd L: 0."""
     plan = fsq_plan(levels)
     for dtype in (torch.float32, torch.float64):
         z = (-torch.tensor(plan.b, dtype=torch.float64)).to(dtype)[None].to(
-            device_for(fsq_backend))
+            device_for(backend))
         codes, indices = fv.finite_scalar_quantize(z, levels)
         assert torch.equal(codes.cpu(), torch.zeros(1, 3, dtype=dtype))
         assert not torch.signbit(codes).any()
@@ -207,7 +197,7 @@ def test_exact_ties_round_half_to_even(fsq_backend, levels):
         assert indices.item() == sum(h * w for h, w in zip(half, plan.basis, strict=True))
 
 
-def test_dense_grid_near_every_boundary(fsq_backend):
+def test_dense_grid_near_every_boundary(backend):
     """Inputs packed around every rounding boundary of L = 8 and 5 (the atanh of each
     boundary, +- a few hundred ulps): only the band may go either way."""
     plan = fsq_plan([8, 5])
@@ -219,12 +209,12 @@ def test_dense_grid_near_every_boundary(fsq_backend):
             edge = math.atanh(min(max((k + 0.5 + off) / a, -1 + 1e-7), 1 - 1e-7)) - b
             zs.append(torch.linspace(edge - 3e-5, edge + 3e-5, 257, dtype=torch.float64))
     col = torch.cat(zs)
-    z = torch.stack([col, col.flip(0)], -1).float().to(device_for(fsq_backend))
+    z = torch.stack([col, col.flip(0)], -1).float().to(device_for(backend))
     _check(z, [8, 5])
 
 
-def test_any_strides_and_shapes(fsq_backend):
-    device = device_for(fsq_backend)
+def test_any_strides_and_shapes(backend):
+    device = device_for(backend)
     base = _randn((6, 7, 8), 2.0, torch.float32, device)
     levels = [8, 5, 5, 5, 3, 3]
     for z in (base[..., :6], base.transpose(0, 1)[..., 1:7], base[::2, :, ::1][..., 2:],
@@ -236,8 +226,8 @@ def test_any_strides_and_shapes(fsq_backend):
         assert indices.shape == z.shape[:-1]
 
 
-def test_empty(fsq_backend):
-    device = device_for(fsq_backend)
+def test_empty(backend):
+    device = device_for(backend)
     for shape in ((0, 3), (2, 0, 3)):
         z = torch.zeros(shape, device=device, requires_grad=True)
         codes, indices = fv.finite_scalar_quantize(z, [8, 5, 5])
@@ -274,10 +264,10 @@ def test_backends_agree_bitwise_on_codes_away_from_ties():
     ([2**20, 2**20, 2**13], torch.int64),   # 2**53: float64 sums stop being exact here
     ([2**20, 2**20, 2**20], torch.int64),   # 2**60
 ])
-def test_index_dtype_and_exactness_at_the_boundaries(fsq_backend, levels, dtype):
+def test_index_dtype_and_exactness_at_the_boundaries(backend, levels, dtype):
     """The largest index (every dimension at its top level, z = +inf) and random ones, against
     Python's integers."""
-    device = device_for(fsq_backend)
+    device = device_for(backend)
     z = torch.cat([torch.full((1, len(levels)), math.inf),
                    torch.full((1, len(levels)), -math.inf),
                    _randn((50, len(levels)), 3.0, torch.float32, "cpu")]).to(device)
@@ -328,9 +318,9 @@ def test_indices_codes_round_trip(config):
                                                        index_dtype=torch.int64), idx)
 
 
-def test_forward_codes_are_the_codes_of_their_indices(fsq_backend):
+def test_forward_codes_are_the_codes_of_their_indices(backend):
     for levels, ps, hc in CONFIGS.values():
-        z = _randn((64, len(levels)), 2.0, torch.float32, device_for(fsq_backend))
+        z = _randn((64, len(levels)), 2.0, torch.float32, device_for(backend))
         codes, indices = fv.finite_scalar_quantize(z, levels, preserve_symmetry=ps,
                                                    hard_clamp=hc)
         assert torch.equal(fv.fsq_indices_to_codes(indices, levels, preserve_symmetry=ps),
@@ -393,22 +383,14 @@ def test_cpu_bitwise_across_isas_and_threads(mode):
     a, b = torch.tensor(plan.a), torch.tensor(plan.b)
     cpu = native.implementation("cpu")
     want = None
-    before = torch.get_num_threads()
-    try:
-        for isa in native.cpu_isas():
-            native.set_cpu_isa(isa)
-            for threads in (1, 2, 3):
-                torch.set_num_threads(threads)
-                codes, index = cpu.finite_scalar_quantize_fwd(z, lv, basis, a, b, mode)
-                dz = cpu.finite_scalar_quantize_bwd(g, z, lv, basis, a, b, mode)
-                if want is None:
-                    want = (codes, index, dz)
-                assert torch.equal(codes, want[0]), (isa, threads)
-                assert torch.equal(index, want[1]), (isa, threads)
-                assert torch.equal(dz, want[2]), (isa, threads)
-    finally:
-        native.set_cpu_isa("auto")
-        torch.set_num_threads(before)
+    for isa, threads in cpu_isas_and_threads():
+        codes, index = cpu.finite_scalar_quantize_fwd(z, lv, basis, a, b, mode)
+        dz = cpu.finite_scalar_quantize_bwd(g, z, lv, basis, a, b, mode)
+        if want is None:
+            want = (codes, index, dz)
+        assert torch.equal(codes, want[0]), (isa, threads)
+        assert torch.equal(index, want[1]), (isa, threads)
+        assert torch.equal(dz, want[2]), (isa, threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,8 +399,8 @@ def test_cpu_bitwise_across_isas_and_threads(mode):
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
-def test_opcheck(fsq_backend, mode):
-    device = device_for(fsq_backend)
+def test_opcheck(backend, mode):
+    device = device_for(backend)
     levels = [4, 5, 3] if not mode & 1 else [2, 5, 4]
     plan = fsq_plan(levels, bool(mode & 1), bool(mode & 2))
     z = _randn((6, 3), 1.5, torch.float64, device).requires_grad_()
@@ -426,20 +408,20 @@ def test_opcheck(fsq_backend, mode):
     basis = torch.tensor(plan.basis, device=device)
     a = torch.tensor(plan.a, dtype=torch.float64, device=device)
     b = torch.tensor(plan.b, dtype=torch.float64, device=device)
-    torch.library.opcheck(_ops.finite_scalar_quantize, (z, lv, basis, a, b, mode, fsq_backend))
+    torch.library.opcheck(_ops.finite_scalar_quantize, (z, lv, basis, a, b, mode, backend))
     torch.library.opcheck(_ops.finite_scalar_quantize,
                           (z.detach()[:0].clone().requires_grad_(), lv, basis, a, b, mode,
-                           fsq_backend))
+                           backend))
     g = _randn((6, 3), 1.0, torch.float64, device)
     torch.library.opcheck(_ops.finite_scalar_quantize_backward,
-                          (g, z.detach(), lv, basis, a, b, mode, fsq_backend, [True]))
+                          (g, z.detach(), lv, basis, a, b, mode, backend, [True]))
 
 
-def test_gradcheck(fsq_backend):
+def test_gradcheck(backend):
     """Away from the rounding steps the codes are locally constant plus the straight-through
     term: the op's gradient is that of sg(code - bound) + bound, checked by finite differences
     of the bound (the reference's closed form in float64)."""
-    device = device_for(fsq_backend)
+    device = device_for(backend)
     z = _randn((4, 3), 1.0, torch.float64, device).requires_grad_()
     codes, _ = fv.finite_scalar_quantize(z, [8, 5, 5])
     g = _randn((4, 3), 1.0, torch.float64, device)
@@ -457,8 +439,8 @@ def test_gradcheck(fsq_backend):
     torch.testing.assert_close(dz, want, rtol=1e-14, atol=1e-15)
 
 
-def test_compile_fullgraph(fsq_backend):
-    device = device_for(fsq_backend)
+def test_compile_fullgraph(backend):
+    device = device_for(backend)
     z = _randn((3, 7, 6), 2.0, torch.float32, device).requires_grad_()
 
     def f(z):
@@ -477,10 +459,10 @@ def test_compile_fullgraph(fsq_backend):
     assert torch.equal(got, z.grad)
 
 
-def test_no_host_sync_in_the_op(fsq_backend):
+def test_no_host_sync_in_the_op(backend):
     """The op's results are computed without reading any data on the host (the codebook size
     and the constants come from the levels, never from a tensor)."""
-    if device_for(fsq_backend).type != "cuda":
+    if device_for(backend).type != "cuda":
         pytest.skip("host syncs are observable on CUDA only")
     z = torch.randn(64, 6, device="cuda")
     fv.finite_scalar_quantize(z, [8, 8, 8, 5, 5, 5])  # warm: constants made once

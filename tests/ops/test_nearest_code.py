@@ -13,7 +13,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import BACKENDS, device_for
+from helpers import BACKENDS, compute_dtype, device_for
 
 import fastvae as fv
 from fastvae.ops import native, reference
@@ -38,14 +38,10 @@ def nc_backend(request):
         yield request.param
 
 
-def _compute(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _definition(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"):
     """(index, distance) per row of x (N, D) from the whole N x K matrix in the compute dtype,
     in the one order; NaN never wins; no distance below +inf: code 0."""
-    c = _compute(x.dtype)
+    c = compute_dtype(x.dtype)
     xs, cb = x.to(c).cpu(), codebook.to(c).cpu()
     if metric == "cosine":
         xs, cb = reference.nearest_code_normalize(xs), reference.nearest_code_normalize(cb)
@@ -79,7 +75,7 @@ def _check(backend, x, codebook, metric="l2"):
     want_i, want_d = _definition(x2, codebook, metric)
     assert index.dtype == torch.int64
     assert index.shape == x.shape[:-1]
-    assert dist.dtype == _compute(x.dtype)
+    assert dist.dtype == compute_dtype(x.dtype)
     assert dist.shape == x.shape[:-1]
     torch.testing.assert_close(index.reshape(-1), want_i, rtol=0, atol=0)
     torch.testing.assert_close(dist.reshape(-1), want_d, rtol=0, atol=0, equal_nan=True)
@@ -108,7 +104,7 @@ def test_matches_the_definition(nc_backend, size, dtype, metric):
     # ... and that is the nearest code in float64, to the rounding of the distances
     d64 = _brute64(x, cb, metric)
     best = d64.gather(1, index[:, None])[:, 0]
-    slack = 1e-5 if _compute(dtype) == torch.float32 else 1e-13
+    slack = 1e-5 if compute_dtype(dtype) == torch.float32 else 1e-13
     assert (best <= d64.amin(1) + slack * (1 + d64.amin(1).abs()) * D).all()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, device_for
+from helpers import BACKENDS, compute_dtype, cpu_isas_and_threads, device_for
 
 import fastvae as fv
 from fastvae.ops import custom_ops as _ops
@@ -29,20 +29,10 @@ def _codebook_grad(backend: str) -> bool:
     return backend != "cuda"
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with fv.use_backend(request.param):
-        yield request.param
-
-
-def _compute(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _definition(x, codebooks, n_levels=None):
     """(indices (N, L), quantized (N, D), distances (N, L)) level by level from the whole
     distance matrices (reference.nearest_code_distances) in the compute dtype."""
-    c = _compute(torch.promote_types(x.dtype, codebooks.dtype))
+    c = compute_dtype(torch.promote_types(x.dtype, codebooks.dtype))
     r = x.to(c).cpu()
     cbs = codebooks.to(c).cpu()
     N, L = r.shape[0], cbs.shape[0]
@@ -301,18 +291,10 @@ def test_cpu_bitwise_across_isas_and_threads():
     n = torch.randint(0, 5, (333,), generator=torch.Generator().manual_seed(2))
     cpu = native.implementation("cpu")
     want = reference.residual_vq_fwd(x, cb, n, 0)
-    before = torch.get_num_threads()
-    try:
-        for isa in native.cpu_isas():
-            native.set_cpu_isa(isa)
-            for threads in (1, 2, 3):
-                torch.set_num_threads(threads)
-                got = cpu.residual_vq_fwd(x, cb, n, 0)
-                for a, b in zip(got, want, strict=True):
-                    assert torch.equal(a, b), (isa, threads)
-    finally:
-        native.set_cpu_isa("auto")
-        torch.set_num_threads(before)
+    for isa, threads in cpu_isas_and_threads():
+        got = cpu.residual_vq_fwd(x, cb, n, 0)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), (isa, threads)
 
 
 @pytest.mark.parametrize(("kwargs", "err", "match"), [
