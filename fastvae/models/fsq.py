@@ -301,7 +301,7 @@ class FSQ(nn.Module):
         if self.orthogonal_rotation:
             codes = codes @ self.orthogonal_rot.t()
         if self.keep_num_codebooks_dim:
-            codes = codes.reshape(*codes.shape[:-2], -1)
+            codes = codes.flatten(-2)
         codes = self.project_out(codes)
         if is_img_or_video or self.channel_first:
             codes = codes.movedim(-1, 1)
@@ -339,7 +339,7 @@ class FSQ(nn.Module):
             codes = self._maybe_apply_noise(codes)
             if self.orthogonal_rotation:
                 codes = codes @ self.orthogonal_rot.t()
-            codes = codes.reshape(*codes.shape[:-2], -1).to(orig_dtype)
+            codes = codes.flatten(-2).to(orig_dtype)
         out = self.project_out(codes)
         if move:
             out, indices = _unpack_channel_first(out, indices, spatial)

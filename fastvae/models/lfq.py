@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import validation as check
 from ..ops.lfq import MAX_BITS, lfq_entropy, lookup_free_quantize
 from .quantizer import (
     QuantizerOutput,
@@ -148,6 +149,7 @@ class LookupFreeQuantizer(_QuantizerModule):
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """The quantized values of ``indices`` (``(...)``, or ``(..., C)`` for several
         codebooks) -> ``(..., dim)`` float32."""
+        check.indices_in_range("indices", indices, 0, self.codebook_size, "a code")
         if self.num_codebooks == 1:
             indices = indices[..., None]
         level = self.codebook_scale / (math.sqrt(self.bits) if self.spherical else 1.0)
@@ -340,6 +342,7 @@ class LFQ(nn.Module):
         ``(...)``) -> ``(..., dim)`` (``(B, dim, ...)`` for images and videos)."""
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         transpose = is_img_or_video if self.channel_first is None else self.channel_first
+        check.indices_in_range("indices", indices, 0, self.codebook_size, "a code")
         if not self.keep_num_codebooks_dim:
             indices = indices[..., None]
         bits = _bits_of(indices, self.codebook_dim).to(self.dtype)

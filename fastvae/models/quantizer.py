@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import validation as check
 from ..ops.quantize import _straight_through, nearest_code, vector_quantize
 
 __all__ = ["QuantizerOutput", "VectorQuantize", "VectorQuantizer"]
@@ -110,7 +111,7 @@ def _pack_channel_first(x: Tensor) -> tuple[Tensor, torch.Size]:
     and ``spatial`` (the package's ``b d ... -> b (...) d``)."""
     x = x.movedim(1, -1)
     spatial = x.shape[1:-1]
-    return x.reshape(x.shape[0], -1, x.shape[-1]), spatial
+    return x.reshape(x.shape[0], math.prod(spatial), x.shape[-1]), spatial
 
 
 def _unpack_channel_first(out: Tensor, indices: Tensor,
@@ -393,6 +394,7 @@ class VectorQuantizer(_QuantizerModule):
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """The codebook rows of ``indices`` (any shape) -> ``indices.shape + (dim,)``."""
+        check.indices_in_range("indices", indices, 0, self.codebook_size, "a code")
         codes = self.codebook[indices]
         return _normalize(codes) if self.metric == "cosine" else codes
 
@@ -590,6 +592,7 @@ class VectorQuantize(nn.Module):
             self._codebook.embed.copy_(codes.reshape(self._codebook.embed.shape))
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        check.indices_in_range("indices", indices, 0, self.codebook_size, "a code")
         codes = self.codebook[indices]
         if not self.channel_last or self.accept_image_fmap or self.accept_3d_fmap:
             codes = codes.movedim(-1, 1)
@@ -660,7 +663,7 @@ class VectorQuantize(nn.Module):
         if need_transpose:
             quantize = quantize.transpose(1, 2)
         if spatial is not None:
-            quantize = quantize.transpose(1, 2).reshape(B, -1, *spatial)
+            quantize = quantize.transpose(1, 2).unflatten(2, spatial)
             indices = indices.view(B, *spatial)
         if only_one:
             quantize, indices = quantize[:, 0], indices[:, 0]

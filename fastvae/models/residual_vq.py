@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..ops import validation as check
 from ..ops.quantize import nearest_code
 from ..ops.residual_quantize import residual_vector_quantize
 from .quantizer import (
@@ -212,6 +213,8 @@ class ResidualVectorQuantizer(_QuantizerModule):
         if indices.dim() < 1 or indices.shape[-1] > self.num_levels:
             raise ValueError(f"indices must have shape (..., L') with L' <= {self.num_levels}, "
                              f"got {tuple(indices.shape)}")
+        check.indices_in_range("indices", indices, -1, self.codebook_size,
+                               "-1 for a dropped level, or a code")
         out = self.codebooks.new_zeros((*indices.shape[:-1], self.dim))
         for level in range(indices.shape[-1]):
             index = indices[..., level]
@@ -344,6 +347,9 @@ class ResidualVQ(nn.Module):
         cutoff = a["quantize_dropout_cutoff_index"]
         if isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff < 0:
             raise ValueError(f"quantize_dropout_cutoff_index must be an int >= 0, got {cutoff!r}")
+        if self.quantize_dropout and cutoff >= L:
+            raise ValueError(f"quantize_dropout_cutoff_index must be < num_quantizers = {L} "
+                             f"(the first level kept), got {cutoff}")
         self.quantize_dropout_cutoff_index = cutoff
         self.quantize_dropout_multiple_of = _positive_int("quantize_dropout_multiple_of",
                                                           a["quantize_dropout_multiple_of"])
@@ -428,6 +434,8 @@ class ResidualVQ(nn.Module):
                 raise ValueError("indices has fewer levels than num_quantizers: only with "
                                  "quantize_dropout (as vector-quantize-pytorch)")
             indices = torch.nn.functional.pad(indices, (0, self.num_quantizers - q), value=-1)
+        check.indices_in_range("indices", indices, -1, self.codebook_size,
+                               "-1 for a dropped level, or a code")
         codebooks = self.codebooks
         codes = codebooks[torch.arange(self.num_quantizers, device=indices.device)
                           .view(-1, *(1,) * (indices.dim() - 1)),
@@ -508,7 +516,7 @@ class ResidualVQ(nn.Module):
         quantized = self.project_out(quantized)
         all_indices = out.indices.view(B, N, L)
         if spatial is not None:
-            quantized = quantized.transpose(1, 2).reshape(B, -1, *spatial)
+            quantized = quantized.transpose(1, 2).unflatten(2, spatial)
             all_indices = all_indices.view(B, *spatial, L)
         elif only_one:
             quantized, all_indices = quantized[:, 0], all_indices[:, 0]

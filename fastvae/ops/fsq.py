@@ -56,9 +56,11 @@ class _Plan(NamedTuple):
 
 
 def _levels_tuple(levels: object) -> tuple:
+    if not isinstance(levels, (Tensor, Sequence)) and hasattr(levels, "__array__"):
+        levels = torch.as_tensor(levels)  # a NumPy array (config loaders give them)
     if isinstance(levels, Tensor):
         if levels.dim() != 1 or levels.dtype.is_floating_point or levels.dtype == torch.bool:
-            raise TypeError(f"levels must be a 1-D integer tensor or a sequence of ints, got a "
+            raise TypeError(f"levels must be a sequence of ints or a 1-D integer array, got a "
                             f"{levels.dtype} tensor of shape {tuple(levels.shape)}")
         return tuple(levels.tolist())
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
@@ -195,6 +197,7 @@ def finite_scalar_quantize(z: Tensor, levels: Sequence[int] | Tensor, *,
             2**31 - 1 with ``index_dtype=torch.int32``.
     """
     check.tensor("z", z)
+    check.finite(z=z)
     plan = fsq_plan(levels, preserve_symmetry, hard_clamp)
     out_index = _index_dtype(index_dtype, plan.size)
     D = len(plan.levels)
@@ -269,8 +272,9 @@ def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int] | Tensor, *,
 
     Args:
         indices: integer tensor of any shape (int32 or int64; other integer dtypes are read as
-            int64). Indices outside ``[0, prod(levels))`` wrap around digit by digit, as in
-            vector-quantize-pytorch.
+            int64). -1 (the index ``finite_scalar_quantize`` gives a NaN input) gives NaN codes.
+            Other indices outside ``[0, prod(levels))`` wrap around digit by digit, as in
+            vector-quantize-pytorch; with ``fastvae.set_validation(True)`` they are refused.
         levels, preserve_symmetry: as for ``finite_scalar_quantize``.
         dtype: the floating dtype of the codes (default float32); they are computed in it
             (float32 for half precision, then rounded).
@@ -280,7 +284,7 @@ def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int] | Tensor, *,
 
     Raises:
         TypeError: ``indices`` not an integer tensor, ``dtype`` not floating.
-        ValueError: bad ``levels``.
+        ValueError: bad ``levels``; with validation on, indices outside ``[-1, prod(levels) - 1]``.
     """
     if not isinstance(indices, Tensor) or indices.dtype.is_floating_point \
             or indices.dtype.is_complex or indices.dtype == torch.bool:
@@ -289,6 +293,8 @@ def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int] | Tensor, *,
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     plan = fsq_plan(levels, preserve_symmetry)
+    check.indices_in_range("indices", indices, -1, plan.size, "-1 or a code of the "
+                           f"{plan.size} codes of levels {list(plan.levels)}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     lv, basis, _, b = _constants(plan, indices.device, compute)
     digit = torch.div(indices.to(torch.int64).unsqueeze(-1), basis,
@@ -298,4 +304,5 @@ def fsq_indices_to_codes(indices: Tensor, levels: Sequence[int] | Tensor, *,
     else:
         hw = lv // 2
         codes = (digit - hw).to(compute) / hw.to(compute)
+    codes = torch.where(indices.unsqueeze(-1) == -1, torch.nan, codes)
     return codes.to(dtype)

@@ -149,6 +149,7 @@ def lfq_entropy(x: Tensor, *, num_codebooks: int = 1, inv_temperature: float = 1
             non-positive ``codebook_scale``; ``sync=True`` without a process group.
     """
     check.tensor("x", x)
+    check.finite(x=x)
     xs, d = _split_codebooks(x, num_codebooks)
     inv_temperature = _float("inv_temperature", inv_temperature)
     codebook_scale = _float("codebook_scale", codebook_scale, positive=True)
@@ -200,6 +201,7 @@ def lookup_free_quantize(x: Tensor, *, num_codebooks: int = 1, codebook_scale: f
     and ``commitment_weight`` (finite, >= 0; ``ValueError`` otherwise).
     """
     check.tensor("x", x)
+    check.finite(x=x)
     xs, d = _split_codebooks(x, num_codebooks)
     C = xs.shape[-2]
     s = _float("codebook_scale", codebook_scale, positive=True)

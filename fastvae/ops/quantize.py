@@ -58,10 +58,11 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2") -> tuple[Te
     Raises:
         TypeError: ``x`` or ``codebook`` is not a floating tensor, or their dtypes differ.
         ValueError: shapes or devices that do not match; an empty codebook; an unknown
-            ``metric``.
+            ``metric``; with ``fastvae.set_validation(True)``, non-finite values.
     """
     check.tensor("x", x)
     check.tensor("codebook", codebook)
+    check.finite(x=x, codebook=codebook)
     if not isinstance(metric, str) or metric not in reference.NEAREST_CODE_METRICS:
         raise ValueError(f"metric must be one of {', '.join(reference.NEAREST_CODE_METRICS)}, "
                          f"got {metric!r}")
@@ -106,6 +107,7 @@ def check_quantize_args(x: Tensor, name: str, codebook: Tensor, shape: str,
         raise ValueError(f"x must have shape (..., D) and {name} ({shape}); got x "
                          f"{tuple(x.shape)} and {name} {tuple(codebook.shape)}")
     check.same_device(name, codebook, "x", x)
+    check.finite(x=x, **{name: codebook})
     compute = torch.promote_types(x.dtype, codebook.dtype)
     return beta, (torch.float64 if compute == torch.float64 else torch.float32)
 

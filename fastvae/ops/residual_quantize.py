@@ -45,11 +45,13 @@ def _levels_tensor(n_levels: object, batch_shape: torch.Size, L: int,
         if n_levels.device != device:
             raise ValueError(f"n_levels is on {n_levels.device} but x is on {device}; "
                              "all tensors of a call must be on one device")
-        if n_levels.dim() == 0:
-            return n_levels.to(torch.int64).expand(N).contiguous()
-        if n_levels.shape != batch_shape:
+        if n_levels.dim() != 0 and n_levels.shape != batch_shape:
             raise ValueError(f"n_levels must have shape x.shape[:-1] = {tuple(batch_shape)} "
                              f"(or be a number), got {tuple(n_levels.shape)}")
+        check.indices_in_range("n_levels", n_levels, 0, L + 1, "levels per vector, L = "
+                               f"{L}")
+        if n_levels.dim() == 0:
+            return n_levels.to(torch.int64).expand(N).contiguous()
         return n_levels.to(torch.int64).reshape(N).contiguous()
     value = check.integer("n_levels", n_levels)
     if not 0 <= value <= L:
@@ -98,7 +100,8 @@ def residual_vector_quantize(x: Tensor, codebooks: Tensor, *, n_levels: int | Te
         codebooks: ``(L, K, D)``, floating, on ``x``'s device; L, K >= 1. ``x`` and the codebooks
             are computed in their common dtype, at least float32.
         n_levels: None, an int in [0, L], or an integer tensor of shape ``x.shape[:-1]`` (or
-            0-d) on ``x``'s device (values beyond [0, L] act as 0 or L; no host sync).
+            0-d) on ``x``'s device (values beyond [0, L] act as 0 or L; no host sync; with
+            ``fastvae.set_validation(True)`` they are refused, with a host sync).
         beta: the commitment weight (>= 0, finite).
         straight_through: ``"ste"`` or ``"rotation"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.

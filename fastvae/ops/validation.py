@@ -195,3 +195,14 @@ def unit_interval(name: str, t: Tensor) -> None:
     """Opt-in: every value of ``t`` lies in [0, 1]."""
     if _data_checks_on() and not bool(((t >= 0) & (t <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1] (validation is on)")
+
+
+def indices_in_range(name: str, t: Tensor, low: int, high: int, what: str) -> None:
+    """With validation on: every element of the integer tensor ``t`` in ``[low, high)``, else
+    ValueError naming ``name``, the first offending value and ``what`` the range is."""
+    if not _data_checks_on() or t.numel() == 0:
+        return
+    bad = (t < low) | (t >= high)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be in [{low}, {high - 1}] ({what}), got "
+                         f"{t[bad].flatten()[0].item()}")
