@@ -69,15 +69,71 @@ def positive_float(text: str) -> float:
     return value
 
 
+def split_list(text: str, what: str, separator: str = ",") -> list[str]:
+    """The entries of a comma-separated option value, each stripped of spaces: the one parser
+    of every list option of the CLI. An empty entry (``8,,5``, a trailing comma, an empty
+    value) is refused, never dropped: ``expected comma-separated <what>, got '<text>'``.
+    ``separator``: a regular expression where a comma alone is not one (FSQ sizes' brackets)."""
+    import re
+
+    entries = [s.strip() for s in re.split(separator, text)]
+    if not all(entries):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return entries
+
+
 def int_list(text: str) -> tuple[int, ...]:
+    message = f"expected comma-separated integers, got {text!r}"
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in split_list(text, "integers"))
     except ValueError:
-        message = f"expected comma-separated integers, got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
-    if not values or min(values) < 1:
+    if min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def api_message(message: str, options: dict[str, str]) -> str:
+    """A Python API's error in the options' names, for the errors the CLI does not check in its
+    own words first (it should, where a message could suggest what the CLI cannot do):
+    ``name[i]`` -> ``--option entry i+1``, ``name='v'`` -> ``--option v``, ``name`` ->
+    ``--option``, for each ``name -> --option`` of ``options``."""
+    import re
+
+    names = "|".join(sorted(map(re.escape, options), key=len, reverse=True))
+
+    def one(m: re.Match) -> str:
+        option = options[m["name"]]
+        if m["index"] is not None:
+            return f"{option} entry {int(m['index']) + 1}"
+        if m["value"] is not None:
+            return f"{option} {m['value'].strip(chr(39))}"
+        return option
+
+    return re.sub(rf"(?<![\w-])(?P<name>{names})(?:\[(?P<index>\d+)\]|=(?P<value>'[^']*'|\w+))?"
+                  r"(?![\w-])", one, message)
+
+
+CHECKPOINT_NAME = "checkpoint.safetensors"  # what fastvae train writes into its --out folder
+CHECKPOINT_HELP = ("a checkpoint written by fastvae train (or save_vae), or the --out folder "
+                   f"of a training run (its {CHECKPOINT_NAME})")
+
+
+def checkpoint_path(text: str, option: str | None = None):
+    """The checkpoint a command reads: a file as given, or, for a folder (a training run's
+    ``--out``), the ``checkpoint.safetensors`` in it; a folder without one is a UsageError
+    (prefixed by ``option`` where the checkpoint is an option's value)."""
+    from pathlib import Path
+
+    path = Path(text)
+    if path.is_dir():
+        file = path / CHECKPOINT_NAME
+        if not file.is_file():
+            prefix = f"{option}: " if option else ""
+            raise UsageError(f"{prefix}{path} is a folder without a {CHECKPOINT_NAME} (not the "
+                             "--out folder of a fastvae train run); give the checkpoint file")
+        return file
+    return path
 
 
 def resolve_device(name: str, local_rank: int | None = None):

@@ -36,6 +36,7 @@ import fastvae as fv
 
 from ..ops import backends as _backend
 from . import bench_quantizers
+from .args import split_list
 from .bench_common import device_name, peak_extra_memory, time_group
 
 LOG_2PI = math.log(2 * math.pi)
@@ -582,8 +583,8 @@ def run_train_step(device: torch.device, batch: int, pixels: int,
 
 def _sizes(text: str) -> list[tuple[int, int]]:
     try:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
-    except ValueError:
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in split_list(text, "sizes")]
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"sizes look like 64x784,4096x784; got {text!r}") \
             from None
     if any(len(s) != 2 or min(s) < 1 for s in sizes):
@@ -760,9 +761,10 @@ def run_command(args: argparse.Namespace) -> int:
 
     def names(option: str, text: str, known: Sequence[str]) -> list[str]:
         """A comma-separated list: at least one name, each one known."""
-        given = [v for v in (s.strip() for s in text.split(",")) if v]
-        if not given:
-            raise UsageError(f"{option}: no name given; choose from {', '.join(known)}")
+        try:
+            given = split_list(text, "names")
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{option}: {e}; choose from {', '.join(known)}") from None
         unknown = [v for v in given if v not in known]
         if unknown:
             raise UsageError(f"{option}: unknown {', '.join(unknown)}; choose from "

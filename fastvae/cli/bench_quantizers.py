@@ -39,6 +39,7 @@ from torch import Tensor
 import fastvae as fv
 
 from . import bench_common as _common
+from .args import split_list
 
 Size = tuple  # one benchmark size of a quantizer (its own layout: see each Quantizer)
 
@@ -315,7 +316,10 @@ def parse_fsq_size(text: str) -> Size:
     """``16384x[8,8,8,5,5,5]`` or ``16384x[4]*16``."""
     m = re.fullmatch(r"\s*(\d+)\s*x\s*\[([\d,\s]+)\]\s*(?:\*\s*(\d+))?\s*", text)
     if m is not None:
-        levels = tuple(int(v) for v in m.group(2).split(",") if v.strip())
+        try:
+            levels = tuple(int(v) for v in split_list(m.group(2), "levels"))
+        except argparse.ArgumentTypeError:
+            levels = ()  # an empty entry: refused below
         levels *= int(m.group(3) or 1)
         if int(m.group(1)) >= 1 and levels and min(levels) >= 2:
             return int(m.group(1)), levels
@@ -393,9 +397,10 @@ GROUPS = {"tokenizers": ("rvq", "fsq", "lfq")}
 
 def parse_sizes(quantizer: Quantizer, text: str) -> list[Size]:
     """A comma-separated list of sizes (commas inside [...] belong to an FSQ size)."""
-    items = [s for s in re.split(r",(?![^\[]*\])", text) if s.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"no size given (e.g. {quantizer.size_example})")
+    try:
+        items = split_list(text, "sizes", r",(?![^\[]*\])")
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (e.g. {quantizer.size_example})") from None
     return [quantizer.parse_size(s) for s in items]
 
 

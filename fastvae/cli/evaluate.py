@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .args import (
+    CHECKPOINT_HELP,
     UsageError,
     add_data_options,
+    checkpoint_path,
     data_record,
     load_data,
     non_negative_int,
@@ -182,7 +184,7 @@ def load_model(path: str, device) -> Loaded:
     checkpoint, a model that cannot be rebuilt, an unknown kind) is a UsageError naming it."""
     from fastvae.training import checkpoint
 
-    file = Path(path)
+    file = checkpoint_path(path)
     try:
         ckpt = checkpoint.load(file)
         name = ckpt.model_config.get("kind", "vae")
@@ -200,7 +202,7 @@ def load_model(path: str, device) -> Loaded:
 
 
 def _add_common(p: argparse.ArgumentParser, *, data: bool) -> None:
-    p.add_argument("checkpoint", help="a checkpoint written by fastvae train (or save_vae)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     if data:
         add_data_options(p, default=None, data_help=HELD_OUT_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +21,8 @@ from typing import Any
 from .args import (
     UsageError,
     add_data_options,
+    api_message,
+    checkpoint_path,
     data_record,
     finite_float,
     int_list,
@@ -187,7 +189,9 @@ def add_parser(sub) -> None:
                          f"{defaults('num_quantizers')}")
     vq.add_argument("--entropy-weight", type=non_negative_float, default=None, metavar="W",
                     help=f"lfq: weight of the entropy loss; default {defaults('entropy_weight')}")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--resume", default=None,
+                   help="the checkpoint to continue from: a checkpoint file, or the --out "
+                        "folder of a training run (its checkpoint.safetensors)")
     p.add_argument("--no-images", action="store_true", help="skip the PNG grids")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run, vae_only_defaults={k: p.get_default(k) for k in VAE_ONLY})
@@ -211,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"--backend: {e}") from e
     _check_quantizer_options(args)
+    resume = checkpoint_path(args.resume, "--resume") if args.resume is not None else None
     config = _train_config(args)
     record = data_record(args)
     first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 shows the bar
@@ -239,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             result = train(model_config, train_x, val_x, config, device=device,
-                           out_dir=out_dir, resume=args.resume, progress=not args.no_progress,
+                           out_dir=out_dir, resume=resume, progress=not args.no_progress,
                            data_record=record)
         except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from e
@@ -280,8 +285,7 @@ def _train_config(args: argparse.Namespace):
                            amp=args.amp, compile=args.compile, on_nonfinite=args.on_nonfinite,
                            iwae_samples=args.iwae_samples)
     except ValueError as e:  # TrainConfig's message, in the options' names
-        names = "|".join(sorted(_OPTIONS, key=len, reverse=True))
-        raise UsageError(re.sub(rf"\b({names})\b", lambda m: _OPTIONS[m[1]], str(e))) from e
+        raise UsageError(api_message(str(e), _OPTIONS)) from e
 
 
 # TrainConfig fields -> the options that set them.
@@ -361,7 +365,12 @@ def _vq_model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> 
     renamed = {"commitment": "commitment_weight"}
     options = {renamed.get(k, k): v for k, v in options.items()}
     if "levels" in options:
-        options["levels"] = list(options["levels"])
+        options["levels"] = _check_levels(options["levels"])
+    if args.quantizer == "lfq":
+        size = options["codebook_size"]
+        if size < 2 or size & (size - 1):
+            raise UsageError(f"--codebook-size: --quantizer lfq's codes are the sign patterns of "
+                             f"log2(size) bits, so it must be a power of 2 >= 2, got {size}")
     if "decay" in options:
         options["decay"] = options["decay"] or None  # 0: a learned codebook
     if args.quantizer in ("vq", "rvq"):
@@ -377,14 +386,37 @@ def _vq_model_config(args: argparse.Namespace, image_shape: tuple[int, ...]) -> 
         if args.likelihood != "dmol" and tuple(out.shape[1:]) != tuple(image_shape):
             raise ValueError(f"the decoder makes images of shape {tuple(out.shape[1:])}")
     except (ValueError, RuntimeError) as e:
-        names = "|".join(sorted(QUANTIZER_OPTIONS, key=len, reverse=True))
-        message = re.sub(rf"\b({names}|commitment_weight)\b",
-                         lambda m: QUANTIZER_OPTIONS.get(m[1], "--commitment"), str(e))
+        message = api_message(str(e), {**QUANTIZER_OPTIONS, "quantizer": "--quantizer",
+                                        "commitment_weight": "--commitment"})
         raise UsageError(f"--quantizer {args.quantizer}, --arch {args.arch}: cannot build a "
                          f"VQ-VAE for images of shape {image_shape}: {message}") from e
     config["codebook_size"], config["codebook_dim"] = model.build_config["codebook_size"], \
         model.build_config["codebook_dim"]
     return config
+
+
+# the most levels per FSQ dimension: every code exact in float32 (fastvae.ops.fsq.MAX_LEVEL)
+MAX_LEVEL = 2**24
+
+
+def _check_levels(levels: tuple[int, ...]) -> list[int]:
+    """--levels in the CLI's own words, naming the bad entry (1-based) before the Python API
+    sees them: the CLI builds FSQ without preserve_symmetry, so each entry is in [3, 2**24],
+    and their product (the codebook size) an int64."""
+    for i, level in enumerate(levels, 1):
+        if level < 3:
+            raise UsageError(
+                f"--levels: entry {i} is {level}; FSQ needs at least 3 levels per dimension on "
+                "the command line" + (" (a level of 2 needs preserve_symmetry, which the CLI "
+                                      "does not offer)" if level == 2 else ""))
+        if level > MAX_LEVEL:
+            raise UsageError(f"--levels: entry {i} is {level}; at most 2**24 = {MAX_LEVEL} "
+                             "levels per dimension (beyond, float32 cannot hold every code "
+                             "exactly)")
+    if math.prod(levels) > 2**63 - 1:
+        raise UsageError(f"--levels: the codebook size, the product of the levels, is "
+                         f"{math.prod(levels)}, beyond 2**63 - 1 (the largest int64 code)")
+    return list(levels)
 
 
 def _vq_description(config: dict[str, Any]) -> str:

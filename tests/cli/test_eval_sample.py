@@ -160,3 +160,51 @@ def test_commands_dispatch_on_the_kind_of_model(tmp_path, monkeypatch, capsys):
     assert "toy model" in err
     assert "fastvae sample does not apply" in err
     assert not (tmp_path / "s.png").exists()
+
+
+def test_every_command_reads_a_run_folder_as_its_checkpoint(run, tmp_path, capsys):
+    """A training run's --out folder stands for its checkpoint.safetensors in every command
+    that reads a checkpoint: the same metrics and the same pictures as the file itself."""
+    file = str(run / "checkpoint.safetensors")
+    for name, source in (("file", file), ("folder", str(run)), ("slash", f"{run}/")):
+        assert main(["eval", source, "--iwae-samples", "3", "--no-progress",
+                     "--json", str(tmp_path / f"{name}.json")]) == 0
+        assert main(["sample", source, "--n", "4", "--out", str(tmp_path / f"s-{name}.png")]) == 0
+        assert main(["reconstruct", source, "--n", "4", "--no-progress",
+                     "--out", str(tmp_path / f"r-{name}.png")]) == 0
+        assert main(["interpolate", source, "--pairs", "1", "--steps", "3", "--no-progress",
+                     "--out", str(tmp_path / f"i-{name}.png")]) == 0
+    capsys.readouterr()
+    want = json.loads((tmp_path / "file.json").read_text())
+    for name in ("folder", "slash"):
+        got = json.loads((tmp_path / f"{name}.json").read_text())
+        assert got["checkpoint"] == want["checkpoint"] == file
+        drop = ("seconds",)  # wall time
+        assert {k: v for k, v in got.items() if k not in drop} == \
+            {k: v for k, v in want.items() if k not in drop}
+        for picture in ("s", "r", "i"):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / f"{picture}-{name}.png")),
+                                  np.asarray(Image.open(tmp_path / f"{picture}-file.png")))
+
+
+def test_a_folder_without_a_checkpoint_is_refused(tmp_path, capsys):
+    for command in ("eval", "sample", "reconstruct", "interpolate"):
+        assert main([command, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path) in err, err
+        assert "without a checkpoint.safetensors" in err, err
+
+
+def test_the_cli_names_the_trainers_checkpoint_file():
+    from fastvae.cli import args
+    from fastvae.training import trainer
+
+    assert args.CHECKPOINT_NAME == trainer.CHECKPOINT_NAME
+
+
+def test_train_resumes_from_a_run_folder(run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["train", *TINY, "--iwae-samples", "0", "--seed", "3", "--epochs", "2",
+                 "--no-images", "--resume", str(run), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoint.safetensors'} after epoch 1" in printed, printed
