@@ -78,18 +78,16 @@ constexpr uint32_t kRoundMagicBits = 0x4B400000u;
 // 2^n for n in [-126, 127], built from bits.
 FV_HD float pow2i(int32_t n) { return u2f(static_cast<uint32_t>(n + 127) << 23); }
 
-// exp(x), float32, about 1 ulp. Overflows to inf above 88.72, underflows gradually (subnormal
-// results) to 0 below -103.97; nan stays nan.
-FV_HD float exp_f32(float x) {
+// e^x = p 2^n with n = round(x / ln 2) and p = e^r, r = x - n ln 2 (|r| <= ln(2) / 2), for the
+// callers' clamped x: returns p, sets n.
+FV_HD float exp_reduced_f32(float x, int32_t& n) {
     const float kLog2e = 1.44269504088896341f;
     const float kLn2Hi = 0.693359375f;          // 8 significant bits: n * kLn2Hi is exact
     const float kLn2Lo = -2.12194440e-4f;       // ln 2 - kLn2Hi
-    x = x > 89.0f ? 89.0f : x;                  // comparisons are false for nan: nan passes
-    x = x < -104.0f ? -104.0f : x;
     const float t = x * kLog2e + kRoundMagic;   // round(x / ln 2) in the low mantissa bits
-    const int32_t n = static_cast<int32_t>(f2u(t) - kRoundMagicBits);
+    n = static_cast<int32_t>(f2u(t) - kRoundMagicBits);
     const float kn = t - kRoundMagic;
-    const float r = (x - kn * kLn2Hi) - kn * kLn2Lo;  // |r| <= ln(2) / 2
+    const float r = (x - kn * kLn2Hi) - kn * kLn2Lo;
     // Taylor polynomial of degree 7: truncation error < 0.1 ulp on |r| <= ln(2) / 2.
     float p = 1.98412698e-4f;
     p = p * r + 1.38888889e-3f;
@@ -98,7 +96,16 @@ FV_HD float exp_f32(float x) {
     p = p * r + 1.66666667e-1f;
     p = p * r + 0.5f;
     p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    return p * r + 1.0f;
+}
+
+// exp(x), float32, about 1 ulp. Overflows to inf above 88.72, underflows gradually (subnormal
+// results) to 0 below -103.97; nan stays nan.
+FV_HD float exp_f32(float x) {
+    x = x > 89.0f ? 89.0f : x;                  // comparisons are false for nan: nan passes
+    x = x < -104.0f ? -104.0f : x;
+    int32_t n;
+    const float p = exp_reduced_f32(x, n);
     // Scale by 2^n in two steps, so that n in [-150, 128] neither overflows the exponent field
     // nor rounds twice: p * 2^n1 is exact, the second product rounds once.
     const int32_t n1 = n >> 1;
@@ -241,10 +248,21 @@ template <class T>
 FV_HD T abs_(T x) { return x < T(0) ? -x : x; }
 
 // e^x / 2 as (e^(x/2) / 2) e^(x/2): finite wherever e^x / 2 is (e^x alone overflows first).
-template <class T>
-FV_HD T half_exp(T x) {
-    const T h = exp_(T(0.5) * x);
-    return (T(0.5) * h) * h;
+FV_HD double half_exp(double x) {
+    const double h = exp_(0.5 * x);
+    return (0.5 * h) * h;
+}
+
+// e^x / 2, float32, for the expm1 forms below: exp_f32's reduction with the halving folded
+// into the scale, (2 p) 2^(n - 2), one rounding, finite wherever e^x / 2 is (up to x = 89.41).
+// x is clamped at -80, where e^x / 2 < 2^-116 vanishes next to the 1/2 it is subtracted from
+// (so not a general exp: no subnormal results).
+FV_HD float half_exp(float x) {
+    x = x > 89.5f ? 89.5f : x;  // nan passes
+    x = x < -80.0f ? -80.0f : x;
+    int32_t n;
+    const float p = exp_reduced_f32(x, n);
+    return (p + p) * pow2i(n - 2);  // n - 2 in [-118, 127]
 }
 
 // expm1(d) / 2, given d and hd = d / 2: the series for |d| < 1, e^d / 2 - 1/2 beyond.
@@ -252,7 +270,7 @@ template <class T>
 FV_HD T half_expm1(T d, T hd) {
     const T series = hd + hd * d * expm1_tail(d);
     const T direct = half_exp(d) - T(0.5);
-    return (d < T(1) && d > T(-1)) ? series : direct;
+    return abs_(d) < T(1) ? series : direct;
 }
 
 // (expm1(d) - d) / 2, given d and hd = d / 2: hd d tail(d) for |d| < 1, e^d / 2 - (1/2 + hd)
@@ -263,7 +281,7 @@ FV_HD T half_expm1mx(T d, T hd) {
     const T series = hd * d * expm1_tail(d);
     T direct = half_exp(d) - (T(0.5) + hd);
     direct = d == T(__builtin_huge_val()) ? d : direct;
-    return (d < T(1) && d > T(-1)) ? series : direct;
+    return abs_(d) < T(1) ? series : direct;
 }
 
 // expm1(-lv) for |lv| < 1 (the IWAE gradient in z near lv = 0); anything beyond.
