@@ -604,6 +604,10 @@ SMALL_OPS = ("loss_head", "bernoulli_nll", "gaussian_nll", "continuous_bernoulli
              "gaussian_kl", "reparameterize", "sample_and_kl")
 
 
+# ... and the large size, where fastvae is held against torch.compile too
+LARGE_SIZES = {"cpu": [(4096, 784)], "cuda": [(65536, 784)]}
+
+
 @dataclass
 class SmallRow:
     op: str
@@ -614,6 +618,9 @@ class SmallRow:
     ratio_median: float  # eager time / fastvae time: the median of the per-round ratios
     ratio_p10: float  # ... and their 10th percentile (the slow fastvae rounds)
     # (round i of eager against round i of fastvae: the same position in their blocks)
+    compile_us: float | None = None  # the large sizes: torch.compile of the eager function
+    compile_ratio_median: float | None = None  # compile time / fastvae time, per round
+    compile_ratio_p10: float | None = None
 
 
 def time_paired(fns: dict[str, Callable[[], object]], *, blocks: int = 6, rounds: int = 7,
@@ -641,42 +648,62 @@ def time_paired(fns: dict[str, Callable[[], object]], *, blocks: int = 6, rounds
     return samples
 
 
-def run_small_batch(device: torch.device, ops: Sequence[str],
+def _ratios(slow: list[float], fast: list[float]) -> tuple[float, float]:
+    """The median and 10th percentile of the per-round ratios slow / fast."""
+    ratios = sorted(s / f for s, f in zip(slow, fast, strict=True))
+    return statistics.median(ratios), ratios[len(ratios) // 10]
+
+
+def run_small_batch(device: torch.device, ops: Sequence[str], *, with_compile: bool = True,
                     log: Callable[[str], None] = print) -> list[SmallRow]:
     """Forward + backward, float32, eager PyTorch against fastvae's default backend, at the
-    small sizes (``SMALL_SIZES``, and ``SMALL_LATENT_SIZES`` for the latent ops)."""
+    small sizes (``SMALL_SIZES``, and ``SMALL_LATENT_SIZES`` for the latent ops), then at the
+    large size (``LARGE_SIZES``) with torch.compile beside them (unless ``with_compile`` is
+    False), all timed by ``time_paired``."""
     rows = []
     backend = _backend.resolve(device)
+    fast_impl = f"fastvae:{backend}"
     for op_name in ops:
         sizes = SMALL_SIZES + (SMALL_LATENT_SIZES if op_name in LATENT_OPS else [])
-        for B, N in sizes:
+        large = LARGE_SIZES[device.type]
+        for B, N in sizes + large:
+            impls = ["eager", fast_impl]
+            if with_compile and (B, N) in large:
+                impls.insert(1, "compile")
             runners = {impl: make_runner(Case(op_name, "fwd+bwd", impl, B, N, "float32"), device)
-                       for impl in ("eager", f"fastvae:{backend}")}
+                       for impl in impls}
             samples = time_paired(runners)
-            eager, fast = samples["eager"], samples[f"fastvae:{backend}"]
-            ratios = sorted(e / f for e, f in zip(eager, fast, strict=True))
+            eager, fast = samples["eager"], samples[fast_impl]
             row = SmallRow(op_name, B, N, statistics.median(eager) * 1e6,
-                           statistics.median(fast) * 1e6, statistics.median(ratios),
-                           ratios[len(ratios) // 10])
+                           statistics.median(fast) * 1e6, *_ratios(eager, fast))
+            if "compile" in samples:
+                row.compile_us = statistics.median(samples["compile"]) * 1e6
+                row.compile_ratio_median, row.compile_ratio_p10 = _ratios(samples["compile"],
+                                                                          fast)
             log(format_small(row))
             rows.append(row)
     return rows
 
 
 SMALL_HEADER = (f"{'op':25s} {'size':>9s} {'eager us':>9s} {'fastvae us':>10s} "
-                f"{'x eager (median)':>16s} {'(p10)':>6s}")
+                f"{'x eager (median)':>16s} {'(p10)':>6s} {'compile us':>10s} "
+                f"{'x compile (median)':>18s} {'(p10)':>6s}")
 
 
 def format_small(r: SmallRow) -> str:
-    return (f"{r.op:25s} {f'{r.batch}x{r.features}':>9s} {r.eager_us:9.1f} {r.fastvae_us:10.1f} "
+    line = (f"{r.op:25s} {f'{r.batch}x{r.features}':>9s} {r.eager_us:9.1f} {r.fastvae_us:10.1f} "
             f"{r.ratio_median:16.2f} {r.ratio_p10:6.2f}")
+    if r.compile_us is not None:
+        line += (f" {r.compile_us:10.1f} {r.compile_ratio_median:18.2f} "
+                 f"{r.compile_ratio_p10:6.2f}")
+    return line
 
 
 def crossover(rows: Sequence[SmallRow], op: str) -> str | None:
     """The smallest size (1 x 1, then B x 784 by batch) from which on fastvae is at least as
     fast as eager (by the median ratio), or None when it is slower at the largest."""
     sizes = sorted((r.batch, r.features, r.ratio_median) for r in rows
-                   if r.op == op and r.features in (1, 784))
+                   if r.op == op and (r.batch, r.features) in SMALL_SIZES)
     start = None
     for batch, features, ratio in sizes:
         if ratio >= 1.0 and start is None:
@@ -694,8 +721,9 @@ def write_small_batch(rows: Sequence[SmallRow], device: torch.device, out_dir: P
     lines = [f"# fastvae bench --small-batch: {meta['device']}, torch {meta['torch']}, "
              f"{meta['threads']} threads, {meta['date']}, load average "
              f"{' '.join(f'{v:.2f}' for v in meta['load_average'])}",
-             "# forward + backward, float32; x eager = eager time / fastvae time "
-             "(median and 10th percentile of per-round ratios)", SMALL_HEADER]
+             "# forward + backward, float32; x eager = eager time / fastvae time, x compile = "
+             "torch.compile time / fastvae time (median and 10th percentile of per-round "
+             "ratios)", SMALL_HEADER]
     lines += [format_small(r) for r in rows]
     for op in dict.fromkeys(r.op for r in rows):
         b = crossover(rows, op)
@@ -740,7 +768,9 @@ def add_parser(sub) -> None:
                    help="torch.set_num_threads (and the native CPU kernels' threads) for the run")
     p.add_argument("--small-batch", action="store_true",
                    help="only the small-batch table: forward + backward against eager at "
-                        "B = 1, 16, 64, 256 x 784 and the latent sizes (host overhead); "
+                        "B = 1, 16, 64, 256 x 784 and the latent sizes (host overhead), and "
+                        "against eager and torch.compile at 4096 x 784 (65536 x 784 on a "
+                        "GPU; --no-compile leaves compile out), timed in paired rounds; "
                         "--ops selects among " + ", ".join(SMALL_OPS))
     p.set_defaults(run=run_command)
 
@@ -782,7 +812,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"fastvae bench --small-batch on {device_name(device)}; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; backend {_backend.resolve(device)}")
         print(SMALL_HEADER)
-        print(f"wrote {write_small_batch(run_small_batch(device, ops), device, out)}")
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+        rows = run_small_batch(device, ops, with_compile=not args.no_compile)
+        print(f"wrote {write_small_batch(rows, device, out)}")
         return 0
     ops = names("--ops", args.ops, [*OPS, *bench_quantizers.QUANTIZERS,
                                     *bench_quantizers.GROUPS])
