@@ -300,3 +300,15 @@ def test_cuda_graphed_training_follows_eager(images):
         assert graphed.capacity == eager.capacity
         assert graphed.train_loss == pytest.approx(eager.train_loss, rel=1e-3)
         assert graphed.val_elbo == pytest.approx(eager.val_elbo, rel=1e-3)
+
+
+def test_data_checks_pause_while_a_graph_is_captured(monkeypatch):
+    """Validation's host reads would break a capture: they are skipped while one is under way
+    (the warm-up steps before it still check)."""
+    from fastvae.ops import validation
+
+    monkeypatch.setattr(validation, "_validate", True)
+    assert validation.data_checks_on()
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not validation.data_checks_on()
