@@ -47,18 +47,21 @@ class GraphedStep:
     tensors, or ``zero_grad(set_to_none=True)``, does no harm. ``fn`` must not read Python
     values that change between steps: they would be baked into the graph.
 
+    ``buffers``: tensors ``fn`` updates in place (a BatchNorm's running statistics), put back
+    as they were after the warm-up and the capture, so that only the replays update them.
     ``device``: a CUDA device, or any device with ``emulate=True`` (replay re-runs ``fn``
     eagerly, see the module's docstring). Raises ``ValueError`` for a non-CUDA device without
     ``emulate``.
     """
 
     def __init__(self, fn: Callable[[], Tensor], params: Sequence[nn.Parameter],
-                 device: torch.device | str, *, emulate: bool = False,
-                 warmup: int = WARMUP_STEPS) -> None:
+                 device: torch.device | str, *, buffers: Sequence[Tensor] = (),
+                 emulate: bool = False, warmup: int = WARMUP_STEPS) -> None:
         device = torch.device(device)
         if device.type != "cuda" and not emulate:
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.fn, self.params, self.device = fn, list(params), device
+        self.buffers = list(buffers)
         self.emulate, self.warmup = emulate, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Tensor | None = None
@@ -87,6 +90,7 @@ class GraphedStep:
 
     def _capture(self) -> None:
         cuda = not self.emulate
+        kept = [b.clone() for b in self.buffers]
         # warm-up and capture consume none of the run's random numbers
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             with self._side_stream() if cuda else contextlib.nullcontext():
@@ -103,6 +107,9 @@ class GraphedStep:
                 self.graph = graph
             else:
                 output = self.fn()
+        with torch.no_grad():
+            for b, k in zip(self.buffers, kept, strict=True):
+                b.copy_(k)
         self.output = output
         self.grads = [p.grad for p in self.params]
 

@@ -73,7 +73,9 @@ class TrainConfig:
     gives the loss terms and the gradient flags, and the checks, ``on_nonfinite``, and Adam's
     step run eagerly as without graphs. A last batch of fewer rows runs the eager step. Same
     semantics as the eager step (the CPU tests run the plumbing with an emulated replay and get
-    bitwise the same weights and metrics); ``free_bits`` is a constant of the capture. Not with
+    bitwise the same weights and metrics; the warm-up and the capture draw none of the run's
+    noise and leave the model's buffers as they were); ``free_bits`` is a constant of the
+    capture. Not with
     ``compile``, a VQ-VAE (its quantizer's codebook updates and restarts run host-side logic),
     ``torch.distributed`` or a CPU device: ``ValueError`` naming ``cuda_graphs``.
     """
@@ -875,6 +877,7 @@ class _GraphedVAEStep:
         self.x: Tensor | None = None  # made at the first batch, in its shape and dtype
         self.names: list[str] = []
         self.step = graphs.GraphedStep(self._forward_backward, list(model.parameters()), device,
+                                       buffers=list(model.buffers()),
                                        emulate=device.type != "cuda")
 
     def _forward_backward(self) -> Tensor:

@@ -64,12 +64,14 @@ class _PoisonGrad(torch.autograd.Function):
 class _Encoder(nn.Module):
     """An MLP encoder whose first layer's gradient is NaN for a batch holding an image marked
     with MARK at pixel 0: a non-finite gradient with finite loss terms, decided on the device
-    from the batch (as a captured graph sees it), not by counting calls."""
+    from the batch (as a captured graph sees it), not by counting calls. ``norm``: a BatchNorm
+    after it (running statistics, updated in place by each training forward)."""
 
-    def __init__(self, latent: int):
+    def __init__(self, latent: int, norm: bool = False):
         super().__init__()
         self.first = nn.Linear(64, 32)
-        self.rest = nn.Sequential(nn.ReLU(), nn.Linear(32, 2 * latent))
+        self.rest = nn.Sequential(*([nn.BatchNorm1d(32)] if norm else []), nn.ReLU(),
+                                  nn.Linear(32, 2 * latent))
 
     def forward(self, x):
         flat = x.flatten(1)
@@ -77,31 +79,33 @@ class _Encoder(nn.Module):
         return self.rest(_PoisonGrad.apply(self.first(flat), flag))
 
 
-def _faulty_vae(latent: int = 4) -> fv.VAE:
+def _faulty_vae(latent: int = 4, norm: bool = False) -> fv.VAE:
     torch.manual_seed(3)
     decoder = nn.Sequential(nn.Linear(latent, 64), nn.Unflatten(1, (1, 8, 8)))
-    return fv.VAE(_Encoder(latent), decoder, latent_shape=latent)
+    return fv.VAE(_Encoder(latent, norm), decoder, latent_shape=latent)
 
 
-CASES = {
+CASES = {  # TrainConfig options, a caller-built model (None: CONFIG), poisoned images
     # beta warm-up over 1.5 epochs, capacity rising over 7 steps, clipping, free bits
     "warmup_capacity": (dict(warmup_epochs=1.5, capacity=3.0, capacity_steps=7, grad_clip=1.0,
-                             free_bits=0.1), False),
+                             free_bits=0.1), None, False),
     # cyclical beta (logistic rise) under bfloat16 autocast
-    "cycles_amp": (dict(cycles=2, beta_shape="logistic", amp=True), False),
+    "cycles_amp": (dict(cycles=2, beta_shape="logistic", amp=True), None, False),
     # a NaN pixel (non-finite NLL) and a marked image (non-finite gradient): both skipped
-    "skip": (dict(on_nonfinite="skip", grad_clip=5.0, warmup_epochs=1.0), True),
+    "skip": (dict(on_nonfinite="skip", grad_clip=5.0, warmup_epochs=1.0), _faulty_vae, True),
+    # running statistics: the warm-up and the capture must leave them as they were
+    "batchnorm": (dict(warmup_epochs=1.0), lambda: _faulty_vae(norm=True), False),
 }
 
 
 def _run(case: str, images, out_dir, cuda_graphs: bool, epochs: int = 3, resume=None):
-    options, faulty = CASES[case]
+    options, build, poisoned = CASES[case]
     train_x, val_x = images
-    if faulty:
+    if poisoned:
         train_x = train_x.clone()
         train_x[17, 0, 3, 3] = float("nan")
         train_x[101, 0, 0, 0] = MARK
-    model = _faulty_vae() if faulty else dict(CONFIG)
+    model = build() if build is not None else dict(CONFIG)
     config = TrainConfig(epochs=epochs, batch_size=64, iwae_samples=0, seed=2,
                          cuda_graphs=cuda_graphs, **options)
     return train(model, train_x, val_x, config, out_dir=out_dir, resume=resume, progress=False)
