@@ -75,9 +75,9 @@ class TrainConfig:
     semantics as the eager step (the CPU tests run the plumbing with an emulated replay and get
     bitwise the same weights and metrics; the warm-up and the capture draw none of the run's
     noise and leave the model's buffers as they were); ``free_bits`` is a constant of the
-    capture. Not with
-    ``compile``, a VQ-VAE (its quantizer's codebook updates and restarts run host-side logic),
-    ``torch.distributed`` or a CPU device: ``ValueError`` naming ``cuda_graphs``.
+    capture. Not with ``compile``, a VQ-VAE (its quantizer's codebook updates and restarts run
+    host-side logic), ``torch.distributed`` or a CPU device: ``ValueError`` naming
+    ``cuda_graphs``.
     """
 
     epochs: int = 30
