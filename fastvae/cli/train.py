@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.ops.backends import resolve
     from fastvae.training import data
     from fastvae.training.checkpoint import CheckpointError
+    from fastvae.training.graphs import GraphCaptureError
     from fastvae.training.trainer import NonFiniteLossError, train
 
     if not 0 < args.val_fraction < 1:
@@ -256,6 +257,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume: {e}") from e
         except NonFiniteLossError as e:
             print(f"fastvae train: {e}", file=sys.stderr)
+            return 1
+        except GraphCaptureError as e:
+            print(f"fastvae train: --cuda-graphs: {e}", file=sys.stderr)
             return 1
         seconds = time.perf_counter() - t0
     if rank != 0:

@@ -30,6 +30,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+
+class GraphCaptureError(RuntimeError):
+    """The step could not be captured as a CUDA graph (an operation inside it that a capture
+    does not allow: a host sync, a CPU-GPU copy, an allocation outside torch's allocator)."""
+
+
 # Warm-up calls before the capture (torch's recipe uses 3; DistributedDataParallel would need 11,
 # but the trainer refuses graphs under DDP).
 WARMUP_STEPS = 3
@@ -51,7 +57,8 @@ class GraphedStep:
     as they were after the warm-up and the capture, so that only the replays update them.
     ``device``: a CUDA device, or any device with ``emulate=True`` (replay re-runs ``fn``
     eagerly, see the module's docstring). Raises ``ValueError`` for a non-CUDA device without
-    ``emulate``.
+    ``emulate``; ``GraphCaptureError`` (at the first ``replay``) when the warm-up ran but the
+    capture failed.
     """
 
     def __init__(self, fn: Callable[[], Tensor], params: Sequence[nn.Parameter],
@@ -100,13 +107,19 @@ class GraphedStep:
             # None before the capture: the captured backward allocates each .grad from the
             # graph's pool, and every replay writes it in place
             self._clear_grads()
-            if cuda:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+            try:
+                if cuda:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        output = self.fn()
+                    self.graph = graph
+                else:
                     output = self.fn()
-                self.graph = graph
-            else:
-                output = self.fn()
+            except Exception as e:  # the warm-up ran the same step: the capture broke it
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise GraphCaptureError(f"capturing the training step as a CUDA graph failed "
+                                        f"({type(e).__name__}: {first}); train without CUDA "
+                                        "graphs") from e
         with torch.no_grad():
             for b, k in zip(self.buffers, kept, strict=True):
                 b.copy_(k)

@@ -316,3 +316,39 @@ def test_data_checks_pause_while_a_graph_is_captured(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert not validation.data_checks_on()
+
+
+def test_a_failed_capture_is_one_clear_error():
+    """The warm-up ran the step but the capture broke it (here: the step raises from its
+    fourth call on, the capture's): GraphCaptureError saying what failed and what to do."""
+    mu, fn = _noisy_step()
+    calls = []
+
+    def breaks_in_capture():
+        calls.append(1)
+        if len(calls) > graphs.WARMUP_STEPS:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        return fn()
+
+    step = graphs.GraphedStep(breaks_in_capture, [mu], "cpu", emulate=True)
+    with pytest.raises(graphs.GraphCaptureError,
+                       match=r"^capturing the training step as a CUDA graph failed \("
+                             r"RuntimeError: operation not permitted when stream is "
+                             r"capturing\); train without CUDA graphs$"):
+        step.replay()
+
+
+def test_cli_reports_a_failed_capture_in_one_line(tmp_path, capsys, monkeypatch):
+    from fastvae.cli import main
+
+    def fails(*args, **kwargs):
+        raise graphs.GraphCaptureError("capturing the training step as a CUDA graph failed "
+                                       "(RuntimeError: x); train without CUDA graphs")
+
+    monkeypatch.setattr(train_mod, "train", fails)
+    code = main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress",
+                 "--no-images", "--iwae-samples", "0"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("fastvae train: --cuda-graphs: capturing the training step")
