@@ -74,10 +74,6 @@ class GraphedStep:
         self.output: Tensor | None = None
         self.grads: list[Tensor | None] = []
 
-    @property
-    def captured(self) -> bool:
-        return self.output is not None
-
     def replay(self) -> Tensor:
         if self.output is None:
             self._capture()
