@@ -10,6 +10,10 @@
 #                  once more without CUDA, so that the Triton phases run all the same
 #   smoke          scripts/gpu_smoke.py: every op x {triton, cuda} x 4 dtypes x 4 layouts,
 #                  forward and backward, against the torch backend, bitwise run to run
+#   graphs         scripts/gpu_graphs.py: fastvae train --cuda-graphs on the GPU: the noise of a
+#                  graphed step (new per replay, the eager step's for the same seed), then the
+#                  digits MLP, 2 epochs at batch 64, eager / --cuda-graphs / eager: each epoch's
+#                  seconds and the final metrics (in check.log, lines "graphs: ...")
 #   tests          the GPU-relevant tests (-k "triton or cuda or gpu": the tests parametrized
 #                  over those backends and the gpu-marked ones), no --maxfail, SIGINT at the
 #                  bound so that the summary and junit.xml are still written
@@ -145,6 +149,17 @@ else
     phase smoke "$(bound 70 210)" "$PY" scripts/gpu_smoke.py --budget 55 --out "$OUT/smoke.txt" > /dev/null
 fi
 
+# ---- graphs ---------------------------------------------------------------------------------
+# The training step captured as a CUDA graph (TrainConfig.cuda_graphs): its lines go to check.log
+# and to a file outside $OUT (its 8 files are taken) that the summary reads.
+GRAPHS_TXT="${TMPDIR:-/tmp}/fastvae-gpu-check-graphs.txt"
+rm -f "$GRAPHS_TXT"
+if [ $DRY = 1 ]; then
+    phase graphs "$(bound 60 90)" "$PY" scripts/gpu_graphs.py --dry-run --out "$GRAPHS_TXT"
+else
+    phase graphs "$(bound 90 180)" "$PY" scripts/gpu_graphs.py --out "$GRAPHS_TXT"
+fi
+
 # ---- tests ----------------------------------------------------------------------------------
 SELECT="triton or cuda or gpu"
 XDIST=()
@@ -215,6 +230,8 @@ for i in "${!NAMES[@]}"; do
 done
 echo "-- smoke:"
 [ -f "$OUT/smoke.txt" ] && { grep '^FAIL' "$OUT/smoke.txt" | head -8; tail -1 "$OUT/smoke.txt"; }
+echo "-- graphs (fastvae train --cuda-graphs):"
+[ -f "$GRAPHS_TXT" ] && grep -E 'FAIL|train last epoch|graphs: (ok|FAILED)$' "$GRAPHS_TXT" | head -8
 echo "-- tests:"
 if [ -f "$OUT/tests.log" ]; then
     grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -12

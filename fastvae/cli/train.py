@@ -135,6 +135,11 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model and its loss (the fused ops inside): for "
                         "small batches, where the host overhead of each step dominates")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on a GPU: capture the training step (forward, loss, backward) once as "
+                        "a CUDA graph and replay it for every full batch, for small batches "
+                        "where the host overhead of each step dominates (a VAE; not with "
+                        "--compile, --quantizer or torchrun)")
     p.add_argument("--val-fraction", type=number, default=0.1)
     p.add_argument("--iwae-samples", type=non_negative_int, default=1000,
                    help="K of the final IWAE log-likelihood (0: skip)")
@@ -203,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from fastvae.ops.backends import resolve
     from fastvae.training import data
     from fastvae.training.checkpoint import CheckpointError
+    from fastvae.training.graphs import GraphCaptureError
     from fastvae.training.trainer import NonFiniteLossError, train
 
     if not 0 < args.val_fraction < 1:
@@ -215,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"--backend: {e}") from e
     _check_quantizer_options(args)
+    _check_cuda_graphs(args, device, world)
     resume = checkpoint_path(args.resume, "--resume") if args.resume is not None else None
     config = _train_config(args)
     record = data_record(args)
@@ -251,6 +258,9 @@ def run(args: argparse.Namespace) -> int:
         except NonFiniteLossError as e:
             print(f"fastvae train: {e}", file=sys.stderr)
             return 1
+        except GraphCaptureError as e:
+            print(f"fastvae train: --cuda-graphs: {e}", file=sys.stderr)
+            return 1
         seconds = time.perf_counter() - t0
     if rank != 0:
         return 0
@@ -283,7 +293,7 @@ def _train_config(args: argparse.Namespace):
                            capacity=args.capacity, capacity_steps=args.capacity_steps,
                            free_bits=args.free_bits, grad_clip=args.grad_clip, seed=args.seed,
                            amp=args.amp, compile=args.compile, on_nonfinite=args.on_nonfinite,
-                           iwae_samples=args.iwae_samples)
+                           iwae_samples=args.iwae_samples, cuda_graphs=args.cuda_graphs)
     except ValueError as e:  # TrainConfig's message, in the options' names
         raise UsageError(api_message(str(e), _OPTIONS)) from e
 
@@ -331,6 +341,25 @@ def _check_quantizer_options(args: argparse.Namespace) -> None:
     if given:
         raise UsageError(f"{', '.join(given)} apply to the VAE's KL term, which a VQ-VAE "
                          f"(--quantizer {args.quantizer}) does not have")
+
+
+def _check_cuda_graphs(args: argparse.Namespace, device, world: int) -> None:
+    """--cuda-graphs only where the trainer can serve it, in the CLI's words."""
+    if not args.cuda_graphs:
+        return
+    if args.compile:
+        raise UsageError("--cuda-graphs and --compile cannot be combined: choose one (both cut "
+                         "the host overhead of a step)")
+    if args.quantizer is not None:
+        raise UsageError(f"--cuda-graphs applies to a VAE, not a VQ-VAE (--quantizer "
+                         f"{args.quantizer}): its codebook updates run host-side logic in the "
+                         "forward")
+    if world > 1:
+        raise UsageError("--cuda-graphs does not run under torchrun (DistributedDataParallel): "
+                         "train without it")
+    if device.type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device (--device cuda); this run is on "
+                         f"{device}")
 
 
 def _likelihood_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -617,8 +617,7 @@ def discretized_mix_logistic_nll(params: Tensor, x: Tensor, *, n_mixtures: int,
     n_mixtures, n_bins = _dmol_check(params, x, n_mixtures, n_bins)
     reduction = check.reduction(reduction)
     check.finite(params=params, x=x)
-    if check.validation_enabled() and not torch.compiler.is_compiling() \
-            and not bool(((x >= -1) & (x <= 1)).all()):
+    if check.data_checks_on() and not bool(((x >= -1) & (x <= 1)).all()):
         raise ValueError("x must lie in [-1, 1] (validation is on)")
     check.on_grid("x", x, n_bins)  # before promotion: the rounding allowed is x's dtype's
     params, x = _promote(params, x)

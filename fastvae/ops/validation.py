@@ -3,7 +3,9 @@
 Shape, dtype and device checks are always on and cost nothing on the device. Checks that read
 the data (finite values, Bernoulli targets in [0, 1]) synchronize with the device, so they are
 opt-in: ``fastvae.set_validation(True)`` or ``FASTVAE_VALIDATE=1``, as ``validate_args`` in
-``torch.distributions``. They are skipped while torch.compile traces.
+``torch.distributions``. They are skipped while torch.compile traces and while a CUDA graph is
+captured (a host read would break the capture; the eager calls before it, e.g. the warm-up of
+``TrainConfig(cuda_graphs=True)``, check).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ def validation_enabled() -> bool:
     return _validate
 
 
-def _data_checks_on() -> bool:
-    return _validate and not torch.compiler.is_compiling()
+def data_checks_on() -> bool:
+    """Whether the opt-in checks that read the data run now."""
+    return (_validate and not torch.compiler.is_compiling()
+            and not (torch.backends.cuda.is_built() and torch.cuda.is_current_stream_capturing()))
 
 
 def tensor(name: str, t: object) -> Tensor:
@@ -139,7 +143,7 @@ def number(name: str, value: object) -> float:
 
 def finite(**tensors: Tensor | None) -> None:
     """Opt-in: every tensor is finite."""
-    if not _data_checks_on():
+    if not data_checks_on():
         return
     for name, t in tensors.items():
         if t is not None and not bool(torch.isfinite(t).all()):
@@ -148,7 +152,7 @@ def finite(**tensors: Tensor | None) -> None:
 
 def positive(name: str, t: Tensor) -> None:
     """Opt-in: every value of ``t`` is finite and > 0 (a variance)."""
-    if _data_checks_on() and not bool(((t > 0) & torch.isfinite(t)).all()):
+    if data_checks_on() and not bool(((t > 0) & torch.isfinite(t)).all()):
         raise ValueError(f"{name} must be finite and > 0 (validation is on)")
 
 
@@ -176,7 +180,7 @@ def grid_offsets(t: Tensor, n_bins: int, low: float = -1.0, high: float = 1.0) -
 def on_grid(name: str, t: Tensor, n_bins: int, n_bins_name: str = "n_bins") -> None:
     """Opt-in: every value of ``t`` lies on the grid of ``n_bins`` levels of [-1, 1] (the
     discretized likelihoods), to rounding (``grid_offsets``)."""
-    if not _data_checks_on() or t.numel() == 0:
+    if not data_checks_on() or t.numel() == 0:
         return
     off = grid_offsets(t, n_bins)
     bad = off > 0
@@ -193,14 +197,14 @@ def on_grid(name: str, t: Tensor, n_bins: int, n_bins_name: str = "n_bins") -> N
 
 def unit_interval(name: str, t: Tensor) -> None:
     """Opt-in: every value of ``t`` lies in [0, 1]."""
-    if _data_checks_on() and not bool(((t >= 0) & (t <= 1)).all()):
+    if data_checks_on() and not bool(((t >= 0) & (t <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1] (validation is on)")
 
 
 def indices_in_range(name: str, t: Tensor, low: int, high: int, what: str) -> None:
     """With validation on: every element of the integer tensor ``t`` in ``[low, high)``, else
     ValueError naming ``name``, the first offending value and ``what`` the range is."""
-    if not _data_checks_on() or t.numel() == 0:
+    if not data_checks_on() or t.numel() == 0:
         return
     bad = (t < low) | (t >= high)
     if bool(bad.any()):

@@ -32,7 +32,7 @@ from ..models.vqvae import VQVAE, build_vqvae
 from ..ops import validation as check
 from . import checkpoint as ckpt_io
 from . import data as data_io
-from . import schedules
+from . import graphs, schedules
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -63,6 +63,21 @@ class TrainConfig:
     dominates (small batches): the first step compiles (seconds). ``on_nonfinite``: when a loss term
     or a gradient becomes NaN or infinite, ``"skip"`` the step (every rank skips it) or
     ``"stop"`` with a ``NonFiniteLossError`` naming the step and the term.
+
+    ``cuda_graphs``: on a CUDA device, the VAE step (forward, objective, backward, gradient
+    clipping and the finiteness flags) is captured once as a CUDA graph at the first full batch
+    and replayed for every batch of ``batch_size`` rows (``fastvae.training.graphs``), for
+    models whose step is host-bound (small batches, small networks). The batch is copied into a
+    static input, beta_t and C_t enter as device tensors filled before each replay, and the
+    noise is a fresh draw per replay, the same as the eager step's; after a replay one host read
+    gives the loss terms and the gradient flags, and the checks, ``on_nonfinite``, and Adam's
+    step run eagerly as without graphs. A last batch of fewer rows runs the eager step. Same
+    semantics as the eager step (the CPU tests run the plumbing with an emulated replay and get
+    bitwise the same weights and metrics; the warm-up and the capture draw none of the run's
+    noise and leave the model's buffers as they were); ``free_bits`` is a constant of the
+    capture. Not with ``compile``, a VQ-VAE (its quantizer's codebook updates and restarts run
+    host-side logic), ``torch.distributed`` or a CPU device: ``ValueError`` naming
+    ``cuda_graphs``.
     """
 
     epochs: int = 30
@@ -83,6 +98,7 @@ class TrainConfig:
     compile: bool = False
     on_nonfinite: str = "stop"
     iwae_samples: int = 1000
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         # integer options: any __index__ integer (numpy's too), kept as Python ints (they go
@@ -122,6 +138,9 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
         if self.iwae_samples < 0:
             raise ValueError("iwae_samples must be >= 0")
+        if self.cuda_graphs and self.compile:
+            raise ValueError("cuda_graphs and compile cannot be combined: choose one (both cut "
+                             "the host overhead of a step)")
 
 
 def beta_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -453,15 +472,28 @@ def _nonfinite_terms(values: Tensor, world: int, device: torch.device,
 def _nonfinite_gradient(model: nn.Module, clip: float | None) -> str | None:
     """Clip the gradients to norm ``clip`` when given; None when every gradient is finite, else
     which parameter's is not."""
+    names, finite = _gradient_flags(model, clip)
+    return _gradient_verdict(names, finite.cpu())
+
+
+def _gradient_flags(model: nn.Module, clip: float | None) -> tuple[list[str], Tensor]:
+    """The device half of ``_nonfinite_gradient`` (no host sync: it can be captured in a CUDA
+    graph): clip the gradients to norm ``clip`` when given; the names of the parameters that
+    have a gradient and a bool tensor ``(P,)`` on their device, True where it is finite."""
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     if not named:
-        return None
+        return [], torch.ones(0, dtype=torch.bool)
     if clip is not None:
         nn.utils.clip_grad_norm_([p for _, p in named], clip)
-    finite = torch.stack([torch.isfinite(p.grad).all() for _, p in named]).cpu()
+    return [n for n, _ in named], torch.stack([torch.isfinite(p.grad).all() for _, p in named])
+
+
+def _gradient_verdict(names: list[str], finite: Tensor) -> str | None:
+    """The host half of ``_nonfinite_gradient``: None when every flag of ``finite`` (a CPU
+    bool tensor, one per name) is set, else which parameter's gradient is not finite."""
     if bool(finite.all()):
         return None
-    first = named[int((~finite).nonzero()[0])][0]
+    first = names[int((~finite).nonzero()[0])]
     more = int((~finite).sum()) - 1
     return (f"the gradient of {first}" + (f" (and of {more} more parameters)" if more else "")
             + " became non-finite, the loss terms did not")
@@ -549,6 +581,8 @@ def train(model: dict[str, Any] | VAE | VQVAE, train_data: Tensor, val_data: Ten
             data_io.check_unit_range(data, name, " for the mixture of logistics")
             data_io.check_grid(data, model.n_bins, name)
     vq = isinstance(model, VQVAE)
+    if config.cuda_graphs:
+        _check_cuda_graphs(model, device, world)
     if rank == 0 and not vq:
         _warn_collapse(model, train_data)
     model = model.to(device)
@@ -568,6 +602,7 @@ def train(model: dict[str, Any] | VAE | VQVAE, train_data: Tensor, val_data: Ten
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)  # checkpoints keep saving `model`, the uncompiled module
+    graphed = _GraphedVAEStep(net, model, config, device) if config.cuda_graphs else None
     out_path = Path(out_dir) if out_dir is not None and rank == 0 else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
@@ -584,7 +619,7 @@ def train(model: dict[str, Any] | VAE | VQVAE, train_data: Tensor, val_data: Ten
             else:
                 step, train_means, beta, capacity, skipped = _train_epoch(
                     net, model, optimizer, train_data, config, epoch, step, steps_per_epoch,
-                    device)
+                    device, graphed)
                 val = evaluate(model, val_data) if rank == 0 else {}
                 metrics = EpochMetrics(
                     epoch=epoch + 1, step=step, beta=beta, train_loss=train_means[0],
@@ -748,12 +783,14 @@ def _show(bar, metrics: EpochMetrics) -> None:
 
 def _train_epoch(net: nn.Module, model: VAE, optimizer: torch.optim.Optimizer,
                  train_data: Tensor, config: TrainConfig, epoch: int, step: int,
-                 steps_per_epoch: int, device: torch.device
+                 steps_per_epoch: int, device: torch.device,
+                 graphed: _GraphedVAEStep | None = None
                  ) -> tuple[int, list[float], float, float | None, int]:
     """One pass over this rank's shard of the epoch's permutation. Returns the step count
     after it, the mean (loss, NLL, KL) per example of the steps taken (NaN when every step was
     skipped), the last beta and capacity, and the number of steps skipped for non-finite
-    values."""
+    values. ``graphed``: the CUDA-graph step that runs every batch of ``batch_size`` rows
+    (``cuda_graphs``); the checks, the skip or stop and the optimizer step are the same."""
     rank, world = _distributed()
     model.train()
     seed = _epoch_seed(config, epoch)
@@ -766,21 +803,25 @@ def _train_epoch(net: nn.Module, model: VAE, optimizer: torch.optim.Optimizer,
     seen = skipped = 0
     beta, capacity = config.beta, None
     for i in range(0, order.numel(), config.batch_size):
-        x = train_data[order[i:i + config.batch_size]].to(device, non_blocking=True)
+        rows = order[i:i + config.batch_size]
         beta = beta_at(config, step, steps_per_epoch)
         capacity = capacity_at(config, step)
-        with autocast:
-            out = net(x, beta=beta, free_bits=config.free_bits)
-        loss = objective(out, beta, capacity)
         step += 1
-        values = torch.stack([loss, out.nll, out.kl]).detach().double().cpu()
-        bad = _nonfinite_terms(values, world, device)
-        if bad is None:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # Gradients (all-reduced across ranks by now) can overflow where the loss does
-            # not; a step with them would make every weight NaN.
-            bad = _nonfinite_gradient(model, config.grad_clip)
+        if graphed is not None and rows.numel() == config.batch_size:
+            values, bad = graphed(train_data[rows], beta, capacity)
+        else:  # without graphs, and the last batch of fewer rows with them
+            x = train_data[rows].to(device, non_blocking=True)
+            with autocast:
+                out = net(x, beta=beta, free_bits=config.free_bits)
+            loss = objective(out, beta, capacity)
+            values = torch.stack([loss, out.nll, out.kl]).detach().double().cpu()
+            bad = _nonfinite_terms(values, world, device)
+            if bad is None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                # Gradients (all-reduced across ranks by now) can overflow where the loss does
+                # not; a step with them would make every weight NaN.
+                bad = _nonfinite_gradient(model, config.grad_clip)
         if bad is not None:
             if config.on_nonfinite == "stop":
                 raise NonFiniteLossError(f"step {step} (epoch {epoch + 1}): {bad}; lower the "
@@ -791,10 +832,80 @@ def _train_epoch(net: nn.Module, model: VAE, optimizer: torch.optim.Optimizer,
             skipped += 1
             continue
         optimizer.step()
-        sums += values * x.shape[0]
-        seen += x.shape[0]
+        sums += values * rows.numel()
+        seen += rows.numel()
     means = (sums / seen).tolist() if seen else [math.nan] * 3
     return step, means, beta, capacity, skipped
+
+
+# Tests set it to run ``cuda_graphs`` on the CPU with an emulated replay (GraphedStep's
+# ``emulate``): the plumbing runs as on a GPU, the replay is an eager re-run.
+EMULATE_GRAPHS = False
+
+
+def _check_cuda_graphs(model: VAE | VQVAE, device: torch.device, world: int) -> None:
+    """``cuda_graphs``: a ValueError naming it for what it cannot serve."""
+    if isinstance(model, VQVAE):
+        raise ValueError("cuda_graphs applies to a VAE, not a VQ-VAE: its quantizer updates the "
+                         "codebook (EMA, k-means initialisation, dead-code restarts) with "
+                         "host-side logic in the forward, which a CUDA graph cannot replay")
+    if world > 1:
+        raise ValueError("cuda_graphs is not supported under torch.distributed "
+                         "(DistributedDataParallel's gradient all-reduce and the ranks' "
+                         "agreement to skip a step are not captured): train without it")
+    if device.type != "cuda" and not EMULATE_GRAPHS:
+        raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
+
+
+class _GraphedVAEStep:
+    """The VAE step of ``_train_epoch`` as a ``GraphedStep``: forward, objective, backward,
+    gradient clipping and finiteness flags, on static buffers. ``__call__(batch, beta,
+    capacity)`` copies the batch (``batch_size`` rows) into the static input and fills the 0-d
+    beta and capacity tensors (in the model's floating dtype, at least float32: what a Python
+    float becomes in the eager step's arithmetic), replays, and reads the report
+    ``(loss, nll, kl, finite flag of each gradient)`` in one host read; it returns the float64
+    (loss, NLL, KL) on the CPU and what went non-finite (None when nothing did), as the eager
+    step's checks would."""
+
+    def __init__(self, net: nn.Module, model: VAE, config: TrainConfig,
+                 device: torch.device) -> None:
+        self.net, self.model, self.config, self.device = net, model, config, device
+        dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+        self.beta = torch.zeros((), dtype=dtype, device=device)
+        self.capacity = (torch.zeros((), dtype=dtype, device=device)
+                         if config.capacity is not None else None)
+        self.x: Tensor | None = None  # made at the first batch, in its shape and dtype
+        self.names: list[str] = []
+        self.step = graphs.GraphedStep(self._forward_backward, list(model.parameters()), device,
+                                       buffers=list(model.buffers()),
+                                       emulate=device.type != "cuda")
+
+    def _forward_backward(self) -> Tensor:
+        # autocast's cast cache must be off in a capture (torch.cuda.make_graphed_callables)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+                    if self.config.amp else contextlib.nullcontext())
+        with autocast:
+            out = self.net(self.x, beta=self.beta, free_bits=self.config.free_bits)
+        loss = objective(out, self.beta, self.capacity)
+        values = torch.stack([loss, out.nll, out.kl]).detach().double()
+        loss.backward()
+        self.names, finite = _gradient_flags(self.model, self.config.grad_clip)
+        return torch.cat([values, finite.double()]) if self.names else values
+
+    def __call__(self, batch: Tensor, beta: float, capacity: float | None
+                 ) -> tuple[Tensor, str | None]:
+        if self.x is None:
+            self.x = torch.empty_like(batch, device=self.device)
+        self.x.copy_(batch, non_blocking=True)
+        self.beta.fill_(beta)
+        if self.capacity is not None:
+            self.capacity.fill_(capacity)
+        report = self.step.replay().cpu()
+        values = report[:3]
+        bad = _nonfinite_terms(values, 1, self.device)
+        if bad is None:
+            bad = _gradient_verdict(self.names, report[3:].bool())
+        return values, bad
 
 
 def _per_level(value: float | list[float], spec: str) -> str:

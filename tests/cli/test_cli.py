@@ -69,6 +69,12 @@ def test_train_on_npz_and_idx(tmp_path):
     (["train", "--hidden", "a,b"], "comma-separated integers"),
     (["train", "--val-fraction", "1.5"], "--val-fraction"),
     (["train", "--resume", "{bad_ckpt}", "--epochs", "1"], "--resume"),
+    (["train", "--cuda-graphs", "--device", "cpu"],
+     "--cuda-graphs needs a CUDA device (--device cuda); this run is on cpu"),
+    (["train", "--cuda-graphs", "--compile", "--device", "cpu"],
+     "--cuda-graphs and --compile cannot be combined"),
+    (["train", "--cuda-graphs", "--quantizer", "vq", "--device", "cpu"],
+     "--cuda-graphs applies to a VAE, not a VQ-VAE (--quantizer vq)"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: command"),
 ])
