@@ -116,15 +116,17 @@ def likelihood_bwd(op: str, grads, grad: Tensor, a: Tensor, x: Tensor, c: Tensor
     B, N = a.shape
     outs = [torch.empty((B, N), dtype=a.dtype, device=a.device) if need else None
             for need in needs]
-    flags = [*needs, False][:3]  # an op without c asks for two gradients
+    ptrs = [a if o is None else o for o in outs]  # a stands in for an output not asked for
+    if len(needs) == 2:  # an op without c
+        ptrs.append(a)
+        needs = (*needs, False)
     t = tiling(B, N, a.device)
     with on_device(a):
         launch(op, _likelihood_bwd_kernel, t.grid,
-            grad, grad.stride(0), a, x, a if c is None else c, float(c_value),
-            *(o if o is not None else a for o in [*outs, None][:3]),
+            grad, grad.stride(0), a, x, a if c is None else c, float(c_value), *ptrs,
             B, N, t.n_col_tiles, *strides(a), *strides(x), *strides(c),
-            GRADS=grads, HAS_C=c is not None, NEED_A=flags[0], NEED_X=flags[1],
-            NEED_C=flags[2], BLOCK_B=t.block_b, BLOCK_N=t.block_n,
+            GRADS=grads, HAS_C=c is not None, NEED_A=needs[0], NEED_X=needs[1],
+            NEED_C=needs[2], BLOCK_B=t.block_b, BLOCK_N=t.block_n,
             DTYPE=compute_dtype(a.dtype), num_warps=t.num_warps,
         )
     return [o for o in outs if o is not None]
