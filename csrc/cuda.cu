@@ -187,6 +187,40 @@ __device__ __forceinline__ void noise(const int64_t* seed, int64_t offset, T (&v
     for (int e = 0; e < E; ++e) v[e] = T(randn(s, uint64_t(offset + e)));
 }
 
+// Columns j .. j+E-1 of row b of an optional operand, or `fill` in each where it is absent (the
+// Gaussian's log-variance given as one number).
+template <class T, int E, class S>
+__device__ __forceinline__ void load_or(const In<S>& t, T fill, int64_t b, int64_t j, int64_t N,
+                                        T (&v)[E]) {
+    if (t.p) {
+        load(t, 0, b, j, N, v);
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = fill;
+}
+
+// f(e) for the columns j + e of row b (sample k), stored to t: one gradient of a backward.
+template <class T, int E, class S, class F>
+__device__ __forceinline__ void store_each(const Out<S>& t, int64_t k, int64_t b, int64_t j,
+                                           int64_t N, F f) {
+    T v[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = f(e);
+    store(t, k, b, j, N, v);
+}
+
+// d to `plus` and -d to `minus`, each where wanted: the gradients of the two sides of a
+// difference (mu - prior_mu, target - mean). Leaves -d in d.
+template <class T, int E, class S>
+__device__ __forceinline__ void store_opposite(const Out<S>& plus, const Out<S>& minus, int64_t b,
+                                               int64_t j, int64_t N, T (&d)[E]) {
+    if (plus.p) store(plus, 0, b, j, N, d);
+#pragma unroll
+    for (int e = 0; e < E; ++e) d[e] = -d[e];
+    if (minus.p) store(minus, 0, b, j, N, d);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel skeletons
 // ---------------------------------------------------------------------------------------------
@@ -350,20 +384,13 @@ struct ReparameterizeBwd {
 #pragma unroll
                 for (int e = 0; e < E; ++e) ges[e] += gv[e] * ep[e];
             }
-            if (deps.p) {
-                T d[E];
-#pragma unroll
-                for (int e = 0; e < E; ++e) d[e] = std_times(gv[e], sd[e]);
-                store(deps, k, b, j, N, d);
-            }
+            if (deps.p)
+                store_each<T, E>(deps, k, b, j, N, [&](int e) { return std_times(gv[e], sd[e]); });
         }
         if (dmu.p) store(dmu, 0, b, j, N, gs);
-        if (dlv.p) {
-            T d[E];
-#pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = std_times(T(0.5) * ges[e], sd[e]);
-            store(dlv, 0, b, j, N, d);
-        }
+        if (dlv.p)
+            store_each<T, E>(dlv, 0, b, j, N,
+                             [&](int e) { return std_times(T(0.5) * ges[e], sd[e]); });
     }
 };
 
@@ -399,38 +426,51 @@ struct GaussianKlBwd {
         load(g, 0, b, j, N, gv);
         load(mu, 0, b, j, N, m);
         load(lv, 0, b, j, N, l);
-        const bool prior = pm.p != nullptr;
-        if (prior) {
+        if (pm.p) {  // the prior: both or neither
             load(pm, 0, b, j, N, a);
             load(plv, 0, b, j, N, c);
         } else {
 #pragma unroll
             for (int e = 0; e < E; ++e) a[e] = c[e] = T(0);
         }
-        T d[E];
         if (dmu.p || dpm.p) {
+            T d[E];
 #pragma unroll
             for (int e = 0; e < E; ++e) d[e] = kl_grad_mu(gv[e], m[e], a[e], c[e]);
-            if (dmu.p) store(dmu, 0, b, j, N, d);
-#pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = -d[e];
-            if (dpm.p) store(dpm, 0, b, j, N, d);
+            store_opposite(dmu, dpm, b, j, N, d);
         }
-        if (dlv.p) {
-#pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = kl_grad_logvar(gv[e], l[e], c[e]);
-            store(dlv, 0, b, j, N, d);
-        }
-        if (dplv.p) {
-#pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = kl_grad_prior_logvar(gv[e], m[e], l[e], a[e], c[e]);
-            store(dplv, 0, b, j, N, d);
-        }
+        if (dlv.p)
+            store_each<T, E>(dlv, 0, b, j, N,
+                             [&](int e) { return kl_grad_logvar(gv[e], l[e], c[e]); });
+        if (dplv.p)
+            store_each<T, E>(dplv, 0, b, j, N, [&](int e) {
+                return kl_grad_prior_logvar(gv[e], m[e], l[e], a[e], c[e]);
+            });
     }
 };
 
-template <class T, class S, int E>
-struct BernoulliNllFwd {
+// Likelihoods of logits l and a target x, one formula per element: the value (summed over the
+// event), the gradient F::grad_logits(g, l, x) = g d/dl, and d/dx = -g l (a likelihood of the
+// form -log p(x | l) = A(l) - x l, whose log-normalizer A depends on the logit alone). F, a tag
+// type per op (BernoulliLogits, ContinuousBernoulliLogits), names the per-element math of
+// fastvae_math.h; a new op of this shape is its tag and its cases in run_typed and
+// workspace_bytes.
+struct BernoulliLogits {
+    template <class T> __device__ static T nll(T l, T x) { return bernoulli_nll(l, x); }
+    template <class T> __device__ static T grad_logits(T g, T l, T x) {
+        return bernoulli_grad_logits(g, l, x);
+    }
+};
+
+struct ContinuousBernoulliLogits {
+    template <class T> __device__ static T nll(T l, T x) { return continuous_bernoulli_nll(l, x); }
+    template <class T> __device__ static T grad_logits(T g, T l, T x) {
+        return continuous_bernoulli_grad_logits(g, l, x);
+    }
+};
+
+template <class F, class T, class S, int E>
+struct LogitsNllFwd {
     In<S> l, x;
     int64_t N;
     __device__ void operator()(int64_t b, int64_t j, T (&v)[E]) const {
@@ -438,33 +478,26 @@ struct BernoulliNllFwd {
         load(l, 0, b, j, N, lv);
         load(x, 0, b, j, N, xv);
 #pragma unroll
-        for (int e = 0; e < E; ++e) v[e] = j + e < N ? bernoulli_nll(lv[e], xv[e]) : T(0);
+        for (int e = 0; e < E; ++e) v[e] = j + e < N ? F::nll(lv[e], xv[e]) : T(0);
     }
 };
 
-template <class T, class S, int E>
-struct BernoulliNllBwd {
+template <class F, class T, class S, int E>
+struct LogitsNllBwd {
     In<T> g;
     In<S> l, x;
     Out<S> dl, dx;
     int64_t N;
     __device__ void operator()(int64_t b, int64_t j) const {
-        T gv[E], lv[E];
+        T gv[E], lv[E], xv[E];
         load(g, 0, b, j, N, gv);
         load(l, 0, b, j, N, lv);
-        if (dl.p) {
-            T xv[E], d[E];
+        if (dl.p) {  // the only part that reads the target
             load(x, 0, b, j, N, xv);
-#pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = bernoulli_grad_logits(gv[e], lv[e], xv[e]);
-            store(dl, 0, b, j, N, d);
+            store_each<T, E>(dl, 0, b, j, N,
+                             [&](int e) { return F::grad_logits(gv[e], lv[e], xv[e]); });
         }
-        if (dx.p) {
-            T d[E];
-#pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = -gv[e] * lv[e];
-            store(dx, 0, b, j, N, d);
-        }
+        if (dx.p) store_each<T, E>(dx, 0, b, j, N, [&](int e) { return -gv[e] * lv[e]; });
     }
 };
 
@@ -477,12 +510,7 @@ struct GaussianNllFwd {
         T mv[E], xv[E], l[E];
         load(m, 0, b, j, N, mv);
         load(x, 0, b, j, N, xv);
-        if (lv.p) {
-            load(lv, 0, b, j, N, l);
-        } else {
-#pragma unroll
-            for (int e = 0; e < E; ++e) l[e] = lv_value;
-        }
+        load_or(lv, lv_value, b, j, N, l);
 #pragma unroll
         for (int e = 0; e < E; ++e)
             v[e] = j + e < N ? gaussian_nll(xv[e] - mv[e], quarter_scale(l[e]), l[e]) : T(0);
@@ -501,28 +529,18 @@ struct GaussianNllBwd {
         load(g, 0, b, j, N, gv);
         load(m, 0, b, j, N, mv);
         load(x, 0, b, j, N, xv);
-        if (lv.p) {
-            load(lv, 0, b, j, N, l);
-        } else {
-#pragma unroll
-            for (int e = 0; e < E; ++e) l[e] = lv_value;
-        }
-        T d[E];
+        load_or(lv, lv_value, b, j, N, l);
         if (dm.p || dx.p) {
+            T d[E];
 #pragma unroll
             for (int e = 0; e < E; ++e)
                 d[e] = gaussian_nll_grad_target(gv[e], xv[e] - mv[e], quarter_scale(l[e]));
-            if (dx.p) store(dx, 0, b, j, N, d);
-#pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = -d[e];
-            if (dm.p) store(dm, 0, b, j, N, d);
+            store_opposite(dx, dm, b, j, N, d);
         }
-        if (dlv.p) {
-#pragma unroll
-            for (int e = 0; e < E; ++e)
-                d[e] = gaussian_nll_grad_logvar(gv[e], xv[e] - mv[e], quarter_scale(l[e]));
-            store(dlv, 0, b, j, N, d);
-        }
+        if (dlv.p)
+            store_each<T, E>(dlv, 0, b, j, N, [&](int e) {
+                return gaussian_nll_grad_logvar(gv[e], xv[e] - mv[e], quarter_scale(l[e]));
+            });
     }
 };
 
@@ -559,20 +577,17 @@ struct SampleAndKlBwd {
         load(gz, 0, b, j, N, g);
         load(gkl, 0, b, j, N, gk);
         if (dmu.p) {
-            T m[E], d[E];
+            T m[E];
             load(mu, 0, b, j, N, m);
-#pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = g[e] + gk[e] * m[e];
-            store(dmu, 0, b, j, N, d);
+            store_each<T, E>(dmu, 0, b, j, N, [&](int e) { return g[e] + gk[e] * m[e]; });
         }
         if (dlv.p) {
-            T l[E], ep[E], d[E];
+            T l[E], ep[E];
             load(lv, 0, b, j, N, l);
             noise(seed, b * N + j, ep);
-#pragma unroll
-            for (int e = 0; e < E; ++e)
-                d[e] = sample_and_kl_grad_logvar(g[e], gk[e], ep[e], l[e], exp_(T(0.25) * l[e]));
-            store(dlv, 0, b, j, N, d);
+            store_each<T, E>(dlv, 0, b, j, N, [&](int e) {
+                return sample_and_kl_grad_logvar(g[e], gk[e], ep[e], l[e], exp_(T(0.25) * l[e]));
+            });
         }
     }
 };
@@ -720,23 +735,20 @@ SumPlan plan_sum(const fv_call& c, int E, size_t compute_size, int reduce_dim) {
     const int64_t target_blocks = 8 * int64_t(sm_count(c.device));
     const int64_t col_tiles = cdiv(c.N, int64_t(p.g.tx) * E);
     const int64_t row_tiles = cdiv(c.B, p.g.ty);
-    if (reduce_dim == 1) {
-        const int64_t rows = row_tiles < kMaxGridY ? row_tiles : kMaxGridY;
-        int64_t split = cdiv(target_blocks, rows);
-        split = split < col_tiles ? split : col_tiles;
-        split = split < kMaxGridY ? split : kMaxGridY;
-        p.n_split = split;
-        p.n_out = c.B;
-        p.grid = dim3(unsigned(split), unsigned(rows));
-    } else {
-        const int64_t cols = col_tiles < kMaxGridX ? col_tiles : kMaxGridX;
-        int64_t split = cdiv(target_blocks, cols);
-        split = split < row_tiles ? split : row_tiles;
-        split = split < kMaxGridY ? split : kMaxGridY;
-        p.n_split = split;
-        p.n_out = c.N;
-        p.grid = dim3(unsigned(cols), unsigned(split));
-    }
+    // The output's tiles (rows for per-sample sums, on grid y; columns, on grid x) and the
+    // tiles each output block sums over, spread over n_split blocks (the other grid axis).
+    const bool per_sample = reduce_dim == 1;
+    const int64_t out_tiles = per_sample ? row_tiles : col_tiles;
+    const int64_t sum_tiles = per_sample ? col_tiles : row_tiles;
+    const int64_t out_max = per_sample ? int64_t(kMaxGridY) : kMaxGridX;
+    const int64_t outer = out_tiles < out_max ? out_tiles : out_max;
+    int64_t split = cdiv(target_blocks, outer);
+    split = split < sum_tiles ? split : sum_tiles;
+    split = split < kMaxGridY ? split : kMaxGridY;
+    p.n_split = split;
+    p.n_out = per_sample ? c.B : c.N;
+    p.grid = per_sample ? dim3(unsigned(split), unsigned(outer))
+                        : dim3(unsigned(outer), unsigned(split));
     p.workspace_bytes = p.n_split > 1 ? p.n_split * p.n_out * int64_t(compute_size) : 0;
     return p;
 }
@@ -845,47 +857,6 @@ int launch_iwae_fwd(const fv_call& c, cudaStream_t stream) {
                                    log_(T(c.K)));
     return check_launch("the IWAE log-sum-exp kernel");
 }
-
-template <class T, class S, int E>
-struct ContinuousBernoulliNllFwd {
-    In<S> l, x;
-    int64_t N;
-    __device__ void operator()(int64_t b, int64_t j, T (&v)[E]) const {
-        T lv[E], xv[E];
-        load(l, 0, b, j, N, lv);
-        load(x, 0, b, j, N, xv);
-#pragma unroll
-        for (int e = 0; e < E; ++e)
-            v[e] = j + e < N ? continuous_bernoulli_nll(lv[e], xv[e]) : T(0);
-    }
-};
-
-template <class T, class S, int E>
-struct ContinuousBernoulliNllBwd {
-    In<T> g;
-    In<S> l, x;
-    Out<S> dl, dx;
-    int64_t N;
-    __device__ void operator()(int64_t b, int64_t j) const {
-        T gv[E], lv[E];
-        load(g, 0, b, j, N, gv);
-        load(l, 0, b, j, N, lv);
-        if (dl.p) {
-            T xv[E], d[E];
-            load(x, 0, b, j, N, xv);
-#pragma unroll
-            for (int e = 0; e < E; ++e)
-                d[e] = continuous_bernoulli_grad_logits(gv[e], lv[e], xv[e]);
-            store(dl, 0, b, j, N, d);
-        }
-        if (dx.p) {
-            T d[E];
-#pragma unroll
-            for (int e = 0; e < E; ++e) d[e] = -gv[e] * lv[e];
-            store(dx, 0, b, j, N, d);
-        }
-    }
-};
 
 // Discretized mixture of logistics: one thread per pixel (b, j), the mixtures and channels in
 // a loop (the formulas of fastvae_math.h's dmol_channel); params is a (P, B, N) view.
@@ -1643,6 +1614,21 @@ int launch_fsq(const fv_call& c, bool forward, cudaStream_t stream) {
                                 : "the finite-scalar-quantization backward kernel");
 }
 
+// A logits likelihood's forward (the per-sample sums) or backward, operands in the slots of its
+// lines of FV_OPS ("logits* target" -> "nll#"; "grad# logits* target" -> "d_logits? d_target?").
+template <class F, class T, class S, int E>
+int launch_logits_nll(bool forward, const fv_call& c, cudaStream_t st) {
+    const fv_tensor* in = c.in;
+    const fv_tensor* out = c.out;
+    if (forward)
+        return launch_sum<T, E>(
+            LogitsNllFwd<F, T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), c.N}, c, out[0], 1, st);
+    return launch_elementwise<E>(
+        LogitsNllBwd<F, T, S, E>{make_in<T>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
+                                 make_out<S>(out[0]), make_out<S>(out[1]), c.N},
+        c, st);
+}
+
 // Every op of FV_OPS has a case here: a missing one is a compile error (-Werror=switch).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic error "-Wswitch"
@@ -1677,14 +1663,9 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
                                        make_out<S>(out[3]), c.N},
                 c, st);
         case FV_OP_BERNOULLI_NLL_FWD:
-            return launch_sum<T, E>(
-                BernoulliNllFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), c.N}, c, out[0], 1,
-                st);
         case FV_OP_BERNOULLI_NLL_BWD:
-            return launch_elementwise<E>(
-                BernoulliNllBwd<T, S, E>{make_in<T>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
-                                         make_out<S>(out[0]), make_out<S>(out[1]), c.N},
-                c, st);
+            return launch_logits_nll<BernoulliLogits, T, S, E>(op == FV_OP_BERNOULLI_NLL_FWD, c,
+                                                               st);
         case FV_OP_GAUSSIAN_NLL_FWD:
             return launch_sum<T, E>(
                 GaussianNllFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), make_in<S>(in[2]),
@@ -1718,15 +1699,9 @@ int run_typed(int32_t op, const fv_call& c, cudaStream_t st) {
                                  make_out<S>(out[3]), c.N, c.K, log_(T(c.K))},
                 c, st);
         case FV_OP_CONTINUOUS_BERNOULLI_NLL_FWD:
-            return launch_sum<T, E>(
-                ContinuousBernoulliNllFwd<T, S, E>{make_in<S>(in[0]), make_in<S>(in[1]), c.N}, c,
-                out[0], 1, st);
         case FV_OP_CONTINUOUS_BERNOULLI_NLL_BWD:
-            return launch_elementwise<E>(
-                ContinuousBernoulliNllBwd<T, S, E>{make_in<T>(in[0]), make_in<S>(in[1]),
-                                                   make_in<S>(in[2]), make_out<S>(out[0]),
-                                                   make_out<S>(out[1]), c.N},
-                c, st);
+            return launch_logits_nll<ContinuousBernoulliLogits, T, S, E>(
+                op == FV_OP_CONTINUOUS_BERNOULLI_NLL_FWD, c, st);
         case FV_OP_DMOL_NLL_FWD:
             return launch_sum<T, 1>(DmolFwd<T, S>{make_dmol<T, S>(c, 0)}, c, out[0], 1, st);
         case FV_OP_DMOL_NLL_BWD:
@@ -1800,17 +1775,14 @@ int64_t workspace_bytes(int32_t op, const fv_call* call) {
             return plan_sum(c, E, compute_size, c.reduce_dim).workspace_bytes;
         }
         case FV_OP_BERNOULLI_NLL_FWD:
-        case FV_OP_GAUSSIAN_NLL_FWD: {
+        case FV_OP_GAUSSIAN_NLL_FWD:
+        case FV_OP_CONTINUOUS_BERNOULLI_NLL_FWD: {
             DeviceGuard guard(c.device);
             return plan_sum(c, E, compute_size, 1).workspace_bytes;
         }
         case FV_OP_IWAE_FWD: {
             DeviceGuard guard(c.device);
             return plan_iwae(c, E, compute_size).workspace_bytes;
-        }
-        case FV_OP_CONTINUOUS_BERNOULLI_NLL_FWD: {
-            DeviceGuard guard(c.device);
-            return plan_sum(c, E, compute_size, 1).workspace_bytes;
         }
         case FV_OP_DMOL_NLL_FWD: {
             DeviceGuard guard(c.device);

@@ -1,4 +1,6 @@
-"""fastvae's Triton kernels: one module per op family (kernels and launchers).
+"""fastvae's Triton kernels: one module per op family (kernels and launchers). The likelihoods
+of one target per element (``bernoulli_nll``, ``continuous_bernoulli_nll``, ``gaussian_nll``)
+share the kernels of ``_likelihood.py``: their modules hold the per-element formulas.
 
 This package is the ``"triton"`` backend: it exports the backend interface documented in
 ``fastvae/ops/custom_ops.py``. Importing it imports triton; set ``TRITON_INTERPRET=1`` before

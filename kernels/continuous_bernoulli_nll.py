@@ -1,4 +1,5 @@
-"""Continuous Bernoulli negative log-likelihood from logits: Triton kernels and launchers.
+"""Continuous Bernoulli negative log-likelihood from logits: the per-element formulas, and the
+launchers made from them (the kernels: ``kernels/_likelihood.py``).
 
 Per element, for any finite logit l and target x in [0, 1] (Loaiza-Ganem & Cunningham 2019):
     nll = -log C(l) - x l + softplus(l),  C(l) = l / tanh(l/2),  C(0) = 2
@@ -15,24 +16,10 @@ serves both forms).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from ._common import (
-    Reduction,
-    compute_dtype,
-    elementwise_tile,
-    launch,
-    load,
-    on_device,
-    reduction_tile,
-    store,
-    store_partial,
-    strides,
-    tiling,
-)
+from ._likelihood import logits_likelihood
 
 SWITCH = tl.constexpr(8.0)
 
@@ -88,15 +75,24 @@ def _series_p(v, F64: tl.constexpr):
 
 
 @triton.jit
-def _cb_nll(l, x, F64: tl.constexpr):
+def _cb_forms(l, F64: tl.constexpr):
+    """What the value and the gradient start from: the small-logit mask, the logit seen by the
+    series (0 above the switch), |l| seen by the large form (SWITCH below it), u = l/2, v = u^2
+    and q = v Q(v). Each form sees only its own logits (the other is evaluated at a harmless
+    point)."""
     t = tl.abs(l)
     small = t < SWITCH
-    # Each form sees only its own logits (the other is evaluated at a harmless point).
     ls = tl.where(small, l, 0.0)
     tb = tl.where(small, SWITCH, t)
     u = 0.5 * ls
     v = u * u
-    q = v * _series_q(v, F64)
+    return small, ls, tb, u, v, v * _series_q(v, F64)
+
+
+@triton.jit
+def _cb_value(l, x, c, DTYPE: tl.constexpr):
+    """The per-element value (no second parameter: ``c`` is unused)."""
+    small, ls, tb, _, _, q = _cb_forms(l, DTYPE == tl.float64)  # noqa: SIM300 (see _common)
     # One logarithm for both forms: log1p(q) = log(w) + (rounding error of w = 1 + q) / w
     # below the switch, log t above.
     w = 1.0 + q
@@ -113,13 +109,7 @@ def _cb_nll(l, x, F64: tl.constexpr):
 
 @triton.jit
 def _cb_grad_logits(l, x, F64: tl.constexpr):
-    t = tl.abs(l)
-    small = t < SWITCH
-    ls = tl.where(small, l, 0.0)
-    tb = tl.where(small, SWITCH, t)
-    u = 0.5 * ls
-    v = u * u
-    q = v * _series_q(v, F64)
+    small, _, tb, u, v, q = _cb_forms(l, F64)
     d_small = (0.5 - x) + (0.5 * u) * _series_p(v, F64) / (1.0 + q)
     e = tl.exp(-tb)
     a = tl.where(l >= 0, 1.0 - x, x)
@@ -129,71 +119,10 @@ def _cb_grad_logits(l, x, F64: tl.constexpr):
 
 
 @triton.jit
-def _continuous_bernoulli_nll_fwd_kernel(
-    partial_ptr, l_ptr, x_ptr,
-    B, N, tiles_per_prog, n_split,
-    s_l_b, s_l_n, s_x_b, s_x_n,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, F64: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK_B, BLOCK_N], DTYPE)
-    for t in range(tiles_per_prog):
-        rows, cols, mask = reduction_tile(pid, t, tiles_per_prog, n_split, B, N, 1,
-                                          BLOCK_B, BLOCK_N)
-        l = load(l_ptr, rows, cols, s_l_b, s_l_n, mask, DTYPE)
-        x = load(x_ptr, rows, cols, s_x_b, s_x_n, mask, DTYPE)
-        nll = _cb_nll(l, x, F64)
-        acc += tl.where(mask, nll, 0.0)
-    store_partial(partial_ptr, acc, pid, n_split, B, N, 1, BLOCK_B, BLOCK_N)
+def _cb_grads(g, l, x, c, DTYPE: tl.constexpr):
+    """g times the partials in (l, x) (and a placeholder for the absent ``c``)."""
+    return g * _cb_grad_logits(l, x, DTYPE == tl.float64), -g * l, g  # noqa: SIM300
 
 
-@triton.jit
-def _continuous_bernoulli_nll_bwd_kernel(
-    g_ptr, s_g_b, l_ptr, x_ptr, dl_ptr, dx_ptr,
-    B, N, n_col_tiles,
-    s_l_b, s_l_n, s_x_b, s_x_n,
-    NEED_L: tl.constexpr, NEED_X: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, F64: tl.constexpr,
-):
-    rows, cols, mask = elementwise_tile(tl.program_id(0), n_col_tiles, B, N, BLOCK_B, BLOCK_N)
-    g = load(g_ptr, rows, cols, s_g_b, 0, mask, DTYPE)
-    l = load(l_ptr, rows, cols, s_l_b, s_l_n, mask, DTYPE)
-    if NEED_L:
-        x = load(x_ptr, rows, cols, s_x_b, s_x_n, mask, DTYPE)
-        store(dl_ptr, rows, cols, N, g * _cb_grad_logits(l, x, F64), mask)
-    if NEED_X:
-        store(dx_ptr, rows, cols, N, -g * l, mask)
-
-
-def continuous_bernoulli_nll_fwd(logits: Tensor, target: Tensor) -> Tensor:
-    B, N = logits.shape
-    red = Reduction(B, N, 1, logits.device, logits.dtype)
-    t = red.t
-    with on_device(logits):
-        launch("fastvae::continuous_bernoulli_nll", _continuous_bernoulli_nll_fwd_kernel,
-               red.grid,
-            red.partial, logits, target, B, N, red.tiles_per_prog, red.n_split,
-            *strides(logits), *strides(target),
-            BLOCK_B=t.block_b, BLOCK_N=t.block_n, DTYPE=compute_dtype(logits.dtype),
-            F64=logits.dtype == torch.float64, num_warps=t.num_warps,
-        )
-    return red.result()
-
-
-def continuous_bernoulli_nll_bwd(grad: Tensor, logits: Tensor, target: Tensor,
-                                 needs: list[bool]) -> list[Tensor]:
-    B, N = logits.shape
-    outs = [torch.empty((B, N), dtype=logits.dtype, device=logits.device) if need else None
-            for need in needs]
-    t = tiling(B, N, logits.device)
-    with on_device(logits):
-        launch("fastvae::continuous_bernoulli_nll_backward",
-               _continuous_bernoulli_nll_bwd_kernel, (t.n_row_tiles * t.n_col_tiles,),
-            grad, grad.stride(0), logits, target,
-            *(o if o is not None else logits for o in outs),
-            B, N, t.n_col_tiles, *strides(logits), *strides(target),
-            NEED_L=needs[0], NEED_X=needs[1], BLOCK_B=t.block_b, BLOCK_N=t.block_n,
-            DTYPE=compute_dtype(logits.dtype), F64=logits.dtype == torch.float64,
-            num_warps=t.num_warps,
-        )
-    return [o for o in outs if o is not None]
+continuous_bernoulli_nll_fwd, continuous_bernoulli_nll_bwd = logits_likelihood(
+    "continuous_bernoulli_nll", _cb_value, _cb_grads)

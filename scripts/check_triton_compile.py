@@ -83,6 +83,11 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+try:  # a @triton.jit function passed as a tl.constexpr (Triton >= 3.5; JITFunction before)
+    from triton.runtime.jit import JITCallable
+except ImportError:
+    JITCallable = JITFunction
+
 # Triton 3.9 warns in every process that its FP-fusion default changes in 3.10; the check
 # compiles with the default that real calls get.
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
@@ -147,7 +152,7 @@ class Recorder:
                                      "the launch grid as a tuple")
             grid = tuple(int(g) for g in grid)
             compiled = recorder._run(kernel, *args, grid=grid, warmup=True, **kwargs)
-            recorder.launches.append(Launch(recorder.case, kernel.__name__, grid,
+            recorder.launches.append(Launch(recorder.case, kernel_label(kernel, kwargs), grid,
                                             dict(kwargs), compiled))
             check_grid(kernel.__name__, grid)
             return compiled
@@ -157,6 +162,14 @@ class Recorder:
 
     def __exit__(self, *exc):
         JITFunction.run = self._run
+
+
+def kernel_label(kernel, meta: dict) -> str:
+    """The kernel's name, and the formulas it was given as ``tl.constexpr`` functions (a kernel
+    that serves several ops: ``_likelihood_fwd_kernel[_bernoulli_value]``), so that each op's
+    kernels have their own rows in the report."""
+    formulas = [v.__name__ for v in meta.values() if isinstance(v, JITCallable)]
+    return kernel.__name__ + "".join(f"[{name}]" for name in formulas)
 
 
 @contextlib.contextmanager
@@ -857,10 +870,10 @@ def check_triton(archs: list[int], full: bool, only: str, jobs: int) -> tuple[in
 
 def print_table(title: str, rows: list[Row]) -> None:
     print(f"\n{title}")
-    print(f"{'arch':6} {'kernel':34} {'specs':>5} {'regs':>5} {'spill B':>8} {'smem B':>7}  "
+    print(f"{'arch':6} {'kernel':58} {'specs':>5} {'regs':>5} {'spill B':>8} {'smem B':>7}  "
           "worst (most spill, then registers)")
     for r in rows:
-        print(f"sm_{r.arch:<3} {r.kernel:34} {r.n:5} {r.regs:5} {r.spill:8} {r.smem:7}  "
+        print(f"sm_{r.arch:<3} {r.kernel:58} {r.n:5} {r.regs:5} {r.spill:8} {r.smem:7}  "
               f"{r.worst}")
 
 
@@ -903,9 +916,11 @@ def check_cuda(archs: list[int]) -> tuple[int, list[Row]]:
     rows: dict[tuple[int, str], Row] = {}
     for (_, arch, log), name in zip(found, _short_names([f[0] for f in found]), strict=True):
         st = parse_ptxas(log)
-        # one row per kernel template and functor (elementwise_kernel / GaussianNllBwd), the
-        # worst of its instantiations (dtypes, vector widths)
-        family = re.sub(r"<\d+, (?:\w+, )?(\w+)<.*", r" / \1", name)
+        # one row per kernel template and functor (elementwise_kernel / GaussianNllBwd), and per
+        # op for a functor that serves several (LogitsNllBwd<BernoulliLogits>), the worst of its
+        # instantiations (dtypes, vector widths)
+        family = re.sub(r"<\d+, (?:\w+, )?(\w+)<(?:(?!(?:float|double|Half|BFloat16)\b)(\w+), )?.*",
+                        lambda m: f" / {m[1]}" + (f"<{m[2]}>" if m[2] else ""), name)
         row = rows.setdefault((int(arch), family), Row(int(arch), family))
         row.n += 1
         spill = max(st["spill_st"], st["spill_ld"])

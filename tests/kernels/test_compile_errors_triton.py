@@ -24,7 +24,7 @@ import fastvae as fv
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from fastvae.kernels import _common, bernoulli_nll  # noqa: E402
+from fastvae.kernels import _common, _likelihood  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_interpreter = pytest.mark.skipif(
@@ -33,8 +33,9 @@ needs_interpreter = pytest.mark.skipif(
 
 
 @triton.jit
-def _broken_kernel(partial_ptr, l_ptr, x_ptr, B, N, tiles_per_prog, n_split, s_l_b, s_l_n,
-                   s_x_b, s_x_n, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+def _broken_kernel(partial_ptr, a_ptr, x_ptr, c_ptr, c_value, B, N, tiles_per_prog, n_split,
+                   s_a_b, s_a_n, s_x_b, s_x_n, s_c_b, s_c_n, VALUE: tl.constexpr,
+                   HAS_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                    DTYPE: tl.constexpr):
     tl.static_assert(BLOCK_B < 0, "deliberately broken")
 
@@ -42,7 +43,7 @@ def _broken_kernel(partial_ptr, l_ptr, x_ptr, B, N, tiles_per_prog, n_split, s_l
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_failing_kernel_names_op_backend_and_specialization(monkeypatch, dtype):
-    monkeypatch.setattr(bernoulli_nll, "_bernoulli_nll_fwd_kernel", _broken_kernel)
+    monkeypatch.setattr(_likelihood, "_likelihood_fwd_kernel", _broken_kernel)
     logits = torch.zeros(3, 5, dtype=dtype)[:, 1:]  # a strided view: strides (5, 1)
     with fv.use_backend("triton"), pytest.raises(_common.TritonKernelError) as info:
         fv.bernoulli_nll(logits, torch.zeros(3, 4, dtype=dtype))
@@ -50,9 +51,10 @@ def test_failing_kernel_names_op_backend_and_specialization(monkeypatch, dtype):
     assert (e.op, e.kernel, e.stage) == ("fastvae::bernoulli_nll", "_broken_kernel", "run")
     msg = str(e)
     name = str(dtype).removeprefix("torch.")
-    for part in ("fastvae::bernoulli_nll", "backend 'triton'", f"l_ptr: {name}",
-                 f"x_ptr: {name}", "(not 16-byte aligned)", "B=3", "N=4", "s_l_b=5",
-                 "BLOCK_B=4", "BLOCK_N=4", "num_warps=4", "deliberately broken"):
+    for part in ("fastvae::bernoulli_nll", "backend 'triton'", f"a_ptr: {name}",
+                 f"x_ptr: {name}", "(not 16-byte aligned)", "B=3", "N=4", "s_a_b=5",
+                 "VALUE=_bernoulli_value", "BLOCK_B=4", "BLOCK_N=4", "num_warps=4",
+                 "deliberately broken"):
         assert part in msg, f"{part!r} missing from: {msg}"
     assert "deliberately broken" in str(e.__cause__)
 
@@ -69,7 +71,7 @@ def test_failing_backward_kernel_is_reported_not_replaced(monkeypatch):
         def __getitem__(self, grid):
             return broken
 
-    monkeypatch.setattr(bernoulli_nll, "_bernoulli_nll_bwd_kernel", Broken())
+    monkeypatch.setattr(_likelihood, "_likelihood_bwd_kernel", Broken())
     logits = torch.zeros(2, 3, requires_grad=True)
     with fv.use_backend("triton"):
         loss = fv.bernoulli_nll(logits, torch.zeros(2, 3))
@@ -85,7 +87,7 @@ spec = importlib.util.spec_from_file_location("check", sys.argv[1])
 check = importlib.util.module_from_spec(spec)
 sys.modules["check"] = check
 spec.loader.exec_module(check)
-from fastvae.kernels import _common, gaussian_nll
+from fastvae.kernels import _common, _likelihood, gaussian_nll
 sys.path.insert(0, sys.argv[2])
 import broken
 
@@ -94,7 +96,7 @@ results = {}
 with check.offline_gpu(90) as rec:
     gaussian_nll.gaussian_nll_fwd(mean, mean, None, 0.0)  # the real kernel compiles
     results["compiled"] = [launch.kernel for launch in rec.launches]
-    gaussian_nll._gaussian_nll_fwd_kernel = broken.reads_a_global
+    _likelihood._likelihood_fwd_kernel = broken.reads_a_global
     try:
         gaussian_nll.gaussian_nll_fwd(mean, mean, None, 0.0)
     except _common.TritonKernelError as e:
@@ -111,9 +113,10 @@ HALF = 0.5
 
 
 @triton.jit
-def reads_a_global(partial_ptr, m_ptr, x_ptr, lv_ptr, lv_value, B, N, tiles_per_prog, n_split,
-                   s_m_b, s_m_n, s_x_b, s_x_n, s_lv_b, s_lv_n, HAS_LOGVAR: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+def reads_a_global(partial_ptr, a_ptr, x_ptr, c_ptr, c_value, B, N, tiles_per_prog, n_split,
+                   s_a_b, s_a_n, s_x_b, s_x_n, s_c_b, s_c_n, VALUE: tl.constexpr,
+                   HAS_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DTYPE: tl.constexpr):
     tl.store(partial_ptr + tl.arange(0, BLOCK_B), tl.full([BLOCK_B], HALF, DTYPE))
 """
 
@@ -130,12 +133,13 @@ def test_gpu_compile_failure_names_op_backend_and_specialization(tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["compiled"] == ["_gaussian_nll_fwd_kernel"]
+    assert out["compiled"] == ["_likelihood_fwd_kernel[_gaussian_value]"]
     assert (out["op"], out["stage"], out["cause"]) == (
         "fastvae::gaussian_nll", "compile", "CompilationError")
     msg = out["message"]
     for part in ("fastvae::gaussian_nll", "backend 'triton'", "reads_a_global",
-                 "failed to compile", "m_ptr: float16", "x_ptr: float16", "B=8", "N=48",
-                 "HAS_LOGVAR=False", "BLOCK_B=", "BLOCK_N=64", "DTYPE=fp32", "num_warps=",
+                 "failed to compile", "a_ptr: float16", "x_ptr: float16", "B=8", "N=48",
+                 "VALUE=_gaussian_value", "HAS_C=False", "BLOCK_B=", "BLOCK_N=64", "DTYPE=fp32",
+                 "num_warps=",
                  "HALF"):
         assert part in msg, f"{part!r} missing from: {msg}"
