@@ -37,7 +37,7 @@ import fastvae as fv
 from ..ops import backends as _backend
 from . import bench_quantizers
 from .args import split_list
-from .bench_common import device_name, peak_extra_memory, time_group
+from .bench_common import device_name, peak_extra_memory, steady_heap, time_group
 
 LOG_2PI = math.log(2 * math.pi)
 LATENT = 64  # latent width of the loss head and the training step
@@ -713,14 +713,15 @@ def crossover(rows: Sequence[SmallRow], op: str) -> str | None:
     return start
 
 
-def write_small_batch(rows: Sequence[SmallRow], device: torch.device, out_dir: Path) -> Path:
+def write_small_batch(rows: Sequence[SmallRow], device: torch.device, out_dir: Path,
+                      heap: str = "heap: allocator defaults") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_name(device), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"), "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(), "backend": _backend.resolve(device)}
+            "load_average": os.getloadavg(), "backend": _backend.resolve(device), "heap": heap}
     lines = [f"# fastvae bench --small-batch: {meta['device']}, torch {meta['torch']}, "
              f"{meta['threads']} threads, {meta['date']}, load average "
-             f"{' '.join(f'{v:.2f}' for v in meta['load_average'])}",
+             f"{' '.join(f'{v:.2f}' for v in meta['load_average'])}, {heap}",
              "# forward + backward, float32; x eager = eager time / fastvae time, x compile = "
              "torch.compile time / fastvae time (median and 10th percentile of per-round "
              "ratios)", SMALL_HEADER]
@@ -766,6 +767,10 @@ def add_parser(sub) -> None:
                    help="results directory (default: benchmarks/results/<device name>)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (and the native CPU kernels' threads) for the run")
+    p.add_argument("--default-heap", action="store_true",
+                   help="CPU: leave glibc's heap trimming on (by default the bench turns it off "
+                        "for every implementation alike, so that a call does not page-fault "
+                        "the memory the previous call freed back in)")
     p.add_argument("--small-batch", action="store_true",
                    help="only the small-batch table: forward + backward against eager at "
                         "B = 1, 16, 64, 256 x 784 and the latent sizes (host overhead), and "
@@ -801,6 +806,8 @@ def run_command(args: argparse.Namespace) -> int:
                              f"{', '.join(known)}")
         return given
 
+    heap = ("heap: allocator defaults (--default-heap)" if args.default_heap or
+            device.type != "cpu" else steady_heap())
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads: must be >= 1, got {args.threads}")
@@ -810,11 +817,11 @@ def run_command(args: argparse.Namespace) -> int:
         ops = [op for op in SMALL_OPS if op in given] or list(SMALL_OPS)
         out = Path(args.out) if args.out else Path("benchmarks") / "results" / device_name(device)
         print(f"fastvae bench --small-batch on {device_name(device)}; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads; backend {_backend.resolve(device)}")
+              f"{torch.get_num_threads()} threads; backend {_backend.resolve(device)}; {heap}")
         print(SMALL_HEADER)
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         rows = run_small_batch(device, ops, with_compile=not args.no_compile)
-        print(f"wrote {write_small_batch(rows, device, out)}")
+        print(f"wrote {write_small_batch(rows, device, out, heap)}")
         return 0
     ops = names("--ops", args.ops, [*OPS, *bench_quantizers.QUANTIZERS,
                                     *bench_quantizers.GROUPS])
@@ -834,7 +841,8 @@ def run_command(args: argparse.Namespace) -> int:
     sizes = args.sizes  # None: each op's default sizes
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     print(f"fastvae bench on {device_name(device)}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; backends {', '.join(backends or fv.backends())}")
+          f"{torch.get_num_threads()} threads; backends {', '.join(backends or fv.backends())}; "
+          f"{heap}")
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / device_name(device)
     if ops:
         print(HEADER)

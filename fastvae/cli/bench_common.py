@@ -1,9 +1,12 @@
 """What every ``fastvae bench`` report shares: timing (``time_group``), the CUDA allocator's
-peak (``peak_extra_memory``), the device's name for the results folder (``device_name``)."""
+peak (``peak_extra_memory``), the device's name for the results folder (``device_name``), the
+steady host heap (``steady_heap``)."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import platform
 import re
@@ -59,6 +62,35 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | N
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest M_MMAP_THRESHOLD on 64-bit
+
+
+def steady_heap() -> str:
+    """Keep freed host memory in the process (glibc only): no mmap per allocation up to 32 MiB,
+    no trimming of the heap's top. A CPU benchmark frees a call's outputs (12 MB gradients at
+    4096 x 784) and allocates them again in the next call; glibc returns such memory to the
+    system whenever the free space at the top of the heap passes its trim threshold, and the
+    next call page-faults it back in, one 4 KiB page at a time (measured: ~3100 faults, +10-20%
+    of a fwd + bwd, hitting one implementation or another depending on the order of its
+    allocations). Set for every implementation alike; a training process with a populated heap
+    rarely trims. Returns what was done, for the report's header."""
+    if platform.system() != "Linux":
+        return "heap: allocator defaults"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "heap: allocator defaults (no glibc mallopt)"
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) != 1 or \
+            mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return "heap: allocator defaults (mallopt refused)"
+    return "heap: glibc trimming off, mmap above 32 MiB (mallopt)"
 
 
 def device_name(device: torch.device) -> str:

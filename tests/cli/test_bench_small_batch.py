@@ -5,6 +5,8 @@ replaced by fixed samples, and each runner is called once to show it runs."""
 from __future__ import annotations
 
 import json
+import platform
+import sys
 
 import pytest
 import torch
@@ -96,3 +98,12 @@ def test_crossover_needs_every_larger_size():
     assert bench.crossover(rows, "op") == "1 x 1"
     assert bench.crossover([row(1, 1, 1.2), row(256, 784, 0.9), row(4096, 784, 2.0)],
                            "op") is None
+
+
+def test_steady_heap_says_what_it_did():
+    from fastvae.cli.bench_common import steady_heap
+
+    said = steady_heap()
+    assert said.startswith("heap: ")
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert "trimming off" in said

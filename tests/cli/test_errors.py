@@ -104,6 +104,7 @@ def _zip_with_npy(npy: Path) -> bytes:
 # (id, argv, words the one line must contain). "{d}" is the directory of the bad files.
 TRAIN = [
     ("epochs_zero", ["--epochs", "0"], ["--epochs", ">= 1"]),
+    ("cuda_graphs_on_cpu", ["--cuda-graphs", "--device", "cpu"], ["--cuda-graphs", "CUDA"]),
     ("epochs_float", ["--epochs", "1.5"], ["--epochs", "integer"]),
     ("batch_size_negative", ["--batch-size", "-1"], ["--batch-size"]),
     ("batch_size_word", ["--batch-size", "many"], ["--batch-size", "'many'"]),
@@ -458,7 +459,7 @@ def test_table_covers_every_option():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     harmless = {"--help", "--no-images", "--no-progress", "--amp", "--compile", "--no-compile",
-                "--no-train-step", "--no-memory"}
+                "--no-train-step", "--no-memory", "--default-heap"}
     assert set(sub.choices) == {"train", "bench", "info", *READERS}
     for command, rows in (("train", TRAIN), ("bench", BENCH), *READERS.items()):
         options = {o for a in sub.choices[command]._actions for o in a.option_strings
