@@ -76,7 +76,11 @@ def test_same_outputs_indices_and_gradients(config, training):
     torch.testing.assert_close(xo.grad, xt.grad, **GRAD_TOL)
     for (name, p_t), (_, p_o) in zip(theirs.named_parameters(), ours.named_parameters(),
                                      strict=True):
-        torch.testing.assert_close(p_o.grad, p_t.grad, **GRAD_TOL, msg=name)
+        # a parameter's gradient sums N products whose factors agree to a few ulps: its
+        # error scales with the largest of them, not with each element
+        scale = max(float(p_t.grad.abs().max()), 1.0)
+        torch.testing.assert_close(p_o.grad, p_t.grad, rtol=GRAD_TOL["rtol"],
+                                   atol=GRAD_TOL["atol"] * scale, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
