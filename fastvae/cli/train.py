@@ -231,6 +231,10 @@ def run(args: argparse.Namespace) -> int:
     record |= {"val_fraction": args.val_fraction, "split_seed": args.seed}
     model_config = (_vq_model_config(args, tuple(images.shape[1:])) if args.quantizer
                     else _model_config(args, tuple(images.shape[1:])))
+    if args.cuda_graphs and train_x.shape[0] < args.batch_size:
+        raise UsageError(f"--cuda-graphs: the training split has {train_x.shape[0]} images, "
+                         f"fewer than one batch (--batch-size {args.batch_size}), so no step "
+                         "would be captured: lower --batch-size or train without it")
     if args.likelihood == "dmol":  # before anything is written or trained
         try:
             data.check_unit_range(images, name, " for --likelihood dmol")

@@ -582,7 +582,7 @@ def train(model: dict[str, Any] | VAE | VQVAE, train_data: Tensor, val_data: Ten
             data_io.check_grid(data, model.n_bins, name)
     vq = isinstance(model, VQVAE)
     if config.cuda_graphs:
-        _check_cuda_graphs(model, device, world)
+        _check_cuda_graphs(model, device, world, train_data.shape[0], config.batch_size)
     if rank == 0 and not vq:
         _warn_collapse(model, train_data)
     model = model.to(device)
@@ -843,7 +843,8 @@ def _train_epoch(net: nn.Module, model: VAE, optimizer: torch.optim.Optimizer,
 EMULATE_GRAPHS = False
 
 
-def _check_cuda_graphs(model: VAE | VQVAE, device: torch.device, world: int) -> None:
+def _check_cuda_graphs(model: VAE | VQVAE, device: torch.device, world: int,
+                       train_rows: int | None = None, batch_size: int | None = None) -> None:
     """``cuda_graphs``: a ValueError naming it for what it cannot serve."""
     if isinstance(model, VQVAE):
         raise ValueError("cuda_graphs applies to a VAE, not a VQ-VAE: its quantizer updates the "
@@ -855,6 +856,12 @@ def _check_cuda_graphs(model: VAE | VQVAE, device: torch.device, world: int) -> 
                          "agreement to skip a step are not captured): train without it")
     if device.type != "cuda" and not EMULATE_GRAPHS:
         raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
+    if train_rows is not None and batch_size is not None and train_rows < batch_size:
+        # the graph serves full batches only (the last partial one runs eagerly): with none,
+        # every step would run eagerly while the run says it is graphed
+        raise ValueError(f"cuda_graphs: the training set has {train_rows} rows, fewer than "
+                         f"one batch of {batch_size}, so no step would be captured: lower "
+                         "the batch size or train without it")
 
 
 class _GraphedVAEStep:

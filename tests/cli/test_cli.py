@@ -93,6 +93,22 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert message in err
 
 
+def test_cuda_graphs_without_a_full_batch_exits_2(tmp_path, capsys, monkeypatch):
+    """--cuda-graphs with a training split smaller than one batch: no step would be captured.
+    (The device check, which refuses the CPU first, is bypassed to reach it here.)"""
+    from fastvae.cli import train as cli_train
+
+    monkeypatch.setattr(cli_train, "_check_cuda_graphs", lambda args, device, world: None)
+    out = tmp_path / "o"
+    assert main(["train", "--cuda-graphs", "--batch-size", "5000", "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert ("--cuda-graphs: the training split has 1617 images, fewer than one batch "
+            "(--batch-size 5000)") in err
+    assert not out.exists()
+
+
 def test_info_lists_backends(capsys):
     assert main(["info"]) == 0
     printed = capsys.readouterr().out

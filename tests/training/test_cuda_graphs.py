@@ -251,6 +251,23 @@ def test_refusals_name_cuda_graphs(images, tmp_path):
         train_mod._check_cuda_graphs(model, torch.device("cuda"), world=2)
 
 
+def test_refuses_a_training_set_without_a_full_batch(images, tmp_path, replays):
+    """The graph serves full batches: with fewer rows than one batch every step would run
+    eagerly under a run that says it is graphed. A ValueError instead; one full batch is
+    enough (it is captured and replayed)."""
+    train_data, val_data = images
+    config = TrainConfig(epochs=1, batch_size=64, iwae_samples=0, cuda_graphs=True)
+    with pytest.raises(ValueError, match="the training set has 63 rows, fewer than one batch "
+                                         "of 64"):
+        train(dict(CONFIG), train_data[:63], val_data, config, out_dir=tmp_path / "a",
+              progress=False)
+    assert not (tmp_path / "a").exists()
+    assert not replays
+    train(dict(CONFIG), train_data[:64], val_data, config, out_dir=tmp_path / "b",
+          progress=False)
+    assert len(replays) == 1
+
+
 def test_cli_option_sets_the_config():
     from fastvae.cli import build_parser
     from fastvae.cli.train import _train_config
