@@ -79,27 +79,30 @@ constexpr uint32_t kRoundMagicBits = 0x4B400000u;
 // 2^n for n in [-126, 127], built from bits.
 FV_HD float pow2i(int32_t n) { return u2f(static_cast<uint32_t>(n + 127) << 23); }
 
+// ln 2 for Cody-Waite reductions: kLn2HiF has 8 significant bits, so n kLn2HiF is exact.
+constexpr float kLog2eF = 1.44269504088896341f;
+constexpr float kLn2HiF = 0.693359375f;
+constexpr float kLn2LoF = -2.12194440e-4f;  // ln 2 - kLn2HiF
+
+// c0 + c1 x + ... + ck x^k by Horner's rule (((ck x + ck-1) x + ...) x + c0).
+template <class T>
+FV_HD T horner(T, T c) { return c; }
+template <class T, class... Cs>
+FV_HD T horner(T x, T c, Cs... cs) { return horner(x, cs...) * x + c; }
+
 // e^x = p 2^n with n = round(x / ln 2) and p = e^r, r = x - n ln 2 (|r| <= ln(2) / 2), for the
 // callers' clamped x: returns p, sets n.
 FV_HD float exp_reduced_f32(float x, int32_t& n) {
-    const float kLog2e = 1.44269504088896341f;
-    const float kLn2Hi = 0.693359375f;          // 8 significant bits: n * kLn2Hi is exact
-    const float kLn2Lo = -2.12194440e-4f;       // ln 2 - kLn2Hi
-    const float t = x * kLog2e + kRoundMagic;   // round(x / ln 2) in the low mantissa bits
+    const float t = x * kLog2eF + kRoundMagic;  // round(x / ln 2) in the low mantissa bits
     n = static_cast<int32_t>(f2u(t) - kRoundMagicBits);
     const float kn = t - kRoundMagic;
-    const float r = (x - kn * kLn2Hi) - kn * kLn2Lo;
+    const float r = (x - kn * kLn2HiF) - kn * kLn2LoF;
     // 1 + r + r^2 Q(r), Q of degree 4 fitted (relative least squares, reweighted to near
     // minimax) to (e^r - 1 - r) / r^2 on |r| <= ln(2) / 2: relative error 1.2e-7 in Q, < 0.01
     // ulp in e^r; exp_f32 stays within 0.94 ulp of exp (as with the degree-7 Taylor polynomial
     // it replaces, one multiply-add shorter).
-    float p = 0.0013900002231821418f;
-    p = p * r + 0.008363142609596252f;
-    p = p * r + 0.041666869074106216f;
-    p = p * r + 0.16666577756404877f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    return p * r + 1.0f;
+    return horner(r, 1.0f, 1.0f, 0.5f, 0.16666577756404877f, 0.041666869074106216f,
+                  0.008363142609596252f, 0.0013900002231821418f);
 }
 
 // exp(x), float32, about 1 ulp. Overflows to inf above 88.72, underflows gradually (subnormal
@@ -127,7 +130,7 @@ FV_HD float log1p_core_f32(float f, float k) {
     R = R * z + 0.666666667f;                          // 2/3
     R = R * z;
     const float hfsq = 0.5f * f * f;
-    return k * 0.693359375f + (f - (hfsq - (s * (hfsq + R) + k * -2.12194440e-4f)));
+    return k * kLn2HiF + (f - (hfsq - (s * (hfsq + R) + k * kLn2LoF)));
 }
 
 // log(x), float32, about 1 ulp; log(0) = -inf, log(x < 0) = nan, log(inf) = inf.
@@ -159,35 +162,18 @@ FV_HD float log1p_unit_f32(float x) {
 // degree-7 polynomial fitted to it on [-1, 1] (relative error 4.3e-9, under 0.1 ulp; two
 // multiply-adds fewer than the series to 1/11!, which it matches to 1 ulp).
 FV_HD float expm1_tail(float x) {
-    float acc = 2.7712108021660242e-06f;
-    acc = acc * x + 2.5354651370435022e-05f;
-    acc = acc * x + 0.00019844209600705653f;
-    acc = acc * x + 0.0013885454973205924f;
-    acc = acc * x + 0.008333309553563595f;
-    acc = acc * x + 0.04166673496365547f;
-    acc = acc * x + 0.1666666716337204f;
-    return acc * x + 0.5f;
+    return horner(x, 0.5f, 0.1666666716337204f, 0.04166673496365547f, 0.008333309553563595f,
+                  0.0013885454973205924f, 0.00019844209600705653f, 2.5354651370435022e-05f,
+                  2.7712108021660242e-06f);
 }
 
 FV_HD double expm1_tail(double x) {
-    double acc = 1.5619206968586225e-16;
-    acc = acc * x + 2.8114572543455206e-15;
-    acc = acc * x + 4.779477332387385e-14;
-    acc = acc * x + 7.647163731819816e-13;
-    acc = acc * x + 1.1470745597729725e-11;
-    acc = acc * x + 1.6059043836821613e-10;
-    acc = acc * x + 2.08767569878681e-09;
-    acc = acc * x + 2.505210838544172e-08;
-    acc = acc * x + 2.755731922398589e-07;
-    acc = acc * x + 2.7557319223985893e-06;
-    acc = acc * x + 2.48015873015873e-05;
-    acc = acc * x + 0.0001984126984126984;
-    acc = acc * x + 0.001388888888888889;
-    acc = acc * x + 0.008333333333333333;
-    acc = acc * x + 0.041666666666666664;
-    acc = acc * x + 0.16666666666666666;
-    acc = acc * x + 0.5;
-    return acc;
+    return horner(x, 0.5, 0.16666666666666666, 0.041666666666666664, 0.008333333333333333,
+                  0.001388888888888889, 0.0001984126984126984, 2.48015873015873e-05,
+                  2.7557319223985893e-06, 2.755731922398589e-07, 2.505210838544172e-08,
+                  2.08767569878681e-09, 1.6059043836821613e-10, 1.1470745597729725e-11,
+                  7.647163731819816e-13, 4.779477332387385e-14, 2.8114572543455206e-15,
+                  1.5619206968586225e-16);
 }
 
 // cos(x) for |x| < 2^12 (Box-Muller calls it on [0, 2 pi)), about 1 ulp: x = q * pi/2 + r
@@ -296,26 +282,20 @@ struct QuarterExp {
 };
 
 FV_HD QuarterExp quarter_exp_parts(float x, float xhi) {
-    const float kLog2e = 1.44269504088896341f;
-    const float kLn2Hi = 0.693359375f;          // 8 significant bits: n * kLn2Hi is exact
-    const float kLn2Lo = -2.12194440e-4f;       // ln 2 - kLn2Hi
     const int32_t kMagic = static_cast<int32_t>(kRoundMagicBits);
-    int32_t tb = static_cast<int32_t>(f2u(x * kLog2e + kRoundMagic));  // negative floats: < 0
+    int32_t tb = static_cast<int32_t>(f2u(x * kLog2eF + kRoundMagic));  // negative floats: < 0
     tb = tb < kMagic - 124 ? kMagic - 124 : tb;
     tb = tb > kMagic + 129 ? kMagic + 129 : tb;
     QuarterExp e;
     e.kn = u2f(static_cast<uint32_t>(tb)) - kRoundMagic;
-    e.rhi = xhi - e.kn * kLn2Hi;
-    const float rlo = e.kn * -kLn2Lo;
-    const float r = (x - e.kn * kLn2Hi) + rlo;
+    e.rhi = xhi - e.kn * kLn2HiF;
+    const float rlo = e.kn * -kLn2LoF;
+    const float r = (x - e.kn * kLn2HiF) + rlo;
     // Q of degree 5 fitted (relative least squares, reweighted to near minimax) to
     // (e^r - 1 - r) / r^2 on |r| <= 0.3468: relative error 2.7e-9, below float32's rounding.
-    float q = 0.00019857738516293466f;
-    q = q * r + 0.0013933643931522965f;
-    q = q * r + 0.008333360776305199f;
-    q = q * r + 0.04166646674275398f;
-    q = q * r + 0.1666666716337204f;
-    q = q * r + 0.5f;
+    const float q = horner(r, 0.5f, 0.1666666716337204f, 0.04166646674275398f,
+                           0.008333360776305199f, 0.0013933643931522965f,
+                           0.00019857738516293466f);
     const bool reduced = !(r <= -0.4f) && !(r >= 0.4f);  // NaN counts as reduced: it passes
     e.w = (reduced ? (r * r) * q : 0.0f) + rlo;
     e.s = u2f(static_cast<uint32_t>(tb - kMagic + 125) << 23);
@@ -338,7 +318,7 @@ FV_HD float half_expm1(float d, float) {
 // (expm1(x) - x) / 2, float32 (see QuarterExp): for every x, -inf included (there +inf, as
 // a rhi says).
 FV_HD float half_expm1mx(float x) {
-    const float kLn2HiQuarter = 0.17333984375f;  // ln2hi / 4, exact
+    const float kLn2HiQuarter = 0.25f * kLn2HiF;  // exact
     const QuarterExp e = quarter_exp_parts(x, x);
     const float c = e.a - e.kn * kLn2HiQuarter;
     const float q = (e.a * e.rhi + c) + e.s * e.w;
