@@ -394,7 +394,8 @@ constexpr double kLog2Pi = 1.8378770664093453;
 template <class T>
 FV_HD T kl_standard(T mu, T lv) {
     const T u = mu * T(kSqrtHalf);
-    return fmadd_(u, u, half_expm1mx(lv));  // its q + q reads as q * 2: two products
+    // fmadd_: to GCC the float32 half_expm1mx's q + q is q * 2, a second product in this sum
+    return fmadd_(u, u, half_expm1mx(lv));
 }
 
 // Gaussian KL against N(pm, e^plv): with u = (mu - pm) e^(-plv/2) sqrt(1/2) and d = lv - plv
